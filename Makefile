@@ -1,0 +1,34 @@
+# Two commands for a newcomer: `make run` and `make test`.
+# Everything Python lives in .venv at the repo root.
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+MOUNT   ?= ./deploy
+STATE   ?= ./.deployfs
+
+.PHONY: run test bench demo sysdeps clean
+
+sysdeps:
+	@scripts/ensure-system-deps
+
+$(STAMP): pyproject.toml
+	@scripts/ensure-system-deps
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+run: $(STAMP)
+	@mkdir -p $(MOUNT) $(STATE)
+	$(VENV)/bin/deployfs serve $(MOUNT) --state $(STATE)
+
+test: export DEPLOYFS_TEST_DEPS=1
+test: $(STAMP)
+	@DEPLOYFS_TEST_DEPS=1 scripts/ensure-system-deps
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,3 @@
+"""deployfs: a deployment server whose whole interface is a filesystem."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,399 @@
+"""Service manifests: parse, validate, render, hash.  Pure: no I/O.
+
+A manifest is a flat list of ``directive value`` lines.  Values are split the
+way a shell splits words (quotes work, ``#`` at the start of a word begins a
+comment) but never run through a shell.  Every directive is validated here so
+that the engine only ever sees a well-formed :class:`Manifest`.
+
+The *version* of a manifest is a hash of what defines an instance (the
+"instance template"): changing only ``replicas`` or an ``update_*`` knob
+scales or re-tunes a rollout, it does not make a new version.  The hash is
+taken over a canonical JSON form, so comments, spacing and directive order
+never change it.
+
+The parser is total: any bytes yield a Manifest or a ManifestError, never
+another exception (a property test holds us to that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shlex
+import signal
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable
+
+MAX_MANIFEST_BYTES = 64 * 1024
+MAX_LINE_BYTES = 4 * 1024
+MAX_REPLICAS = 1000
+MAX_SECONDS = 7 * 24 * 3600
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_WHOLE_RE = re.compile(r"[0-9]{1,12}")
+_SECONDS_RE = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?")
+_EXPAND_RE = re.compile(r"\$(?:\{(PORT|INSTANCE|SERVICE|VERSION)\}|(PORT|INSTANCE|SERVICE|VERSION)\b)")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; ``str()`` names the file, line and reason."""
+
+    def __init__(self, source: str, line: int | None, reason: str) -> None:
+        self.source, self.line, self.reason = source, line, reason
+        where = f"{source} line {line}" if line else source
+        super().__init__(f"{where}: {reason}")
+
+
+def valid_name(name: str) -> bool:
+    return NAME_RE.fullmatch(name) is not None
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """One of: ``http`` (url), ``tcp`` (host:port), ``exec`` (argv), ``file`` (path)."""
+
+    kind: str
+    target: tuple[str, ...]
+
+    def render(self) -> str:
+        if self.kind in ("http", "file"):
+            return _join(self.target)
+        return _join((self.kind, *self.target))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    image: str
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()  # sorted by key; keys are unique
+    dir: str | None = None
+    replicas: int = 1
+    port: int | None = None
+    restart: str = "always"
+    max_restarts: int = 5
+    drain_timeout: float = 10.0
+    stop_signal: str = "TERM"
+    stop_timeout: float = 10.0
+    log_lines: int = 1000
+    health: HealthCheck | None = None
+    health_interval: float = 10.0
+    health_timeout: float = 5.0
+    health_retries: int = 3
+    min_healthy: float = 0.0
+    update: str = "rolling"
+    update_batch: int = 1
+    update_pause: float = 0.0
+    update_deadline: float = 60.0
+    # Unknown directives, kept verbatim (forward compatibility); never hashed.
+    extra: tuple[tuple[str, tuple[str, ...]], ...] = field(default=(), compare=True)
+
+    # The fields that define an instance; everything else tunes scale or rollout.
+    TEMPLATE_FIELDS = (
+        "image", "args", "env", "dir", "port", "health", "health_interval",
+        "health_timeout", "health_retries", "stop_signal", "stop_timeout",
+    )
+
+    @property
+    def version(self) -> str:
+        template = {k: _jsonable(getattr(self, k)) for k in self.TEMPLATE_FIELDS}
+        blob = json.dumps(template, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def stop_signum(self) -> int:
+        return int(getattr(signal, "SIG" + self.stop_signal))
+
+    def with_replicas(self, n: int) -> "Manifest":
+        return replace(self, replicas=n)
+
+    def render(self) -> str:
+        """The canonical text: every directive that differs from its default."""
+        lines = [f"name {self.name}", f"image {_join((self.image,))}"]
+        if self.args:
+            lines.append("args " + _join(self.args))
+        lines += [f"env {_join((f'{k}={v}',))}" for k, v in self.env]
+        for f in fields(self):
+            if f.name in ("name", "image", "args", "env", "extra"):
+                continue
+            value = getattr(self, f.name)
+            if value == f.default:
+                continue
+            lines.append(f"{f.name} {_render_value(value)}")
+        lines += [f"{d} {_join(v)}".rstrip() for d, v in self.extra]
+        return "\n".join(lines) + "\n"
+
+    # -- per-instance expansion ------------------------------------------------
+
+    def expand(self, text: str, *, port: int | None, instance: int, version: str) -> str:
+        values = {
+            "PORT": "" if port is None else str(port),
+            "INSTANCE": str(instance),
+            "SERVICE": self.name,
+            "VERSION": version,
+        }
+        return _EXPAND_RE.sub(lambda m: values[m.group(1) or m.group(2)], text)
+
+    def instance_env(self, *, port: int | None, instance: int, version: str) -> dict[str, str]:
+        env = {k: self.expand(v, port=port, instance=instance, version=version) for k, v in self.env}
+        env.update(INSTANCE=str(instance), SERVICE=self.name, VERSION=version)
+        if port is not None:
+            env["PORT"] = str(port)
+        return env
+
+    def instance_argv(self, *, port: int | None, instance: int, version: str) -> list[str]:
+        ex = lambda s: self.expand(s, port=port, instance=instance, version=version)  # noqa: E731
+        return [self.image, *map(ex, self.args)]
+
+    def instance_health(self, *, port: int | None, instance: int, version: str) -> HealthCheck | None:
+        if self.health is None:
+            return None
+        ex = lambda s: self.expand(s, port=port, instance=instance, version=version)  # noqa: E731
+        return HealthCheck(self.health.kind, tuple(map(ex, self.health.target)))
+
+
+@dataclass(frozen=True)
+class Parsed:
+    manifest: Manifest
+    warnings: tuple[str, ...]
+
+
+# -- parsing ---------------------------------------------------------------------
+
+def parse(data: bytes | str, *, name: str, source: str | None = None) -> Parsed:
+    """Parse and validate one manifest for service ``name``.
+
+    Raises ManifestError (only) for anything unusable.
+    """
+    source = source or f"manifests/{name}"
+    if not valid_name(name):
+        raise ManifestError(source, None, f"bad service name {name!r}: use 1-63 of a-z 0-9 . _ -, starting with a letter or digit")
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogateescape")
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(source, None, f"too large: {len(data)} bytes (at most {MAX_MANIFEST_BYTES})")
+    values: dict[str, object] = {}
+    seen_at: dict[str, int] = {}
+    env: dict[str, str] = {}
+    extra: list[tuple[str, tuple[str, ...]]] = []
+    warnings: list[str] = []
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if len(raw) > MAX_LINE_BYTES:
+            raise ManifestError(source, lineno, f"line too long: {len(raw)} bytes (at most {MAX_LINE_BYTES})")
+        if b"\0" in raw:
+            raise ManifestError(source, lineno, "contains a NUL byte")
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ManifestError(source, lineno, f"not valid UTF-8 (byte {e.start + 1} of the line)") from None
+        if any(ord(c) < 32 and c not in "\t\r" for c in line):
+            raise ManifestError(source, lineno, "contains a control character")
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError as e:
+            raise ManifestError(source, lineno, f"cannot split value: {e}") from None
+        if not words:
+            continue
+        directive, args = words[0], words[1:]
+        if directive == "env":
+            if not args:
+                raise ManifestError(source, lineno, "env: expected KEY=VALUE")
+            for word in args:
+                key, eq, value = word.partition("=")
+                if not eq or not ENV_KEY_RE.fullmatch(key):
+                    raise ManifestError(source, lineno, f"env: expected KEY=VALUE, got {word!r}")
+                if key in env:
+                    raise ManifestError(source, lineno, f"env: {key} is set twice")
+                env[key] = value
+            continue
+        spec = _DIRECTIVES.get(directive)
+        if spec is None:
+            warnings.append(f"{source} line {lineno}: unknown directive {directive!r} (kept, ignored)")
+            extra.append((directive, tuple(args)))
+            continue
+        if directive in seen_at:
+            raise ManifestError(source, lineno, f"{directive}: given twice (first on line {seen_at[directive]})")
+        seen_at[directive] = lineno
+        try:
+            values[directive] = spec(args)
+        except _Bad as e:
+            raise ManifestError(source, lineno, f"{directive}: {e}") from None
+    if "image" not in values:
+        raise ManifestError(source, None, "missing required directive 'image'")
+    if "name" in values and values["name"] != name:
+        raise ManifestError(source, seen_at["name"], f"name: {values['name']!r} does not match the file name {name!r}")
+    values["name"] = name
+    m = Manifest(env=tuple(sorted(env.items())), extra=tuple(extra), **values)  # type: ignore[arg-type]
+    if m.health_timeout > m.health_interval and m.health is not None:
+        warnings.append(f"{source}: health_timeout {m.health_timeout:g}s is longer than health_interval {m.health_interval:g}s")
+    return Parsed(m, tuple(warnings))
+
+
+class _Bad(Exception):
+    pass
+
+
+def _one(args: list[str]) -> str:
+    if len(args) != 1:
+        raise _Bad(f"expected one value, got {len(args)}")
+    return args[0]
+
+
+def _whole(lo: int, hi: int) -> Callable[[list[str]], int]:
+    def conv(args: list[str]) -> int:
+        v = _one(args)
+        if not _WHOLE_RE.fullmatch(v):
+            raise _Bad(f'expected a whole number, got "{v}"')
+        n = int(v)
+        if not lo <= n <= hi:
+            raise _Bad(f"{n} is out of range ({lo} to {hi})")
+        return n
+    return conv
+
+
+def _seconds(lo: float = 0.0, hi: float = MAX_SECONDS) -> Callable[[list[str]], float]:
+    def conv(args: list[str]) -> float:
+        v = _one(args)
+        if not _SECONDS_RE.fullmatch(v):
+            raise _Bad(f'expected seconds (e.g. 10 or 0.5), got "{v}"')
+        x = float(v)
+        if not lo <= x <= hi:
+            raise _Bad(f"{v} is out of range ({lo:g} to {hi:g} seconds)")
+        return x
+    return conv
+
+
+def _choice(*options: str) -> Callable[[list[str]], str]:
+    def conv(args: list[str]) -> str:
+        v = _one(args)
+        if v not in options:
+            raise _Bad(f'expected one of {" | ".join(options)}, got "{v}"')
+        return v
+    return conv
+
+
+def _name(args: list[str]) -> str:
+    v = _one(args)
+    if not valid_name(v):
+        raise _Bad(f"bad service name {v!r}")
+    return v
+
+
+def _image(args: list[str]) -> str:
+    v = _one(args)
+    if not (v.startswith("/") or "/" not in v):
+        raise _Bad(f"expected an absolute path or a program name on PATH, got {v!r}")
+    return v
+
+
+def _dir(args: list[str]) -> str:
+    v = _one(args)
+    if not v.startswith("/"):
+        raise _Bad(f"expected an absolute path, got {v!r}")
+    return v
+
+
+def _args(args: list[str]) -> tuple[str, ...]:
+    return tuple(args)
+
+
+def _signal(args: list[str]) -> str:
+    v = _one(args).upper().removeprefix("SIG")
+    if v.isdigit():
+        try:
+            v = signal.Signals(int(v)).name.removeprefix("SIG")
+        except ValueError:
+            raise _Bad(f"no signal number {v}") from None
+    if not isinstance(getattr(signal, "SIG" + v, None), signal.Signals) or v in ("KILL", "STOP"):
+        raise _Bad(f"expected a signal name such as TERM, INT, QUIT, HUP, got {args[0]!r}")
+    return v
+
+
+def _health(args: list[str]) -> HealthCheck:
+    if not args:
+        raise _Bad("expected http://..., tcp HOST:PORT, exec CMD ARGS, or /a/file/path")
+    head = args[0]
+    if head.startswith(("http://", "https://")):
+        _one(args)
+        return HealthCheck("http", (head,))
+    if head == "tcp":
+        addr = _one(args[1:])
+        host, colon, port = addr.rpartition(":")
+        if not colon or not host or not (port.isdigit() or port.startswith("$")):
+            raise _Bad(f"tcp: expected HOST:PORT, got {addr!r}")
+        return HealthCheck("tcp", (addr,))
+    if head == "exec":
+        if len(args) < 2:
+            raise _Bad("exec: expected a command")
+        return HealthCheck("exec", tuple(args[1:]))
+    if head.startswith("/"):
+        _one(args)
+        return HealthCheck("file", (head,))
+    raise _Bad(f"expected http://..., tcp HOST:PORT, exec CMD ARGS, or /a/file/path, got {head!r}")
+
+
+_DIRECTIVES: dict[str, Callable[[list[str]], object]] = {
+    "name": _name,
+    "image": _image,
+    "args": _args,
+    "dir": _dir,
+    "replicas": _whole(0, MAX_REPLICAS),
+    "port": _whole(1, 65535),
+    "restart": _choice("always", "on-failure", "never"),
+    "max_restarts": _whole(0, 10_000),
+    "drain_timeout": _seconds(),
+    "stop_signal": _signal,
+    "stop_timeout": _seconds(),
+    "log_lines": _whole(1, 1_000_000),
+    "health": _health,
+    "health_interval": _seconds(0.01),
+    "health_timeout": _seconds(0.01),
+    "health_retries": _whole(1, 1000),
+    "min_healthy": _seconds(),
+    "update": _choice("rolling", "replace"),
+    "update_batch": _whole(1, MAX_REPLICAS),
+    "update_pause": _seconds(),
+    "update_deadline": _seconds(0.01),
+}
+DIRECTIVES = frozenset(_DIRECTIVES) | {"env"}
+
+
+# -- rendering helpers -------------------------------------------------------------
+
+def _join(words: tuple[str, ...] | list[str]) -> str:
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def format_seconds(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def _render_value(value: object) -> str:
+    if isinstance(value, HealthCheck):
+        return value.render()
+    if isinstance(value, float):
+        return format_seconds(value)
+    if isinstance(value, str):
+        return _join((value,))
+    return str(value)
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, HealthCheck):
+        return [value.kind, *value.target]
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def set_replicas_line(text: bytes, n: int) -> bytes:
+    """Rewrite (or add) the ``replicas`` line of a manifest's text, keeping the rest as written."""
+    lines = text.split(b"\n")
+    for i, raw in enumerate(lines):
+        if re.match(rb"\s*replicas(\s|$)", raw):
+            comment = re.search(rb"\s+#.*$", raw)
+            lines[i] = b"replicas %d" % n + (comment.group(0) if comment else b"")
+            return b"\n".join(lines)
+    body = text if text.endswith(b"\n") or not text else text + b"\n"
+    return body + b"replicas %d\n" % n
