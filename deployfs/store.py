@@ -34,6 +34,8 @@ class ServiceRecord:
     name: str
     version: str | None = None  # the version in force (the rollout target)
     previous_version: str | None = None
+    manifest: str = ""  # the manifest text in force
+    previous_manifest: str = ""  # kept for rollback
     generation: int = 0  # bumped by `restart`: same version, fresh instances
     replicas: int = 0
     update_status: str = "none"  # none | rolling | paused | failed

@@ -1,0 +1,621 @@
+"""The engine: one supervisor per service, reconciling instances toward a target.
+
+Each service runs a loop: look at the instances as they are, ask
+:func:`rollout.plan` what to do, do it, sleep until something changes.  Every
+instance has a monitor task (exit via the runtime, health via the prober) that
+turns what it sees into a :class:`Phase` and pokes the loop.  Slow actions
+(drain + stop, restart) run as their own tasks so the loop never blocks.
+
+Commands (``apply``, ``pause``, ...) only change the service record; the loop
+does the rest.  The engine knows nothing of FUSE: the filesystem is a view
+over :attr:`Engine.services` plus :meth:`Engine.command`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import re
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from . import rollout
+from .events import EventLog
+from .health import Prober
+from .manifest import MAX_REPLICAS, Manifest, ManifestError, format_seconds, parse, set_replicas_line, valid_name
+from .rollout import Phase
+from .runtime import LaunchSpec, Process, Runtime, StartError, find_strays
+from .store import InstanceRecord, ServiceRecord, Store
+
+log = logging.getLogger(__name__)
+NODE = socket.gethostname() or "local"
+MAX_SERVICES = 500
+MAX_INSTANCES = 5000
+
+
+class CommandError(Exception):
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(message)
+        self.errno, self.message = err, message
+
+
+class Router(Protocol):
+    def set_backends(self, service: str, port: int | None, backends: list[tuple[str, int]]) -> None: ...
+    async def drain(self, service: str, backend: tuple[str, int], timeout: float) -> None: ...
+
+
+class NullRouter:
+    def set_backends(self, service: str, port: int | None, backends: list[tuple[str, int]]) -> None:
+        pass
+
+    async def drain(self, service: str, backend: tuple[str, int], timeout: float) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class Instance:
+    rec: InstanceRecord
+    manifest: Manifest
+    proc: Process | None = None
+    phase: Phase = Phase.STARTING
+    why: str = ""
+    exit_ok: bool = False
+    leaving: bool = False
+    busy: bool = False  # a restart is in flight
+    started_at: float = 0.0  # trio clock
+    healthy_since: float | None = None
+    first_bad: float | None = None  # start of the current failing streak
+    fails: int = 0
+    last_exit: float | None = None
+    restart_times: list[float] = field(default_factory=list)
+    monitor: trio.CancelScope | None = None
+
+    @property
+    def backend(self) -> tuple[str, int] | None:
+        return ("127.0.0.1", self.rec.port) if self.rec.port else None
+
+
+class Service:
+    def __init__(self, engine: "Engine", rec: ServiceRecord) -> None:
+        self.engine = engine
+        self.rec = rec
+        self.manifest = parse(rec.manifest, name=rec.name).manifest
+        self.instances: dict[int, Instance] = {}
+        self.state = rollout.State(status=rec.update_status, steps=rec.steps)
+        self._wakeup = trio.Event()
+        self._changed = trio.Event()
+        self.rollout_t0 = trio.current_time()
+        self.mtime = time.time()
+
+    @property
+    def name(self) -> str:
+        return self.rec.name
+
+    # -- what the filesystem shows --------------------------------------------------
+
+    def target(self) -> rollout.Target:
+        m = self.manifest
+        return rollout.Target(key=(self.rec.version or "", self.rec.generation),
+                              replicas=0 if self.rec.stopped else self.rec.replicas,
+                              strategy=m.update, batch=m.update_batch, pause=m.update_pause,
+                              restart=m.restart, max_restarts=m.max_restarts)
+
+    def views(self) -> list[rollout.Inst]:
+        now = trio.current_time()
+        out = []
+        for i in self.instances.values():
+            phase = Phase.LEAVING if i.leaving else Phase.STARTING if i.busy else i.phase
+            recent = sum(1 for t in i.restart_times if now - t < rollout.RESTART_WINDOW)
+            out.append(rollout.Inst(i.rec.id, i.rec.slot, (i.rec.version, i.rec.generation), phase, i.why,
+                                    i.exit_ok, i.last_exit, recent))
+        return out
+
+    def by_slot(self) -> list[Instance]:
+        return sorted(self.instances.values(), key=lambda i: i.rec.slot)
+
+    def progress(self) -> tuple[int, int]:
+        return rollout.progress(self.target(), self.views())
+
+    def endpoints(self) -> list[tuple[str, int]]:
+        return [i.backend for i in self.by_slot() if i.phase is Phase.READY and not i.leaving and i.backend]
+
+    def health(self) -> str:
+        if self.rec.stopped or (self.rec.replicas == 0 and not self.instances):
+            return "stopped"
+        ready = sum(1 for i in self.instances.values() if i.phase is Phase.READY and not i.leaving)
+        troubled = any(i.phase in (Phase.UNHEALTHY, Phase.EXITED, Phase.FAILED) for i in self.instances.values())
+        if ready == 0:
+            return "unhealthy"
+        return "healthy" if ready >= self.rec.replicas and not troubled else "degraded"
+
+    def outcome(self) -> str | None:
+        """What `wait` returns, or None while a rollout is in flight."""
+        status = self.rec.update_status
+        if status == "rolling":
+            return None
+        if status == "paused":
+            # Paused takes effect at the batch boundary: until the batch in hand
+            # has finished (or a `step` has run), the rollout is still moving.
+            key = self.target().key
+            moving = self.state.steps > 0 or any(
+                i.leaving or i.busy or ((i.rec.version, i.rec.generation) == key and i.phase is Phase.STARTING)
+                for i in self.instances.values())
+            return None if moving else "paused"
+        if status == "failed":
+            return f"failed: {self.rec.failure}"
+        return f"done {self.rec.version}"
+
+    async def wait_change(self) -> None:
+        await self._changed.wait()
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def poke(self) -> None:
+        self._wakeup.set()
+        self._changed.set()
+        self._changed = trio.Event()
+        self.mtime = time.time()
+        self.engine.notify(self.name)
+
+    async def run(self) -> None:
+        while True:
+            self._wakeup = trio.Event()
+            p = rollout.plan(self.target(), self.views(), self.state, trio.current_time())
+            self.state = p.state
+            for action in p.actions:
+                self.do(action)
+            if (self.rec.update_status, self.rec.steps) != (p.state.status, p.state.steps):
+                self.rec.update_status, self.rec.steps = p.state.status, p.state.steps
+                self.save()
+            if p.actions:
+                self.poke()
+                await trio.sleep(0)
+                continue
+            with trio.move_on_at(p.wake_at if p.wake_at is not None else math.inf):
+                await self._wakeup.wait()
+
+    def do(self, a: rollout.Action) -> None:
+        e = self.engine
+        if isinstance(a, rollout.Start):
+            if e.instance_count() >= e.max_instances:
+                self.event(f"cannot start instance {a.slot}: the limit of {e.max_instances} instances is reached")
+                return
+            m = self.manifest
+            port = e.runtime.allocate_port() if m.port else None
+            rec = InstanceRecord(self.name, e.next_instance_id(), a.slot, self.rec.version or "",
+                                 self.rec.generation, port=port)
+            inst = Instance(rec, m)
+            self.instances[rec.id] = inst
+            self.spawn(inst)
+        elif isinstance(a, rollout.Stop):
+            self.stop_instance(self.instances[a.id], a.reason)
+        elif isinstance(a, rollout.Restart):
+            inst = self.instances[a.id]
+            inst.busy = True
+            inst.restart_times.append(trio.current_time())
+            inst.rec.restarts += 1
+            recent = sum(1 for t in inst.restart_times if trio.current_time() - t < rollout.RESTART_WINDOW)
+            self.event(f"instance {inst.rec.slot} {a.reason}, restarting ({recent}/{inst.manifest.max_restarts})")
+            e.nursery.start_soon(self._restart, inst)
+        elif isinstance(a, rollout.GiveUp):
+            inst = self.instances[a.id]
+            inst.phase, inst.rec.state, inst.rec.health = Phase.FAILED, "failed", "failed"
+            self.save_instance(inst)
+            self.event(f"instance {inst.rec.slot} failed: {a.reason}; giving up (restart it with `restart`)")
+            if inst.proc and not inst.proc.exited:
+                e.nursery.start_soon(self._kill, inst)
+        elif isinstance(a, rollout.Fail):
+            self.rec.failure = a.reason + self._detection()
+            self.rec.outcome = f"failed: {self.rec.failure}"
+            self.rec.update_status = "failed"
+            self.save()
+            self.event(f"rolling update failed: {self.rec.failure}")
+        elif isinstance(a, rollout.Complete):
+            with e.store.transaction():
+                for id, slot in a.renumber.items():
+                    self.instances[id].rec.slot = slot
+                    self.save_instance(self.instances[id])
+                self.rec.update_status, self.rec.outcome, self.rec.failure = "none", f"done {self.rec.version}", ""
+                self.save()
+            if self.rec.rollout_from is not None:
+                took = trio.current_time() - self.rollout_t0
+                self.event(f"rolling update complete: {self.rec.version} in {took:.1f}s")
+                self.rec.rollout_from = None
+                self.save()
+
+    def _detection(self) -> str:
+        now = trio.current_time()
+        bad = [i.first_bad for i in self.instances.values() if i.first_bad is not None
+               and (i.rec.version, i.rec.generation) == self.target().key]
+        return f" (detected {now - min(bad):.1f}s after the first failure)" if bad else ""
+
+    # -- instance lifecycle ----------------------------------------------------------
+
+    def spawn(self, inst: Instance) -> None:
+        e, m, rec = self.engine, inst.manifest, inst.rec
+        inst.phase, inst.why, inst.healthy_since, inst.first_bad, inst.fails = Phase.STARTING, "", None, None, 0
+        inst.started_at = trio.current_time()
+        rec.state, rec.health, rec.pid, rec.start_time, rec.started = "starting", "starting", None, None, time.time()
+        self.save_instance(inst)  # recorded before it exists: a crash in between leaves a findable stray
+        kw = dict(port=rec.port, instance=rec.slot, version=rec.version)
+        spec = LaunchSpec(self.name, rec.id, m.instance_argv(**kw), m.instance_env(**kw), m.dir, m.log_lines)
+        try:
+            proc = e.runtime.start(spec)
+        except StartError as err:
+            inst.phase, inst.why, inst.exit_ok = Phase.EXITED, str(err), False
+            inst.last_exit = inst.first_bad = trio.current_time()
+            rec.state, rec.health = "exited", "stopped"
+            self.save_instance(inst)
+            self.event(f"instance {rec.slot} failed to start: {err}")
+            return
+        inst.proc = proc
+        rec.pid, rec.start_time, rec.state = proc.pid, proc.start_time, "running"
+        self.save_instance(inst)
+        port = f" port={rec.port}" if rec.port else ""
+        self.event(f"instance {rec.slot} started version={rec.version} pid={proc.pid}{port}")
+        e.nursery.start_soon(self._monitor, inst, proc)
+
+    def adopt(self, inst: Instance, proc: Process) -> None:
+        inst.proc = proc
+        inst.started_at = trio.current_time()
+        if inst.rec.health == "healthy":
+            inst.phase, inst.healthy_since = Phase.READY, trio.current_time() - inst.manifest.min_healthy
+        self.engine.nursery.start_soon(self._monitor, inst, proc)
+
+    async def _monitor(self, inst: Instance, proc: Process) -> None:
+        with trio.CancelScope() as scope:
+            inst.monitor = scope
+            async with trio.open_nursery() as n:
+                n.start_soon(self._health_loop, inst, proc)
+                status = await proc.wait()
+                n.cancel_scope.cancel()
+            if inst.leaving or inst.busy or inst.proc is not proc:
+                return
+            now = trio.current_time()
+            inst.phase, inst.exit_ok, inst.last_exit = Phase.EXITED, status == 0, now
+            inst.first_bad = inst.first_bad or now
+            inst.why = "exited" if status is None else f"exited with status {status}"
+            inst.rec.state, inst.rec.health = "exited", "stopped"
+            self.save_instance(inst)
+            self.event(f"instance {inst.rec.slot} {inst.why}")
+            self.routing_changed()
+            self.poke()
+
+    async def _health_loop(self, inst: Instance, proc: Process) -> None:
+        m, rec = inst.manifest, inst.rec
+        check = m.instance_health(port=rec.port, instance=rec.slot, version=rec.version)
+        while True:
+            now = trio.current_time()
+            starting = inst.rec.health == "starting"
+            if check is None:
+                if starting:
+                    await trio.sleep_until(inst.started_at + m.health_interval)
+                    self._observe(inst, True, "alive for one health_interval")
+                    await trio.sleep(m.min_healthy)
+                    self._observe(inst, True, "")
+                await trio.sleep_forever()
+            verdict = await self.engine.prober.probe(check, m.health_timeout)
+            self._observe(inst, verdict.ok, verdict.detail)
+            period = min(m.health_interval, 0.5) if inst.phase is Phase.STARTING else m.health_interval
+            wake = now + period
+            if inst.healthy_since is not None and inst.phase is Phase.STARTING:
+                wake = min(wake, inst.healthy_since + m.min_healthy)
+            await trio.sleep_until(max(wake, trio.current_time()))
+
+    def _observe(self, inst: Instance, ok: bool, detail: str) -> None:
+        """Turn one probe verdict into health and phase transitions."""
+        m, rec, now = inst.manifest, inst.rec, trio.current_time()
+        before = inst.phase
+        if ok:
+            inst.fails, inst.first_bad = 0, None
+            if rec.health != "healthy":
+                rec.health, inst.healthy_since = "healthy", now
+                self.event(f"instance {rec.slot} healthy")
+            if inst.phase is not Phase.READY and now - (inst.healthy_since or now) >= m.min_healthy:
+                inst.phase, inst.why = Phase.READY, ""
+        else:
+            inst.fails += 1
+            inst.first_bad = inst.first_bad or now
+            if rec.health == "healthy" and inst.fails >= m.health_retries:
+                self._unhealthy(inst, f"{detail} ({inst.fails} checks failed)")
+            elif rec.health == "starting" and now - inst.started_at > m.update_deadline:
+                self._unhealthy(inst, f"not healthy within update_deadline {format_seconds(m.update_deadline)}s: {detail}")
+            elif rec.health == "healthy" and inst.phase is Phase.STARTING:
+                inst.healthy_since = None  # a failure during the soak restarts the soak
+                rec.health = "starting"
+        if inst.phase is not before:
+            self.save_instance(inst)
+            self.routing_changed()
+            self.poke()
+
+    def _unhealthy(self, inst: Instance, why: str) -> None:
+        inst.rec.health, inst.phase, inst.why = "unhealthy", Phase.UNHEALTHY, why
+        self.event(f"instance {inst.rec.slot} unhealthy: {why}")
+
+    def stop_instance(self, inst: Instance, reason: str) -> None:
+        inst.leaving = True
+        inst.rec.state = "draining"
+        self.save_instance(inst)
+        self.routing_changed()
+        if inst.proc and not inst.proc.exited:
+            self.event(f"instance {inst.rec.slot} draining ({reason})")
+        self.engine.nursery.start_soon(self._stop, inst)
+
+    async def _stop(self, inst: Instance) -> None:
+        m, e = inst.manifest, self.engine
+        was_running = inst.proc is not None and not inst.proc.exited
+        if was_running and inst.backend and inst.phase is Phase.READY:
+            await e.router.drain(self.name, inst.backend, m.drain_timeout)
+        if inst.proc is not None:
+            await inst.proc.stop(m.stop_signum, m.stop_timeout)
+        if inst.monitor:
+            inst.monitor.cancel()
+        if was_running:
+            self.event(f"instance {inst.rec.slot} stopped")
+        self.instances.pop(inst.rec.id, None)
+        e.store.delete_instance(self.name, inst.rec.id)
+        if inst.rec.port:
+            e.runtime.release_port(inst.rec.port)
+        e.runtime.remove_log(self.name, inst.rec.id)
+        self.poke()
+
+    async def _restart(self, inst: Instance) -> None:
+        m = inst.manifest
+        if inst.monitor:
+            inst.monitor.cancel()
+        if inst.proc is not None:
+            await inst.proc.stop(m.stop_signum, m.stop_timeout)
+        inst.busy = False
+        if not inst.leaving:
+            self.spawn(inst)
+        self.poke()
+
+    async def _kill(self, inst: Instance) -> None:
+        if inst.monitor:
+            inst.monitor.cancel()
+        assert inst.proc is not None
+        await inst.proc.stop(inst.manifest.stop_signum, inst.manifest.stop_timeout)
+
+    # -- bookkeeping ---------------------------------------------------------------------
+
+    def routing_changed(self) -> None:
+        self.engine.router.set_backends(self.name, self.manifest.port, self.endpoints())
+
+    def save(self) -> None:
+        self.engine.store.put_service(self.rec)
+
+    def save_instance(self, inst: Instance) -> None:
+        self.engine.store.put_instance(inst.rec)
+
+    def event(self, text: str) -> None:
+        self.engine.events.emit(self.name, text)
+
+
+class Engine:
+    def __init__(self, store: Store, runtime: Runtime, prober: Prober, *, events: EventLog | None = None,
+                 router: Router | None = None, state_dir: str | None = None,
+                 max_services: int = MAX_SERVICES, max_instances: int = MAX_INSTANCES) -> None:
+        self.store, self.runtime, self.prober = store, runtime, prober
+        self.events = events or EventLog(store)
+        self.router = router or NullRouter()
+        self.state_dir = state_dir
+        self.max_services, self.max_instances = max_services, max_instances
+        self.services: dict[str, Service] = {}
+        self.listeners: list = []  # called with a service name when anything about it changes
+        self._next_id = 1
+        self.nursery: trio.Nursery
+
+    def notify(self, name: str) -> None:
+        for listener in self.listeners:
+            listener(name)
+
+    def next_instance_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
+
+    def instance_count(self) -> int:
+        return sum(len(s.instances) for s in self.services.values())
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            self._recover()
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _recover(self) -> None:
+        """Load every service, adopt the instances still running, reap strays."""
+        known: set[tuple[str, int]] = set()
+        for rec in self.store.list_services():
+            svc = Service(self, rec)
+            self.services[rec.name] = svc
+            for irec in self.store.list_instances(rec.name):
+                known.add((rec.name, irec.id))
+                self._next_id = max(self._next_id, irec.id + 1)
+                text = self.store.get_version(rec.name, irec.version) or rec.manifest
+                inst = Instance(irec, parse(text, name=rec.name).manifest)
+                svc.instances[irec.id] = inst
+                proc = self.runtime.adopt(irec.pid, irec.start_time) if irec.pid and irec.start_time else None
+                if irec.port:
+                    self.runtime.claim_port(irec.port)
+                if proc is not None:
+                    svc.adopt(inst, proc)
+                    svc.event(f"instance {irec.slot} adopted pid={proc.pid}")
+                    if irec.state == "draining":
+                        svc.stop_instance(inst, "it was draining when deployfs stopped")
+                elif irec.state == "failed":
+                    inst.phase = Phase.FAILED
+                else:
+                    inst.phase, inst.why, inst.last_exit = Phase.EXITED, "gone while deployfs was down", trio.current_time()
+                    if irec.state == "draining":
+                        svc.stop_instance(inst, "it was draining when deployfs stopped")
+            svc.routing_changed()
+            self.nursery.start_soon(svc.run)
+        if self.state_dir:
+            for pid in find_strays(self.state_dir, known):
+                log.warning("stopping stray instance process group %d", pid)
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    async def shutdown(self, *, keep_instances: bool = False) -> None:
+        """Drain and stop every instance (unless kept), then stop all tasks."""
+        if not keep_instances:
+            for svc in self.services.values():
+                for inst in list(svc.instances.values()):
+                    if not inst.leaving:
+                        svc.stop_instance(inst, "deployfs is shutting down")
+            with trio.move_on_after(120):
+                while any(s.instances for s in self.services.values()):
+                    await trio.sleep(0.05)
+        self.nursery.cancel_scope.cancel()
+
+    # -- commands -----------------------------------------------------------------------
+
+    def command(self, name: str, verb: str, arg: str | None, who: str) -> str:
+        """Carry out one ctl verb; return the reply, or raise CommandError."""
+        if not valid_name(name):
+            raise CommandError(errno.EINVAL, f"bad service name {name!r}")
+        if verb == "apply":
+            return self._apply(name, who)
+        svc = self.services.get(name)
+        if svc is None:
+            raise CommandError(errno.ENOENT, f"no service {name!r} is deployed (apply it first)")
+        rec, status = svc.rec, svc.rec.update_status
+        if verb == "pause":
+            if status == "paused":
+                return "ok already paused"
+            if status != "rolling":
+                raise CommandError(errno.EBUSY, f"{name}: no rollout in flight to pause (update_status {status})")
+            self._set_status(svc, "paused", f"rolling update paused by {who}")
+        elif verb == "resume":
+            if status != "paused":
+                raise CommandError(errno.EBUSY, f"{name}: not paused (update_status {status})")
+            self._set_status(svc, "rolling", f"rolling update resumed by {who}")
+        elif verb == "step":
+            if status != "paused":
+                raise CommandError(errno.EBUSY, f"{name}: step works while paused (update_status {status})")
+            svc.state = rollout.State("paused", svc.state.steps + 1, svc.state.boundary)
+            rec.steps = svc.state.steps
+            svc.save()
+            svc.event(f"rolling update step by {who}")
+        elif verb == "rollback":
+            if not rec.previous_version:
+                raise CommandError(errno.EBUSY, f"{name}: no previous version to roll back to")
+            text, prev = rec.previous_manifest, rec.manifest
+            m = parse(text, name=name).manifest
+            self._begin(svc, m, text, "rollback", who, previous=(rec.version, prev))
+        elif verb == "restart":
+            if status in ("rolling", "paused"):
+                raise CommandError(errno.EBUSY, f"{name}: a rollout is in flight (update_status {status})")
+            rec.generation += 1
+            self._begin(svc, svc.manifest, rec.manifest, "rolling restart", who, previous=None)
+        elif verb == "scale":
+            n = _count(arg)
+            if status == "failed":
+                raise CommandError(errno.EBUSY, f"{name}: the last rollout failed; apply a fixed manifest or rollback first")
+            with self.store.transaction():
+                rec.replicas = n
+                rec.manifest = set_replicas_line(rec.manifest.encode(), n).decode()
+                f = self.store.get_file(name)
+                if f is not None:
+                    self.store.put_file(name, set_replicas_line(f.data, n))
+                svc.save()
+                svc.event(f"scaled to {n} by {who}")
+        elif verb == "stop":
+            rec.stopped = True
+            svc.state = rollout.State()
+            rec.update_status, rec.steps, rec.rollout_from = "none", 0, None
+            svc.save()
+            svc.event(f"stopping every instance by {who}")
+        else:
+            raise CommandError(errno.EINVAL, f"unknown verb {verb!r}")
+        svc.poke()
+        return "ok"
+
+    def _apply(self, name: str, who: str) -> str:
+        f = self.store.get_file(name)
+        if f is None:
+            raise CommandError(errno.ENOENT, f"no manifest manifests/{name}")
+        try:
+            parsed = parse(f.data, name=name)
+        except ManifestError as e:
+            if name in self.services:
+                self.services[name].event(f"apply refused: {e}")
+            raise CommandError(errno.EINVAL, str(e)) from None
+        m, text = parsed.manifest, f.data.decode()
+        svc = self.services.get(name)
+        if svc is None:
+            if len(self.services) >= self.max_services:
+                raise CommandError(errno.ENOSPC, f"the limit of {self.max_services} services is reached")
+            rec = ServiceRecord(name, version=m.version, replicas=m.replicas, manifest=text)
+            with self.store.transaction():
+                self.store.put_version(name, m.version, text)
+                self.store.put_service(rec)
+                svc = Service(self, rec)
+                self.services[name] = svc
+                for w in parsed.warnings:
+                    svc.event(f"warning: {w}")
+                svc.event(f"deployed {m.version} replicas={m.replicas} by {who}")
+            self.nursery.start_soon(svc.run)
+            svc.poke()
+            return f"ok deployed {m.version}"
+        rec = svc.rec
+        for w in parsed.warnings:
+            svc.event(f"warning: {w}")
+        if m.version == rec.version and rec.update_status != "failed":
+            was_stopped = rec.stopped
+            changed = was_stopped or m.replicas != rec.replicas or m != svc.manifest
+            rec.stopped, rec.replicas, rec.manifest = False, m.replicas, text
+            svc.manifest = m
+            svc.save()
+            if not changed:
+                return f"ok unchanged {m.version}"
+            svc.event(f"{'started' if was_stopped else 'applied'} {m.version} replicas={m.replicas} by {who}")
+            svc.poke()
+            return f"ok {m.version} replicas={m.replicas}"
+        # `previous` is the last version fully in force: a rollout that never
+        # completed (in flight, or failed) does not become the rollback target.
+        settled = rec.update_status == "none" and m.version != rec.version
+        previous = (rec.version, rec.manifest) if settled else (rec.previous_version, rec.previous_manifest)
+        self._begin(svc, m, text, "rolling update" if m.update == "rolling" else "replace update", who, previous=previous)
+        svc.poke()
+        return f"ok rolling {rec.previous_version}->{m.version}"
+
+    def _begin(self, svc: Service, m: Manifest, text: str, what: str, who: str,
+               previous: tuple[str | None, str] | None) -> None:
+        rec = svc.rec
+        frm = rec.version
+        with self.store.transaction():
+            self.store.put_version(rec.name, m.version, text)
+            if previous is not None:
+                rec.previous_version, rec.previous_manifest = previous
+            rec.version, rec.manifest, rec.replicas, rec.stopped = m.version, text, m.replicas, False
+            rec.update_status, rec.steps, rec.failure, rec.rollout_from = "rolling", 0, "", frm
+            svc.manifest = m
+            svc.state = rollout.State("rolling", 0, float("-inf"))
+            svc.rollout_t0 = trio.current_time()
+            svc.save()
+            svc.event(f"{what} started {frm}→{m.version} strategy={m.update} batch={m.update_batch} "
+                      f"pause={format_seconds(m.update_pause)}s by {who}")
+        svc.poke()
+
+    def _set_status(self, svc: Service, status: str, event: str) -> None:
+        svc.state = rollout.State(status, 0, svc.state.boundary)
+        svc.rec.update_status, svc.rec.steps = status, 0
+        svc.save()
+        svc.event(event)
+
+
+def _count(arg: str | None) -> int:
+    if arg is None or not re.fullmatch(r"[0-9]{1,6}", arg) or int(arg) > MAX_REPLICAS:
+        raise CommandError(errno.EINVAL, f"scale: expected a whole number 0 to {MAX_REPLICAS}, got {arg!r}")
+    return int(arg)

@@ -1,0 +1,91 @@
+"""Per-service event history: durable lines, rotated like logrotate.
+
+Every event is committed to the store before anyone can see it.  The text a
+reader sees as ``events`` is the current *segment* (``events.1`` the one
+before); a segment closes once it reaches ``segment_bytes``.  Segments are
+cached in memory as bytes, so a read at any offset and the file's true size
+cost nothing: ``tail -f`` on FUSE depends on a fresh, true ``st_size``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .store import Store
+
+SEGMENT_BYTES = 1024 * 1024
+MAX_EVENT_CHARS = 2000
+
+
+def rfc3339(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+@dataclass
+class _Log:
+    segment: int = 0
+    current: bytearray = field(default_factory=bytearray)
+    previous: bytes = b""
+    mtime: float = 0.0
+
+
+Listener = Callable[[str], None]
+
+
+class EventLog:
+    def __init__(self, store: Store, *, segment_bytes: int = SEGMENT_BYTES, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.segment_bytes = segment_bytes
+        self.clock = clock
+        self._logs: dict[str, _Log] = {}
+        self.listeners: list[Listener] = []
+
+    def _log(self, service: str) -> _Log:
+        log = self._logs.get(service)
+        if log is None:
+            last = self.store.last_event(service)
+            log = _Log()
+            if last is not None:
+                log.segment = last.segment
+                log.current = bytearray(b"".join(_line(e.ts, e.text) for e in self.store.events(service, last.segment)))
+                log.previous = b"".join(_line(e.ts, e.text) for e in self.store.events(service, last.segment - 1))
+                log.mtime = last.ts
+            self._logs[service] = log
+        return log
+
+    def emit(self, service: str, text: str) -> None:
+        text = " ".join(text.split())[:MAX_EVENT_CHARS]  # one event, one line
+        log = self._log(service)
+        ts = self.clock()
+        line = _line(ts, text)
+        segment = log.segment
+        if log.current and len(log.current) + len(line) > self.segment_bytes:
+            segment += 1
+        self.store.append_event(service, segment, ts, text)  # durable first
+        if segment != log.segment:
+            log.segment, log.previous, log.current = segment, bytes(log.current), bytearray()
+        log.current += line
+        log.mtime = ts
+        for listener in self.listeners:
+            listener(service)
+
+    def current(self, service: str) -> bytes:
+        return bytes(self._log(service).current)
+
+    def size(self, service: str) -> int:
+        return len(self._log(service).current)
+
+    def previous(self, service: str) -> bytes:
+        return self._log(service).previous
+
+    def segment(self, service: str) -> int:
+        return self._log(service).segment
+
+    def mtime(self, service: str) -> float:
+        return self._log(service).mtime
+
+
+def _line(ts: float, text: str) -> bytes:
+    return f"{rfc3339(ts)} {text}\n".encode()

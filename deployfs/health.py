@@ -1,0 +1,111 @@
+"""Health probes: file, http, tcp, exec.  Each returns a verdict, never raises.
+
+A probe is one attempt bounded by ``timeout``; the engine turns a series of
+verdicts into states (starting → healthy ⇄ unhealthy).  Every probe is
+cancellable: an exec probe's process is killed, a file read on a hung
+filesystem is abandoned in its thread.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+from typing import Protocol
+
+import httpx
+import trio
+
+from .manifest import HealthCheck
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    detail: str  # why, in words: "http 503 from 127.0.0.1:41001/healthz"
+
+
+class Prober(Protocol):
+    async def probe(self, check: HealthCheck, timeout: float) -> Verdict: ...
+
+
+class Probes:
+    """The real prober.  One shared HTTP client: connection setup is the cost."""
+
+    def __init__(self) -> None:
+        # No keep-alive: a probe should see what a fresh client sees, and an
+        # idle pooled connection to a dead instance would only mislead.
+        self._http = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0),
+                                       follow_redirects=False, trust_env=False)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def probe(self, check: HealthCheck, timeout: float) -> Verdict:
+        kind = check.kind
+        fn = {"http": self._http_probe, "tcp": _tcp, "exec": _exec, "file": _file}[kind]
+        with trio.move_on_after(timeout) as scope:
+            try:
+                return await fn(check.target, timeout)
+            except Exception as e:  # a probe never raises: a broken check is a failed one
+                return Verdict(False, f"{kind} check error: {e}")
+        assert scope.cancelled_caught
+        return Verdict(False, f"{kind} check timed out after {timeout:g}s: {_describe(check)}")
+
+    async def _http_probe(self, target: tuple[str, ...], timeout: float) -> Verdict:
+        url = target[0]
+        where = url.split("://", 1)[-1]
+        try:
+            r = await self._http.get(url, timeout=timeout)
+        except httpx.HTTPError as e:
+            return Verdict(False, f"http error from {where}: {type(e).__name__}: {e}".rstrip(": "))
+        ok = 200 <= r.status_code < 400
+        return Verdict(ok, f"http {r.status_code} from {where}")
+
+
+def _describe(check: HealthCheck) -> str:
+    return " ".join(check.target)
+
+
+async def _tcp(target: tuple[str, ...], timeout: float) -> Verdict:
+    host, _, port = target[0].rpartition(":")
+    try:
+        stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+    except OSError as e:
+        return Verdict(False, f"tcp connect to {target[0]} failed: {e.strerror or e}")
+    await stream.aclose()
+    return Verdict(True, f"tcp connect to {target[0]} ok")
+
+
+async def _exec(target: tuple[str, ...], timeout: float) -> Verdict:
+    async def kill_group(proc: trio.Process) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    try:
+        proc = await trio.run_process(list(target), check=False, stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      start_new_session=True, deliver_cancel=kill_group)
+    except OSError as e:
+        return Verdict(False, f"exec {target[0]}: {e.strerror or e}")
+    ok = proc.returncode == 0
+    return Verdict(ok, f"exec {target[0]} exited {proc.returncode}")
+
+
+def _read_some(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(1)
+
+
+async def _file(target: tuple[str, ...], timeout: float) -> Verdict:
+    path = target[0]
+    try:
+        data = await trio.to_thread.run_sync(_read_some, path, abandon_on_cancel=True)
+    except OSError as e:
+        return Verdict(False, f"file {path}: {e.strerror or e}")
+    if not data:
+        return Verdict(False, f"file {path} is empty")
+    return Verdict(True, f"file {path} ok")

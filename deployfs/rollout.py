@@ -1,0 +1,210 @@
+"""The reconcile step: given the target and the instances as they are, what next.
+
+Pure: no I/O, no clock of its own.  The engine calls :func:`plan` whenever
+anything changes (an instance turned healthy, a stop finished, a command
+arrived, a timer fired), carries out the actions, and calls again.  A rollout
+is therefore not a script with a program counter but a target plus a few
+counters, which is what lets a restarted server simply continue one.
+
+Rolling (DESIGN.md §4), as a reconcile rule:
+
+1. a target instance that exited or turned unhealthy fails the rollout: stop
+   it and every target instance not yet ready; old ones are never touched;
+2. old instances that are not serving (starting, exited, unhealthy) retire;
+3. while a batch is starting or anything is draining, wait;
+4. once the batch is ready, retire as many old instances as keeps exactly
+   ``replicas`` serving;
+5. at a batch boundary: done if only ready target instances remain, else wait
+   ``update_pause``, honour pause/step, and start the next batch on new slots.
+
+Running instances never exceed ``replicas + update_batch``: a batch starts
+only when nothing is draining and at most ``replicas`` run.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+
+Key = tuple[str, int]  # (version, generation): `restart` bumps the generation
+
+BACKOFF_BASE = 0.1
+BACKOFF_CAP = 10.0
+RESTART_WINDOW = 60.0
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"  # running, not yet ready (includes the min_healthy soak)
+    READY = "ready"  # healthy and soaked: routed, counts toward replicas
+    UNHEALTHY = "unhealthy"
+    EXITED = "exited"
+    FAILED = "failed"  # gave up restarting it (max_restarts)
+    LEAVING = "leaving"  # being drained and stopped
+
+
+@dataclass(frozen=True)
+class Inst:
+    id: int
+    slot: int
+    key: Key
+    phase: Phase
+    why: str = ""  # why it is unhealthy / exited
+    exit_ok: bool = False  # exited with status 0
+    last_exit: float | None = None
+    recent_restarts: int = 0  # within RESTART_WINDOW
+
+
+@dataclass(frozen=True)
+class Target:
+    key: Key
+    replicas: int
+    strategy: str = "rolling"
+    batch: int = 1
+    pause: float = 0.0
+    restart: str = "always"
+    max_restarts: int = 5
+
+
+@dataclass(frozen=True)
+class State:
+    status: str = "none"  # none | rolling | paused | failed
+    steps: int = 0  # batches `step` may still start while paused
+    boundary: float | None = float("-inf")  # when the last batch finished; None mid-batch
+
+
+@dataclass(frozen=True)
+class Start:
+    slot: int
+
+
+@dataclass(frozen=True)
+class Stop:
+    id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Restart:
+    id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Fail:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Complete:
+    renumber: dict[int, int]  # instance id -> slot
+
+
+Action = Start | Stop | Restart | GiveUp | Fail | Complete
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: list[Action]
+    state: State
+    wake_at: float | None = None  # call again by then even if nothing changes
+
+
+def progress(target: Target, insts: list[Inst]) -> tuple[int, int]:
+    up = sum(1 for i in insts if i.key == target.key and i.phase is Phase.READY)
+    return up, target.replicas
+
+
+def backoff(recent_restarts: int) -> float:
+    return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(recent_restarts, 20))
+
+
+def plan(t: Target, insts: list[Inst], st: State, now: float) -> Plan:
+    live = [i for i in insts if i.phase is not Phase.LEAVING]
+    draining = len(live) != len(insts)
+    new = [i for i in live if i.key == t.key]
+    old = [i for i in live if i.key != t.key]
+
+    if st.status in ("none", "failed"):
+        if st.status == "none" and old:  # a rollout that was never marked: make it one
+            return plan(t, insts, replace(st, status="rolling"), now)
+        return _supervise(t, live, st, now, scale=st.status == "none")
+
+    # -- a rollout is in flight (rolling or paused) -----------------------------
+    bad = [i for i in new if i.phase in (Phase.EXITED, Phase.UNHEALTHY, Phase.FAILED)]
+    if bad:
+        first = bad[0]
+        doomed = [i for i in new if i.phase is not Phase.READY]
+        return Plan([*(Stop(i.id, "rollout failed") for i in doomed),
+                     Fail(f"instance {first.slot} ({t.key[0]}) {first.phase.value}: {first.why}".rstrip(": "))],
+                    replace(st, status="failed", steps=0))
+    not_serving = [i for i in old if i.phase is not Phase.READY]
+    if not_serving:
+        return Plan([Stop(i.id, "not serving during the rollout") for i in not_serving], st)
+    if any(i.phase is Phase.STARTING for i in new) or draining:
+        return Plan([], st)
+    ready = sorted(new, key=lambda i: i.slot)
+
+    if t.strategy == "replace":
+        if old:
+            return Plan([Stop(i.id, "replace") for i in old], replace(st, boundary=None))
+        if len(ready) >= t.replicas:
+            return _complete(t, ready, st)
+        used = {i.slot for i in ready}
+        free = [s for s in range(t.replicas + len(ready)) if s not in used][: t.replicas - len(ready)]
+        return Plan([Start(s) for s in free], st)
+
+    excess = len(old) + len(ready) - t.replicas
+    if excess > 0 and old:
+        victims = sorted(old, key=lambda i: i.slot)[:excess]
+        return Plan([Stop(i.id, "replaced") for i in victims], replace(st, boundary=None))
+    if len(ready) > t.replicas:
+        return Plan([Stop(i.id, "scaled down") for i in ready[t.replicas:]], st)
+    if not old and len(ready) == t.replicas:
+        return _complete(t, ready, st)
+
+    # At a batch boundary: the pause runs from when the last batch finished.
+    boundary = now if st.boundary is None else st.boundary
+    st = replace(st, boundary=boundary)
+    if st.status == "paused" and st.steps == 0:
+        return Plan([], st)
+    if now < boundary + t.pause:
+        return Plan([], st, wake_at=boundary + t.pause)
+    count = min(t.batch, t.replicas - len(ready))
+    top = max((i.slot for i in insts), default=-1) + 1
+    steps = st.steps - 1 if st.status == "paused" else st.steps
+    return Plan([Start(top + k) for k in range(count)], replace(st, steps=steps, boundary=None))
+
+
+def _complete(t: Target, ready: list[Inst], st: State) -> Plan:
+    return Plan([Complete({i.id: n for n, i in enumerate(ready)})],
+                State(status="none", steps=0, boundary=float("-inf")))
+
+
+def _supervise(t: Target, live: list[Inst], st: State, now: float, *, scale: bool) -> Plan:
+    """Steady state: restart what failed (per policy, with backoff) and scale to ``replicas``."""
+    actions: list[Action] = []
+    wake: list[float] = []
+    for i in live:
+        if i.phase not in (Phase.EXITED, Phase.UNHEALTHY):
+            continue
+        if t.restart == "never" or (t.restart == "on-failure" and i.phase is Phase.EXITED and i.exit_ok):
+            continue
+        if i.recent_restarts >= t.max_restarts:
+            actions.append(GiveUp(i.id, f"{i.recent_restarts} restarts within {RESTART_WINDOW:g}s"))
+            continue
+        at = (i.last_exit or now) + backoff(i.recent_restarts) if i.phase is Phase.EXITED else now
+        if now >= at:
+            actions.append(Restart(i.id, i.why))
+        else:
+            wake.append(at)
+    if scale:
+        slots = {i.slot for i in live}
+        actions += [Start(s) for s in range(t.replicas) if s not in slots]
+        actions += [Stop(i.id, "scaled down") for i in live if i.slot >= t.replicas]
+    return Plan(actions, st, wake_at=min(wake, default=None))

@@ -1,0 +1,291 @@
+"""Running instances as local processes.
+
+Why it looks like this:
+
+* Each instance gets its own session and process group, so ``stop`` can signal
+  the whole tree (grandchildren included) and a terminal's Ctrl-C aimed at the
+  server never reaches an instance.
+* Output goes straight from the child to a file in the state directory, never
+  through a pipe to the server: an instance must outlive a crashed server.
+* Exit is watched with a pidfd, which works the same for our own children and
+  for processes adopted after a restart (which are not our children, so their
+  exit status is unknown: ``None``).
+* A pid alone is not an identity (pids are reused); pid plus the start time
+  from ``/proc/<pid>/stat`` is.
+
+The :class:`Runtime` protocol is what the engine sees; a multi-node runtime
+would implement the same calls.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+BASE_ENV_KEYS = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ")
+DEFAULT_PORTS = (41000, 48999)
+MARKER = "DEPLOYFS_INSTANCE"  # in every instance's environment: "<state-dir>:<service>:<id>"
+
+
+class StartError(Exception):
+    """The program could not be started at all (missing, not executable, ...)."""
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    service: str
+    instance_id: int
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str | None
+    log_lines: int
+
+
+class Process(Protocol):
+    pid: int
+    start_time: int
+    exit_status: int | None  # None while running, or when unknown (adopted)
+
+    @property
+    def exited(self) -> bool: ...
+    async def wait(self) -> int | None: ...
+    async def stop(self, signum: int, timeout: float) -> None: ...
+
+
+class Runtime(Protocol):
+    def start(self, spec: LaunchSpec) -> Process: ...
+    def adopt(self, pid: int, start_time: int) -> Process | None: ...
+    def allocate_port(self) -> int: ...
+    def claim_port(self, port: int) -> None: ...
+    def release_port(self, port: int) -> None: ...
+    def read_log(self, service: str, instance_id: int, lines: int) -> bytes: ...
+    def trim_log(self, service: str, instance_id: int, lines: int) -> None: ...
+    def remove_log(self, service: str, instance_id: int) -> None: ...
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (clock ticks since boot), or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # comm (field 2) may hold spaces and parens: split after the last ')'.
+    rest = stat.rsplit(b")", 1)[1].split()
+    if rest[0] == b"Z":  # a zombie is no longer an instance
+        return None
+    return int(rest[19])
+
+
+class LocalProcess:
+    def __init__(self, pid: int, start_time: int, pidfd: int, popen: subprocess.Popen[bytes] | None) -> None:
+        self.pid, self.start_time = pid, start_time
+        self.exit_status: int | None = None
+        self._pidfd: int | None = pidfd
+        self._popen = popen  # held so subprocess never reaps behind our back
+        self._done = trio.Event()
+        self._watching = False
+
+    @property
+    def exited(self) -> bool:
+        return self._done.is_set()
+
+    async def wait(self) -> int | None:
+        if self._watching or self._done.is_set():
+            await self._done.wait()
+            return self.exit_status
+        self._watching = True
+        try:
+            assert self._pidfd is not None
+            await trio.lowlevel.wait_readable(self._pidfd)
+        finally:
+            self._watching = False
+        self._reap()
+        return self.exit_status
+
+    def _reap(self) -> None:
+        if self._popen is not None:
+            self._popen.poll()
+            rc = self._popen.returncode
+            self.exit_status = None if rc is None else (rc if rc >= 0 else 128 - rc)
+        if self._pidfd is not None:
+            trio.lowlevel.notify_closing(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        self._done.set()
+
+    def _killpg(self, signum: int) -> None:
+        try:
+            os.killpg(self.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    async def stop(self, signum: int, timeout: float) -> None:
+        """stop_signal to the group, SIGKILL after ``timeout``; then sweep the group."""
+        if not self.exited:
+            self._killpg(signum)
+            with trio.move_on_after(timeout):
+                await self.wait()
+            if not self.exited:
+                self._killpg(signal.SIGKILL)
+                await self.wait()
+        # Grandchildren that outlived the leader are still in its group.
+        self._killpg(signal.SIGKILL)
+
+
+class LocalRuntime:
+    def __init__(self, state_dir: str, *, ports: tuple[int, int] = DEFAULT_PORTS, bind_host: str = "127.0.0.1") -> None:
+        self.state_dir = os.path.abspath(state_dir)
+        self.log_dir = os.path.join(self.state_dir, "logs")
+        self.ports = ports
+        self.bind_host = bind_host
+        self._ports_used: set[int] = set()
+        self._next_port = ports[0]
+
+    # -- processes -----------------------------------------------------------------
+
+    def start(self, spec: LaunchSpec) -> LocalProcess:
+        env = {k: os.environ[k] for k in BASE_ENV_KEYS if k in os.environ}
+        env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+        env.update(spec.env)
+        env[MARKER] = f"{self.state_dir}:{spec.service}:{spec.instance_id}"
+        path = self.log_path(spec.service, spec.instance_id)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "ab") as log:
+            try:
+                popen = subprocess.Popen(
+                    spec.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    cwd=spec.cwd, env=env, start_new_session=True, close_fds=True)
+            except OSError as e:
+                raise StartError(f"cannot start {spec.argv[0]}: {e.strerror or e}") from None
+        pidfd = os.pidfd_open(popen.pid)
+        start_time = proc_start_time(popen.pid) or 0
+        return LocalProcess(popen.pid, start_time, pidfd, popen)
+
+    def adopt(self, pid: int, start_time: int) -> LocalProcess | None:
+        if proc_start_time(pid) != start_time:
+            return None
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return None
+        # The pid could have died and been reused between the check and the open.
+        if proc_start_time(pid) != start_time:
+            os.close(pidfd)
+            return None
+        return LocalProcess(pid, start_time, pidfd, None)
+
+    # -- ports -----------------------------------------------------------------------
+
+    def allocate_port(self) -> int:
+        lo, hi = self.ports
+        for _ in range(hi - lo + 1):
+            port = self._next_port
+            self._next_port = lo if port >= hi else port + 1
+            if port not in self._ports_used and _port_free(self.bind_host, port):
+                self._ports_used.add(port)
+                return port
+        raise StartError(f"no free port in {lo}-{hi}")
+
+    def claim_port(self, port: int) -> None:
+        self._ports_used.add(port)
+
+    def release_port(self, port: int) -> None:
+        self._ports_used.discard(port)
+
+    # -- logs ------------------------------------------------------------------------
+
+    def log_path(self, service: str, instance_id: int) -> str:
+        return os.path.join(self.log_dir, service, f"{instance_id}.log")
+
+    def read_log(self, service: str, instance_id: int, lines: int) -> bytes:
+        path = self.log_path(service, instance_id)
+        data = b""
+        for p in (path + ".1", path):
+            try:
+                with open(p, "rb") as f:
+                    data += f.read()
+            except FileNotFoundError:
+                pass
+        kept = data.splitlines(keepends=True)[-lines:]
+        return b"".join(kept)
+
+    def trim_log(self, service: str, instance_id: int, lines: int) -> None:
+        """Copy-truncate once the file clearly holds more than ``lines`` lines.
+
+        The child appends with O_APPEND, so truncating in place is safe (this
+        is logrotate's copytruncate); the view reads ``.1`` + the live file.
+        """
+        path = self.log_path(service, instance_id)
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            return
+        if size < max(16 * 1024, lines * 80):
+            return
+        with open(path, "r+b") as f:
+            data = f.read()
+            if data.count(b"\n") < lines:
+                return
+            with open(path + ".1", "wb") as old:
+                old.write(data)
+            f.truncate(0)
+
+    def remove_log(self, service: str, instance_id: int) -> None:
+        path = self.log_path(service, instance_id)
+        for p in (path, path + ".1"):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            raise
+    return True
+
+
+def find_strays(state_dir: str, known: set[tuple[str, int]]) -> list[int]:
+    """Pids of processes started for this state dir that no record accounts for.
+
+    A server killed between spawning an instance and recording it leaves such
+    a process behind; the marker in its environment is how we recognise our
+    own, so nothing else is ever touched.
+    """
+    prefix = f"{MARKER}={os.path.abspath(state_dir)}:".encode()
+    strays = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:
+            continue
+        for var in environ.split(b"\0"):
+            if var.startswith(prefix):
+                service, _, ident = var[len(prefix):].decode(errors="replace").rpartition(":")
+                if ident.isdigit() and (service, int(ident)) not in known and _is_group_leader(int(entry)):
+                    strays.append(int(entry))
+                break
+    return strays
+
+
+def _is_group_leader(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return False

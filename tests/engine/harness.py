@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import trio
+
+from deployfs.engine import Engine
+from deployfs.manifest import parse
+from deployfs.store import SqliteStore
+from tests.fakes import FakeProber, FakeRuntime
+
+
+def manifest(image: str = "/bin/v1", replicas: int = 3, **kw: object) -> bytes:
+    lines = [f"image {image}", f"replicas {replicas}", "health exec check $VERSION $INSTANCE",
+             "health_interval 0.2", "health_retries 2", "update_deadline 5", "stop_timeout 1", "drain_timeout 0.5"]
+    lines += [f"{k} {v}" for k, v in kw.items()]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def version_of(text: bytes) -> str:
+    return parse(text, name="web").manifest.version
+
+
+class Harness:
+    def __init__(self, tmp_path) -> None:
+        self.store = SqliteStore(str(tmp_path))
+        self.rt = FakeRuntime()
+        self.prober = FakeProber(self.rt)
+        self.engine = Engine(self.store, self.rt, self.prober)
+
+    def write(self, text: bytes, name: str = "web") -> str:
+        self.store.put_file(name, text)
+        return version_of(text)
+
+    def cmd(self, verb: str, arg: str | None = None, name: str = "web") -> str:
+        return self.engine.command(name, verb, arg, "uid=0")
+
+    @property
+    def svc(self):
+        return self.engine.services["web"]
+
+    async def settle(self, timeout: float = 120) -> str:
+        with trio.fail_after(timeout):
+            while True:
+                out = self.svc.outcome()
+                if out is not None and not self._moving():
+                    return out
+                await self.svc.wait_change()
+
+    def _moving(self) -> bool:
+        svc = self.svc
+        t = svc.target()
+        want = t.replicas
+        ready = [i for i in svc.instances.values() if i.phase.value == "ready" and not i.leaving]
+        busy = any(i.leaving or i.busy for i in svc.instances.values())
+        return busy or (svc.rec.update_status == "none" and len(ready) != want and not any(
+            i.phase.value in ("failed", "exited", "unhealthy") for i in svc.instances.values()))
+
+    def events(self) -> list[str]:
+        return [l.split(" ", 1)[1] for l in self.engine.events.current("web").decode().splitlines()]

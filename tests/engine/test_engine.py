@@ -1,0 +1,226 @@
+"""The engine driven by a fake runtime under MockClock: supervision and rollouts."""
+
+import errno
+
+import pytest
+import trio
+
+from deployfs.engine import CommandError
+from tests.engine.harness import Harness, manifest
+
+
+@pytest.fixture
+async def h(tmp_path):
+    h = Harness(tmp_path)
+    async with trio.open_nursery() as n:
+        await n.start(h.engine.run)
+        yield h
+        n.cancel_scope.cancel()
+
+
+def watch(h, replicas=3, batch=1):
+    """Record the worst moments: most running at a start, fewest ready after first deploy."""
+    seen = {"max_running": 0, "min_ready": None}
+
+    def on_start(proc):
+        seen["max_running"] = max(seen["max_running"], len(h.rt.running("web")))
+
+    def on_change(name):
+        if h.svc.rec.update_status in ("rolling", "paused"):
+            ready = len(h.svc.endpoints()) if h.svc.manifest.port else sum(
+                1 for i in h.svc.instances.values() if i.phase.value == "ready" and not i.leaving)
+            seen["min_ready"] = ready if seen["min_ready"] is None else min(seen["min_ready"], ready)
+
+    h.rt.on_start = on_start
+    h.engine.listeners.append(on_change)
+    return seen
+
+
+async def deploy_v1(h, **kw):
+    v1 = h.write(manifest(**kw))
+    assert h.cmd("apply").startswith("ok deployed")
+    assert await h.settle() == f"done {v1}"
+    return v1
+
+
+async def test_first_deploy_runs_replicas_healthy(h, autojump_clock):
+    v1 = await deploy_v1(h)
+    insts = h.svc.by_slot()
+    assert [i.rec.slot for i in insts] == [0, 1, 2]
+    assert all(i.rec.health == "healthy" and i.rec.version == v1 for i in insts)
+    assert h.svc.health() == "healthy"
+    assert len(h.rt.running("web")) == 3
+
+
+async def test_rolling_update_keeps_bounds_and_renumbers(h, autojump_clock):
+    v1 = await deploy_v1(h)
+    seen = watch(h)
+    v2 = h.write(manifest(image="/bin/v2"))
+    assert h.cmd("apply") == f"ok rolling {v1}->{v2}"
+    assert h.svc.rec.update_status == "rolling"
+    assert await h.settle() == f"done {v2}"
+    assert seen["max_running"] == 4  # replicas + batch, never more
+    assert seen["min_ready"] >= 3
+    insts = h.svc.by_slot()
+    assert [(i.rec.slot, i.rec.version) for i in insts] == [(0, v2), (1, v2), (2, v2)]
+    assert h.svc.rec.previous_version == v1 and h.svc.rec.update_status == "none"
+    assert [p.version for p in h.rt.running("web")] == [v2] * 3
+    ev = h.events()
+    assert any(e.startswith(f"rolling update started {v1}→{v2} strategy=rolling batch=1") for e in ev)
+    assert any(e.startswith(f"rolling update complete: {v2}") for e in ev)
+    # one batch at a time: each new instance healthy before an old one drains
+    order = [e for e in ev if e.startswith("instance") and ("healthy" in e or "draining" in e)][3:]
+    assert [("healthy" in e) for e in order] == [True, False] * 3
+
+
+async def test_batches_and_pause(h, autojump_clock):
+    await deploy_v1(h, replicas=5)
+    seen = watch(h, replicas=5, batch=2)
+    h.write(manifest(image="/bin/v2", replicas=5, update_batch=2, update_pause=3))
+    t0 = trio.current_time()
+    h.cmd("apply")
+    await h.settle()
+    assert seen["max_running"] == 7
+    assert trio.current_time() - t0 >= 6  # two pauses between three batches (2+2+1)
+
+
+async def test_bad_version_fails_and_leaves_old_untouched(h, autojump_clock):
+    v1 = await deploy_v1(h)
+    old = {p.pid for p in h.rt.running("web")}
+    h.write(manifest(image="/bin/v2"))
+    h.prober.behaviour[h.write(manifest(image="/bin/v2"))] = "fail"
+    h.cmd("apply")
+    out = await h.settle()
+    assert out.startswith("failed: instance 3 (") and "unhealthy" in out and "detected" in out
+    assert h.svc.rec.update_status == "failed"
+    assert {p.pid for p in h.rt.running("web")} == old
+    assert all(not h.rt.procs[pid].signals for pid in old)
+    assert h.svc.rec.version != v1 and h.svc.rec.previous_version == v1
+    # a failed service needs a person: rollback converges to v1 and swaps versions
+    bad = h.svc.rec.version
+    h.cmd("rollback")
+    assert await h.settle() == f"done {v1}"
+    assert (h.svc.rec.version, h.svc.rec.previous_version) == (v1, bad)
+    assert {p.pid for p in h.rt.running("web")} == old  # nothing to replace: old ones are the target
+
+
+async def test_bad_image_fails_fast(h, autojump_clock):
+    await deploy_v1(h)
+    h.write(manifest(image="/missing"))
+    t0 = trio.current_time()
+    h.cmd("apply")
+    out = await h.settle()
+    assert "failed to start" in " ".join(h.events()) and out.startswith("failed: instance 3")
+    assert trio.current_time() - t0 < 1
+
+
+async def test_exiting_version_fails(h, autojump_clock):
+    await deploy_v1(h)
+    h.prober.behaviour[h.write(manifest(image="/bin/v2"))] = "exit"
+    h.cmd("apply")
+    assert "exited" in await h.settle()
+
+
+async def test_pause_step_resume(h, autojump_clock):
+    await deploy_v1(h)
+    h.write(manifest(image="/bin/v2"))
+    h.cmd("apply")
+    await trio.sleep(0.05)  # the first batch is in hand
+    h.cmd("pause")
+    assert await h.settle() == "paused"
+    assert h.svc.progress() == (1, 3)  # the batch in hand finished
+    await trio.sleep(10)
+    assert h.svc.progress() == (1, 3)  # nothing moves while paused
+    h.cmd("step")
+    await trio.sleep(0.01)
+    assert await h.settle() == "paused"
+    assert h.svc.progress() == (2, 3)
+    h.cmd("resume")
+    assert (await h.settle()).startswith("done")
+    assert h.svc.progress() == (3, 3)
+
+
+async def test_apply_during_rollout_rolls_over_to_the_newest(h, autojump_clock):
+    v1 = await deploy_v1(h)
+    seen = watch(h)
+    h.write(manifest(image="/bin/v2"))
+    h.cmd("apply")
+    await trio.sleep(0.1)
+    v3 = h.write(manifest(image="/bin/v3"))
+    h.cmd("apply")
+    assert await h.settle() == f"done {v3}"
+    assert seen["max_running"] <= 4
+    assert h.svc.rec.previous_version == v1  # v2 never went fully in force
+    assert {p.version for p in h.rt.running("web")} == {v3}
+
+
+async def test_replace_strategy(h, autojump_clock):
+    await deploy_v1(h)
+    v2 = h.write(manifest(image="/bin/v2", update="replace"))
+    h.cmd("apply")
+    assert await h.settle() == f"done {v2}"
+    assert [i.rec.slot for i in h.svc.by_slot()] == [0, 1, 2]
+
+
+async def test_restart_replaces_every_instance_with_the_same_version(h, autojump_clock):
+    v1 = await deploy_v1(h)
+    before = {p.pid for p in h.rt.running("web")}
+    h.cmd("restart")
+    assert await h.settle() == f"done {v1}"
+    after = {p.pid for p in h.rt.running("web")}
+    assert len(after) == 3 and not before & after
+
+
+async def test_scale_rewrites_the_manifest_and_scales(h, autojump_clock):
+    await deploy_v1(h)
+    h.cmd("scale", "5")
+    await h.settle()
+    assert len(h.rt.running("web")) == 5
+    assert b"replicas 5" in h.store.get_file("web").data
+    h.cmd("scale", "1")
+    await h.settle()
+    assert [i.rec.slot for i in h.svc.by_slot()] == [0]
+    with pytest.raises(CommandError) as e:
+        h.cmd("scale", "lots")
+    assert e.value.errno == errno.EINVAL
+
+
+async def test_crashed_instance_is_restarted_then_given_up(h, autojump_clock):
+    await deploy_v1(h, max_restarts=2)
+    victim = h.svc.by_slot()[0]
+    h.rt.procs[victim.rec.pid].exit(1)
+    await trio.sleep(1)
+    assert victim.rec.restarts == 1 and victim.proc and not victim.proc.exited
+    for _ in range(3):
+        h.rt.procs[victim.rec.pid].exit(1)
+        await trio.sleep(2)
+    assert victim.rec.state == "failed" and h.svc.health() == "degraded"
+    assert any("giving up" in e for e in h.events())
+
+
+async def test_stop_then_apply_starts_again(h, autojump_clock):
+    await deploy_v1(h)
+    h.cmd("stop")
+    await h.settle()
+    assert h.rt.running("web") == [] and h.svc.health() == "stopped"
+    h.cmd("apply")
+    await h.settle()
+    assert len(h.rt.running("web")) == 3 and h.svc.health() == "healthy"
+
+
+async def test_command_errors(h, autojump_clock):
+    with pytest.raises(CommandError) as e:
+        h.cmd("apply")
+    assert e.value.errno == errno.ENOENT
+    h.store.put_file("web", b"image /bin/x\nreplicas three\n")
+    with pytest.raises(CommandError) as e:
+        h.cmd("apply")
+    assert e.value.errno == errno.EINVAL and "line 2" in e.value.message
+    await deploy_v1(h)
+    for verb in ("resume", "step"):
+        with pytest.raises(CommandError) as e:
+            h.cmd(verb)
+        assert e.value.errno == errno.EBUSY
+    with pytest.raises(CommandError) as e:
+        h.cmd("rollback")
+    assert e.value.errno == errno.EBUSY

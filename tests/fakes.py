@@ -1,0 +1,104 @@
+"""A fake runtime and prober for driving the engine under trio's MockClock.
+
+Health is decided per version: ``prober.behaviour[version]`` is "ok" (healthy
+after ``ready_after`` seconds), "fail" (never healthy), "exit" (the process exits
+after ``ready_after``) or "flaky-later" (healthy, then fails after ``fail_after``).
+Manifests in these tests use ``health exec check $VERSION $INSTANCE`` so the prober
+sees the version and slot.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import trio
+
+from deployfs.health import Verdict
+from deployfs.runtime import LaunchSpec, StartError
+
+
+class FakeProcess:
+    def __init__(self, rt: "FakeRuntime", pid: int, spec: LaunchSpec) -> None:
+        self.rt, self.pid, self.start_time, self.spec = rt, pid, pid, spec
+        self.version = spec.env["VERSION"]
+        self.exit_status: int | None = None
+        self.signals: list[int] = []
+        self.started = trio.current_time()
+        self._done = trio.Event()
+
+    @property
+    def exited(self) -> bool:
+        return self._done.is_set()
+
+    def exit(self, status: int) -> None:
+        if not self.exited:
+            self.exit_status = status
+            self._done.set()
+
+    async def wait(self) -> int | None:
+        await self._done.wait()
+        return self.exit_status
+
+    async def stop(self, signum: int, timeout: float) -> None:
+        if not self.exited:
+            self.signals.append(signum)
+            await trio.sleep(self.rt.stop_delay)
+            self.exit(128 + signum)
+
+
+class FakeRuntime:
+    def __init__(self) -> None:
+        self.procs: dict[int, FakeProcess] = {}
+        self._pids = itertools.count(1000)
+        self._ports = itertools.count(41000)
+        self.stop_delay = 0.05
+        self.on_start = lambda proc: None
+
+    def running(self, service: str | None = None) -> list[FakeProcess]:
+        return [p for p in self.procs.values() if not p.exited and (service is None or p.spec.service == service)]
+
+    def start(self, spec: LaunchSpec) -> FakeProcess:
+        if spec.argv[0] == "/missing":
+            raise StartError("cannot start /missing: No such file or directory")
+        proc = FakeProcess(self, next(self._pids), spec)
+        self.procs[proc.pid] = proc
+        self.on_start(proc)
+        return proc
+
+    def adopt(self, pid: int, start_time: int) -> FakeProcess | None:
+        p = self.procs.get(pid)
+        return p if p and not p.exited and p.start_time == start_time else None
+
+    def allocate_port(self) -> int:
+        return next(self._ports)
+
+    def claim_port(self, port: int) -> None: ...
+    def release_port(self, port: int) -> None: ...
+    def read_log(self, service: str, instance_id: int, lines: int) -> bytes: return b""
+    def trim_log(self, service: str, instance_id: int, lines: int) -> None: ...
+    def remove_log(self, service: str, instance_id: int) -> None: ...
+
+
+class FakeProber:
+    def __init__(self, rt: FakeRuntime) -> None:
+        self.rt = rt
+        self.behaviour: dict[str, str] = {}
+        self.ready_after = 0.3
+        self.fail_after = 5.0
+
+    async def probe(self, check, timeout: float) -> Verdict:
+        version, slot = check.target[1], check.target[2]
+        await trio.sleep(0.01)
+        procs = [p for p in self.rt.procs.values()
+                 if p.version == version and p.spec.env["INSTANCE"] == slot and not p.exited]
+        age = min((trio.current_time() - p.started for p in procs), default=0.0)
+        how = self.behaviour.get(version, "ok")
+        if how == "exit" and age >= self.ready_after:
+            for p in procs:
+                p.exit(1)
+            return Verdict(False, "connection refused")
+        if how == "fail":
+            return Verdict(False, "http 503 from fake")
+        if how == "flaky-later" and age >= self.fail_after:
+            return Verdict(False, "http 500 from fake")
+        return Verdict(age >= self.ready_after, "ok" if age >= self.ready_after else "connection refused")
