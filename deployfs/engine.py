@@ -93,6 +93,7 @@ class Service:
         self._changed = trio.Event()
         self.rollout_t0 = trio.current_time()
         self.mtime = time.time()
+        self.loop_scope = trio.CancelScope()
 
     @property
     def name(self) -> str:
@@ -165,6 +166,10 @@ class Service:
         self.engine.notify(self.name)
 
     async def run(self) -> None:
+        with self.loop_scope:
+            await self._loop()
+
+    async def _loop(self) -> None:
         while True:
             self._wakeup = trio.Event()
             p = rollout.plan(self.target(), self.views(), self.state, trio.current_time())
@@ -468,6 +473,8 @@ class Engine:
 
     async def shutdown(self, *, keep_instances: bool = False) -> None:
         """Drain and stop every instance (unless kept), then stop all tasks."""
+        for svc in self.services.values():
+            svc.loop_scope.cancel()  # nothing may restart what we stop
         if not keep_instances:
             for svc in self.services.values():
                 for inst in list(svc.instances.values()):

@@ -73,7 +73,7 @@ async def _tcp(target: tuple[str, ...], timeout: float) -> Verdict:
     try:
         stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
     except OSError as e:
-        return Verdict(False, f"tcp connect to {target[0]} failed: {e.strerror or e}")
+        return Verdict(False, f"tcp connect to {target[0]} failed: {_root_cause(e)}")
     await stream.aclose()
     return Verdict(True, f"tcp connect to {target[0]} ok")
 
@@ -93,6 +93,15 @@ async def _exec(target: tuple[str, ...], timeout: float) -> Verdict:
         return Verdict(False, f"exec {target[0]}: {e.strerror or e}")
     ok = proc.returncode == 0
     return Verdict(ok, f"exec {target[0]} exited {proc.returncode}")
+
+
+def _root_cause(e: BaseException) -> str:
+    """trio wraps per-address connect errors; the first one says what happened."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+        if isinstance(e, BaseExceptionGroup):
+            e = e.exceptions[0]
+    return getattr(e, "strerror", None) or str(e)
 
 
 def _read_some(path: str) -> bytes:

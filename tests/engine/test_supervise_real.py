@@ -1,0 +1,94 @@
+"""The seed's health-check verify list with real processes, sockets and files."""
+
+import os
+import signal
+import sys
+
+import pytest
+import trio
+
+from deployfs.engine import Engine
+from deployfs.health import Probes
+from deployfs.runtime import LocalRuntime
+from deployfs.store import SqliteStore
+
+SERVICE = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "service.py"))
+
+
+@pytest.fixture
+async def real(tmp_path):
+    store = SqliteStore(str(tmp_path / "state"))
+    probes = Probes()
+    engine = Engine(store, LocalRuntime(str(tmp_path / "state")), probes, state_dir=str(tmp_path / "state"))
+    async with trio.open_nursery() as n:
+        await n.start(engine.run)
+        yield engine
+        with trio.fail_after(30):
+            await engine.shutdown()
+    await probes.aclose()
+
+
+def deploy(engine, text: str, name="web"):
+    engine.store.put_file(name, text.encode())
+    return engine.command(name, "apply", None, "uid=0")
+
+
+async def until(pred, timeout=15.0):
+    with trio.fail_after(timeout):
+        while not pred():
+            await trio.sleep(0.02)
+
+
+def ready(svc):
+    return [i for i in svc.by_slot() if i.phase.value == "ready" and not i.leaving]
+
+
+async def test_file_health_check_then_kill_and_recover(real, tmp_path):
+    flag = tmp_path / "up-$INSTANCE"
+    deploy(real, f"image {sys.executable}\nargs {SERVICE} --touch {flag}\nreplicas 2\nport 18080\n"
+                 f"health {flag}\nhealth_interval 0.2\nhealth_retries 2\n")
+    svc = real.services["web"]
+    await until(lambda: len(ready(svc)) == 2)
+    assert svc.health() == "healthy"
+    victim = svc.by_slot()[0]
+    old_pid = victim.rec.pid
+    t0 = trio.current_time()
+    os.kill(old_pid, signal.SIGKILL)
+    await until(lambda: victim.rec.pid != old_pid and victim.phase.value == "ready")
+    assert trio.current_time() - t0 < 0.2 + 2  # detected within health_interval, restarted, healthy
+    assert victim.rec.restarts == 1
+    text = real.events.current("web").decode()
+    assert "instance 0 exited" in text and "restarting (1/5)" in text
+
+
+async def test_failing_health_restarts_after_retries_then_gives_up(real):
+    deploy(real, f"image {sys.executable}\nargs {SERVICE} --fail-health-after 0.5\nreplicas 1\nport 18081\n"
+                 "health http://127.0.0.1:$PORT/healthz\nhealth_interval 0.1\nhealth_retries 3\nmax_restarts 2\n")
+    svc = real.services["web"]
+    await until(lambda: svc.by_slot() and svc.by_slot()[0].rec.state == "failed", timeout=30)
+    text = real.events.current("web").decode()
+    assert "unhealthy: http 503 from 127.0.0.1:" in text and "(3 checks failed)" in text
+    assert "restarting (2/2)" in text and "giving up" in text
+    assert svc.health() == "unhealthy"
+
+
+async def test_a_program_nobody_here_wrote(real, tmp_path):
+    deploy(real, f"image {sys.executable}\nargs -m http.server $PORT --bind 127.0.0.1\ndir {tmp_path}\n"
+                 "replicas 2\nport 18082\nhealth http://127.0.0.1:$PORT/\nhealth_interval 0.2\n")
+    svc = real.services["web"]
+    await until(lambda: len(ready(svc)) == 2)
+    ports = {i.rec.port for i in svc.by_slot()}
+    assert len(ports) == 2 and all(p >= 41000 for p in ports)
+    real.command("web", "scale", "1", "uid=0")
+    await until(lambda: len(svc.by_slot()) == 1)
+    real.command("web", "stop", None, "uid=0")
+    await until(lambda: not svc.instances)
+    assert svc.health() == "stopped"
+
+
+async def test_no_health_line_means_healthy_after_one_interval(real):
+    deploy(real, "image sleep\nargs 60\nreplicas 1\nhealth_interval 0.3\n")
+    svc = real.services["web"]
+    t0 = trio.current_time()
+    await until(lambda: len(ready(svc)) == 1)
+    assert trio.current_time() - t0 >= 0.29

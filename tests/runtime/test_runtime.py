@@ -1,0 +1,110 @@
+import os
+import signal
+import sys
+import time
+
+import pytest
+import trio
+
+from deployfs.runtime import LaunchSpec, LocalRuntime, StartError, find_strays, proc_start_time
+
+SERVICE = os.path.join(os.path.dirname(__file__), "..", "service.py")
+
+
+def spec(*args, id=1, cwd=None):
+    return LaunchSpec("web", id, [sys.executable, SERVICE, *args], {"VERSION": "v1", "PORT": "0"}, cwd, 100)
+
+
+def alive(pid):
+    return proc_start_time(pid) is not None
+
+
+async def test_start_records_identity_and_captures_output(tmp_path):
+    rt = LocalRuntime(str(tmp_path))
+    p = rt.start(spec())
+    assert p.start_time == proc_start_time(p.pid) and os.getpgid(p.pid) == p.pid  # own group
+    assert os.getsid(p.pid) == p.pid  # own session
+    with trio.fail_after(10):
+        while b"starting" not in rt.read_log("web", 1, 10):
+            await trio.sleep(0.02)
+    await p.stop(signal.SIGTERM, 5)
+    assert p.exited and p.exit_status == 0 and not alive(p.pid)
+
+
+async def test_missing_image_is_a_start_error(tmp_path):
+    with pytest.raises(StartError, match="No such file"):
+        LocalRuntime(str(tmp_path)).start(LaunchSpec("web", 1, ["/nonexistent/x"], {}, None, 10))
+
+
+async def test_exit_seen_through_pidfd(tmp_path):
+    rt = LocalRuntime(str(tmp_path))
+    p = rt.start(spec("--exit-at-start", "7"))
+    with trio.fail_after(10):
+        assert await p.wait() == 7
+
+
+async def test_ignored_term_is_killed_at_stop_timeout_with_grandchildren(tmp_path):
+    rt = LocalRuntime(str(tmp_path))
+    p = rt.start(spec("--ignore-term", "--spawn-child"))
+    with trio.fail_after(10):
+        while b"starting" not in rt.read_log("web", 1, 10):
+            await trio.sleep(0.02)
+    await trio.sleep(0.2)
+    kids = [int(t) for t in os.listdir("/proc") if t.isdigit() and _pgid(int(t)) == p.pid and int(t) != p.pid]
+    assert kids, "the service should have left a grandchild"
+    t0 = time.monotonic()
+    await p.stop(signal.SIGTERM, 0.5)
+    assert 0.4 < time.monotonic() - t0 < 5
+    await trio.sleep(0.1)
+    assert not any(alive(k) for k in kids) and not alive(p.pid)
+
+
+def _pgid(pid):
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+async def test_adopt_checks_start_time(tmp_path):
+    rt = LocalRuntime(str(tmp_path))
+    p = rt.start(spec())
+    assert rt.adopt(p.pid, p.start_time + 1) is None  # a reused pid is never adopted
+    q = rt.adopt(p.pid, p.start_time)
+    assert q is not None and q.pid == p.pid
+    assert find_strays(str(tmp_path), {("web", 1)}) == []
+    assert find_strays(str(tmp_path), set()) == [p.pid]
+    await q.stop(signal.SIGTERM, 5)
+    assert q.exited and q.exit_status is None  # not our child: status unknown
+    with trio.fail_after(5):
+        await p.wait()
+
+
+def test_ports_are_private_and_free(tmp_path):
+    import socket
+    rt = LocalRuntime(str(tmp_path), ports=(45100, 45103))
+    s = socket.socket()
+    s.bind(("127.0.0.1", 45100))
+    try:
+        got = [rt.allocate_port() for _ in range(3)]
+        assert got == [45101, 45102, 45103]
+        with pytest.raises(StartError, match="no free port"):
+            rt.allocate_port()
+        rt.release_port(45102)
+        assert rt.allocate_port() == 45102
+    finally:
+        s.close()
+
+
+def test_logs_are_bounded(tmp_path):
+    rt = LocalRuntime(str(tmp_path))
+    path = rt.log_path("web", 1)
+    os.makedirs(os.path.dirname(path))
+    with open(path, "wb") as f:
+        f.write(b"".join(b"line %d\n" % i for i in range(5000)))
+    rt.trim_log("web", 1, 100)
+    assert os.path.getsize(path) == 0
+    with open(path, "ab") as f:
+        f.write(b"fresh\n")
+    tail = rt.read_log("web", 1, 100).splitlines()
+    assert len(tail) == 100 and tail[-1] == b"fresh" and tail[-2] == b"line 4999"
