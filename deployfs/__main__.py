@@ -1,0 +1,3 @@
+from deployfs.cli.serve import main
+
+main()

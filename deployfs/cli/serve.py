@@ -1,0 +1,131 @@
+"""``deployfs serve MOUNTPOINT --state DIR``: the server, in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import grp
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import trio
+
+from .. import __version__
+
+log = logging.getLogger("deployfs")
+
+
+class SetupError(Exception):
+    """A problem a newcomer can fix; printed as one line."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="deployfs", description="A deployment server whose interface is a filesystem.")
+    p.add_argument("--version", action="version", version=f"deployfs {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="mount the namespace and run the engine (foreground)")
+    s.add_argument("mountpoint")
+    s.add_argument("--state", required=True, help="state directory (SQLite database, instance logs)")
+    s.add_argument("--allow-other", action="store_true", help="let other users read the mount")
+    s.add_argument("--group", help="members of this group may also write ctl files and manifests")
+    s.add_argument("--keep-instances", action="store_true",
+                   help="on SIGTERM/SIGINT leave instances running (the next start adopts them)")
+    s.add_argument("--ports", default="41000-48999", help="range of private instance ports (default 41000-48999)")
+    s.add_argument("--debug", action="store_true", help="log one line per FUSE operation")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="deployfs: %(message)s", stream=sys.stderr)
+    try:
+        lo, _, hi = a.ports.partition("-")
+        ports = (int(lo), int(hi))
+        group = None if a.group is None else _group(a.group)
+        check_mountpoint(a.mountpoint)
+        trio.run(serve, a, ports, group)
+    except SetupError as e:
+        print(f"deployfs: {e}", file=sys.stderr)
+        sys.exit(2)
+    except ValueError:
+        print(f"deployfs: --ports wants LOW-HIGH, got {a.ports!r}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _group(name: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise SetupError(f"no group named {name!r}") from None
+
+
+def check_mountpoint(mnt: str) -> None:
+    if not os.path.exists("/dev/fuse"):
+        raise SetupError("/dev/fuse is missing: load the fuse module (modprobe fuse) or run where FUSE is available")
+    try:
+        os.stat(mnt)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:  # a mount left behind by a crashed server
+            log.info("cleaning up the dead mount at %s", mnt)
+            subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
+        elif e.errno == errno.ENOENT:
+            raise SetupError(f"mountpoint {mnt} does not exist: create it with  mkdir -p {mnt}") from None
+        else:
+            raise SetupError(f"mountpoint {mnt}: {e.strerror}") from None
+    if not os.path.isdir(mnt):
+        raise SetupError(f"mountpoint {mnt} is not a directory")
+    if os.path.ismount(mnt):
+        raise SetupError(f"{mnt} is already mounted (another deployfs?): unmount it with  fusermount3 -u {mnt}")
+    if os.listdir(mnt):
+        raise SetupError(f"mountpoint {mnt} is not empty: use an empty directory")
+
+
+async def serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None) -> None:
+    import pyfuse3
+
+    from ..engine import Engine
+    from ..events import EventLog
+    from ..fs import Access, DeployFS
+    from ..health import Probes
+    from ..runtime import LocalRuntime
+    from ..store import SqliteStore, StoreError
+
+    try:
+        store = SqliteStore(a.state)
+    except StoreError as e:
+        raise SetupError(str(e)) from None
+    probes = Probes()
+    engine = Engine(store, LocalRuntime(a.state, ports=ports), probes, events=EventLog(store), state_dir=a.state)
+    ops = DeployFS(engine, access=Access(group=group), debug=a.debug)
+    options = set(pyfuse3.default_options) | {"fsname=deployfs", "subtype=deployfs"}
+    if a.allow_other:
+        options.add("allow_other")
+    try:
+        pyfuse3.init(ops, a.mountpoint, options)
+    except RuntimeError as e:
+        raise SetupError(f"cannot mount {a.mountpoint}: {e} (are you allowed to use FUSE? try as root, "
+                         "or add user_allow_other to /etc/fuse.conf for --allow-other)") from None
+    ops.mounted = True
+    log.info("deployfs %s serving %s (state in %s)", __version__, a.mountpoint, a.state)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+
+            async def on_signal() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for sig in signals:
+                        log.info("%s: %s", signal.Signals(sig).name,
+                                 "leaving instances running" if a.keep_instances else "draining and stopping instances")
+                        ops.closing = True  # wake blocked `wait` readers
+                        await engine.shutdown(keep_instances=a.keep_instances)
+                        pyfuse3.terminate()
+                        return
+
+            nursery.start_soon(on_signal)
+            await pyfuse3.main(min_tasks=1, max_tasks=1000)
+            nursery.cancel_scope.cancel()
+    finally:
+        ops.mounted = False
+        pyfuse3.close(unmount=True)
+        await probes.aclose()
+        store.close()
+        log.info("unmounted %s", a.mountpoint)

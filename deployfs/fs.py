@@ -1,0 +1,476 @@
+"""The namespace as pyfuse3 operations.
+
+Rationale (each point measured; see FUSE-NOTES.md):
+
+* State files are rendered once at ``open`` into the handle and served with
+  ``direct_io`` and ``attr_timeout=0``, so ``cat version`` is never stale and
+  several reads of one open agree.
+* ``events`` keeps the page cache and a long attr timeout, reports its true
+  size, and is invalidated (attributes only) on every append: that is what
+  makes ``tail -f``, ``tail -n`` and ``less +F`` work.  Rotation invalidates
+  the data too.
+* ``ctl``: one write is one command; errors are raised from ``write`` (the
+  only place the shell sees them) and the reply is kept in the handle so the
+  same descriptor can read it back.
+* ``wait`` blocks in ``read``; pyfuse3 ignores FUSE_INTERRUPT, so the handler
+  polls the reader's pending signals and gives up with EINTR.
+* Any exception other than FUSEError would take the mount down: every
+  handler is wrapped once, logs the traceback and answers EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import grp
+import logging
+import os
+import pwd
+import stat
+import time
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from .ctl import parse_command
+from .engine import CommandError, Engine
+from .manifest import MAX_MANIFEST_BYTES
+from .namespace import FILE_NAME_RE, Ctl, Dir, Events, ManifestFile, Namespace, Node, Path, Text, Wait
+
+log = logging.getLogger(__name__)
+
+STATIC_TIMEOUT = 60.0  # names and attributes that do not change
+MAX_WAITERS = 512
+
+
+@dataclass
+class Handle:
+    path: Path
+    node: Node
+    data: bytes = b""  # rendered content (state files) or the ctl reply
+    uid: int = 0
+    pid: int = 0
+    may_write: bool = False
+    dirty: bool = False
+
+
+@dataclass
+class Access:
+    """Who may write ctl files and manifests: the serving user, root, and --group."""
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+    group: int | None = None  # --group NAME
+
+    def may_write(self, ctx: pyfuse3.RequestContext) -> bool:
+        if ctx.uid in (0, self.uid):
+            return True
+        if self.group is None:
+            return False
+        if ctx.gid == self.group:
+            return True
+        try:
+            name = pwd.getpwuid(ctx.uid).pw_name
+            return name in grp.getgrgid(self.group).gr_mem
+        except KeyError:
+            return False
+
+
+def _guard(fn):  # type: ignore[no-untyped-def]
+    """No handler exception may take the mount down: anything unexpected is EIO."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self: "DeployFS", *args):  # type: ignore[no-untyped-def]
+        if self.debug:
+            log.info("fuse %s%r", name, tuple(a for a in args if not isinstance(a, pyfuse3.RequestContext)))
+        try:
+            return await fn(self, *args)
+        except FUSEError:
+            raise
+        except (trio.Cancelled, KeyboardInterrupt):
+            raise
+        except Exception:
+            log.exception("bug in %s handler; answered EIO", name)
+            raise FUSEError(errno.EIO) from None
+    return wrapper
+
+
+class DeployFS(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, engine: Engine, *, access: Access | None = None, debug: bool = False) -> None:
+        super().__init__()
+        self.engine = engine
+        self.ns = Namespace(engine)
+        self.access = access or Access()
+        self.debug = debug
+        self._paths: dict[int, Path] = {pyfuse3.ROOT_INODE: ()}
+        self._inos: dict[Path, int] = {(): pyfuse3.ROOT_INODE}
+        self._next_ino = pyfuse3.ROOT_INODE + 1
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self.waiters = 0
+        self.closing = False
+        self.mounted = False
+        self._segments: dict[str, int] = {}
+        engine.events.listeners.append(self._on_event)
+
+    # -- inodes and attributes ---------------------------------------------------------
+
+    def _ino(self, path: Path) -> int:
+        ino = self._inos.get(path)
+        if ino is None:
+            ino = self._inos[path] = self._next_ino
+            self._paths[ino] = path
+            self._next_ino += 1
+        return ino
+
+    def _node(self, ino: int) -> tuple[Path, Node]:
+        path = self._paths.get(ino)
+        node = None if path is None else self.ns.resolve(path)
+        if node is None:
+            raise FUSEError(errno.ENOENT)
+        return path, node  # type: ignore[return-value]
+
+    def _attrs(self, path: Path, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = self._ino(path)
+        a.st_uid, a.st_gid = self.access.uid, self.access.group if self.access.group is not None else self.access.gid
+        a.st_blksize = 4096
+        group_w = 0o020 if self.access.group is not None else 0
+        now = time.time()
+        mtime = self.engine.events.mtime(path[1]) if len(path) > 1 and path[0] == "active" else now
+        size, timeout = 0, 0.0
+        if isinstance(node, Dir):
+            a.st_mode = stat.S_IFDIR | (0o755 | group_w if node.writable else 0o555)
+            a.st_nlink = 2
+            timeout = 0.0 if node.dynamic else STATIC_TIMEOUT
+            mtime = now if node.dynamic else mtime
+        elif isinstance(node, Text):
+            a.st_mode, size, mtime = stat.S_IFREG | 0o444, len(node.render()), node.mtime()
+        elif isinstance(node, Events):
+            a.st_mode = stat.S_IFREG | 0o444
+            ev = self.engine.events
+            size = len(ev.previous(node.service)) if node.previous else ev.size(node.service)
+            mtime, timeout = ev.mtime(node.service), STATIC_TIMEOUT  # invalidated on every append
+        elif isinstance(node, Ctl):
+            a.st_mode = stat.S_IFREG | 0o600 | group_w
+        elif isinstance(node, Wait):
+            a.st_mode = stat.S_IFREG | 0o444
+        elif isinstance(node, ManifestFile):
+            f = self.engine.store.get_file(node.name)
+            if f is None:
+                raise FUSEError(errno.ENOENT)
+            a.st_mode, size, mtime = stat.S_IFREG | 0o644 | group_w, len(f.data), f.mtime
+        a.st_nlink = a.st_nlink or 1
+        a.st_size = size
+        a.st_blocks = (size + 511) // 512
+        ns = int(mtime * 1e9)
+        a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = ns
+        a.attr_timeout = timeout
+        # Names under a dynamic directory come and go; everything else is fixed.
+        parent = self.ns.resolve(path[:-1]) if path else None
+        a.entry_timeout = 0.0 if isinstance(parent, Dir) and parent.dynamic else STATIC_TIMEOUT
+        return a
+
+    def _on_event(self, service: str) -> None:
+        """Tell the kernel `events` grew (and, on rotation, that its data changed)."""
+        if not self.mounted:
+            return
+        segment = self.engine.events.segment(service)
+        rotated = self._segments.get(service, segment) != segment
+        self._segments[service] = segment
+        for name in ("events", "events.1") if rotated else ("events",):
+            ino = self._inos.get(("active", service, name))
+            if ino is not None:
+                try:
+                    pyfuse3.invalidate_inode(ino, attr_only=not rotated)
+                except OSError:
+                    pass
+
+    # -- lookup and directories ------------------------------------------------------------
+
+    @_guard
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        path, node = self._node(parent_inode)
+        if not isinstance(node, Dir):
+            raise FUSEError(errno.ENOTDIR)
+        try:
+            child_name = _name(name)
+        except FUSEError:
+            raise FUSEError(errno.ENOENT) from None
+        child = node.child(child_name)
+        if child is None:
+            raise FUSEError(errno.ENOENT)
+        return self._attrs((*path, child_name), child)
+
+    @_guard
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(*self._node(inode))
+
+    @_guard
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        path, node = self._node(inode)
+        if not isinstance(node, Dir):
+            raise FUSEError(errno.ENOTDIR)
+        return self._new_handle(Handle(path, node))
+
+    @_guard
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        h = self._handles[fh]
+        assert isinstance(h.node, Dir)
+        names = h.node.list()
+        for i, name in enumerate(names[start_id:], start=start_id):
+            child = h.node.child(name)
+            if child is None:
+                continue
+            if not pyfuse3.readdir_reply(token, name.encode(), self._attrs((*h.path, name), child), i + 1):
+                return
+
+    @_guard
+    async def releasedir(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    @_guard
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_namemax = 255
+        return s
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def _new_handle(self, h: Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = h
+        return fh
+
+    @_guard
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        path, node = self._node(inode)
+        writing = flags & os.O_ACCMODE != os.O_RDONLY
+        h = Handle(path, node, uid=ctx.uid, pid=ctx.pid)
+        fi = pyfuse3.FileInfo()
+        if isinstance(node, Ctl):
+            if not self.access.may_write(ctx):
+                raise FUSEError(errno.EACCES)
+            h.may_write, fi.direct_io = True, True
+        elif isinstance(node, ManifestFile):
+            if writing:
+                if not self.access.may_write(ctx):
+                    raise FUSEError(errno.EACCES)
+                h.may_write = True
+                if flags & os.O_TRUNC:  # no setattr(size=0) arrives: honour it here
+                    self.engine.store.put_file(node.name, b"")
+            fi.direct_io = True
+        elif writing:
+            raise FUSEError(errno.EACCES)
+        elif isinstance(node, Text):
+            h.data, fi.direct_io = node.render(), True
+        elif isinstance(node, Wait):
+            if self.waiters >= MAX_WAITERS:
+                raise FUSEError(errno.EBUSY)
+            fi.direct_io = True
+        elif isinstance(node, Events):
+            fi.keep_cache = True
+        fi.fh = self._new_handle(h)
+        return fi
+
+    @_guard
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self._handles[fh]
+        node = h.node
+        if isinstance(node, Events):
+            ev = self.engine.events
+            data = ev.previous(node.service) if node.previous else ev.current(node.service)
+            return data[off: off + size]
+        if isinstance(node, ManifestFile):
+            f = self.engine.store.get_file(node.name)
+            return b"" if f is None else f.data[off: off + size]
+        if isinstance(node, Wait):
+            if off > 0:
+                return b""
+            h.data = (await self._wait(h, node.service) + "\n").encode()
+        return h.data[off: off + size]
+
+    async def _wait(self, h: Handle, service: str) -> str:
+        svc = self.engine.services.get(service)
+        if svc is None:
+            raise FUSEError(errno.ENOENT)
+        self.waiters += 1
+        try:
+            while (out := svc.outcome()) is None:
+                if self.closing:
+                    raise FUSEError(errno.EINTR)
+                with trio.move_on_after(0.1):
+                    await svc.wait_change()
+                if _signalled(h.pid):  # Ctrl-C or kill of the reader
+                    raise FUSEError(errno.EINTR)
+            return out
+        finally:
+            self.waiters -= 1
+
+    @_guard
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h = self._handles[fh]
+        node = h.node
+        if not h.may_write:
+            raise FUSEError(errno.EBADF)
+        if isinstance(node, Ctl):
+            return self._ctl(h, node, buf)
+        if isinstance(node, ManifestFile):
+            store = self.engine.store
+            f = store.get_file(node.name)
+            data = f.data if f else b""
+            if off + len(buf) > MAX_MANIFEST_BYTES:
+                raise FUSEError(errno.EFBIG)
+            data = data.ljust(off, b"\0")[:off] + buf + data[off + len(buf):]
+            store.put_file(node.name, data)
+            return len(buf)
+        raise FUSEError(errno.EACCES)
+
+    def _ctl(self, h: Handle, node: Ctl, buf: bytes) -> int:
+        who = f"uid={h.uid}"
+        try:
+            cmd = parse_command(buf, node.service)
+            reply = self.engine.command(cmd.service, cmd.verb, cmd.arg, who)
+        except CommandError as e:
+            h.data = f"error: {e.message}\n".encode()
+            svc = self.engine.services.get(node.service or "")
+            if svc is not None:
+                svc.event(f"command refused ({who}): {e.message}")
+            raise FUSEError(e.errno) from None
+        h.data = f"{reply}\n".encode()
+        return len(buf)
+
+    @_guard
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        path, node = self._node(inode)
+        if isinstance(node, ManifestFile):
+            if not self.access.may_write(ctx):
+                raise FUSEError(errno.EPERM)
+            if fields.update_size:
+                if attr.st_size > MAX_MANIFEST_BYTES:
+                    raise FUSEError(errno.EFBIG)
+                f = self.engine.store.get_file(node.name)
+                data = f.data if f else b""
+                self.engine.store.put_file(node.name, data[: attr.st_size].ljust(attr.st_size, b"\0"))
+            # mode, owner and times are accepted (editors set them) but fixed by policy.
+        elif isinstance(node, Ctl) and fields.update_size:
+            pass  # `echo > ctl` may truncate: nothing to do
+        elif fields.update_size or fields.update_mode or fields.update_uid or fields.update_gid:
+            raise FUSEError(errno.EPERM)
+        return self._attrs(path, node)
+
+    @_guard
+    async def flush(self, fh: int) -> None:
+        pass
+
+    @_guard
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        pass  # every write is already committed to the store
+
+    @_guard
+    async def release(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    # -- manifests/: create, unlink, rename ----------------------------------------------------
+
+    def _manifests_dir(self, inode: int, ctx: pyfuse3.RequestContext) -> None:
+        path, node = self._node(inode)
+        if not (isinstance(node, Dir) and node.writable):
+            raise FUSEError(errno.EACCES)
+        if not self.access.may_write(ctx):
+            raise FUSEError(errno.EACCES)
+
+    @_guard
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._manifests_dir(parent_inode, ctx)
+        n = _name(name)
+        store = self.engine.store
+        if store.get_file(n) is not None:
+            if flags & os.O_EXCL:
+                raise FUSEError(errno.EEXIST)
+        elif len(store.list_files()) >= 10_000:
+            raise FUSEError(errno.ENOSPC)
+        if store.get_file(n) is None or flags & os.O_TRUNC:
+            store.put_file(n, b"")
+        node = ManifestFile(n)
+        h = Handle(("manifests", n), node, uid=ctx.uid, pid=ctx.pid, may_write=True)
+        fi = pyfuse3.FileInfo(fh=self._new_handle(h), direct_io=True)
+        return fi, self._attrs(h.path, node)
+
+    @_guard
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._manifests_dir(parent_inode, ctx)
+        n = _name(name)
+        if self.engine.store.get_file(n) is None:
+            raise FUSEError(errno.ENOENT)
+        self.engine.store.delete_file(n)
+        self._forget_path(("manifests", n))
+
+    @_guard
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+        self._manifests_dir(parent_inode_old, ctx)
+        if parent_inode_new != parent_inode_old:
+            raise FUSEError(errno.EXDEV)
+        old, new = _name(name_old), _name(name_new)
+        store = self.engine.store
+        f = store.get_file(old)
+        if f is None:
+            raise FUSEError(errno.ENOENT)
+        if flags & pyfuse3.RENAME_NOREPLACE and store.get_file(new) is not None:
+            raise FUSEError(errno.EEXIST)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise FUSEError(errno.EINVAL)
+        with store.transaction():
+            store.put_file(new, f.data)
+            store.delete_file(old)
+        self._forget_path(("manifests", new))
+        ino = self._inos.pop(("manifests", old), None)
+        if ino is not None:  # the kernel keeps the renamed inode: make it the new name's
+            self._inos[("manifests", new)] = ino
+            self._paths[ino] = ("manifests", new)
+
+    def _forget_path(self, path: Path) -> None:
+        ino = self._inos.pop(path, None)
+        if ino is not None:
+            self._paths.pop(ino, None)
+
+    @_guard
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise FUSEError(errno.EACCES)
+
+    @_guard
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise FUSEError(errno.EACCES)
+
+
+def _name(raw: bytes) -> str:
+    try:
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FUSEError(errno.EINVAL) from None
+    if name in (".", "..") or not FILE_NAME_RE.fullmatch(name):
+        raise FUSEError(errno.EINVAL)
+    return name
+
+
+def _signalled(pid: int) -> bool:
+    """Has the blocked reader been sent a signal (or gone)?  pyfuse3 drops FUSE_INTERRUPT."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith((b"SigPnd:", b"ShdPnd:")) and int(line.split()[1], 16):
+                    return True
+    except (OSError, ValueError):
+        return True
+    return False

@@ -1,0 +1,149 @@
+"""The /deploy namespace, declared once: which files exist and what each is.
+
+This module knows the engine and the store but not FUSE.  A path resolves to
+a node; the node says what kind of file it is (a rendered state file, the
+event log, a ctl file, the blocking wait file, an editable manifest, a
+directory) and how to render it.  ``fs.py`` turns nodes into FUSE replies.
+
+To add a file to every service, add one line to :data:`SERVICE_FILES`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from .engine import Engine, Instance, Service
+from .events import rfc3339
+from .engine import NODE
+
+Path = tuple[str, ...]
+# Names a manifests/ entry may have: editors' temp and swap files included
+# (vim's .web.swp, sed's sedXXXXXX); only service names can ever be applied.
+FILE_NAME_RE = re.compile(r"[^/\x00-\x1f\x7f]{1,255}")
+
+
+@dataclass(frozen=True)
+class Dir:
+    list: Callable[[], list[str]]
+    child: Callable[[str], "Node | None"]
+    writable: bool = False  # manifests/: create, unlink, rename
+    dynamic: bool = False  # entries come and go: no entry caching
+
+
+@dataclass(frozen=True)
+class Text:
+    """A small state file: rendered whole at open, served with direct_io."""
+    render: Callable[[], bytes]
+    mtime: Callable[[], float]
+
+
+@dataclass(frozen=True)
+class Events:
+    service: str
+    previous: bool  # events.1
+
+
+@dataclass(frozen=True)
+class Ctl:
+    service: str | None  # None: the top ctl, "<verb> <service> [arg]"
+
+
+@dataclass(frozen=True)
+class Wait:
+    service: str
+
+
+@dataclass(frozen=True)
+class ManifestFile:
+    name: str
+
+
+Node = Dir | Text | Events | Ctl | Wait | ManifestFile
+
+
+def _line(fn: Callable[[Service], object]) -> Callable[["Namespace", Service], Node]:
+    return lambda ns, s: Text(lambda: f"{fn(s)}\n".encode(), lambda: s.mtime)
+
+
+def _text(fn: Callable[[Service], str]) -> Callable[["Namespace", Service], Node]:
+    def render(s: Service) -> bytes:
+        out = fn(s)
+        return (out if not out or out.endswith("\n") else out + "\n").encode()
+    return lambda ns, s: Text(lambda: render(s), lambda: s.mtime)
+
+
+def render_instance(i: Instance) -> str:
+    r = i.rec
+    state = "draining" if i.leaving else r.state
+    return (f"node={NODE} slot={r.slot} version={r.version} state={state} health={r.health} "
+            f"pid={r.pid or '-'} port={r.port or '-'} restarts={r.restarts} started={rfc3339(r.started)}\n")
+
+
+def render_status(s: Service) -> str:
+    up, want = s.progress()
+    rows = [
+        ("service", s.name), ("version", s.rec.version or ""), ("previous_version", s.rec.previous_version or ""),
+        ("update_status", s.rec.update_status), ("update_progress", f"{up}/{want}"),
+        ("replicas", s.rec.replicas), ("running", sum(1 for i in s.instances.values() if i.proc and not i.proc.exited)),
+        ("health", s.health()), ("endpoints", " ".join(f"{h}:{p}" for h, p in s.endpoints())),
+    ]
+    if s.rec.update_status == "failed":
+        rows.append(("failure", s.rec.failure))
+    return "".join(f"{k} {v}".rstrip() + "\n" for k, v in rows)
+
+
+SERVICE_FILES: dict[str, Callable[["Namespace", Service], Node]] = {
+    "ctl": lambda ns, s: Ctl(s.name),
+    "manifest": _text(lambda s: s.rec.manifest),
+    "previous_manifest": _text(lambda s: s.rec.previous_manifest),
+    "version": _line(lambda s: s.rec.version or ""),
+    "previous_version": _line(lambda s: s.rec.previous_version or ""),
+    "update_status": _line(lambda s: s.rec.update_status),
+    "update_progress": _line(lambda s: "%d/%d" % s.progress()),
+    "replicas": _line(lambda s: s.rec.replicas),
+    "health": _line(lambda s: s.health()),
+    "status": _text(render_status),
+    "endpoints": _text(lambda s: "".join(f"{h}:{p}\n" for h, p in s.endpoints())),
+    "instances": lambda ns, s: ns.slots_dir(s, lambda i: render_instance(i).encode()),
+    "logs": lambda ns, s: ns.slots_dir(s, lambda i: ns.engine.runtime.read_log(s.name, i.rec.id, i.manifest.log_lines)),
+    "events": lambda ns, s: Events(s.name, previous=False),
+    "events.1": lambda ns, s: Events(s.name, previous=True),
+    "wait": lambda ns, s: Wait(s.name),
+}
+
+ROOT_FILES: dict[str, Callable[["Namespace"], Node]] = {
+    "ctl": lambda ns: Ctl(None),
+    "manifests": lambda ns: Dir(ns.engine.store.list_files, ns.manifest_file, writable=True, dynamic=True),
+    "active": lambda ns: Dir(lambda: sorted(ns.engine.services), ns.service_dir, dynamic=True),
+}
+
+
+class Namespace:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.root = Dir(lambda: list(ROOT_FILES), lambda name: ROOT_FILES[name](self) if name in ROOT_FILES else None)
+
+    def resolve(self, path: Path) -> Node | None:
+        node: Node | None = self.root
+        for name in path:
+            if not isinstance(node, Dir):
+                return None
+            node = node.child(name)
+        return node
+
+    def manifest_file(self, name: str) -> Node | None:
+        return ManifestFile(name) if self.engine.store.get_file(name) is not None else None
+
+    def service_dir(self, name: str) -> Node | None:
+        s = self.engine.services.get(name)
+        if s is None:
+            return None
+        return Dir(lambda: list(SERVICE_FILES), lambda f: SERVICE_FILES[f](self, s) if f in SERVICE_FILES else None)
+
+    def slots_dir(self, s: Service, render: Callable[[Instance], bytes]) -> Dir:
+        def child(name: str) -> Node | None:
+            inst = next((i for i in s.instances.values() if str(i.rec.slot) == name), None)
+            return None if inst is None else Text(lambda: render(inst), lambda: s.mtime)
+        return Dir(lambda: [str(i.rec.slot) for i in s.by_slot()], child, dynamic=True)
