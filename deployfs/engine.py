@@ -229,11 +229,11 @@ class Service:
                     self.save_instance(self.instances[id])
                 self.rec.update_status, self.rec.outcome, self.rec.failure = "none", f"done {self.rec.version}", ""
                 self.save()
-            if self.rec.rollout_from is not None:
-                took = trio.current_time() - self.rollout_t0
-                self.event(f"rolling update complete: {self.rec.version} in {took:.1f}s")
-                self.rec.rollout_from = None
-                self.save()
+            took = trio.current_time() - self.rollout_t0
+            what = "rolling update" if self.rec.rollout_from else "deploy"
+            self.event(f"{what} complete: {self.rec.version} in {took:.1f}s")
+            self.rec.rollout_from = None
+            self.save()
 
     def _detection(self) -> str:
         now = trio.current_time()
@@ -563,11 +563,12 @@ class Engine:
         if svc is None:
             if len(self.services) >= self.max_services:
                 raise CommandError(errno.ENOSPC, f"the limit of {self.max_services} services is reached")
-            rec = ServiceRecord(name, version=m.version, replicas=m.replicas, manifest=text)
+            rec = ServiceRecord(name, version=m.version, replicas=m.replicas, manifest=text, update_status="rolling")
             with self.store.transaction():
                 self.store.put_version(name, m.version, text)
                 self.store.put_service(rec)
                 svc = Service(self, rec)
+                svc.state = rollout.State("rolling", 0, float("-inf"))
                 self.services[name] = svc
                 for w in parsed.warnings:
                     svc.event(f"warning: {w}")
@@ -583,6 +584,9 @@ class Engine:
             changed = was_stopped or m.replicas != rec.replicas or m != svc.manifest
             rec.stopped, rec.replicas, rec.manifest = False, m.replicas, text
             svc.manifest = m
+            if was_stopped:  # starting again is a deploy: `wait` follows it
+                svc.state = rollout.State("rolling", 0, float("-inf"))
+                rec.update_status, svc.rollout_t0 = "rolling", trio.current_time()
             svc.save()
             if not changed:
                 return f"ok unchanged {m.version}"

@@ -173,9 +173,10 @@ def plan(t: Target, insts: list[Inst], st: State, now: float) -> Plan:
     st = replace(st, boundary=boundary)
     if st.status == "paused" and st.steps == 0:
         return Plan([], st)
-    if now < boundary + t.pause:
+    if now < boundary + t.pause and old:
         return Plan([], st, wake_at=boundary + t.pause)
-    count = min(t.batch, t.replicas - len(ready))
+    # Nothing old to protect (a first deploy, or a start after `stop`): start all at once.
+    count = min(t.batch, t.replicas - len(ready)) if old else t.replicas - len(ready)
     top = max((i.slot for i in insts), default=-1) + 1
     steps = st.steps - 1 if st.status == "paused" else st.steps
     return Plan([Start(top + k) for k in range(count)], replace(st, steps=steps, boundary=None))

@@ -23,6 +23,7 @@ class FakeProcess:
         self.version = spec.env["VERSION"]
         self.exit_status: int | None = None
         self.signals: list[int] = []
+        self.signalled_at: list[float] = []
         self.started = trio.current_time()
         self._done = trio.Event()
 
@@ -42,6 +43,7 @@ class FakeProcess:
     async def stop(self, signum: int, timeout: float) -> None:
         if not self.exited:
             self.signals.append(signum)
+            self.signalled_at.append(trio.current_time())
             await trio.sleep(self.rt.stop_delay)
             self.exit(128 + signum)
 

