@@ -1,0 +1,214 @@
+"""``deploy``: a thin client.  It only reads and writes files under the mount.
+
+Every action is ``echo VERB > active/SERVICE/ctl`` done properly: the ctl file
+is opened read-write so that, when the write fails, the reason can be read
+back from the same descriptor and printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import subprocess
+import sys
+import time
+
+EXIT_FAILED, EXIT_USAGE, EXIT_PAUSED = 1, 2, 3
+VERBS = ("apply", "pause", "resume", "step", "rollback", "restart", "stop")
+
+
+class Fail(Exception):
+    pass
+
+
+class Client:
+    def __init__(self, mount: str) -> None:
+        self.mount = mount
+        if not os.path.isfile(os.path.join(mount, "ctl")):
+            raise Fail(f"no deployfs mounted at {mount}: start one (make run), or pass --mount DIR / set DEPLOYFS_MOUNT")
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.mount, *parts)
+
+    def read(self, *parts: str) -> str:
+        try:
+            with open(self.path(*parts)) as f:
+                return f.read()
+        except FileNotFoundError:
+            raise Fail(_no_such(parts)) from None
+
+    def ctl(self, service: str, command: str) -> str:
+        try:
+            fd = os.open(self.path("active", service, "ctl"), os.O_RDWR)
+        except FileNotFoundError:
+            fd = os.open(self.path("ctl"), os.O_RDWR)  # not deployed yet: the top ctl names it
+            verb, _, rest = command.partition(" ")
+            command = f"{verb} {service} {rest}".rstrip()
+        try:
+            try:
+                os.write(fd, (command + "\n").encode())
+            except OSError as e:
+                reply = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+                raise Fail(reply.removeprefix("error: ") or os.strerror(e.errno or errno.EIO)) from None
+            return os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
+
+
+def _no_such(parts: tuple[str, ...]) -> str:
+    if len(parts) >= 2 and parts[0] == "active":
+        return f"no service {parts[1]!r} is deployed"
+    return f"no such file: {'/'.join(parts)}"
+
+
+# -- verbs -------------------------------------------------------------------------------
+
+def follow(c: Client, service: str, *, out=sys.stdout) -> int:
+    """Show a rollout's progress until it ends; exit status says how it ended."""
+    tty = out.isatty()
+    last = ""
+    while True:
+        status = c.read("active", service, "update_status").strip()
+        progress = c.read("active", service, "update_progress").strip()
+        health = c.read("active", service, "health").strip()
+        line = f"{service}: {status} {progress} health={health}"
+        if line != last:
+            out.write(("\r\x1b[K" + line) if tty else line + "\n")
+            out.flush()
+            last = line
+        if status != "rolling":
+            break
+        time.sleep(0.2)
+    if tty:
+        out.write("\n")
+    outcome = c.read("active", service, "wait").strip()
+    print(outcome, file=out)
+    if outcome.startswith("failed"):
+        return EXIT_FAILED
+    return EXIT_PAUSED if outcome == "paused" else 0
+
+
+def status_table(c: Client) -> str:
+    rows = [("SERVICE", "VERSION", "UPDATE", "PROGRESS", "HEALTH", "REPLICAS")]
+    for name in sorted(os.listdir(c.path("active"))):
+        s = dict(l.split(" ", 1) if " " in l else (l, "") for l in c.read("active", name, "status").splitlines())
+        rows.append((name, s.get("version", ""), s.get("update_status", ""), s.get("update_progress", ""),
+                     s.get("health", ""), s.get("replicas", "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() + "\n" for r in rows)
+
+
+def follow_text(read, interval: float = 0.5) -> None:
+    """Print what a growing (possibly rotating) text shows, like tail -f."""
+    seen = read()
+    sys.stdout.write(seen)
+    sys.stdout.flush()
+    while True:
+        time.sleep(interval)
+        now = read()
+        if now.startswith(seen):
+            fresh = now[len(seen):]
+        else:  # rotated or trimmed: print the lines after the last one we showed
+            tail = seen.splitlines(keepends=True)[-1:] or [""]
+            idx = now.rfind(tail[0]) if tail[0] else -1
+            fresh = now[idx + len(tail[0]):] if idx >= 0 else now
+        if fresh:
+            sys.stdout.write(fresh)
+            sys.stdout.flush()
+        seen = now
+
+
+def logs(c: Client, target: str) -> str:
+    service, _, slot = target.partition("/")
+    if slot:
+        return c.read("active", service, "logs", slot)
+    try:
+        slots = sorted(os.listdir(c.path("active", service, "logs")), key=int)
+    except FileNotFoundError:
+        raise Fail(f"no service {service!r} is deployed") from None
+    return "".join(f"[{service}/{s}] {line}\n" for s in slots for line in c.read("active", service, "logs", s).splitlines())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="deploy", description="Drive deployfs through its files. Finds the mount from --mount, "
+        "then $DEPLOYFS_MOUNT, then /deploy.",
+        epilog="exit status: 0 ok, 1 failed (the reason is printed), 2 usage, 3 rollout paused")
+    p.add_argument("--mount", help="the deployfs mount point")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+    a = sub.add_parser("apply", help="apply manifests/SERVICE: deploy, scale, or roll out a new version, and follow it")
+    a.add_argument("service")
+    a.add_argument("--detach", action="store_true", help="return at once instead of following the rollout")
+    for verb, text in [("pause", "hold a rollout at the next batch boundary"), ("resume", "continue a paused rollout"),
+                       ("step", "while paused: advance one batch, then pause again"),
+                       ("rollback", "roll out the previous manifest (version and previous_version swap)"),
+                       ("restart", "replace every instance with a fresh one of the same version, rolling"),
+                       ("stop", "drain and stop every instance; the service stays listed")]:
+        v = sub.add_parser(verb, help=text)
+        v.add_argument("service")
+        if verb in ("rollback", "restart", "resume", "step"):
+            v.add_argument("--detach", action="store_true", help="return at once instead of following")
+    s = sub.add_parser("status", help="one service's status, or a table of all")
+    s.add_argument("service", nargs="?")
+    sc = sub.add_parser("scale", help="set the desired instance count (also rewrites the manifest's replicas line)")
+    sc.add_argument("service")
+    sc.add_argument("n")
+    e = sub.add_parser("events", help="a service's event history")
+    e.add_argument("service")
+    e.add_argument("-f", "--follow", action="store_true", help="keep following new events (tail -F)")
+    lg = sub.add_parser("logs", help="instance output: SERVICE (all instances) or SERVICE/SLOT")
+    lg.add_argument("target", metavar="SERVICE[/SLOT]")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep following new output")
+    ed = sub.add_parser("edit", help="open manifests/SERVICE in $EDITOR")
+    ed.add_argument("service")
+    return p
+
+
+def run(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    c = Client(a.mount or os.environ.get("DEPLOYFS_MOUNT") or "/deploy")
+    verb = a.verb
+    if verb in VERBS:
+        reply = c.ctl(a.service, verb)
+        if verb in ("apply", "rollback", "restart", "resume", "step") and not a.detach:
+            if reply.startswith("ok unchanged"):
+                print(reply)
+                return 0
+            return follow(c, a.service)
+        print(reply)
+    elif verb == "scale":
+        print(c.ctl(a.service, f"scale {a.n}"))
+    elif verb == "status":
+        sys.stdout.write(c.read("active", a.service, "status") if a.service else status_table(c))
+    elif verb == "events":
+        path = c.path("active", a.service, "events")
+        if not os.path.exists(path):
+            raise Fail(f"no service {a.service!r} is deployed")
+        if a.follow:
+            os.execvp("tail", ["tail", "-n", "+1", "-F", path])
+        sys.stdout.write(c.read("active", a.service, "events"))
+    elif verb == "logs":
+        if a.follow:
+            follow_text(lambda: logs(c, a.target))
+        sys.stdout.write(logs(c, a.target))
+    elif verb == "edit":
+        path = c.path("manifests", a.service)
+        editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+        rc = subprocess.call([*editor.split(), path])
+        if rc == 0:
+            print(f"saved {path}; roll it out with: deploy apply {a.service}")
+        return rc
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        sys.exit(run(argv))
+    except Fail as e:
+        print(f"deploy: {e}", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)

@@ -1,0 +1,77 @@
+"""The deploy command against a real mount."""
+
+import os
+import subprocess
+import sys
+
+from tests.mount import SERVICE
+
+DEPLOY = [sys.executable, "-c", "from deployfs.cli.deploy import main; main()"]
+
+
+def deploy(mnt, *args, timeout=60):
+    env = dict(os.environ, DEPLOYFS_MOUNT=mnt.path)
+    return subprocess.run([*DEPLOY, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def manifest(extra=""):
+    return (f"image {sys.executable}\nargs {SERVICE} --port $PORT {extra}\nreplicas 2\nport 18095\n"
+            "health http://127.0.0.1:$PORT/healthz\nhealth_interval 0.2\nhealth_retries 2\nupdate_deadline 3\n")
+
+
+def test_apply_follows_and_reports(mnt):
+    mnt.write_manifest("web", manifest())
+    r = deploy(mnt, "apply", "web")
+    v1 = mnt.read("active/web/version").strip()
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == f"done {v1}"
+    assert "web: rolling" in r.stdout  # plain progress lines when not a terminal
+    r = deploy(mnt, "apply", "web")
+    assert r.returncode == 0 and r.stdout == f"ok unchanged {v1}\n"
+    # a bad release: exits 1, the old version keeps serving
+    mnt.write_manifest("web", manifest("--exit-at-start 3"))
+    r = deploy(mnt, "apply", "web")
+    assert r.returncode == 1 and r.stdout.splitlines()[-1].startswith("failed: instance 2")
+    assert mnt.read("active/web/health") == "healthy\n"
+    r = deploy(mnt, "rollback", "web")
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == f"done {v1}"
+
+
+def test_errors_print_the_reason(mnt):
+    mnt.write_manifest("web", "image /bin/true\nreplicas three\n")
+    r = deploy(mnt, "apply", "web")
+    assert r.returncode == 1
+    assert r.stderr == 'deploy: manifests/web line 2: replicas: expected a whole number, got "three"\n'
+    r = deploy(mnt, "pause", "nosuch")
+    assert r.returncode == 1 and "no service 'nosuch' is deployed" in r.stderr
+    r = deploy(mnt, "status", "nosuch")
+    assert r.returncode == 1 and "no service 'nosuch' is deployed" in r.stderr
+
+
+def test_status_scale_events_logs(mnt):
+    mnt.write_manifest("web", manifest())
+    assert deploy(mnt, "apply", "web").returncode == 0
+    r = deploy(mnt, "status")
+    header, row = r.stdout.splitlines()
+    assert header.split() == ["SERVICE", "VERSION", "UPDATE", "PROGRESS", "HEALTH", "REPLICAS"]
+    assert row.split()[0] == "web" and row.split()[2:] == ["none", "2/2", "healthy", "2"]
+    assert "update_status none" in deploy(mnt, "status", "web").stdout
+    r = deploy(mnt, "scale", "web", "3")
+    assert r.returncode == 0 and r.stdout == "ok\n"
+    assert mnt.read("active/web/replicas") == "3\n"
+    assert "scaled to 3 by uid=" in deploy(mnt, "events", "web").stdout
+    mnt.until(lambda: len(os.listdir(mnt.p("active/web/logs"))) == 3)
+    out = deploy(mnt, "logs", "web").stdout
+    assert "[web/0] service" in out and "[web/2] service" in out
+    assert deploy(mnt, "logs", "web/1").stdout.startswith("service ")
+
+
+def test_no_mount_is_explained(tmp_path):
+    r = subprocess.run([*DEPLOY, "--mount", str(tmp_path), "status"], capture_output=True, text=True, timeout=10)
+    assert r.returncode == 1 and r.stderr.startswith(f"deploy: no deployfs mounted at {tmp_path}")
+
+
+def test_help_is_complete():
+    r = subprocess.run([*DEPLOY, "--help"], capture_output=True, text=True, timeout=10)
+    for verb in ("apply", "status", "pause", "resume", "step", "rollback", "restart", "stop", "scale", "events", "logs", "edit"):
+        assert verb in r.stdout
