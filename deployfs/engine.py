@@ -94,6 +94,7 @@ class Service:
         self.rollout_t0 = trio.current_time()
         self.mtime = time.time()
         self.loop_scope = trio.CancelScope()
+        self._unrouted: bool | None = None  # None until routing was first decided
 
     @property
     def name(self) -> str:
@@ -391,7 +392,15 @@ class Service:
     # -- bookkeeping ---------------------------------------------------------------------
 
     def routing_changed(self) -> None:
-        self.engine.router.set_backends(self.name, self.manifest.port, self.endpoints())
+        endpoints = self.endpoints()
+        self.engine.router.set_backends(self.name, self.manifest.port, endpoints)
+        empty = self.manifest.port is not None and not endpoints
+        if empty != self._unrouted and (empty or self._unrouted is not None):
+            if empty:
+                self.event(f"no healthy instance: connections to port {self.manifest.port} are refused")
+            else:
+                self.event(f"serving on port {self.manifest.port} again")
+        self._unrouted = empty
 
     def save(self) -> None:
         self.engine.store.put_service(self.rec)

@@ -278,6 +278,8 @@ def find_strays(state_dir: str, known: set[tuple[str, int]]) -> list[int]:
         for var in environ.split(b"\0"):
             if var.startswith(prefix):
                 service, _, ident = var[len(prefix):].decode(errors="replace").rpartition(":")
+                if service == "router":  # ours, but not an instance
+                    break
                 if ident.isdigit() and (service, int(ident)) not in known and _is_group_leader(int(entry)):
                     strays.append(int(entry))
                 break

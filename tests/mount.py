@@ -63,15 +63,36 @@ def start(tmp, *extra: str, state: str | None = None, mnt: str | None = None, ar
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     m = Mount(mnt, state, proc, log)
     deadline = time.monotonic() + 20
-    while not os.path.ismount(mnt):
+    # A dead mount left by a crash is still "a mount": wait for a live one.
+    while not (os.path.ismount(mnt) and os.path.exists(os.path.join(mnt, "ctl"))):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"deployfs did not mount:\n{m.server_log()}")
         time.sleep(0.02)
     return m
 
 
+def reap(state: str) -> list[int]:
+    """Kill every process started for this state dir (instances, router); return their pids."""
+    marker = f"DEPLOYFS_INSTANCE={os.path.abspath(state)}:".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if marker in f.read():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    for pid in found:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return found
+
+
 def stop(m: Mount, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
-    """SIGTERM (the real shutdown path) and assert the mount is gone."""
+    """SIGTERM (the real shutdown path): the mount, the instances and the router are gone."""
     if m.proc.poll() is None:
         m.proc.send_signal(sig)
         try:
@@ -82,8 +103,10 @@ def stop(m: Mount, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None
     clean = not os.path.ismount(m.path)
     if not clean:
         subprocess.run(["fusermount3", "-u", "-z", m.path], check=False)
+    left = reap(m.state)
     if sig == signal.SIGTERM:
         assert clean, f"mount left behind after SIGTERM:\n{m.server_log()}"
+        assert not left, f"processes left behind after SIGTERM: {left}"
     return m.proc.returncode
 
 

@@ -29,10 +29,13 @@ def main() -> None:
     print(f"service {a.version} starting pid={os.getpid()} port={a.port}", flush=True)
     if a.exit_at_start is not None:
         sys.exit(a.exit_at_start)
+    draining = threading.Event()
     if a.ignore_term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     else:
-        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+        # Graceful: stop accepting, answer what is in flight with
+        # "Connection: close", exit once connections are done (or after 5 s).
+        signal.signal(signal.SIGTERM, lambda *_: draining.set())
     if a.spawn_child:
         if os.fork() == 0:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -44,12 +47,17 @@ def main() -> None:
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        wbufsize = 65536  # one write per response (flushed by the base class) ...
+        disable_nagle_algorithm = True  # ... and no Nagle/delayed-ACK stall
 
         def do_GET(self) -> None:
             failing = a.fail_health_after is not None and time.monotonic() - started > a.fail_health_after
             status, out = (503, b"failing\n") if self.path == "/healthz" and failing else (200, body)
             self.send_response(status)
             self.send_header("Content-Length", str(len(out)))
+            if draining.is_set():
+                self.send_header("Connection", "close")
+                self.close_connection = True
             self.end_headers()
             self.wfile.write(out)
 
@@ -63,7 +71,13 @@ def main() -> None:
     if a.touch:
         with open(a.touch, "w") as f:
             f.write("ok\n")
-    server.serve_forever()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    draining.wait()
+    server.shutdown()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and threading.active_count() > 1:
+        time.sleep(0.02)
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--keep-instances", action="store_true",
                    help="on SIGTERM/SIGINT leave instances running (the next start adopts them)")
     s.add_argument("--ports", default="41000-48999", help="range of private instance ports (default 41000-48999)")
+    s.add_argument("--bind", default="127.0.0.1", help="address the router listens on for service ports")
+    s.add_argument("--balance", choices=["roundrobin", "leastconn"], default="roundrobin",
+                   help="how the router picks a healthy instance (default roundrobin)")
     s.add_argument("--debug", action="store_true", help="log one line per FUSE operation")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="deployfs: %(message)s", stream=sys.stderr)
@@ -61,22 +64,26 @@ def _group(name: str) -> int:
 def check_mountpoint(mnt: str) -> None:
     if not os.path.exists("/dev/fuse"):
         raise SetupError("/dev/fuse is missing: load the fuse module (modprobe fuse) or run where FUSE is available")
-    try:
-        os.stat(mnt)
-    except OSError as e:
-        if e.errno == errno.ENOTCONN:  # a mount left behind by a crashed server
-            log.info("cleaning up the dead mount at %s", mnt)
-            subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
-        elif e.errno == errno.ENOENT:
-            raise SetupError(f"mountpoint {mnt} does not exist: create it with  mkdir -p {mnt}") from None
-        else:
-            raise SetupError(f"mountpoint {mnt}: {e.strerror}") from None
+    if _dead_mount(mnt):
+        log.info("cleaning up the dead mount left at %s", mnt)
+        subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
+    if not os.path.lexists(mnt):
+        raise SetupError(f"mountpoint {mnt} does not exist: create it with  mkdir -p {mnt}")
     if not os.path.isdir(mnt):
         raise SetupError(f"mountpoint {mnt} is not a directory")
     if os.path.ismount(mnt):
         raise SetupError(f"{mnt} is already mounted (another deployfs?): unmount it with  fusermount3 -u {mnt}")
     if os.listdir(mnt):
         raise SetupError(f"mountpoint {mnt} is not empty: use an empty directory")
+
+
+def _dead_mount(mnt: str) -> bool:
+    """A mount whose server died answers ENOTCONN (stat may still be served from cache: list it)."""
+    try:
+        os.listdir(mnt)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
 
 
 async def serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None) -> None:
@@ -86,6 +93,7 @@ async def serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None
     from ..events import EventLog
     from ..fs import Access, DeployFS
     from ..health import Probes
+    from ..router_client import RouterClient, RouterError
     from ..runtime import LocalRuntime
     from ..store import SqliteStore, StoreError
 
@@ -94,8 +102,15 @@ async def serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None
     except StoreError as e:
         raise SetupError(str(e)) from None
     probes = Probes()
-    engine = Engine(store, LocalRuntime(a.state, ports=ports), probes, events=EventLog(store), state_dir=a.state)
+    events = EventLog(store)
+    router = RouterClient(a.state, bind=a.bind, balance=a.balance,
+                          on_error=lambda service, msg: events.emit(service, f"router: {msg}"))
+    engine = Engine(store, LocalRuntime(a.state, ports=ports), probes, events=events, router=router, state_dir=a.state)
     ops = DeployFS(engine, access=Access(group=group), debug=a.debug)
+    try:
+        await router.start()
+    except RouterError as e:
+        raise SetupError(str(e)) from None
     options = set(pyfuse3.default_options) | {"fsname=deployfs", "subtype=deployfs"}
     if a.allow_other:
         options.add("allow_other")
@@ -108,6 +123,7 @@ async def serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None
     log.info("deployfs %s serving %s (state in %s)", __version__, a.mountpoint, a.state)
     try:
         async with trio.open_nursery() as nursery:
+            await nursery.start(router.run)
             await nursery.start(engine.run)
 
             async def on_signal() -> None:
@@ -117,6 +133,8 @@ async def serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None
                                  "leaving instances running" if a.keep_instances else "draining and stopping instances")
                         ops.closing = True  # wake blocked `wait` readers
                         await engine.shutdown(keep_instances=a.keep_instances)
+                        if not a.keep_instances:
+                            await router.quit()  # kept instances stay routed
                         pyfuse3.terminate()
                         return
 

@@ -1,0 +1,245 @@
+"""The traffic path: a TCP proxy per service, in a process of its own.
+
+Why a separate process: DESIGN.md §6 wants traffic to keep flowing to the
+instances last known healthy while ``deployfs serve`` is dead (crashed, or
+being upgraded).  So the router runs in its own session, owns the public
+listeners, and is only *fed* by the server over a unix socket in the state
+directory.  A restarted server finds the router by its pidfile, re-adopts it
+and sends it the full table again; the listeners never close.
+
+Control protocol: one JSON object per connection, one JSON reply.
+  {"op": "set", "service": S, "port": P, "backends": [[host, port], ...]}
+  {"op": "drain", "service": S, "backend": [host, port], "timeout": T}
+      -> replies once the backend has no open connection, or at T
+  {"op": "stats"}   {"op": "quit"}
+
+Forwarding: each accepted connection goes to the next backend (round-robin,
+or least-connections).  If a backend refuses the connect, nothing has been
+sent yet, so the next backend is tried.  With no backend at all the client
+is reset at once rather than left hanging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+from dataclasses import dataclass, field
+
+import trio
+
+log = logging.getLogger("deployfs.router")
+Backend = tuple[str, int]
+CONNECT_TIMEOUT = 2.0
+
+
+@dataclass
+class Route:
+    service: str
+    port: int
+    backends: list[Backend] = field(default_factory=list)
+    active: dict[Backend, int] = field(default_factory=dict)
+    served: int = 0
+    refused: int = 0
+    scope: trio.CancelScope | None = None
+    changed: trio.Event = field(default_factory=trio.Event)
+    _rr: itertools.count = field(default_factory=itertools.count)
+
+    def candidates(self, policy: str) -> list[Backend]:
+        """Every backend, in the order to try them for one connection."""
+        b = list(self.backends)
+        if not b:
+            return []
+        if policy == "leastconn":
+            return sorted(b, key=lambda x: self.active.get(x, 0))
+        start = next(self._rr) % len(b)
+        return b[start:] + b[:start]
+
+    def poke(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class Router:
+    def __init__(self, bind: str, policy: str = "roundrobin") -> None:
+        self.bind, self.policy = bind, policy
+        self.routes: dict[str, Route] = {}
+        self.nursery: trio.Nursery
+
+    async def set(self, service: str, port: int | None, backends: list[Backend]) -> dict:
+        route = self.routes.get(service)
+        if route is not None and (port is None or route.port != port):
+            assert route.scope is not None
+            route.scope.cancel()
+            del self.routes[service]
+            route = None
+        if port is None:
+            return {"ok": True}
+        if route is None:
+            route = Route(service, port)
+            try:
+                listeners = await trio.open_tcp_listeners(port, host=self.bind)
+            except OSError as e:
+                return {"error": f"cannot listen on {self.bind}:{port}: {e.strerror or e}"}
+            route.scope = trio.CancelScope()
+            self.routes[service] = route
+            self.nursery.start_soon(self._serve, route, listeners)
+        route.backends = [tuple(b) for b in backends]  # type: ignore[misc]
+        route.poke()
+        return {"ok": True}
+
+    async def _serve(self, route: Route, listeners: list[trio.SocketListener]) -> None:
+        assert route.scope is not None
+        with route.scope:
+            try:
+                await trio.serve_listeners(lambda s: self._forward(route, s), listeners)
+            finally:
+                for lst in listeners:
+                    await lst.aclose()
+
+    async def _forward(self, route: Route, client: trio.SocketStream) -> None:
+        upstream, chosen = None, None
+        for backend in route.candidates(self.policy):
+            with trio.move_on_after(CONNECT_TIMEOUT):
+                try:
+                    upstream = await trio.open_tcp_stream(*backend)
+                    chosen = backend
+                    break
+                except OSError:
+                    continue  # nothing was sent yet: try the next one
+        if upstream is None or chosen is None:
+            route.refused += 1
+            _reset(client)
+            await client.aclose()
+            return
+        route.served += 1
+        route.active[chosen] = route.active.get(chosen, 0) + 1
+        try:
+            for s in (client, upstream):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            async with trio.open_nursery() as n:
+                n.start_soon(_pump, client, upstream)
+                n.start_soon(_pump, upstream, client)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            route.active[chosen] -= 1
+            route.poke()
+            await upstream.aclose()
+            await client.aclose()
+
+    async def drain(self, service: str, backend: Backend, timeout: float) -> dict:
+        route = self.routes.get(service)
+        with trio.move_on_after(timeout):
+            while route is not None and route.active.get(backend, 0) > 0:
+                await route.changed.wait()
+        left = route.active.get(backend, 0) if route else 0
+        return {"ok": True, "left": left}
+
+    def stats(self) -> dict:
+        return {"pid": os.getpid(), "routes": {
+            s: {"port": r.port, "backends": [list(b) for b in r.backends], "served": r.served, "refused": r.refused,
+                "active": {f"{h}:{p}": n for (h, p), n in r.active.items() if n}} for s, r in self.routes.items()}}
+
+
+async def _pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
+    try:
+        while data := await src.receive_some(65536):
+            await dst.send_all(data)
+        await dst.send_eof()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        # One side broke: reset the other, so nobody mistakes a cut response for a whole one.
+        _reset(dst)
+        await dst.aclose()
+        await src.aclose()
+
+
+def _reset(stream: trio.SocketStream) -> None:
+    try:
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+
+
+# -- the process ------------------------------------------------------------------
+
+def sock_path(state_dir: str) -> str:
+    return os.path.join(state_dir, "router.sock")
+
+
+def pid_path(state_dir: str) -> str:
+    return os.path.join(state_dir, "router.pid")
+
+
+async def serve(state_dir: str, bind: str, policy: str) -> None:
+    router = Router(bind, policy)
+    path = sock_path(state_dir)
+    if os.path.exists(path):
+        os.unlink(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(64)
+    listener = trio.SocketListener(sock)
+    with open(pid_path(state_dir), "w") as f:
+        f.write(f"{os.getpid()}\n")
+
+    async def control(stream: trio.SocketStream) -> None:
+        async with stream:
+            buf = b""
+            while b"\n" not in buf:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buf += data
+            try:
+                req = json.loads(buf)
+                op = req["op"]
+                if op == "set":
+                    reply = await router.set(req["service"], req.get("port"), req.get("backends", []))
+                elif op == "drain":
+                    reply = await router.drain(req["service"], tuple(req["backend"]), float(req["timeout"]))
+                elif op == "stats":
+                    reply = router.stats()
+                elif op == "quit":
+                    await stream.send_all(b'{"ok": true}\n')
+                    nursery.cancel_scope.cancel()
+                    return
+                else:
+                    reply = {"error": f"unknown op {op!r}"}
+            except (ValueError, KeyError, TypeError) as e:
+                reply = {"error": f"bad request: {e}"}
+            await stream.send_all(json.dumps(reply).encode() + b"\n")
+
+    async with trio.open_nursery() as nursery:
+        router.nursery = nursery
+        nursery.start_soon(trio.serve_listeners, control, [listener])
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+    for p in (path, pid_path(state_dir)):
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="deployfs-router")
+    p.add_argument("--state", required=True)
+    p.add_argument("--bind", default="127.0.0.1")
+    p.add_argument("--balance", choices=["roundrobin", "leastconn"], default="roundrobin")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="deployfs-router: %(message)s", stream=sys.stderr)
+    trio.run(serve, a.state, a.bind, a.balance)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""The server's side of the router: adopt or start it, feed it, watch it.
+
+``set_backends`` never blocks the engine: it records the latest backend list
+per service and a single sender task delivers it, so the router always ends
+up with the newest table, in order.  ``drain`` first waits for that table to
+be delivered (the backend must be out of routing before we count its
+connections), then asks the router to wait for them.
+
+If the router dies, it is started again and sent the whole table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from typing import Callable
+
+import trio
+
+from .router import pid_path, sock_path
+from .runtime import MARKER
+
+log = logging.getLogger(__name__)
+Backend = tuple[str, int]
+
+
+class RouterError(Exception):
+    pass
+
+
+class RouterClient:
+    def __init__(self, state_dir: str, *, bind: str = "127.0.0.1", balance: str = "roundrobin",
+                 on_error: Callable[[str, str], None] | None = None) -> None:
+        self.state_dir = os.path.abspath(state_dir)
+        self.bind, self.balance = bind, balance
+        self.on_error = on_error or (lambda service, msg: log.warning("%s: %s", service, msg))
+        self.table: dict[str, tuple[int | None, list[Backend]]] = {}
+        self._dirty: set[str] = set()
+        self._wake = trio.Event()
+        self._flushed = trio.Event()
+        self._flushed.set()
+        self.pid: int | None = None
+        self.adopted = False
+        self.stopping = False
+
+    # -- what the engine calls ------------------------------------------------------
+
+    def set_backends(self, service: str, port: int | None, backends: list[Backend]) -> None:
+        if self.table.get(service) == (port, backends) and service not in self._dirty:
+            return
+        self.table[service] = (port, list(backends))
+        self._dirty.add(service)
+        if self._flushed.is_set():
+            self._flushed = trio.Event()
+        self._wake.set()
+
+    async def drain(self, service: str, backend: Backend, timeout: float) -> None:
+        with trio.move_on_after(timeout + 5):
+            await self._flushed.wait()
+            try:
+                await self.request({"op": "drain", "service": service, "backend": list(backend), "timeout": timeout},
+                                   timeout=timeout + 5)
+            except RouterError as e:
+                log.warning("drain of %s:%d: %s", *backend, e)
+
+    # -- talking to the router process -------------------------------------------------
+
+    async def request(self, req: dict, timeout: float = 10) -> dict:
+        try:
+            with trio.fail_after(timeout):
+                stream = await trio.open_unix_socket(sock_path(self.state_dir))
+                async with stream:
+                    await stream.send_all(json.dumps(req).encode() + b"\n")
+                    buf = b""
+                    while b"\n" not in buf:
+                        data = await stream.receive_some(65536)
+                        if not data:
+                            raise RouterError("router closed the connection")
+                        buf += data
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as e:
+            raise RouterError(f"router unreachable: {e}") from None
+        reply = json.loads(buf)
+        if "error" in reply:
+            raise RouterError(reply["error"])
+        return reply
+
+    async def start(self) -> None:
+        """Adopt or start the router process (before anything is routed)."""
+        await self._ensure()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if self.pid is None:
+            await self._ensure()
+        task_status.started()
+        async with trio.open_nursery() as n:
+            n.start_soon(self._sender)
+            n.start_soon(self._watchdog)
+
+    async def _ensure(self) -> None:
+        """Adopt the router that is running for this state directory, or start one."""
+        pid = _read_pid(pid_path(self.state_dir))
+        if pid and _is_router(pid):
+            try:
+                await self.request({"op": "stats"}, timeout=3)
+                self.pid, self.adopted = pid, True
+                log.info("adopted the running router (pid %d)", pid)
+                return
+            except RouterError:
+                pass
+        log_file = open(os.path.join(self.state_dir, "router.log"), "ab")
+        env = dict(os.environ, **{MARKER: f"{self.state_dir}:router:0"})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "deployfs.router", "--state", self.state_dir, "--bind", self.bind,
+             "--balance", self.balance],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        log_file.close()
+        self.pid, self.adopted = proc.pid, False
+        with trio.fail_after(20):
+            while True:
+                if proc.poll() is not None:
+                    raise RouterError(f"the router exited at start (status {proc.returncode}); see router.log")
+                try:
+                    await self.request({"op": "stats"}, timeout=1)
+                    break
+                except RouterError:
+                    await trio.sleep(0.02)
+        self._proc = proc  # keep it, so subprocess never reaps behind our back
+
+    async def _sender(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self._dirty:
+                service = self._dirty.pop()
+                port, backends = self.table[service]
+                try:
+                    await self.request({"op": "set", "service": service, "port": port, "backends": backends})
+                except RouterError as e:
+                    self.on_error(service, str(e))
+            if not self._dirty:
+                self._flushed.set()
+
+    async def _watchdog(self) -> None:
+        while True:
+            assert self.pid is not None
+            try:
+                fd = os.pidfd_open(self.pid)
+            except OSError:
+                fd = None
+            if fd is not None:
+                try:
+                    await trio.lowlevel.wait_readable(fd)
+                finally:
+                    trio.lowlevel.notify_closing(fd)
+                    os.close(fd)
+            if getattr(self, "_proc", None) is not None:
+                self._proc.poll()
+            if self.stopping:
+                return
+            log.warning("the router (pid %s) died; starting it again", self.pid)
+            await self._ensure()
+            for service in self.table:
+                self._dirty.add(service)
+            self._wake.set()
+
+    async def quit(self) -> None:
+        self.stopping = True
+        try:
+            await self.request({"op": "quit"}, timeout=5)
+        except RouterError:
+            pass
+
+
+def _read_pid(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_router(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"deployfs.router" in f.read()
+    except OSError:
+        return False
