@@ -450,6 +450,7 @@ class Engine:
         for rec in self.store.list_services():
             svc = Service(self, rec)
             self.services[rec.name] = svc
+            draining = []
             for irec in self.store.list_instances(rec.name):
                 known.add((rec.name, irec.id))
                 self._next_id = max(self._next_id, irec.id + 1)
@@ -462,15 +463,16 @@ class Engine:
                 if proc is not None:
                     svc.adopt(inst, proc)
                     svc.event(f"instance {irec.slot} adopted pid={proc.pid}")
-                    if irec.state == "draining":
-                        svc.stop_instance(inst, "it was draining when deployfs stopped")
                 elif irec.state == "failed":
                     inst.phase = Phase.FAILED
                 else:
                     inst.phase, inst.why, inst.last_exit = Phase.EXITED, "gone while deployfs was down", trio.current_time()
-                    if irec.state == "draining":
-                        svc.stop_instance(inst, "it was draining when deployfs stopped")
+                if irec.state == "draining":
+                    draining.append(inst)
+            # Routing only once every instance is known, then finish what was leaving.
             svc.routing_changed()
+            for inst in draining:
+                svc.stop_instance(inst, "it was draining when deployfs stopped")
             self.nursery.start_soon(svc.run)
         if self.state_dir:
             for pid in find_strays(self.state_dir, known):

@@ -104,6 +104,13 @@ class Router:
                     await lst.aclose()
 
     async def _forward(self, route: Route, client: trio.SocketStream) -> None:
+        try:
+            await self._forward_one(route, client)
+        except Exception:  # one connection's bug must not end the listener
+            log.exception("forwarding failed")
+            await client.aclose()
+
+    async def _forward_one(self, route: Route, client: trio.SocketStream) -> None:
         upstream, chosen = None, None
         for backend in route.candidates(self.policy):
             with trio.move_on_after(CONNECT_TIMEOUT):
@@ -191,6 +198,16 @@ async def serve(state_dir: str, bind: str, policy: str) -> None:
         f.write(f"{os.getpid()}\n")
 
     async def control(stream: trio.SocketStream) -> None:
+        # The server may die mid-request (that is the point of a separate
+        # router): a broken control connection must never end the router.
+        try:
+            await _control(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        except Exception:
+            log.exception("bad control request")
+
+    async def _control(stream: trio.SocketStream) -> None:
         async with stream:
             buf = b""
             while b"\n" not in buf:

@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--debug", action="store_true", help="log one line per FUSE operation")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="deployfs: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "httpcore"):  # one line per health probe otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         lo, _, hi = a.ports.partition("-")
         ports = (int(lo), int(hi))
