@@ -29,6 +29,7 @@ class _Log:
     current: bytearray = field(default_factory=bytearray)
     previous: bytes = b""
     mtime: float = 0.0
+    previous_mtime: float = 0.0
 
 
 Listener = Callable[[str], None]
@@ -50,8 +51,10 @@ class EventLog:
             if last is not None:
                 log.segment = last.segment
                 log.current = bytearray(b"".join(_line(e.ts, e.text) for e in self.store.events(service, last.segment)))
-                log.previous = b"".join(_line(e.ts, e.text) for e in self.store.events(service, last.segment - 1))
+                older = self.store.events(service, last.segment - 1)
+                log.previous = b"".join(_line(e.ts, e.text) for e in older)
                 log.mtime = last.ts
+                log.previous_mtime = older[-1].ts if older else 0.0
             self._logs[service] = log
         return log
 
@@ -66,6 +69,7 @@ class EventLog:
         self.store.append_event(service, segment, ts, text)  # durable first
         if segment != log.segment:
             log.segment, log.previous, log.current = segment, bytes(log.current), bytearray()
+            log.previous_mtime = log.mtime
         log.current += line
         log.mtime = ts
         for listener in self.listeners:
@@ -82,6 +86,17 @@ class EventLog:
 
     def segment(self, service: str) -> int:
         return self._log(service).segment
+
+    def segment_mtime(self, service: str, segment: int) -> float:
+        log = self._log(service)
+        return log.mtime if segment == log.segment else log.previous_mtime
+
+    def segment_data(self, service: str, segment: int) -> bytes:
+        """A segment by number: the current one, the one before, or b"" once dropped."""
+        log = self._log(service)
+        if segment == log.segment:
+            return bytes(log.current)
+        return log.previous if segment == log.segment - 1 else b""
 
     def mtime(self, service: str) -> float:
         return self._log(service).mtime

@@ -49,6 +49,7 @@ MAX_WAITERS = 512
 class Handle:
     path: Path
     node: Node
+    ino: int = 0
     data: bytes = b""  # rendered content (state files) or the ctl reply
     uid: int = 0
     pid: int = 0
@@ -135,9 +136,9 @@ class DeployFS(pyfuse3.Operations):
             raise FUSEError(errno.ENOENT)
         return path, node  # type: ignore[return-value]
 
-    def _attrs(self, path: Path, node: Node) -> pyfuse3.EntryAttributes:
+    def _attrs(self, path: Path, node: Node, ino: int | None = None) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
-        a.st_ino = self._ino(path)
+        a.st_ino = ino or self._ino(path)
         a.st_uid, a.st_gid = self.access.uid, self.access.group if self.access.group is not None else self.access.gid
         a.st_blksize = 4096
         group_w = 0o020 if self.access.group is not None else 0
@@ -153,9 +154,8 @@ class DeployFS(pyfuse3.Operations):
             a.st_mode, size, mtime = stat.S_IFREG | 0o444, len(node.render()), node.mtime()
         elif isinstance(node, Events):
             a.st_mode = stat.S_IFREG | 0o444
-            ev = self.engine.events
-            size = len(ev.previous(node.service)) if node.previous else ev.size(node.service)
-            mtime, timeout = ev.mtime(node.service), STATIC_TIMEOUT  # invalidated on every append
+            size = len(node.data(self.engine.events))
+            mtime, timeout = node.mtime(self.engine.events), STATIC_TIMEOUT  # invalidated on every append
         elif isinstance(node, Ctl):
             a.st_mode = stat.S_IFREG | 0o600 | group_w
         elif isinstance(node, Wait):
@@ -172,24 +172,47 @@ class DeployFS(pyfuse3.Operations):
         a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = ns
         a.attr_timeout = timeout
         # Names under a dynamic directory come and go; everything else is fixed.
+        # Names under a dynamic directory come and go, and a rotation gives
+        # `events` a new inode; everything else is fixed.
         parent = self.ns.resolve(path[:-1]) if path else None
-        a.entry_timeout = 0.0 if isinstance(parent, Dir) and parent.dynamic else STATIC_TIMEOUT
+        fixed = not (isinstance(parent, Dir) and parent.dynamic) and not isinstance(node, Events)
+        a.entry_timeout = STATIC_TIMEOUT if fixed else 0.0
         return a
 
     def _on_event(self, service: str) -> None:
-        """Tell the kernel `events` grew (and, on rotation, that its data changed)."""
+        """Tell the kernel `events` grew; on rotation, do what logrotate does.
+
+        Rotation moves the current inode to the name ``events.1`` (an open
+        ``tail -f`` keeps reading it to its end) and gives ``events`` a fresh
+        inode, so ``tail -F`` sees the file replaced and follows the new one.
+        """
         if not self.mounted:
             return
         segment = self.engine.events.segment(service)
         rotated = self._segments.get(service, segment) != segment
         self._segments[service] = segment
-        for name in ("events", "events.1") if rotated else ("events",):
-            ino = self._inos.get(("active", service, name))
+        current = ("active", service, "events")
+        if rotated:
+            # Each retired inode keeps its own segment, as a renamed file keeps its data.
+            older = ("active", service, "events.1")
+            frozen = lambda k: ("active", service, f"events@{k}")  # noqa: E731
+            prev_ino = self._inos.pop(older, None)
+            if prev_ino is not None:
+                self._paths[prev_ino] = frozen(segment - 2)
+            ino = self._inos.pop(current, None)
             if ino is not None:
-                try:
-                    pyfuse3.invalidate_inode(ino, attr_only=not rotated)
-                except OSError:
-                    pass
+                self._paths[ino] = frozen(segment - 1)
+                self._inos[older] = ino
+            parent = self._inos.get(("active", service))
+            if parent is not None:
+                for name in (b"events", b"events.1"):
+                    try:
+                        pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+                    except OSError:
+                        pass
+        ino = self._inos.get(current)
+        if ino is not None:
+            _invalidate(ino, attr_only=True)
 
     # -- lookup and directories ------------------------------------------------------------
 
@@ -209,7 +232,7 @@ class DeployFS(pyfuse3.Operations):
 
     @_guard
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._attrs(*self._node(inode))
+        return self._attrs(*self._node(inode), ino=inode)
 
     @_guard
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
@@ -227,7 +250,8 @@ class DeployFS(pyfuse3.Operations):
             child = h.node.child(name)
             if child is None:
                 continue
-            if not pyfuse3.readdir_reply(token, name.encode(), self._attrs((*h.path, name), child), i + 1):
+            path = (*h.path, name)
+            if not pyfuse3.readdir_reply(token, name.encode(), self._attrs(path, child, self._inos.get(path)), i + 1):
                 return
 
     @_guard
@@ -253,7 +277,7 @@ class DeployFS(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         path, node = self._node(inode)
         writing = flags & os.O_ACCMODE != os.O_RDONLY
-        h = Handle(path, node, uid=ctx.uid, pid=ctx.pid)
+        h = Handle(path, node, ino=inode, uid=ctx.uid, pid=ctx.pid)
         fi = pyfuse3.FileInfo()
         if isinstance(node, Ctl):
             if not self.access.may_write(ctx):
@@ -285,9 +309,11 @@ class DeployFS(pyfuse3.Operations):
         h = self._handles[fh]
         node = h.node
         if isinstance(node, Events):
-            ev = self.engine.events
-            data = ev.previous(node.service) if node.previous else ev.current(node.service)
-            return data[off: off + size]
+            # Through the inode, not the name opened: after a rotation this
+            # descriptor reads the retired segment, as on a disk.
+            node = self._node(h.ino)[1]
+            assert isinstance(node, Events)
+            return node.data(self.engine.events)[off: off + size]
         if isinstance(node, ManifestFile):
             f = self.engine.store.get_file(node.name)
             return b"" if f is None else f.data[off: off + size]
@@ -452,6 +478,13 @@ class DeployFS(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         raise FUSEError(errno.EACCES)
+
+
+def _invalidate(ino: int, *, attr_only: bool) -> None:
+    try:
+        pyfuse3.invalidate_inode(ino, attr_only=attr_only)
+    except OSError:  # ENOENT: the kernel never looked it up, or forgot it
+        pass
 
 
 def _name(raw: bytes) -> str:

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .engine import Engine, Instance, Service
-from .events import rfc3339
+from .events import EventLog, rfc3339
 from .engine import NODE
 
 Path = tuple[str, ...]
 # Names a manifests/ entry may have: editors' temp and swap files included
 # (vim's .web.swp, sed's sedXXXXXX); only service names can ever be applied.
 FILE_NAME_RE = re.compile(r"[^/\x00-\x1f\x7f]{1,255}")
+RETIRED_EVENTS_RE = re.compile(r"events@([0-9]{1,9})")
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,20 @@ class Text:
 @dataclass(frozen=True)
 class Events:
     service: str
-    previous: bool  # events.1
+    segment: int | None  # None: the current one; -1: the one before (events.1); n: segment n
+
+    def data(self, ev: "EventLog") -> bytes:
+        if self.segment is None:
+            return ev.current(self.service)
+        if self.segment == -1:
+            return ev.previous(self.service)
+        return ev.segment_data(self.service, self.segment)
+
+    def mtime(self, ev: "EventLog") -> float:
+        """A rotated segment never changes again, and must not look as if it did."""
+        if self.segment is None:
+            return ev.mtime(self.service)
+        return ev.segment_mtime(self.service, ev.segment(self.service) - 1 if self.segment == -1 else self.segment)
 
 
 @dataclass(frozen=True)
@@ -108,8 +122,8 @@ SERVICE_FILES: dict[str, Callable[["Namespace", Service], Node]] = {
     "endpoints": _text(lambda s: "".join(f"{h}:{p}\n" for h, p in s.endpoints())),
     "instances": lambda ns, s: ns.slots_dir(s, lambda i: render_instance(i).encode()),
     "logs": lambda ns, s: ns.slots_dir(s, lambda i: ns.engine.runtime.read_log(s.name, i.rec.id, i.manifest.log_lines)),
-    "events": lambda ns, s: Events(s.name, previous=False),
-    "events.1": lambda ns, s: Events(s.name, previous=True),
+    "events": lambda ns, s: Events(s.name, None),
+    "events.1": lambda ns, s: Events(s.name, -1),
     "wait": lambda ns, s: Wait(s.name),
 }
 
@@ -140,7 +154,12 @@ class Namespace:
         s = self.engine.services.get(name)
         if s is None:
             return None
-        return Dir(lambda: list(SERVICE_FILES), lambda f: SERVICE_FILES[f](self, s) if f in SERVICE_FILES else None)
+        def child(f: str) -> Node | None:
+            if f in SERVICE_FILES:
+                return SERVICE_FILES[f](self, s)
+            m = RETIRED_EVENTS_RE.fullmatch(f)  # a rotated-away inode (not listed)
+            return Events(s.name, int(m.group(1))) if m else None
+        return Dir(lambda: list(SERVICE_FILES), child)
 
     def slots_dir(self, s: Service, render: Callable[[Instance], bytes]) -> Dir:
         def child(name: str) -> Node | None:

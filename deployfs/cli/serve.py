@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--bind", default="127.0.0.1", help="address the router listens on for service ports")
     s.add_argument("--balance", choices=["roundrobin", "leastconn"], default="roundrobin",
                    help="how the router picks a healthy instance (default roundrobin)")
+    s.add_argument("--events-max-bytes", type=int, default=1024 * 1024,
+                   help="rotate a service's events file into events.1 at this size (default 1 MiB)")
     s.add_argument("--debug", action="store_true", help="log one line per FUSE operation")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="deployfs: %(message)s", stream=sys.stderr)
@@ -104,7 +106,7 @@ async def serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None
     except StoreError as e:
         raise SetupError(str(e)) from None
     probes = Probes()
-    events = EventLog(store)
+    events = EventLog(store, segment_bytes=a.events_max_bytes)
     router = RouterClient(a.state, bind=a.bind, balance=a.balance,
                           on_error=lambda service, msg: events.emit(service, f"router: {msg}"))
     engine = Engine(store, LocalRuntime(a.state, ports=ports), probes, events=events, router=router, state_dir=a.state)
