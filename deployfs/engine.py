@@ -95,6 +95,7 @@ class Service:
         self.mtime = time.time()
         self.loop_scope = trio.CancelScope()
         self._unrouted: bool | None = None  # None until routing was first decided
+        self._at_limit = False
 
     @property
     def name(self) -> str:
@@ -175,24 +176,32 @@ class Service:
             self._wakeup = trio.Event()
             p = rollout.plan(self.target(), self.views(), self.state, trio.current_time())
             self.state = p.state
-            for action in p.actions:
-                self.do(action)
+            changed = [self.do(action) for action in p.actions]
             if (self.rec.update_status, self.rec.steps) != (p.state.status, p.state.steps):
                 self.rec.update_status, self.rec.steps = p.state.status, p.state.steps
                 self.save()
-            if p.actions:
+            if any(changed):
                 self.poke()
                 await trio.sleep(0)
                 continue
-            with trio.move_on_at(p.wake_at if p.wake_at is not None else math.inf):
+            # Nothing to do, or only what cannot be done yet (a limit): wait,
+            # retrying refused actions now and then instead of spinning.
+            wake = p.wake_at if p.wake_at is not None else math.inf
+            if p.actions:
+                wake = min(wake, trio.current_time() + 1.0)
+            with trio.move_on_at(wake):
                 await self._wakeup.wait()
 
-    def do(self, a: rollout.Action) -> None:
+    def do(self, a: rollout.Action) -> bool:
+        """Carry out one action; False when it could not be done (yet)."""
         e = self.engine
         if isinstance(a, rollout.Start):
             if e.instance_count() >= e.max_instances:
-                self.event(f"cannot start instance {a.slot}: the limit of {e.max_instances} instances is reached")
-                return
+                if not self._at_limit:
+                    self.event(f"cannot start instance {a.slot}: the limit of {e.max_instances} instances is reached")
+                self._at_limit = True
+                return False
+            self._at_limit = False
             m = self.manifest
             port = e.runtime.allocate_port() if m.port else None
             rec = InstanceRecord(self.name, e.next_instance_id(), a.slot, self.rec.version or "",
@@ -235,6 +244,7 @@ class Service:
             self.event(f"{what} complete: {self.rec.version} in {took:.1f}s")
             self.rec.rollout_from = None
             self.save()
+        return True
 
     def _detection(self) -> str:
         now = trio.current_time()

@@ -224,3 +224,21 @@ async def test_command_errors(h, autojump_clock):
     with pytest.raises(CommandError) as e:
         h.cmd("rollback")
     assert e.value.errno == errno.EBUSY
+
+
+async def test_service_and_instance_caps(tmp_path, autojump_clock):
+    from deployfs.engine import Engine
+    h = Harness(tmp_path)
+    h.engine = Engine(h.store, h.rt, h.prober, max_services=1, max_instances=4)
+    async with trio.open_nursery() as n:
+        await n.start(h.engine.run)
+        await deploy_v1(h)
+        h.write(manifest(), name="other")
+        with pytest.raises(CommandError) as e:
+            h.cmd("apply", name="other")
+        assert e.value.errno == errno.ENOSPC and "limit of 1 services" in e.value.message
+        h.cmd("scale", "9")
+        await trio.sleep(2)
+        assert len(h.rt.running("web")) == 4
+        assert any("limit of 4 instances is reached" in ev for ev in h.events())
+        n.cancel_scope.cancel()
