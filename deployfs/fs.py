@@ -116,6 +116,7 @@ class DeployFS(pyfuse3.Operations):
         self.waiters = 0
         self.closing = False
         self.mounted = False
+        self.started = time.time()
         self._segments: dict[str, int] = {}
         engine.events.listeners.append(self._on_event)
 
@@ -136,20 +137,20 @@ class DeployFS(pyfuse3.Operations):
             raise FUSEError(errno.ENOENT)
         return path, node  # type: ignore[return-value]
 
-    def _attrs(self, path: Path, node: Node, ino: int | None = None) -> pyfuse3.EntryAttributes:
+    def _attrs(self, path: Path, node: Node, ino: int | None = None,
+               parent: Node | None = None) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino or self._ino(path)
         a.st_uid, a.st_gid = self.access.uid, self.access.group if self.access.group is not None else self.access.gid
         a.st_blksize = 4096
         group_w = 0o020 if self.access.group is not None else 0
-        now = time.time()
-        mtime = self.engine.events.mtime(path[1]) if len(path) > 1 and path[0] == "active" else now
-        size, timeout = 0, 0.0
+        mtime, size, timeout = self.started, 0, 0.0
         if isinstance(node, Dir):
+            # Mode and owner never change, and the kernel checks them on every
+            # path walk (default_permissions): cache them, or each `cat` of
+            # active/web/version costs three extra requests.
             a.st_mode = stat.S_IFDIR | (0o755 | group_w if node.writable else 0o555)
-            a.st_nlink = 2
-            timeout = 0.0 if node.dynamic else STATIC_TIMEOUT
-            mtime = now if node.dynamic else mtime
+            a.st_nlink, timeout = 2, STATIC_TIMEOUT
         elif isinstance(node, Text):
             a.st_mode, size, mtime = stat.S_IFREG | 0o444, len(node.render()), node.mtime()
         elif isinstance(node, Events):
@@ -168,15 +169,12 @@ class DeployFS(pyfuse3.Operations):
         a.st_nlink = a.st_nlink or 1
         a.st_size = size
         a.st_blocks = (size + 511) // 512
-        ns = int(mtime * 1e9)
-        a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = ns
+        a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = int(mtime * 1e9)
         a.attr_timeout = timeout
-        # Names under a dynamic directory come and go; everything else is fixed.
-        # Names under a dynamic directory come and go, and a rotation gives
-        # `events` a new inode; everything else is fixed.
-        parent = self.ns.resolve(path[:-1]) if path else None
-        fixed = not (isinstance(parent, Dir) and parent.dynamic) and not isinstance(node, Events)
-        a.entry_timeout = STATIC_TIMEOUT if fixed else 0.0
+        # Only lookups set entry timeouts: names under a volatile directory,
+        # and `events` (a rotation gives it a new inode), are never cached.
+        volatile = (isinstance(parent, Dir) and parent.volatile) or isinstance(node, Events)
+        a.entry_timeout = 0.0 if volatile else STATIC_TIMEOUT
         return a
 
     def _on_event(self, service: str) -> None:
@@ -228,7 +226,7 @@ class DeployFS(pyfuse3.Operations):
         child = node.child(child_name)
         if child is None:
             raise FUSEError(errno.ENOENT)
-        return self._attrs((*path, child_name), child)
+        return self._attrs((*path, child_name), child, parent=node)
 
     @_guard
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -251,7 +249,7 @@ class DeployFS(pyfuse3.Operations):
             if child is None:
                 continue
             path = (*h.path, name)
-            if not pyfuse3.readdir_reply(token, name.encode(), self._attrs(path, child, self._inos.get(path)), i + 1):
+            if not pyfuse3.readdir_reply(token, name.encode(), self._attrs(path, child, self._inos.get(path), h.node), i + 1):
                 return
 
     @_guard

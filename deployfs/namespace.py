@@ -30,7 +30,10 @@ class Dir:
     list: Callable[[], list[str]]
     child: Callable[[str], "Node | None"]
     writable: bool = False  # manifests/: create, unlink, rename
-    dynamic: bool = False  # entries come and go: no entry caching
+    # Names change behind the kernel's back (slots renumber): never cache them.
+    # Elsewhere names only appear (services), or change through the kernel
+    # itself (manifests/), so the kernel's own dentry cache stays right.
+    volatile: bool = False
 
 
 @dataclass(frozen=True)
@@ -129,8 +132,8 @@ SERVICE_FILES: dict[str, Callable[["Namespace", Service], Node]] = {
 
 ROOT_FILES: dict[str, Callable[["Namespace"], Node]] = {
     "ctl": lambda ns: Ctl(None),
-    "manifests": lambda ns: Dir(ns.engine.store.list_files, ns.manifest_file, writable=True, dynamic=True),
-    "active": lambda ns: Dir(lambda: sorted(ns.engine.services), ns.service_dir, dynamic=True),
+    "manifests": lambda ns: Dir(ns.engine.store.list_files, ns.manifest_file, writable=True),
+    "active": lambda ns: Dir(lambda: sorted(ns.engine.services), ns.service_dir),
 }
 
 
@@ -165,4 +168,4 @@ class Namespace:
         def child(name: str) -> Node | None:
             inst = next((i for i in s.instances.values() if str(i.rec.slot) == name), None)
             return None if inst is None else Text(lambda: render(inst), lambda: s.mtime)
-        return Dir(lambda: [str(i.rec.slot) for i in s.by_slot()], child, dynamic=True)
+        return Dir(lambda: [str(i.rec.slot) for i in s.by_slot()], child, volatile=True)
