@@ -168,11 +168,17 @@ class RouterClient:
             self._wake.set()
 
     async def quit(self) -> None:
+        """Stop the router, and return only once it is gone (SIGTERM leaves nothing behind)."""
         self.stopping = True
         try:
             await self.request({"op": "quit"}, timeout=5)
         except RouterError:
             pass
+        with trio.move_on_after(10):
+            while self.pid is not None and _is_router(self.pid):
+                if getattr(self, "_proc", None) is not None and self._proc.poll() is not None:
+                    break
+                await trio.sleep(0.02)
 
 
 def _read_pid(path: str) -> int | None:

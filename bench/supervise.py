@@ -1,0 +1,71 @@
+"""Supervision cost: 200 services x 5 instances of a cheap process, health checks at 1 s.
+
+Reports the server's steady-state CPU share (of one core) and RSS, in total and
+per instance.  Target: 1,000 instances under 5% of a core and 200 MB.
+"""
+
+import os
+import sys
+import tempfile
+import time
+
+from common import machine, mount, wait_for
+
+SERVICES, REPLICAS, SECONDS = int(os.environ.get("SERVICES", 200)), 5, float(os.environ.get("SECONDS", 30))
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / HZ
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> None:
+    tmp = tempfile.mkdtemp(prefix="bench-sup-")
+    ready = os.path.join(tmp, "ready")
+    with open(ready, "w") as f:
+        f.write("ok\n")
+    m = mount.start(tmp)
+    try:
+        t0 = time.monotonic()
+        for i in range(SERVICES):
+            m.write_manifest(f"s{i}", f"image sleep\nargs 3600\nreplicas {REPLICAS}\nhealth {ready}\n"
+                                      "health_interval 1\nhealth_timeout 0.5\n")
+        m.sh("for i in $(seq 0 %d); do echo \"apply s$i\" > ctl; done" % (SERVICES - 1), timeout=300, check=True)
+
+        def all_up() -> bool:
+            out = m.sh("cat active/*/update_status", timeout=60).stdout.split()
+            return len(out) == SERVICES and set(out) == {"none"}
+        wait_for(all_up, timeout=600, what="all instances healthy")
+        started = time.monotonic() - t0
+        time.sleep(5)  # settle
+        pid = m.proc.pid
+        c0, w0 = cpu_seconds(pid), time.monotonic()
+        time.sleep(SECONDS)
+        c1, w1 = cpu_seconds(pid), time.monotonic()
+        share = (c1 - c0) / (w1 - w0)
+        rss = rss_mb(pid)
+        n = SERVICES * REPLICAS
+    finally:
+        t = time.monotonic()
+        mount.stop(m, timeout=300)
+        stopped = time.monotonic() - t
+    print(f"bench/supervise.py on {machine()}")
+    print(f"{n} instances ({SERVICES} services x {REPLICAS}), file health check every 1 s")
+    print(f"deployed and healthy in {started:.1f} s; stopped in {stopped:.1f} s")
+    print(f"server CPU at steady state: {share * 100:.2f}% of one core ({share / n * 1e6:.1f} µs/s per instance)")
+    print(f"server RSS: {rss:.0f} MB ({rss * 1024 / n:.0f} KB per instance)")
+    print(f"targets: < 5% of a core: {'met' if share < 0.05 else 'MISSED'}; < 200 MB: {'met' if rss < 200 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
