@@ -1,0 +1,63 @@
+"""Traffic path: requests/s and p99 with wrk (keep-alive, fixed duration), in one run:
+direct to one backend, and through the built-in router.  Target: router >= 0.5x direct.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from common import ROOT, machine, wait_for
+
+DURATION, CONNS = int(os.environ.get("DURATION", 8)), 32
+BACKEND, LISTEN = 19101, 19100
+
+
+def wrk(port: int) -> tuple[float, str]:
+    out = subprocess.run(["wrk", "-t2", f"-c{CONNS}", f"-d{DURATION}s", "--latency", f"http://127.0.0.1:{port}/"],
+                         capture_output=True, text=True, timeout=DURATION + 30).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p99 = re.search(r"99%\s+(\S+)", out).group(1)
+    errors = re.search(r"Socket errors: (.*)", out)
+    if errors:
+        raise SystemExit(f"errors during the benchmark: {errors.group(1)}")
+    return rps, p99
+
+
+def control(state: str, req: dict) -> dict:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(os.path.join(state, "router.sock"))
+    s.sendall(json.dumps(req).encode() + b"\n")
+    reply = s.makefile().readline()
+    s.close()
+    return json.loads(reply)
+
+
+def main() -> None:
+    state = tempfile.mkdtemp(prefix="bench-router-")
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "backend.py"), str(BACKEND)])]
+    procs.append(subprocess.Popen([sys.executable, "-m", "deployfs.router", "--state", state], cwd=ROOT))
+    try:
+        wait_for(lambda: os.path.exists(os.path.join(state, "router.sock")), what="router")
+        assert control(state, {"op": "set", "service": "b", "port": LISTEN,
+                               "backends": [["127.0.0.1", BACKEND]]}).get("ok")
+        time.sleep(0.5)
+        rows = [("direct to the backend",) + wrk(BACKEND), ("built-in router",) + wrk(LISTEN)]
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=10)
+    direct = rows[0][1]
+    print(f"bench/router.py on {machine()}: wrk -t2 -c{CONNS} -d{DURATION}s, keep-alive, trio backend")
+    print(f"{'path':<24}{'req/s':>10}{'p99':>10}{'ratio':>8}")
+    for name, rps, p99 in rows:
+        print(f"{name:<24}{rps:>10.0f}{p99:>10}{rps / direct:>7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
