@@ -409,7 +409,7 @@ class Service:
         endpoints = self.endpoints()
         self.engine.router.set_backends(self.name, self.manifest.port, endpoints)
         empty = self.manifest.port is not None and not endpoints
-        if empty != self._unrouted and (empty or self._unrouted is not None):
+        if self._unrouted is not None and empty != self._unrouted:
             if empty:
                 self.event(f"no healthy instance: connections to port {self.manifest.port} are refused")
             else:
@@ -601,6 +601,7 @@ class Engine:
                     svc.event(f"warning: {w}")
                 svc.event(f"deployed {m.version} replicas={m.replicas} by {who}")
             self.nursery.start_soon(svc.run)
+            svc.routing_changed()  # open the port now: a router may need time to listen (haproxy reloads)
             svc.poke()
             return f"ok deployed {m.version}"
         rec = svc.rec

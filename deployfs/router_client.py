@@ -4,9 +4,11 @@
 per service and a single sender task delivers it, so the router always ends
 up with the newest table, in order.  ``drain`` first waits for that table to
 be delivered (the backend must be out of routing before we count its
-connections), then asks the router to wait for them.
+connections), then waits for the backend's connections to end.
 
-If the router dies, it is started again and sent the whole table.
+If the router dies, it is started again and sent the whole table.  The
+feeding is shared (:class:`TableFeeder`); :class:`RouterClient` speaks to
+the built-in router, ``haproxy.HAProxyRouter`` to haproxy.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 from typing import Callable
@@ -32,11 +33,11 @@ class RouterError(Exception):
     pass
 
 
-class RouterClient:
-    def __init__(self, state_dir: str, *, bind: str = "127.0.0.1", balance: str = "roundrobin",
-                 on_error: Callable[[str, str], None] | None = None) -> None:
+class TableFeeder:
+    """Keeps a router process in step with the newest backend table."""
+
+    def __init__(self, state_dir: str, *, on_error: Callable[[str, str], None] | None = None) -> None:
         self.state_dir = os.path.abspath(state_dir)
-        self.bind, self.balance = bind, balance
         self.on_error = on_error or (lambda service, msg: log.warning("%s: %s", service, msg))
         self.table: dict[str, tuple[int | None, list[Backend]]] = {}
         self._dirty: set[str] = set()
@@ -47,7 +48,7 @@ class RouterClient:
         self.adopted = False
         self.stopping = False
 
-    # -- what the engine calls ------------------------------------------------------
+    # -- what the engine calls ----------------------------------------------------------
 
     def set_backends(self, service: str, port: int | None, backends: list[Backend]) -> None:
         if self.table.get(service) == (port, backends) and service not in self._dirty:
@@ -62,31 +63,28 @@ class RouterClient:
         with trio.move_on_after(timeout + 5):
             await self._flushed.wait()
             try:
-                await self.request({"op": "drain", "service": service, "backend": list(backend), "timeout": timeout},
-                                   timeout=timeout + 5)
+                await self._drain(service, backend, timeout)
             except RouterError as e:
                 log.warning("drain of %s:%d: %s", *backend, e)
 
-    # -- talking to the router process -------------------------------------------------
+    # -- what each router implements --------------------------------------------------------
 
-    async def request(self, req: dict, timeout: float = 10) -> dict:
-        try:
-            with trio.fail_after(timeout):
-                stream = await trio.open_unix_socket(sock_path(self.state_dir))
-                async with stream:
-                    await stream.send_all(json.dumps(req).encode() + b"\n")
-                    buf = b""
-                    while b"\n" not in buf:
-                        data = await stream.receive_some(65536)
-                        if not data:
-                            raise RouterError("router closed the connection")
-                        buf += data
-        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as e:
-            raise RouterError(f"router unreachable: {e}") from None
-        reply = json.loads(buf)
-        if "error" in reply:
-            raise RouterError(reply["error"])
-        return reply
+    async def _ensure(self) -> None:
+        raise NotImplementedError
+
+    async def _apply(self, service: str, port: int | None, backends: list[Backend]) -> None:
+        raise NotImplementedError
+
+    async def _drain(self, service: str, backend: Backend, timeout: float) -> None:
+        raise NotImplementedError
+
+    async def _stop_process(self) -> None:
+        raise NotImplementedError
+
+    def _alive(self) -> bool:
+        raise NotImplementedError
+
+    # -- shared machinery ---------------------------------------------------------------------
 
     async def start(self) -> None:
         """Adopt or start the router process (before anything is routed)."""
@@ -95,40 +93,11 @@ class RouterClient:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if self.pid is None:
             await self._ensure()
-        task_status.started()
         async with trio.open_nursery() as n:
+            self.nursery = n
+            task_status.started()
             n.start_soon(self._sender)
             n.start_soon(self._watchdog)
-
-    async def _ensure(self) -> None:
-        """Adopt the router that is running for this state directory, or start one."""
-        pid = _read_pid(pid_path(self.state_dir))
-        if pid and _is_router(pid):
-            try:
-                await self.request({"op": "stats"}, timeout=3)
-                self.pid, self.adopted = pid, True
-                log.info("adopted the running router (pid %d)", pid)
-                return
-            except RouterError:
-                pass
-        log_file = open(os.path.join(self.state_dir, "router.log"), "ab")
-        env = dict(os.environ, **{MARKER: f"{self.state_dir}:router:0"})
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "deployfs.router", "--state", self.state_dir, "--bind", self.bind,
-             "--balance", self.balance],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-        log_file.close()
-        self.pid, self.adopted = proc.pid, False
-        with trio.fail_after(20):
-            while True:
-                if proc.poll() is not None:
-                    raise RouterError(f"the router exited at start (status {proc.returncode}); see router.log")
-                try:
-                    await self.request({"op": "stats"}, timeout=1)
-                    break
-                except RouterError:
-                    await trio.sleep(0.02)
-        self._proc = proc  # keep it, so subprocess never reaps behind our back
 
     async def _sender(self) -> None:
         while True:
@@ -138,7 +107,7 @@ class RouterClient:
                 service = self._dirty.pop()
                 port, backends = self.table[service]
                 try:
-                    await self.request({"op": "set", "service": service, "port": port, "backends": backends})
+                    await self._apply(service, port, backends)
                 except RouterError as e:
                     self.on_error(service, str(e))
             if not self._dirty:
@@ -170,15 +139,86 @@ class RouterClient:
     async def quit(self) -> None:
         """Stop the router, and return only once it is gone (SIGTERM leaves nothing behind)."""
         self.stopping = True
+        await self._stop_process()
+        with trio.move_on_after(10):
+            while self._alive():
+                if getattr(self, "_proc", None) is not None and self._proc.poll() is not None:
+                    break
+                await trio.sleep(0.02)
+
+
+class RouterClient(TableFeeder):
+    """The built-in router (deployfs.router), spoken to over its unix socket."""
+
+    def __init__(self, state_dir: str, *, bind: str = "127.0.0.1", balance: str = "roundrobin",
+                 on_error: Callable[[str, str], None] | None = None) -> None:
+        super().__init__(state_dir, on_error=on_error)
+        self.bind, self.balance = bind, balance
+
+    async def request(self, req: dict, timeout: float = 10) -> dict:
+        try:
+            with trio.fail_after(timeout):
+                stream = await trio.open_unix_socket(sock_path(self.state_dir))
+                async with stream:
+                    await stream.send_all(json.dumps(req).encode() + b"\n")
+                    buf = b""
+                    while b"\n" not in buf:
+                        data = await stream.receive_some(65536)
+                        if not data:
+                            raise RouterError("router closed the connection")
+                        buf += data
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as e:
+            raise RouterError(f"router unreachable: {e}") from None
+        reply = json.loads(buf)
+        if "error" in reply:
+            raise RouterError(reply["error"])
+        return reply
+
+    async def _apply(self, service: str, port: int | None, backends: list[Backend]) -> None:
+        await self.request({"op": "set", "service": service, "port": port, "backends": backends})
+
+    async def _drain(self, service: str, backend: Backend, timeout: float) -> None:
+        await self.request({"op": "drain", "service": service, "backend": list(backend), "timeout": timeout},
+                           timeout=timeout + 5)
+
+    async def _ensure(self) -> None:
+        """Adopt the router that is running for this state directory, or start one."""
+        pid = _read_pid(pid_path(self.state_dir))
+        if pid and _cmdline_has(pid, b"deployfs.router"):
+            try:
+                await self.request({"op": "stats"}, timeout=3)
+                self.pid, self.adopted = pid, True
+                log.info("adopted the running router (pid %d)", pid)
+                return
+            except RouterError:
+                pass
+        log_file = open(os.path.join(self.state_dir, "router.log"), "ab")
+        env = dict(os.environ, **{MARKER: f"{self.state_dir}:router:0"})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "deployfs.router", "--state", self.state_dir, "--bind", self.bind,
+             "--balance", self.balance],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        log_file.close()
+        self.pid, self.adopted = proc.pid, False
+        with trio.fail_after(20):
+            while True:
+                if proc.poll() is not None:
+                    raise RouterError(f"the router exited at start (status {proc.returncode}); see router.log")
+                try:
+                    await self.request({"op": "stats"}, timeout=1)
+                    break
+                except RouterError:
+                    await trio.sleep(0.02)
+        self._proc = proc  # keep it, so subprocess never reaps behind our back
+
+    async def _stop_process(self) -> None:
         try:
             await self.request({"op": "quit"}, timeout=5)
         except RouterError:
             pass
-        with trio.move_on_after(10):
-            while self.pid is not None and _is_router(self.pid):
-                if getattr(self, "_proc", None) is not None and self._proc.poll() is not None:
-                    break
-                await trio.sleep(0.02)
+
+    def _alive(self) -> bool:
+        return self.pid is not None and _cmdline_has(self.pid, b"deployfs.router")
 
 
 def _read_pid(path: str) -> int | None:
@@ -189,9 +229,9 @@ def _read_pid(path: str) -> int | None:
         return None
 
 
-def _is_router(pid: int) -> bool:
+def _cmdline_has(pid: int, word: bytes) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"deployfs.router" in f.read()
+            return word in f.read()
     except OSError:
         return False

@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--keep-instances", action="store_true",
                    help="on SIGTERM/SIGINT leave instances running (the next start adopts them)")
     s.add_argument("--ports", default="41000-48999", help="range of private instance ports (default 41000-48999)")
+    s.add_argument("--router", choices=["builtin", "haproxy"], default="builtin",
+                   help="the traffic path: the built-in router (default) or an haproxy that deployfs owns")
     s.add_argument("--bind", default="127.0.0.1", help="address the router listens on for service ports")
     s.add_argument("--balance", choices=["roundrobin", "leastconn"], default="roundrobin",
                    help="how the router picks a healthy instance (default roundrobin)")
@@ -96,6 +98,7 @@ async def serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None
     from ..engine import Engine
     from ..events import EventLog
     from ..fs import Access, DeployFS
+    from ..haproxy import HAProxyRouter
     from ..health import Probes
     from ..router_client import RouterClient, RouterError
     from ..runtime import LocalRuntime
@@ -107,7 +110,8 @@ async def serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None
         raise SetupError(str(e)) from None
     probes = Probes()
     events = EventLog(store, segment_bytes=a.events_max_bytes)
-    router = RouterClient(a.state, bind=a.bind, balance=a.balance,
+    router_class = HAProxyRouter if a.router == "haproxy" else RouterClient
+    router = router_class(a.state, bind=a.bind, balance=a.balance,
                           on_error=lambda service, msg: events.emit(service, f"router: {msg}"))
     engine = Engine(store, LocalRuntime(a.state, ports=ports), probes, events=events, router=router, state_dir=a.state)
     ops = DeployFS(engine, access=Access(group=group), debug=a.debug)
