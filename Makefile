@@ -27,8 +27,13 @@ test: $(STAMP)
 	@DEPLOYFS_TEST_DEPS=1 scripts/ensure-system-deps
 	$(PY) -m pytest
 
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+bench: export DEPLOYFS_TEST_DEPS=1
 bench: $(STAMP)
-	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@DEPLOYFS_TEST_DEPS=1 scripts/ensure-system-deps
+	@for b in fs supervise rollout router; do echo; $(PY) bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -22,7 +22,7 @@ from deployfs.health import Probes
 from deployfs.runtime import LocalRuntime
 from deployfs.store import SqliteStore
 
-SERVICE = os.path.join(ROOT, "tests", "service.py")
+SERVICE = os.path.join(ROOT, "examples", "web.py")
 N, B, INTERVAL, RETRIES = 20, 5, 0.1, 3
 
 

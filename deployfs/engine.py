@@ -413,7 +413,7 @@ class Service:
             if empty:
                 self.event(f"no healthy instance: connections to port {self.manifest.port} are refused")
             else:
-                self.event(f"serving on port {self.manifest.port} again")
+                self.event(f"serving on port {self.manifest.port}")
         self._unrouted = empty
 
     def save(self) -> None:

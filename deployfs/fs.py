@@ -157,8 +157,8 @@ class DeployFS(pyfuse3.Operations):
             a.st_mode = stat.S_IFREG | 0o444
             size = len(node.data(self.engine.events))
             mtime, timeout = node.mtime(self.engine.events), STATIC_TIMEOUT  # invalidated on every append
-        elif isinstance(node, Ctl):
-            a.st_mode = stat.S_IFREG | 0o600 | group_w
+        elif isinstance(node, Ctl):  # the group reads replies back too
+            a.st_mode = stat.S_IFREG | 0o600 | (0o060 if group_w else 0)
         elif isinstance(node, Wait):
             a.st_mode = stat.S_IFREG | 0o444
         elif isinstance(node, ManifestFile):

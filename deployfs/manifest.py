@@ -225,8 +225,6 @@ def parse(data: bytes | str, *, name: str, source: str | None = None) -> Parsed:
         raise ManifestError(source, seen_at["name"], f"name: {values['name']!r} does not match the file name {name!r}")
     values["name"] = name
     m = Manifest(env=tuple(sorted(env.items())), extra=tuple(extra), **values)  # type: ignore[arg-type]
-    if m.health_timeout > m.health_interval and m.health is not None:
-        warnings.append(f"{source}: health_timeout {m.health_timeout:g}s is longer than health_interval {m.health_interval:g}s")
     return Parsed(m, tuple(warnings))
 
 

@@ -140,8 +140,9 @@ def plan(t: Target, insts: list[Inst], st: State, now: float) -> Plan:
     if bad:
         first = bad[0]
         doomed = [i for i in new if i.phase is not Phase.READY]
+        what = first.why if first.phase is Phase.EXITED else f"{first.phase.value}: {first.why}"
         return Plan([*(Stop(i.id, "rollout failed") for i in doomed),
-                     Fail(f"instance {first.slot} ({t.key[0]}) {first.phase.value}: {first.why}".rstrip(": "))],
+                     Fail(f"instance {first.slot} ({t.key[0]}) {what}".rstrip(": "))],
                     replace(st, status="failed", steps=0))
     not_serving = [i for i in old if i.phase is not Phase.READY]
     if not_serving:

@@ -238,13 +238,19 @@ class LocalRuntime:
                 old.write(data)
             f.truncate(0)
 
-    def remove_log(self, service: str, instance_id: int) -> None:
-        path = self.log_path(service, instance_id)
-        for p in (path, path + ".1"):
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
+    def remove_log(self, service: str, instance_id: int, keep: int = 50) -> None:
+        """An instance is gone: keep its log (why did it fail?) but only the newest ``keep`` per service."""
+        d = os.path.join(self.log_dir, service)
+        try:
+            logs = sorted((e for e in os.scandir(d) if e.name.endswith(".log")), key=lambda e: e.stat().st_mtime)
+        except FileNotFoundError:
+            return
+        for e in logs[:-keep] if len(logs) > keep else []:
+            for p in (e.path, e.path + ".1"):
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    pass
 
 
 def _port_free(host: str, port: int) -> bool:

@@ -9,7 +9,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-SERVICE = os.path.abspath(os.path.join(os.path.dirname(__file__), "service.py"))
+SERVICE = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "examples", "web.py"))
 
 
 @dataclass

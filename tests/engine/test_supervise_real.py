@@ -12,7 +12,7 @@ from deployfs.health import Probes
 from deployfs.runtime import LocalRuntime
 from deployfs.store import SqliteStore
 
-SERVICE = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "service.py"))
+SERVICE = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "examples", "web.py"))
 
 
 @pytest.fixture

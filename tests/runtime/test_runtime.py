@@ -8,7 +8,7 @@ import trio
 
 from deployfs.runtime import LaunchSpec, LocalRuntime, StartError, find_strays, proc_start_time
 
-SERVICE = os.path.join(os.path.dirname(__file__), "..", "service.py")
+SERVICE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "web.py")
 
 
 def spec(*args, id=1, cwd=None):

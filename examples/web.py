@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A small HTTP service for tests and the demo (stdlib only).
+"""An example web service for the walkthrough, the demo and the tests (stdlib only).
 
 GET / answers "<version> <instance>"; GET /healthz answers 200 (or 503 once
 --fail-health-after has passed).  Switches make it misbehave on purpose.
