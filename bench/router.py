@@ -1,10 +1,12 @@
 """Traffic path: requests/s and p99 with wrk (keep-alive, fixed duration), in one run:
-direct to one backend, and through the built-in router.  Target: router >= 0.5x direct.
+direct to one backend, through the built-in router, and through haproxy (mode tcp,
+as HAProxy mode runs it).  Target: built-in router >= 0.5x direct.
 """
 
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,7 +17,21 @@ import time
 from common import ROOT, machine, wait_for
 
 DURATION, CONNS = int(os.environ.get("DURATION", 8)), 32
-BACKEND, LISTEN = 19101, 19100
+BACKEND, LISTEN, HAPROXY = 19101, 19100, 19102
+HAPROXY_CFG = """global
+    maxconn 4000
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 1h
+    timeout server 1h
+frontend fe
+    bind 127.0.0.1:{listen}
+    default_backend be
+backend be
+    balance roundrobin
+    server s1 127.0.0.1:{backend}
+"""
 
 
 def wrk(port: int) -> tuple[float, str]:
@@ -38,6 +54,14 @@ def control(state: str, req: dict) -> dict:
     return json.loads(reply)
 
 
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
 def main() -> None:
     state = tempfile.mkdtemp(prefix="bench-router-")
     procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "backend.py"), str(BACKEND)])]
@@ -48,15 +72,26 @@ def main() -> None:
                                "backends": [["127.0.0.1", BACKEND]]}).get("ok")
         time.sleep(0.5)
         rows = [("direct to the backend",) + wrk(BACKEND), ("built-in router",) + wrk(LISTEN)]
+        cfg = os.path.join(state, "haproxy.cfg")
+        with open(cfg, "w") as f:
+            f.write(HAPROXY_CFG.format(listen=HAPROXY, backend=BACKEND))
+        if shutil.which("haproxy"):
+            procs.append(subprocess.Popen(["haproxy", "-db", "-f", cfg], stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+            wait_for(lambda: _listening(HAPROXY), what="haproxy")
+            rows.append(("haproxy (mode tcp)",) + wrk(HAPROXY))
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
             p.wait(timeout=10)
     direct = rows[0][1]
+    builtin = rows[1][1]
     print(f"bench/router.py on {machine()}: wrk -t2 -c{CONNS} -d{DURATION}s, keep-alive, trio backend")
     print(f"{'path':<24}{'req/s':>10}{'p99':>10}{'ratio':>8}")
     for name, rps, p99 in rows:
         print(f"{name:<24}{rps:>10.0f}{p99:>10}{rps / direct:>7.2f}x")
+    if len(rows) > 2:
+        print(f"built-in / haproxy: {builtin / rows[2][1]:.2f}x")
 
 
 if __name__ == "__main__":

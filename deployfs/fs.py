@@ -26,6 +26,7 @@ import grp
 import logging
 import os
 import pwd
+import select
 import stat
 import time
 from dataclasses import dataclass, field
@@ -118,7 +119,9 @@ class DeployFS(pyfuse3.Operations):
         self.mounted = False
         self.started = time.time()
         self._segments: dict[str, int] = {}
+        self._pollers: dict[str, list[pyfuse3.PollHandle]] = {}  # poll(2) on `wait`, by service
         engine.events.listeners.append(self._on_event)
+        engine.listeners.append(self._on_change)
 
     # -- inodes and attributes ---------------------------------------------------------
 
@@ -211,6 +214,16 @@ class DeployFS(pyfuse3.Operations):
         ino = self._inos.get(current)
         if ino is not None:
             _invalidate(ino, attr_only=True)
+
+    def _on_change(self, service: str) -> None:
+        """Wake poll(2)/select(2) on `wait` once the rollout is no longer in flight."""
+        svc = self.engine.services.get(service)
+        if service in self._pollers and (svc is None or svc.outcome() is not None):
+            for handle in self._pollers.pop(service):
+                try:
+                    handle.notify()
+                except OSError:
+                    pass
 
     # -- lookup and directories ------------------------------------------------------------
 
@@ -337,6 +350,22 @@ class DeployFS(pyfuse3.Operations):
             return out
         finally:
             self.waiters -= 1
+
+    @_guard
+    async def poll(self, inode: int, fh: int, poll_handle: pyfuse3.PollHandle | None,
+                   ctx: pyfuse3.RequestContext) -> int:
+        h = self._handles.get(fh)
+        node = h.node if h is not None else self._node(inode)[1]
+        ready = select.POLLIN | select.POLLRDNORM
+        if isinstance(node, Wait):
+            svc = self.engine.services.get(node.service)
+            if svc is not None and svc.outcome() is None:
+                if poll_handle is not None:
+                    self._pollers.setdefault(node.service, []).append(poll_handle)
+                return 0
+        elif isinstance(node, (Ctl, ManifestFile)):
+            ready |= select.POLLOUT | select.POLLWRNORM
+        return ready
 
     @_guard
     async def write(self, fh: int, off: int, buf: bytes) -> int:

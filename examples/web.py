@@ -74,6 +74,7 @@ def main() -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     draining.wait()
     server.shutdown()
+    server.socket.close()  # refuse late connections (a proxy retries them elsewhere) instead of resetting them at exit
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and threading.active_count() > 1:
         time.sleep(0.02)

@@ -210,3 +210,30 @@ def test_state_files_are_read_only(mnt):
     modes = {f: oct(os.stat(mnt.p("active/web", f)).st_mode & 0o777) for f in ("ctl", "version", "events")}
     assert modes == {"ctl": "0o600", "version": "0o444", "events": "0o444"}
     assert oct(os.stat(mnt.p("manifests/web")).st_mode & 0o777) == "0o644"
+
+
+POLLER = """
+import os, select, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+p = select.poll()
+p.register(fd, select.POLLIN)
+print("ready-at-once" if p.poll(0) else "blocked", flush=True)
+t = time.monotonic()
+events = p.poll(60000)
+print("woke" if events else "timeout", round(time.monotonic() - t, 2), os.read(fd, 200).decode().strip(), flush=True)
+"""
+
+
+def test_poll_on_wait_wakes_when_the_rollout_ends(mnt):
+    deploy(mnt)
+    idle = subprocess.run([sys.executable, "-c", POLLER, mnt.p("active/web/wait")], capture_output=True,
+                          text=True, timeout=20)
+    assert idle.stdout.startswith("ready-at-once\nwoke")  # nothing in flight: readable at once
+    mnt.write_manifest("web", WEB.replace("--port $PORT", "--port $PORT --slow-start 1"))
+    assert mnt.ctl("apply", "web").returncode == 0
+    r = subprocess.run([sys.executable, "-c", POLLER, mnt.p("active/web/wait")], capture_output=True,
+                       text=True, timeout=60)
+    first, second = r.stdout.splitlines()
+    assert first == "blocked", r.stdout + r.stderr
+    word, waited, outcome = second.split(" ", 2)
+    assert word == "woke" and float(waited) >= 0.5 and outcome.startswith("done ")
