@@ -3,7 +3,6 @@
 what deployfs adds per request."""
 
 import errno
-import os
 import signal
 import stat
 import sys

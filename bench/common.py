@@ -13,7 +13,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tests import mount  # noqa: E402  (the same real-mount helpers the tests use)
+from tests import mount  # noqa: E402,F401  (re-exported: the same real-mount helpers the tests use)
 
 TIMER = r"""
 import os, sys, time, json

@@ -5,7 +5,6 @@ per instance.  Target: 1,000 instances under 5% of a core and 200 MB.
 """
 
 import os
-import sys
 import tempfile
 import time
 

@@ -215,7 +215,8 @@ class Service:
         elif isinstance(a, rollout.Restart):
             inst = self.instances[a.id]
             inst.busy = True
-            inst.restart_times.append(trio.current_time())
+            now = trio.current_time()
+            inst.restart_times = [t for t in inst.restart_times if now - t < rollout.RESTART_WINDOW] + [now]
             inst.rec.restarts += 1
             recent = sum(1 for t in inst.restart_times if trio.current_time() - t < rollout.RESTART_WINDOW)
             self.event(f"instance {inst.rec.slot} {a.reason}, restarting ({recent}/{inst.manifest.max_restarts})")
@@ -429,12 +430,14 @@ class Service:
 class Engine:
     def __init__(self, store: Store, runtime: Runtime, prober: Prober, *, events: EventLog | None = None,
                  router: Router | None = None, state_dir: str | None = None,
-                 max_services: int = MAX_SERVICES, max_instances: int = MAX_INSTANCES) -> None:
+                 max_services: int = MAX_SERVICES, max_instances: int = MAX_INSTANCES,
+                 log_check_every: float = 10.0) -> None:
         self.store, self.runtime, self.prober = store, runtime, prober
         self.events = events or EventLog(store)
         self.router = router or NullRouter()
         self.state_dir = state_dir
         self.max_services, self.max_instances = max_services, max_instances
+        self.log_check_every = log_check_every
         self.services: dict[str, Service] = {}
         self.listeners: list = []  # called with a service name when anything about it changes
         self._next_id = 1
@@ -456,6 +459,7 @@ class Engine:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             nursery.start_soon(self.ticker.run)
+            nursery.start_soon(self._bound_logs)
             self._recover()
             task_status.started()
             await trio.sleep_forever()
@@ -497,6 +501,15 @@ class Engine:
                     os.killpg(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+    async def _bound_logs(self) -> None:
+        """Instances write their own log files; every few seconds, hold each to its log_lines."""
+        while True:
+            await trio.sleep(self.log_check_every)
+            for svc in list(self.services.values()):
+                for inst in list(svc.instances.values()):
+                    self.runtime.trim_log(svc.name, inst.rec.id, inst.manifest.log_lines)
+                await trio.sleep(0)
 
     async def shutdown(self, *, keep_instances: bool = False) -> None:
         """Drain and stop every instance (unless kept), then stop all tasks."""

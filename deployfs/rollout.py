@@ -24,7 +24,7 @@ only when nothing is draining and at most ``replicas`` run.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 Key = tuple[str, int]  # (version, generation): `restart` bumps the generation
 

@@ -113,20 +113,24 @@ class Router:
     async def _forward_one(self, route: Route, client: trio.SocketStream) -> None:
         upstream, chosen = None, None
         for backend in route.candidates(self.policy):
+            # Counted from the connect on: a drain must also wait for a
+            # connection that chose this backend just before it left routing.
+            route.active[backend] = route.active.get(backend, 0) + 1
             with trio.move_on_after(CONNECT_TIMEOUT):
                 try:
                     upstream = await trio.open_tcp_stream(*backend)
                     chosen = backend
                     break
                 except OSError:
-                    continue  # nothing was sent yet: try the next one
+                    pass  # nothing was sent yet: try the next one
+            route.active[backend] -= 1
+            route.poke()
         if upstream is None or chosen is None:
             route.refused += 1
             _reset(client)
             await client.aclose()
             return
         route.served += 1
-        route.active[chosen] = route.active.get(chosen, 0) + 1
         try:
             for s in (client, upstream):
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

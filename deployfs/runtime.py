@@ -234,8 +234,8 @@ class LocalRuntime:
             data = f.read()
             if data.count(b"\n") < lines:
                 return
-            with open(path + ".1", "wb") as old:
-                old.write(data)
+            with open(path + ".1", "wb") as old:  # only what the view can show
+                old.write(b"".join(data.splitlines(keepends=True)[-lines:]))
             f.truncate(0)
 
     def remove_log(self, service: str, instance_id: int, keep: int = 50) -> None:

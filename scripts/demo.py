@@ -12,7 +12,6 @@ import http.client
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading

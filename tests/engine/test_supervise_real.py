@@ -19,7 +19,8 @@ SERVICE = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "e
 async def real(tmp_path):
     store = SqliteStore(str(tmp_path / "state"))
     probes = Probes()
-    engine = Engine(store, LocalRuntime(str(tmp_path / "state")), probes, state_dir=str(tmp_path / "state"))
+    engine = Engine(store, LocalRuntime(str(tmp_path / "state")), probes, state_dir=str(tmp_path / "state"),
+                    log_check_every=0.2)
     async with trio.open_nursery() as n:
         await n.start(engine.run)
         yield engine
@@ -92,3 +93,16 @@ async def test_no_health_line_means_healthy_after_one_interval(real):
     t0 = trio.current_time()
     await until(lambda: len(ready(svc)) == 1)
     assert trio.current_time() - t0 >= 0.29
+
+
+async def test_instance_logs_stay_bounded(real, tmp_path):
+    # 200,000 lines of output, then quiet: what is kept on disk and shown is bounded.
+    deploy(real, "image sh\nargs -c 'seq 200000; exec sleep 60'\nreplicas 1\nlog_lines 100\nhealth_interval 0.2\n")
+    svc = real.services["web"]
+    await until(lambda: len(ready(svc)) == 1)
+    inst = svc.by_slot()[0]
+    path = real.runtime.log_path("web", inst.rec.id)
+    await until(lambda: os.path.getsize(path) < 20_000, timeout=10)
+    lines = real.runtime.read_log("web", inst.rec.id, 100).splitlines()
+    assert len(lines) <= 100
+    assert os.path.getsize(path + ".1") < 2_000  # the last 100 lines, not the 1.3 MB written

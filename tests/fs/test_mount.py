@@ -1,6 +1,5 @@
 """The namespace on a real FUSE mount, driven by real cat, echo, tail, editors."""
 
-import errno
 import os
 import signal
 import subprocess
@@ -190,7 +189,7 @@ def test_sed_perl_vim_edit_in_place(mnt):
 
 
 def test_oversize_and_hostile_writes_refused(mnt):
-    r = mnt.sh(f"head -c 70000 /dev/zero | tr '\\0' x > manifests/big")
+    r = mnt.sh("head -c 70000 /dev/zero | tr '\\0' x > manifests/big")
     assert r.returncode != 0 and "File too large" in r.stderr
     r = mnt.sh("echo hi > manifests/$'bad\\tname'")
     assert r.returncode != 0
@@ -198,7 +197,7 @@ def test_oversize_and_hostile_writes_refused(mnt):
     assert r.returncode != 0
     r = mnt.sh("echo x > active/nope")
     assert r.returncode != 0
-    r = mnt.sh(f"head -c 5000 /dev/zero | tr '\\0' a > ctl")
+    r = mnt.sh("head -c 5000 /dev/zero | tr '\\0' a > ctl")
     assert r.returncode == 1 and "Invalid argument" in r.stderr
 
 

@@ -126,6 +126,7 @@ def test_rollover_replace_and_restart(m):
     v3 = m.sh("cat active/web/wait", timeout=60).stdout.split()[1]
     w.done()
     assert w.max_running <= 4
+    assert m.read("active/web/version") == f"{v3}\n"
     assert m.read("active/web/previous_version") == f"{v1}\n"
     m.write_manifest("web", manifest("v4", update="replace"))
     m.ctl("apply", "web")
