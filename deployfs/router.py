@@ -183,11 +183,20 @@ async def _pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
                 except BlockingIOError:
                     await trio.lowlevel.wait_writable(ws)
         ws.shutdown(socket.SHUT_WR)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
         # One side broke: reset the other, so nobody mistakes a cut response for a whole one.
+        log.info("relay %s -> %s broke: %s", _peer(src), _peer(dst), e)
         _reset(dst)
         await dst.aclose()
         await src.aclose()
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "?"
 
 
 def _reset(stream: trio.SocketStream) -> None:
@@ -277,7 +286,8 @@ def main() -> None:
     p.add_argument("--bind", default="127.0.0.1")
     p.add_argument("--balance", choices=["roundrobin", "leastconn"], default="roundrobin")
     a = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="deployfs-router: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s.%(msecs)03d deployfs-router: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
     trio.run(serve, a.state, a.bind, a.balance)
 
 

@@ -30,7 +30,9 @@ from typing import Protocol
 import trio
 
 BASE_ENV_KEYS = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ")
-DEFAULT_PORTS = (41000, 48999)
+# Below Linux's ephemeral range (32768-60999 by default): an outgoing
+# connection must never take an instance's port between allocation and bind.
+DEFAULT_PORTS = (24000, 31999)
 MARKER = "DEPLOYFS_INSTANCE"  # in every instance's environment: "<state-dir>:<service>:<id>"
 
 
@@ -251,6 +253,17 @@ class LocalRuntime:
                     os.unlink(p)
                 except FileNotFoundError:
                     pass
+
+
+def ephemeral_overlap(ports: tuple[int, int]) -> tuple[int, int] | None:
+    """The part of ``ports`` inside the kernel's ephemeral port range, if any."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = map(int, f.read().split())
+    except (OSError, ValueError):
+        return None
+    a, b = max(lo, ports[0]), min(hi, ports[1])
+    return (a, b) if a <= b else None
 
 
 def _port_free(host: str, port: int) -> bool:

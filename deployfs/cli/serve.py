@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--group", help="members of this group may also write ctl files and manifests")
     s.add_argument("--keep-instances", action="store_true",
                    help="on SIGTERM/SIGINT leave instances running (the next start adopts them)")
-    s.add_argument("--ports", default="41000-48999", help="range of private instance ports (default 41000-48999)")
+    s.add_argument("--ports", default="24000-31999",
+                   help="range of private instance ports (default 24000-31999, below the kernel's ephemeral range)")
     s.add_argument("--router", choices=["builtin", "haproxy"], default="builtin",
                    help="the traffic path: the built-in router (default) or an haproxy that deployfs owns")
     s.add_argument("--bind", default="127.0.0.1", help="address the router listens on for service ports")
@@ -51,6 +52,10 @@ def main(argv: list[str] | None = None) -> None:
         ports = (int(lo), int(hi))
         group = None if a.group is None else _group(a.group)
         check_mountpoint(a.mountpoint)
+        from ..runtime import ephemeral_overlap
+        if overlap := ephemeral_overlap(ports):
+            log.warning("--ports %s overlaps the kernel's ephemeral ports (%d-%d): an outgoing connection may "
+                        "take an instance's port before it binds", a.ports, *overlap)
         trio.run(serve, a, ports, group)
     except SetupError as e:
         print(f"deployfs: {e}", file=sys.stderr)
