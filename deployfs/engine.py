@@ -230,7 +230,6 @@ class Service:
                 e.nursery.start_soon(self._kill, inst)
         elif isinstance(a, rollout.Fail):
             self.rec.failure = a.reason + self._detection()
-            self.rec.outcome = f"failed: {self.rec.failure}"
             self.rec.update_status = "failed"
             self.save()
             self.event(f"rolling update failed: {self.rec.failure}")
@@ -239,7 +238,7 @@ class Service:
                 for id, slot in a.renumber.items():
                     self.instances[id].rec.slot = slot
                     self.save_instance(self.instances[id])
-                self.rec.update_status, self.rec.outcome, self.rec.failure = "none", f"done {self.rec.version}", ""
+                self.rec.update_status, self.rec.failure = "none", ""
                 self.save()
             took = trio.current_time() - self.rollout_t0
             what = "rolling update" if self.rec.rollout_from else "deploy"

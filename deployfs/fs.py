@@ -55,7 +55,6 @@ class Handle:
     uid: int = 0
     pid: int = 0
     may_write: bool = False
-    dirty: bool = False
 
 
 @dataclass

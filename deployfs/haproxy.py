@@ -26,7 +26,6 @@ import subprocess
 import trio
 
 from .router_client import Backend, RouterError, TableFeeder, _cmdline_has, _read_pid
-from .runtime import MARKER
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +141,7 @@ class HAProxyRouter(TableFeeder):
         if pid and _cmdline_has(pid, b"haproxy"):
             try:
                 await self.cmd("show proc", master=True, timeout=3)
-                self.pid, self.adopted = pid, True
+                self.pid = pid
                 await self._read_live()
                 log.info("adopted the running haproxy (pid %d)", pid)
                 return
@@ -150,7 +149,7 @@ class HAProxyRouter(TableFeeder):
                 pass
         self.live = {}
         self._write()
-        env = dict(os.environ, **{MARKER: f"{self.state_dir}:router:0"})
+        env = self._marked_env()
         log_file = open(os.path.join(self.state_dir, "haproxy.log"), "ab")
         try:
             proc = subprocess.run([self.haproxy, "-W", "-D", "-f", self.cfg, "-S", f"{self.master},mode,600",
@@ -165,7 +164,7 @@ class HAProxyRouter(TableFeeder):
         with trio.fail_after(20):
             while not (pid := _read_pid(self.pidfile)):
                 await trio.sleep(0.02)
-        self.pid, self.adopted = pid, False
+        self.pid = pid
         await self._wait_ready()
 
     async def _read_live(self) -> None:

@@ -45,7 +45,6 @@ class TableFeeder:
         self._flushed = trio.Event()
         self._flushed.set()
         self.pid: int | None = None
-        self.adopted = False
         self.stopping = False
 
     # -- what the engine calls ----------------------------------------------------------
@@ -80,6 +79,10 @@ class TableFeeder:
 
     async def _stop_process(self) -> None:
         raise NotImplementedError
+
+    def _marked_env(self) -> dict[str, str]:
+        """The router's environment: marked, so tests and stray sweeps know it is ours."""
+        return dict(os.environ, **{MARKER: f"{self.state_dir}:router:0"})
 
     def _alive(self) -> bool:
         raise NotImplementedError
@@ -187,19 +190,19 @@ class RouterClient(TableFeeder):
         if pid and _cmdline_has(pid, b"deployfs.router"):
             try:
                 await self.request({"op": "stats"}, timeout=3)
-                self.pid, self.adopted = pid, True
+                self.pid = pid
                 log.info("adopted the running router (pid %d)", pid)
                 return
             except RouterError:
                 pass
         log_file = open(os.path.join(self.state_dir, "router.log"), "ab")
-        env = dict(os.environ, **{MARKER: f"{self.state_dir}:router:0"})
+        env = self._marked_env()
         proc = subprocess.Popen(
             [sys.executable, "-m", "deployfs.router", "--state", self.state_dir, "--bind", self.bind,
              "--balance", self.balance],
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         log_file.close()
-        self.pid, self.adopted = proc.pid, False
+        self.pid = proc.pid
         with trio.fail_after(20):
             while True:
                 if proc.poll() is not None:

@@ -277,15 +277,14 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def find_strays(state_dir: str, known: set[tuple[str, int]]) -> list[int]:
-    """Pids of processes started for this state dir that no record accounts for.
+def marked_processes(prefix: str) -> dict[int, str]:
+    """Processes whose MARKER starts with ``prefix``: pid -> the marker's value.
 
-    A server killed between spawning an instance and recording it leaves such
-    a process behind; the marker in its environment is how we recognise our
-    own, so nothing else is ever touched.
+    The marker in the environment is how deployfs recognises what it started
+    (instances, the router), so nothing else is ever touched.
     """
-    prefix = f"{MARKER}={os.path.abspath(state_dir)}:".encode()
-    strays = []
+    key = f"{MARKER}=".encode()
+    found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -295,13 +294,32 @@ def find_strays(state_dir: str, known: set[tuple[str, int]]) -> list[int]:
         except OSError:
             continue
         for var in environ.split(b"\0"):
-            if var.startswith(prefix):
-                service, _, ident = var[len(prefix):].decode(errors="replace").rpartition(":")
-                if service == "router":  # ours, but not an instance
-                    break
-                if ident.isdigit() and (service, int(ident)) not in known and _is_group_leader(int(entry)):
-                    strays.append(int(entry))
+            if var.startswith(key):
+                value = var[len(key):].decode(errors="replace")
+                if value.startswith(prefix):
+                    found[int(entry)] = value
                 break
+    return found
+
+
+def marker_prefix(state_dir: str) -> str:
+    return f"{os.path.abspath(state_dir)}:"
+
+
+def find_strays(state_dir: str, known: set[tuple[str, int]]) -> list[int]:
+    """Process groups started for this state dir that no record accounts for.
+
+    A server killed between spawning an instance and recording it leaves such
+    a process behind.
+    """
+    prefix = marker_prefix(state_dir)
+    strays = []
+    for pid, value in marked_processes(prefix).items():
+        service, _, ident = value[len(prefix):].rpartition(":")
+        if service == "router":  # ours, but not an instance
+            continue
+        if ident.isdigit() and (service, int(ident)) not in known and _is_group_leader(pid):
+            strays.append(pid)
     return strays
 
 

@@ -21,7 +21,7 @@ import json
 import os
 import sqlite3
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Iterator, Protocol
 
 
@@ -41,10 +41,8 @@ class ServiceRecord:
     update_status: str = "none"  # none | rolling | paused | failed
     steps: int = 0  # batches `step` may still start while paused
     failure: str = ""
-    outcome: str = ""  # how the last rollout ended: "done <v>", "failed: ..."
     stopped: bool = False
     rollout_from: str | None = None
-    rollout_started: float | None = None
 
 
 @dataclass
@@ -201,17 +199,17 @@ class SqliteStore:
 
     def get_service(self, name: str) -> ServiceRecord | None:
         row = self._db.execute("SELECT data FROM services WHERE name = ?", (name,)).fetchone()
-        return ServiceRecord(**json.loads(row[0])) if row else None
+        return _record(ServiceRecord, row[0]) if row else None
 
     def put_service(self, rec: ServiceRecord) -> None:
         self._db.execute("INSERT OR REPLACE INTO services VALUES (?, ?)", (rec.name, json.dumps(asdict(rec))))
 
     def list_services(self) -> list[ServiceRecord]:
-        return [ServiceRecord(**json.loads(r[0])) for r in self._db.execute("SELECT data FROM services ORDER BY name")]
+        return [_record(ServiceRecord, r[0]) for r in self._db.execute("SELECT data FROM services ORDER BY name")]
 
     def list_instances(self, service: str) -> list[InstanceRecord]:
         rows = self._db.execute("SELECT data FROM instances WHERE service = ? ORDER BY id", (service,))
-        return [InstanceRecord(**json.loads(r[0])) for r in rows]
+        return [_record(InstanceRecord, r[0]) for r in rows]
 
     def put_instance(self, rec: InstanceRecord) -> None:
         self._db.execute("INSERT OR REPLACE INTO instances VALUES (?, ?, ?)", (rec.service, rec.id, json.dumps(asdict(rec))))
@@ -240,3 +238,10 @@ class SqliteStore:
         row = self._db.execute("SELECT seq, segment, ts, text FROM events WHERE service = ? ORDER BY seq DESC LIMIT 1",
                                (service,)).fetchone()
         return Event(*row) if row else None
+
+
+def _record(cls, data: str):  # type: ignore[no-untyped-def]
+    """A record from its JSON; keys this version does not know are ignored, so a
+    field can be dropped (or added by a newer writer) without breaking a read."""
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in json.loads(data).items() if k in known})

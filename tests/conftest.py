@@ -3,21 +3,7 @@ import signal
 
 import pytest
 
-from deployfs.runtime import MARKER
-
-
-def _our_strays(root: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as f:
-                    env = f.read()
-            except OSError:
-                continue
-            if f"{MARKER}={root}".encode() in env:
-                found.append(int(entry))
-    return found
+from deployfs.runtime import marked_processes
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -25,7 +11,7 @@ def no_stray_processes(tmp_path_factory):
     """Every instance any test started must be gone when the suite ends."""
     root = str(tmp_path_factory.getbasetemp())
     yield
-    strays = _our_strays(root)
+    strays = list(marked_processes(root))
     for pid in strays:
         try:
             os.kill(pid, signal.SIGKILL)

@@ -9,6 +9,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from deployfs.runtime import marked_processes, marker_prefix
+
 SERVICE = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "examples", "web.py"))
 
 
@@ -73,16 +75,7 @@ def start(tmp, *extra: str, state: str | None = None, mnt: str | None = None, ar
 
 def reap(state: str) -> list[int]:
     """Kill every process started for this state dir (instances, router); return their pids."""
-    marker = f"DEPLOYFS_INSTANCE={os.path.abspath(state)}:".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as f:
-                    if marker in f.read():
-                        found.append(int(entry))
-            except OSError:
-                pass
+    found = list(marked_processes(marker_prefix(state)))
     for pid in found:
         try:
             os.kill(pid, signal.SIGKILL)

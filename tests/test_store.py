@@ -121,3 +121,11 @@ def test_concurrent_readers_while_a_writer_appends(tmp_path):
         t.join()
     assert errors == []
     assert len(counts) == 3 and all(c > 0 for c in counts)
+
+
+def test_records_with_unknown_keys_still_load(tmp_path):
+    # a field dropped by this version, or added by a newer writer, must not break a read
+    s = SqliteStore(str(tmp_path))
+    s._db.execute("INSERT INTO services VALUES ('web', ?)", ('{"name": "web", "replicas": 2, "outcome": "done x"}',))
+    assert s.get_service("web") == ServiceRecord("web", replicas=2)
+    assert [r.name for r in s.list_services()] == ["web"]

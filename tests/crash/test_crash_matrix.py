@@ -6,7 +6,6 @@ uninterrupted run reaches, no event from before the crash is lost, and the
 router kept every request flowing.
 """
 
-import os
 import re
 import sys
 import time
