@@ -16,7 +16,9 @@ Control protocol: one JSON object per connection, one JSON reply.
 Forwarding: each accepted connection goes to the next backend (round-robin,
 or least-connections).  If a backend refuses the connect, nothing has been
 sent yet, so the next backend is tried.  With no backend at all the client
-is reset at once rather than left hanging.
+is reset at once rather than left hanging.  Once connected, the pair of
+sockets is handed to the relay thread (_relay.py), which copies the bytes;
+the connection's task waits for it to finish, so counts and drains stay here.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ import logging
 import os
 import signal
 import socket
-import struct
 import sys
 from dataclasses import dataclass, field
 
 import trio
+
+from ._relay import Relay, reset
 
 log = logging.getLogger("deployfs.router")
 Backend = tuple[str, int]
@@ -61,6 +64,10 @@ class Route:
         start = next(self._rr) % len(b)
         return b[start:] + b[:start]
 
+    def release(self, backend: Backend) -> None:
+        self.active[backend] -= 1
+        self.poke()
+
     def poke(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
@@ -71,6 +78,7 @@ class Router:
         self.bind, self.policy = bind, policy
         self.routes: dict[str, Route] = {}
         self.nursery: trio.Nursery
+        self.relay: Relay
 
     async def set(self, service: str, port: int | None, backends: list[Backend]) -> dict:
         route = self.routes.get(service)
@@ -123,27 +131,31 @@ class Router:
                     break
                 except OSError:
                     pass  # nothing was sent yet: try the next one
-            route.active[backend] -= 1
-            route.poke()
+            route.release(backend)
         if upstream is None or chosen is None:
             route.refused += 1
-            _reset(client)
+            reset(client)
             await client.aclose()
             return
         route.served += 1
+        finished, pair = trio.Event(), None
         try:
-            for s in (client, upstream):
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            async with trio.open_nursery() as n:
-                n.start_soon(_pump, client, upstream)
-                n.start_soon(_pump, upstream, client)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
+            label = f"{_peer(client)} -> {chosen[0]}:{chosen[1]}"
+            for st in (client, upstream):
+                st.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # From here the relay thread owns both sockets and closes them.
+            a, b = (socket.socket(fileno=st.socket.detach()) for st in (client, upstream))
+            pair = self.relay.add(a, b, label, finished.set)
+            await finished.wait()
+        except OSError:
+            pass  # the client left before the hand-over
         finally:
-            route.active[chosen] -= 1
-            route.poke()
-            await upstream.aclose()
-            await client.aclose()
+            if pair is None:
+                await upstream.aclose()
+                await client.aclose()
+            elif not finished.is_set():
+                self.relay.abort(pair)  # the route is going away: reset both ends
+            route.release(chosen)
 
     async def drain(self, service: str, backend: Backend, timeout: float) -> dict:
         route = self.routes.get(service)
@@ -159,51 +171,12 @@ class Router:
                 "active": {f"{h}:{p}": n for (h, p), n in r.active.items() if n}} for s, r in self.routes.items()}}
 
 
-async def _pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
-    """Copy one direction until EOF, then half-close the other side.
-
-    Works on the raw non-blocking sockets: SocketStream's per-call machinery
-    (conflict detection, checkpoints, retry wrappers) was most of the proxy's
-    cost per request.  Each syscall is tried first and only waits on EAGAIN.
-    """
-    rs, ws = src.socket._sock, dst.socket._sock  # type: ignore[attr-defined]
-    try:
-        while True:
-            try:
-                data = rs.recv(65536)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(rs)
-                continue
-            if not data:
-                break
-            view = memoryview(data)
-            while view:
-                try:
-                    view = view[ws.send(view):]
-                except BlockingIOError:
-                    await trio.lowlevel.wait_writable(ws)
-        ws.shutdown(socket.SHUT_WR)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-        # One side broke: reset the other, so nobody mistakes a cut response for a whole one.
-        log.info("relay %s -> %s broke: %s", _peer(src), _peer(dst), e)
-        _reset(dst)
-        await dst.aclose()
-        await src.aclose()
-
-
 def _peer(stream: trio.SocketStream) -> str:
     try:
         host, port = stream.socket.getpeername()[:2]
         return f"{host}:{port}"
     except OSError:
         return "?"
-
-
-def _reset(stream: trio.SocketStream) -> None:
-    try:
-        stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
 
 
 # -- the process ------------------------------------------------------------------
@@ -266,6 +239,7 @@ async def serve(state_dir: str, bind: str, policy: str) -> None:
                 reply = {"error": f"bad request: {e}"}
             await stream.send_all(json.dumps(reply).encode() + b"\n")
 
+    router.relay = Relay(trio.lowlevel.current_trio_token().run_sync_soon)
     async with trio.open_nursery() as nursery:
         router.nursery = nursery
         nursery.start_soon(trio.serve_listeners, control, [listener])
@@ -273,6 +247,7 @@ async def serve(state_dir: str, bind: str, policy: str) -> None:
             async for _ in signals:
                 nursery.cancel_scope.cancel()
                 break
+    router.relay.close()
     for p in (path, pid_path(state_dir)):
         try:
             os.unlink(p)
