@@ -373,12 +373,13 @@ class Service:
         was_running = inst.proc is not None and not inst.proc.exited
         if was_running and inst.backend and inst.phase is Phase.READY:
             await e.router.drain(self.name, inst.backend, m.drain_timeout)
-        if inst.proc is not None:
-            await inst.proc.stop(m.stop_signum, m.stop_timeout)
+        killed = inst.proc is not None and await inst.proc.stop(m.stop_signum, m.stop_timeout)
         if inst.monitor:
             inst.monitor.cancel()
         if was_running:
-            self.event(f"instance {inst.rec.slot} stopped")
+            # A kill cuts whatever the instance still had in flight: say so.
+            why = f" (killed: still running {m.stop_timeout:g}s after SIG{m.stop_signal})" if killed else ""
+            self.event(f"instance {inst.rec.slot} stopped{why}")
         self.instances.pop(inst.rec.id, None)
         e.store.delete_instance(self.name, inst.rec.id)
         if inst.rec.port:

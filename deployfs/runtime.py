@@ -58,7 +58,9 @@ class Process(Protocol):
     @property
     def exited(self) -> bool: ...
     async def wait(self) -> int | None: ...
-    async def stop(self, signum: int, timeout: float) -> None: ...
+    async def stop(self, signum: int, timeout: float) -> bool:
+        """True if it had to be killed: still running ``timeout`` after ``signum``."""
+        ...
 
 
 class Runtime(Protocol):
@@ -129,17 +131,20 @@ class LocalProcess:
         except (ProcessLookupError, PermissionError):
             pass
 
-    async def stop(self, signum: int, timeout: float) -> None:
+    async def stop(self, signum: int, timeout: float) -> bool:
         """stop_signal to the group, SIGKILL after ``timeout``; then sweep the group."""
+        killed = False
         if not self.exited:
             self._killpg(signum)
             with trio.move_on_after(timeout):
                 await self.wait()
             if not self.exited:
+                killed = True
                 self._killpg(signal.SIGKILL)
                 await self.wait()
         # Grandchildren that outlived the leader are still in its group.
         self._killpg(signal.SIGKILL)
+        return killed
 
 
 class LocalRuntime:

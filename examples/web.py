@@ -35,7 +35,13 @@ def main() -> None:
     else:
         # Graceful: stop accepting, answer what is in flight with
         # "Connection: close", exit once connections are done (or after 5 s).
-        signal.signal(signal.SIGTERM, lambda *_: draining.set())
+        # SIGTERM is blocked here, before any thread exists (threads inherit
+        # the mask), and taken with sigwait below.  A Python handler would run
+        # only in the main thread, and only once that thread wakes: when the
+        # kernel hands the signal to a busy handler thread instead, a main
+        # thread asleep in Event.wait() never learns of it, and the service
+        # runs on until it is killed, cutting requests (CPython gh-85300).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     if a.spawn_child:
         if os.fork() == 0:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -72,7 +78,10 @@ def main() -> None:
         with open(a.touch, "w") as f:
             f.write("ok\n")
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    draining.wait()
+    if a.ignore_term:
+        threading.Event().wait()
+    signal.sigwait({signal.SIGTERM})
+    draining.set()
     server.shutdown()
     server.socket.close()  # refuse late connections (a proxy retries them elsewhere) instead of resetting them at exit
     deadline = time.monotonic() + 5

@@ -40,12 +40,13 @@ class FakeProcess:
         await self._done.wait()
         return self.exit_status
 
-    async def stop(self, signum: int, timeout: float) -> None:
+    async def stop(self, signum: int, timeout: float) -> bool:
         if not self.exited:
             self.signals.append(signum)
             self.signalled_at.append(trio.current_time())
             await trio.sleep(self.rt.stop_delay)
             self.exit(128 + signum)
+        return False
 
 
 class FakeRuntime:

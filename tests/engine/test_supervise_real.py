@@ -106,3 +106,15 @@ async def test_instance_logs_stay_bounded(real, tmp_path):
     lines = real.runtime.read_log("web", inst.rec.id, 100).splitlines()
     assert len(lines) <= 100
     assert os.path.getsize(path + ".1") < 2_000  # the last 100 lines, not the 1.3 MB written
+
+
+async def test_an_instance_killed_at_stop_timeout_says_so(real):
+    # A kill cuts whatever was in flight: the operator must be able to see it happened.
+    deploy(real, f"image {sys.executable}\nargs {SERVICE} --ignore-term\nreplicas 2\nport 18083\n"
+                 "health tcp 127.0.0.1:$PORT\nhealth_interval 0.1\nstop_timeout 0.3\n")
+    svc = real.services["web"]
+    await until(lambda: len(ready(svc)) == 2)
+    real.command("web", "scale", "1", "uid=0")
+    await until(lambda: len(svc.by_slot()) == 1)
+    text = real.events.current("web").decode()
+    assert "instance 1 stopped (killed: still running 0.3s after SIGTERM)" in text

@@ -27,7 +27,7 @@ async def test_start_records_identity_and_captures_output(tmp_path):
     with trio.fail_after(10):
         while b"starting" not in rt.read_log("web", 1, 10):
             await trio.sleep(0.02)
-    await p.stop(signal.SIGTERM, 5)
+    assert await p.stop(signal.SIGTERM, 5) is False  # exited on SIGTERM: not killed
     assert p.exited and p.exit_status == 0 and not alive(p.pid)
 
 
@@ -53,7 +53,7 @@ async def test_ignored_term_is_killed_at_stop_timeout_with_grandchildren(tmp_pat
     kids = [int(t) for t in os.listdir("/proc") if t.isdigit() and _pgid(int(t)) == p.pid and int(t) != p.pid]
     assert kids, "the service should have left a grandchild"
     t0 = time.monotonic()
-    await p.stop(signal.SIGTERM, 0.5)
+    assert await p.stop(signal.SIGTERM, 0.5) is True  # had to be killed
     assert 0.4 < time.monotonic() - t0 < 5
     await trio.sleep(0.1)
     assert not any(alive(k) for k in kids) and not alive(p.pid)
