@@ -50,10 +50,20 @@ class CommandError(Exception):
 class Router(Protocol):
     def set_backends(self, service: str, port: int | None, backends: list[tuple[str, int]]) -> None: ...
     async def drain(self, service: str, backend: tuple[str, int], timeout: float) -> None: ...
+    def routed(self) -> bool:
+        """True once every table given so far has been delivered (or failed to be)."""
+        ...
+    async def wait_routed(self) -> None: ...
 
 
 class NullRouter:
     def set_backends(self, service: str, port: int | None, backends: list[tuple[str, int]]) -> None:
+        pass
+
+    def routed(self) -> bool:
+        return True
+
+    async def wait_routed(self) -> None:
         pass
 
     async def drain(self, service: str, backend: tuple[str, int], timeout: float) -> None:
@@ -97,6 +107,7 @@ class Service:
         self.loop_scope = trio.CancelScope()
         self._unrouted: bool | None = None  # None until routing was first decided
         self._at_limit = False
+        self._awaiting_router = False
 
     @property
     def name(self) -> str:
@@ -175,7 +186,11 @@ class Service:
     async def _loop(self) -> None:
         while True:
             self._wakeup = trio.Event()
-            p = rollout.plan(self.target(), self.views(), self.state, trio.current_time())
+            routed = self.engine.router.routed()
+            if not routed and not self._awaiting_router:
+                self._awaiting_router = True
+                self.engine.nursery.start_soon(self._poke_once_routed)
+            p = rollout.plan(self.target(), self.views(), self.state, trio.current_time(), routed)
             self.state = p.state
             changed = [self.do(action) for action in p.actions]
             if (self.rec.update_status, self.rec.steps) != (p.state.status, p.state.steps):
@@ -246,6 +261,11 @@ class Service:
             self.rec.rollout_from = None
             self.save()
         return True
+
+    async def _poke_once_routed(self) -> None:
+        await self.engine.router.wait_routed()
+        self._awaiting_router = False
+        self.poke()
 
     def _detection(self) -> str:
         now = trio.current_time()

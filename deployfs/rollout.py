@@ -124,7 +124,8 @@ def backoff(recent_restarts: int) -> float:
     return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(recent_restarts, 20))
 
 
-def plan(t: Target, insts: list[Inst], st: State, now: float) -> Plan:
+def plan(t: Target, insts: list[Inst], st: State, now: float, routed: bool = True) -> Plan:
+    """The next step toward ``t``.  ``routed``: the router has every ready instance (else no Complete)."""
     live = [i for i in insts if i.phase is not Phase.LEAVING]
     draining = len(live) != len(insts)
     new = [i for i in live if i.key == t.key]
@@ -132,7 +133,7 @@ def plan(t: Target, insts: list[Inst], st: State, now: float) -> Plan:
 
     if st.status in ("none", "failed"):
         if st.status == "none" and old:  # a rollout that was never marked: make it one
-            return plan(t, insts, replace(st, status="rolling"), now)
+            return plan(t, insts, replace(st, status="rolling"), now, routed)
         return _supervise(t, live, st, now, scale=st.status == "none")
 
     # -- a rollout is in flight (rolling or paused) -----------------------------
@@ -155,7 +156,7 @@ def plan(t: Target, insts: list[Inst], st: State, now: float) -> Plan:
         if old:
             return Plan([Stop(i.id, "replace") for i in old], replace(st, boundary=None))
         if len(ready) >= t.replicas:
-            return _complete(t, ready, st)
+            return _complete(t, ready, st, routed)
         used = {i.slot for i in ready}
         free = [s for s in range(t.replicas + len(ready)) if s not in used][: t.replicas - len(ready)]
         return Plan([Start(s) for s in free], st)
@@ -167,7 +168,7 @@ def plan(t: Target, insts: list[Inst], st: State, now: float) -> Plan:
     if len(ready) > t.replicas:
         return Plan([Stop(i.id, "scaled down") for i in ready[t.replicas:]], st)
     if not old and len(ready) == t.replicas:
-        return _complete(t, ready, st)
+        return _complete(t, ready, st, routed)
 
     # At a batch boundary: the pause runs from when the last batch finished.
     boundary = now if st.boundary is None else st.boundary
@@ -183,7 +184,9 @@ def plan(t: Target, insts: list[Inst], st: State, now: float) -> Plan:
     return Plan([Start(top + k) for k in range(count)], replace(st, steps=steps, boundary=None))
 
 
-def _complete(t: Target, ready: list[Inst], st: State) -> Plan:
+def _complete(t: Target, ready: list[Inst], st: State, routed: bool) -> Plan:
+    if not routed:  # done promises a port that serves: not before the router has them all
+        return Plan([], st)
     return Plan([Complete({i.id: n for n, i in enumerate(ready)})],
                 State(status="none", steps=0, boundary=float("-inf")))
 

@@ -58,6 +58,12 @@ class TableFeeder:
             self._flushed = trio.Event()
         self._wake.set()
 
+    def routed(self) -> bool:
+        return self._flushed.is_set()
+
+    async def wait_routed(self) -> None:
+        await self._flushed.wait()
+
     async def drain(self, service: str, backend: Backend, timeout: float) -> None:
         with trio.move_on_after(timeout + 5):
             await self._flushed.wait()

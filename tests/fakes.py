@@ -105,3 +105,29 @@ class FakeProber:
         if how == "flaky-later" and age >= self.fail_after:
             return Verdict(False, "http 500 from fake")
         return Verdict(age >= self.ready_after, "ok" if age >= self.ready_after else "connection refused")
+
+
+class HeldRouter:
+    """A router that takes a table only when the test says so (``deliver``)."""
+
+    def __init__(self) -> None:
+        self.table: dict[str, tuple[int | None, list[tuple[str, int]]]] = {}
+        self._delivered = trio.Event()
+        self._delivered.set()
+
+    def set_backends(self, service: str, port: int | None, backends: list[tuple[str, int]]) -> None:
+        self.table[service] = (port, list(backends))
+        if self._delivered.is_set():
+            self._delivered = trio.Event()
+
+    def deliver(self) -> None:
+        self._delivered.set()
+
+    def routed(self) -> bool:
+        return self._delivered.is_set()
+
+    async def wait_routed(self) -> None:
+        await self._delivered.wait()
+
+    async def drain(self, service: str, backend: tuple[str, int], timeout: float) -> None:
+        await self.wait_routed()

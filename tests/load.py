@@ -7,14 +7,6 @@ import signal
 import subprocess
 from dataclasses import dataclass
 
-import pytest
-
-# Known and tracked (issue 6): about one full run in three, one load test sees
-# 2-5 requests of ~60-130k reset when an instance exits at its graceful-shutdown
-# cap with idle connections still attached.  Every assertion stays strict; a
-# test marked with this is run again once, and pytest reports the RERUN.
-KNOWN_RARE_DROP = pytest.mark.flaky(reruns=1)
-
 
 @dataclass
 class Result:

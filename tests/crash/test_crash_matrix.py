@@ -14,7 +14,7 @@ import pytest
 
 from deployfs.runtime import proc_start_time
 from tests import mount as _mount
-from tests.load import KNOWN_RARE_DROP, Load
+from tests.load import Load
 from tests.mount import SERVICE
 
 PORT = 18500
@@ -72,7 +72,6 @@ def instance_pids(m):
     return out
 
 
-@KNOWN_RARE_DROP
 @pytest.mark.parametrize("point", [idle, mid_batch, while_draining, while_paused, during_rollback],
                          ids=lambda f: f.__name__)
 def test_crash_at(tmp_path, point):

@@ -5,7 +5,7 @@ import sys
 import time
 
 from tests import mount as _mount
-from tests.load import KNOWN_RARE_DROP, Load
+from tests.load import Load
 from tests.mount import SERVICE
 
 PORT = 18600
@@ -29,7 +29,6 @@ def test_sigterm_stops_instances_and_router_and_unmounts(tmp_path):
     assert "draining and stopping instances" in m.server_log()
 
 
-@KNOWN_RARE_DROP
 def test_keep_instances_upgrade_drops_nothing(tmp_path):
     m = _mount.start(str(tmp_path), "--keep-instances")
     try:

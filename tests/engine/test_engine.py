@@ -242,3 +242,29 @@ async def test_service_and_instance_caps(tmp_path, autojump_clock):
         assert len(h.rt.running("web")) == 4
         assert any("limit of 4 instances is reached" in ev for ev in h.events())
         n.cancel_scope.cancel()
+
+
+async def test_done_waits_until_the_router_has_the_ready_instances(tmp_path, autojump_clock):
+    # `cat wait` answering "done" promises a port that serves: a client that
+    # connects right after must not meet a router still being told.
+    from deployfs.engine import Engine
+    from tests.fakes import HeldRouter
+    h = Harness(tmp_path)
+    router = HeldRouter()
+    h.engine = Engine(h.store, h.rt, h.prober, router=router)
+    async with trio.open_nursery() as n:
+        await n.start(h.engine.run)
+        h.write(manifest(port=8080))
+        h.cmd("apply")
+        with trio.move_on_after(30):
+            while len(h.svc.endpoints()) < 3:
+                await h.svc.wait_change()
+        await trio.sleep(5)
+        assert len(h.svc.endpoints()) == 3 and h.svc.outcome() is None  # ready, but not done
+        assert not any("deploy complete" in ev for ev in h.events())
+        router.deliver()
+        with trio.fail_after(5):
+            await h.settle()
+        assert h.svc.outcome().startswith("done")
+        assert router.table["web"][1] == h.svc.endpoints()
+        n.cancel_scope.cancel()

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from tests import mount as _mount
-from tests.load import KNOWN_RARE_DROP, Load
+from tests.load import Load
 from tests.traffic.test_zero_downtime import manifest
 
 PORT = 18300  # manifest()'s port
@@ -32,7 +32,6 @@ def served(tmp_path):
     _mount.stop(m)
 
 
-@KNOWN_RARE_DROP
 def test_every_operation_under_load_drops_nothing(served):
     m = served
     load = Load(f"http://127.0.0.1:{PORT}/")
@@ -63,7 +62,6 @@ def test_every_operation_under_load_drops_nothing(served):
     assert cfg.count("    server ") == 1 and "pool-max-conn -1 pool-purge-delay 5s" in cfg
 
 
-@KNOWN_RARE_DROP
 def test_server_sigkill_keeps_haproxy_serving_and_it_is_adopted(tmp_path, served):
     m = served
     load = Load(f"http://127.0.0.1:{PORT}/")

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests import mount as _mount
-from tests.load import KNOWN_RARE_DROP, Load
+from tests.load import Load
 from tests.mount import SERVICE
 
 PORT = 18300
@@ -70,7 +70,6 @@ def scale_down(m):
     return m.read("active/web/endpoints")
 
 
-@KNOWN_RARE_DROP
 @pytest.mark.parametrize("action", [rolling_update, rollback, rolling_restart, failed_rollout, scale_down],
                          ids=lambda f: f.__name__)
 def test_no_request_fails(served, action):
@@ -110,7 +109,6 @@ def test_replace_strategy_downtime_is_measured(served):
     print(f"replace strategy: {result.failed} of {result.requests} requests failed")
 
 
-@KNOWN_RARE_DROP
 def test_server_sigkill_drops_no_request(tmp_path, served):
     m = served
     pids_before = sorted(int(m.read(f"active/web/instances/{s}").split("pid=")[1].split()[0]) for s in "012")
