@@ -120,12 +120,15 @@ class HAProxyRouter(TableFeeder):
         self._write()
         before = await self.workers()
         await self.cmd("reload", master=True)
-        with trio.fail_after(20):
+        with trio.move_on_after(20):
             while not (await self.workers()) - before:
                 await trio.sleep(0.02)
+            return
+        # A RouterError, like every other haproxy failure: the feeder reports it and goes on.
+        raise RouterError("haproxy started no new worker within 20 s of a reload; see haproxy.log")
 
     async def _wait_ready(self) -> None:
-        with trio.fail_after(20):
+        with trio.move_on_after(20):
             while True:
                 try:
                     if await self.workers():
@@ -133,6 +136,7 @@ class HAProxyRouter(TableFeeder):
                 except RouterError:
                     pass
                 await trio.sleep(0.05)
+        raise RouterError("haproxy has no worker 20 s after starting; see haproxy.log")
 
     # -- TableFeeder ---------------------------------------------------------------------------------
 
