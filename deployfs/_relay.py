@@ -12,8 +12,8 @@ because they happen once per connection and read best as it.
 Ownership: :meth:`Relay.add` takes a pair of connected non-blocking sockets
 (detached from trio) and from then on only the relay thread touches them.
 When both directions have ended, or one broke, the relay closes both and
-calls ``done`` in trio's thread (via the trio token).  Semantics match the
-old pumps: end of stream is passed on as a half-close (shutdown SHUT_WR);
+calls ``done`` in trio's thread (via the trio token).  End of stream is
+passed on as a half-close (shutdown SHUT_WR);
 an error on one side resets the other (SO_LINGER 0), so a client never takes
 a cut response for a whole one.
 
@@ -37,7 +37,7 @@ from typing import Protocol
 log = logging.getLogger("deployfs.router")
 
 BUF = 65536
-_READ = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_READ = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP
 _MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 
 
@@ -132,7 +132,7 @@ class Relay:
                     out, into = pair.flows[i], pair.flows[1 - i]
                     if ev & select.EPOLLOUT and into.pending is not None:
                         self._flow(pair, into, rdhup=False)
-                    if ev & _READ and out.pending is None and not out.ended and not pair.closed:
+                    if ev & _READ and out.pending is None and not out.ended:
                         self._flow(pair, out, rdhup=bool(ev & select.EPOLLRDHUP))
                 except Exception:  # a bug in one pair must not stop every other
                     log.exception("relay %s failed", pair.label)

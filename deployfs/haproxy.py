@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import subprocess
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -120,23 +121,16 @@ class HAProxyRouter(TableFeeder):
         self._write()
         before = await self.workers()
         await self.cmd("reload", master=True)
-        with trio.move_on_after(20):
-            while not (await self.workers()) - before:
-                await trio.sleep(0.02)
-            return
-        # A RouterError, like every other haproxy failure: the feeder reports it and goes on.
-        raise RouterError("haproxy started no new worker within 20 s of a reload; see haproxy.log")
 
-    async def _wait_ready(self) -> None:
-        with trio.move_on_after(20):
-            while True:
-                try:
-                    if await self.workers():
-                        return
-                except RouterError:
-                    pass
-                await trio.sleep(0.05)
-        raise RouterError("haproxy has no worker 20 s after starting; see haproxy.log")
+        async def new_worker() -> bool:
+            return bool((await self.workers()) - before)
+        await _until(new_worker, "started no new worker after a reload")
+
+    async def _any_worker(self) -> bool:
+        try:
+            return bool(await self.workers())
+        except RouterError:
+            return False  # the master socket is not up yet
 
     # -- TableFeeder ---------------------------------------------------------------------------------
 
@@ -165,11 +159,11 @@ class HAProxyRouter(TableFeeder):
             log_file.close()
         if proc.returncode != 0:
             raise RouterError(f"haproxy did not start (status {proc.returncode}); see haproxy.log")
-        with trio.fail_after(20):
-            while not (pid := _read_pid(self.pidfile)):
-                await trio.sleep(0.02)
-        self.pid = pid
-        await self._wait_ready()
+        async def pidfile() -> bool:
+            return _read_pid(self.pidfile) is not None
+        await _until(pidfile, "wrote no pidfile")
+        self.pid = _read_pid(self.pidfile)
+        await _until(self._any_worker, "has no worker")
 
     async def _read_live(self) -> None:
         """After adopting haproxy, learn what it serves from its configuration and state."""
@@ -261,3 +255,13 @@ class HAProxyRouter(TableFeeder):
 
     def _alive(self) -> bool:
         return self.pid is not None and _cmdline_has(self.pid, b"haproxy")
+
+
+async def _until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 20.0) -> None:
+    """Poll ``check``; past ``timeout`` it is a RouterError, like every other haproxy
+    failure, so the feeder reports it and goes on instead of dying."""
+    with trio.move_on_after(timeout):
+        while not await check():
+            await trio.sleep(0.02)
+        return
+    raise RouterError(f"haproxy {what} within {timeout:g} s; see haproxy.log")

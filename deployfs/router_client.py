@@ -66,7 +66,7 @@ class TableFeeder:
 
     async def drain(self, service: str, backend: Backend, timeout: float) -> None:
         with trio.move_on_after(timeout + 5):
-            await self._flushed.wait()
+            await self.wait_routed()
             try:
                 await self._drain(service, backend, timeout)
             except RouterError as e:

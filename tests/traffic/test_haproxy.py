@@ -77,3 +77,22 @@ def test_server_sigkill_keeps_haproxy_serving_and_it_is_adopted(tmp_path, served
     print(f"\nhaproxy mode, server SIGKILL + restart + rollout: {result}")
     assert result.failed == 0, result.output
     assert "adopted the running haproxy" in m.server_log()
+
+
+async def test_a_reload_that_never_yields_a_worker_is_a_router_error(tmp_path, autojump_clock):
+    # The feeder survives RouterErrors only: a stuck haproxy must be one, not a timeout
+    # that would end table delivery for every service.
+    import trio
+
+    from deployfs.haproxy import HAProxyRouter
+    from deployfs.router_client import RouterError
+
+    class Stuck(HAProxyRouter):
+        async def cmd(self, line, *, master=False, timeout=5):
+            return "#<PID> <type>\n# workers\n"  # answers, but no worker ever appears
+
+    h = Stuck(str(tmp_path))
+    h.live["web"] = (PORT, {})
+    with trio.fail_after(60):
+        with pytest.raises(RouterError, match="started no new worker after a reload within 20 s"):
+            await h._reload()
