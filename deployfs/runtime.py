@@ -95,23 +95,28 @@ class LocalProcess:
         self._pidfd: int | None = pidfd
         self._popen = popen  # held so subprocess never reaps behind our back
         self._done = trio.Event()
-        self._watching = False
+        self._watcher_gone: trio.Event | None = None  # set while a task waits on the pidfd
 
     @property
     def exited(self) -> bool:
         return self._done.is_set()
 
     async def wait(self) -> int | None:
-        if self._watching or self._done.is_set():
-            await self._done.wait()
-            return self.exit_status
-        self._watching = True
-        try:
-            assert self._pidfd is not None
-            await trio.lowlevel.wait_readable(self._pidfd)
-        finally:
-            self._watching = False
-        self._reap()
+        # Only one task may wait on the pidfd; the others wait for it.  A watcher
+        # that is cancelled hands over: whoever still waits takes the watch, so a
+        # stop that races a cancelled monitor sees the exit at once (issue 14.6).
+        while not self._done.is_set():
+            if self._watcher_gone is not None:
+                await self._watcher_gone.wait()
+                continue
+            self._watcher_gone = trio.Event()
+            try:
+                assert self._pidfd is not None
+                await trio.lowlevel.wait_readable(self._pidfd)
+            finally:
+                gone, self._watcher_gone = self._watcher_gone, None
+                gone.set()
+            self._reap()
         return self.exit_status
 
     def _reap(self) -> None:

@@ -118,3 +118,22 @@ async def test_an_instance_killed_at_stop_timeout_says_so(real):
     await until(lambda: len(svc.by_slot()) == 1)
     text = real.events.current("web").decode()
     assert "instance 1 stopped (killed: still running 0.3s after SIGTERM)" in text
+
+
+async def test_an_unhealthy_instance_that_exits_on_term_is_replaced_at_once(real, tmp_path):
+    # Issue 14.6: the restart waited the whole stop_timeout although the process
+    # was gone (a zombie) a moment after SIGTERM.
+    flag = tmp_path / "ready"
+    flag.write_text("ok\n")
+    deploy(real, f"image sleep\nargs 60\nreplicas 1\nhealth {flag}\nhealth_interval 0.1\nhealth_retries 1\n"
+                 "stop_timeout 5\n")
+    svc = real.services["web"]
+    await until(lambda: len(ready(svc)) == 1)
+    inst = svc.by_slot()[0]
+    old_pid = inst.rec.pid
+    t0 = trio.current_time()
+    flag.unlink()
+    await until(lambda: inst.rec.pid != old_pid and inst.rec.state == "running")
+    assert trio.current_time() - t0 < 2  # a check, a short backoff; not stop_timeout (5 s)
+    assert "instance 0 unhealthy" in real.events.current("web").decode()
+    flag.write_text("ok\n")

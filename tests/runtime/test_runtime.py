@@ -108,3 +108,25 @@ def test_logs_are_bounded(tmp_path):
         f.write(b"fresh\n")
     tail = rt.read_log("web", 1, 100).splitlines()
     assert len(tail) == 100 and tail[-1] == b"fresh" and tail[-2] == b"line 4999"
+
+
+async def test_stop_returns_at_once_when_the_monitor_was_just_cancelled(tmp_path):
+    # Issue 14.6: the engine cancels the monitor (which sits in wait()) and stops
+    # the process in the same breath; the process exits on the signal at once,
+    # so the stop must return at once, not after stop_timeout.
+    rt = LocalRuntime(str(tmp_path))
+    p = rt.start(LaunchSpec("web", 1, ["sleep", "60"], {}, None, 10))
+    async with trio.open_nursery() as n:
+        watcher = trio.CancelScope()
+
+        async def monitor():
+            with watcher:
+                await p.wait()
+        n.start_soon(monitor)
+        await trio.sleep(0.1)
+        watcher.cancel()  # no checkpoint between this and the stop, as in Service._restart
+        t0 = time.monotonic()
+        with trio.fail_after(5):
+            assert await p.stop(signal.SIGTERM, 10) is False
+        assert time.monotonic() - t0 < 1
+    assert p.exited and p.exit_status == 128 + signal.SIGTERM and not alive(p.pid)
