@@ -176,6 +176,7 @@ def parse(data: bytes | str, *, name: str, source: str | None = None) -> Parsed:
     values: dict[str, object] = {}
     seen_at: dict[str, int] = {}
     env: dict[str, str] = {}
+    env_lines: dict[str, int] = {}
     extra: list[tuple[str, tuple[str, ...]]] = []
     warnings: list[str] = []
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
@@ -205,7 +206,7 @@ def parse(data: bytes | str, *, name: str, source: str | None = None) -> Parsed:
                     raise ManifestError(source, lineno, f"env: expected KEY=VALUE, got {word!r}")
                 if key in env:
                     raise ManifestError(source, lineno, f"env: {key} is set twice")
-                env[key] = value
+                env[key], env_lines[key] = value, lineno
             continue
         spec = _DIRECTIVES.get(directive)
         if spec is None:
@@ -224,8 +225,21 @@ def parse(data: bytes | str, *, name: str, source: str | None = None) -> Parsed:
     if "name" in values and values["name"] != name:
         raise ManifestError(source, seen_at["name"], f"name: {values['name']!r} does not match the file name {name!r}")
     values["name"] = name
+    warnings += _reserved_env_warnings(source, env, env_lines, port="port" in values)
     m = Manifest(env=tuple(sorted(env.items())), extra=tuple(extra), **values)  # type: ignore[arg-type]
     return Parsed(m, tuple(warnings))
+
+
+# Set by deployfs for every instance (PORT only when the service has a port);
+# DEPLOYFS_INSTANCE is the marker that lets deployfs find its processes again.
+RESERVED_ENV = ("INSTANCE", "SERVICE", "VERSION", "DEPLOYFS_INSTANCE")
+
+
+def _reserved_env_warnings(source: str, env: dict[str, str], lines: dict[str, int], *, port: bool) -> list[str]:
+    """A manifest's value for a variable deployfs sets itself would be silently lost: say so."""
+    reserved = RESERVED_ENV + (("PORT",) if port else ())
+    return [f"{source} line {lines[k]}: env {k} is set by deployfs for every instance; this value is ignored"
+            for k in sorted(env, key=lines.__getitem__) if k in reserved]
 
 
 class _Bad(Exception):
@@ -280,6 +294,8 @@ def _name(args: list[str]) -> str:
 
 def _image(args: list[str]) -> str:
     v = _one(args)
+    if not v:
+        raise _Bad("expected a program (an absolute path or a name on PATH), got an empty value")
     if not (v.startswith("/") or "/" not in v):
         raise _Bad(f"expected an absolute path or a program name on PATH, got {v!r}")
     return v
@@ -302,10 +318,17 @@ def _signal(args: list[str]) -> str:
         try:
             v = signal.Signals(int(v)).name.removeprefix("SIG")
         except ValueError:
-            raise _Bad(f"no signal number {v}") from None
-    if not isinstance(getattr(signal, "SIG" + v, None), signal.Signals) or v in ("KILL", "STOP"):
-        raise _Bad(f"expected a signal name such as TERM, INT, QUIT, HUP, got {args[0]!r}")
+            raise _Bad(f"no signal number {v} (use a name such as TERM, INT, QUIT, HUP, or its number)") from None
+    if not isinstance(getattr(signal, "SIG" + v, None), signal.Signals):
+        raise _Bad(f"no signal named {args[0]!r} (use a name such as TERM, INT, QUIT, HUP, or its number)")
+    if v in _PAUSING_SIGNALS:
+        raise _Bad(f"SIG{v} pauses a process instead of ending it: the instance would sit stopped until "
+                   "SIGKILL at stop_timeout (use TERM, or KILL to end it at once)")
     return v
+
+
+# Their default action stops (pauses) a process; STOP cannot even be handled.
+_PAUSING_SIGNALS = frozenset({"STOP", "TSTP", "TTIN", "TTOU"})
 
 
 def _health(args: list[str]) -> HealthCheck:

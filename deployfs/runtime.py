@@ -176,6 +176,10 @@ class LocalRuntime:
                     spec.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     cwd=spec.cwd, env=env, start_new_session=True, close_fds=True)
             except OSError as e:
+                # The child reports a failed chdir with the directory as the filename.
+                if spec.cwd is not None and e.filename == spec.cwd:
+                    raise StartError(f"cannot start {spec.argv[0]}: working directory (dir) {spec.cwd}: "
+                                     f"{e.strerror or e}") from None
                 raise StartError(f"cannot start {spec.argv[0]}: {e.strerror or e}") from None
         pidfd = os.pidfd_open(popen.pid)
         start_time = proc_start_time(popen.pid) or 0

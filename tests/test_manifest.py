@@ -55,7 +55,11 @@ def test_error_names_file_line_and_reason():
     (b"image /bin/true\nport 70000\n", "out of range"),
     (b"image /bin/true\nreplicas 99999999999999999999\n", "expected a whole number"),
     (b"image /bin/true\nhealth_interval -1\n", "expected seconds"),
-    (b"image /bin/true\nstop_signal KILL\n", "expected a signal name"),
+    (b"image /bin/true\nstop_signal STOP\n", "SIGSTOP pauses a process instead of ending it"),
+    (b"image /bin/true\nstop_signal 19\n", "SIGSTOP pauses a process instead of ending it"),
+    (b"image /bin/true\nstop_signal NOPE\n", "no signal named 'NOPE'"),
+    (b"image /bin/true\nstop_signal 99\n", "no signal number 99"),
+    (b"image ''\n", "line 1: image: expected a program .*got an empty value"),
     (b"image /bin/true\nhealth ftp://x\n", "expected http://"),
     (b"image /bin/true\nenv NOEQUALS\n", "env: expected KEY=VALUE"),
     (b"image /bin/true\nenv A=1\nenv A=2\n", "A is set twice"),
@@ -163,3 +167,30 @@ def test_parse_render_parse_is_stable(kw):
     assert again == m
     assert again.render() == text
     assert again.version == m.version
+
+
+@pytest.mark.parametrize("value", ["KILL", "9", "SIGKILL", "kill"])
+def test_stop_signal_kill_is_accepted_by_name_or_number(value):
+    m = parse(f"image /bin/true\nstop_signal {value}\n", name="web").manifest
+    assert m.stop_signal == "KILL" and m.stop_signum == 9
+
+
+def test_stop_signal_number_and_name_are_the_same_version():
+    a = parse(b"image /bin/true\nstop_signal 15\n", name="web").manifest
+    b = parse(b"image /bin/true\nstop_signal TERM\n", name="web").manifest
+    assert a.stop_signal == "TERM" and a.version == b.version
+
+
+def test_reserved_env_is_warned_about_with_its_line():
+    text = b"image /bin/true\nport 8080\nenv PORT=1 A=2\nenv INSTANCE=x\nenv DEPLOYFS_INSTANCE=y\n"
+    p = parse(text, name="web")
+    assert p.warnings == (
+        "manifests/web line 3: env PORT is set by deployfs for every instance; this value is ignored",
+        "manifests/web line 4: env INSTANCE is set by deployfs for every instance; this value is ignored",
+        "manifests/web line 5: env DEPLOYFS_INSTANCE is set by deployfs for every instance; this value is ignored",
+    )
+
+
+def test_env_port_without_a_port_directive_is_the_instances_own():
+    p = parse(b"image /bin/true\nenv PORT=9000\n", name="web")
+    assert p.warnings == () and dict(p.manifest.env) == {"PORT": "9000"}

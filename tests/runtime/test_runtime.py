@@ -36,6 +36,14 @@ async def test_missing_image_is_a_start_error(tmp_path):
         LocalRuntime(str(tmp_path)).start(LaunchSpec("web", 1, ["/nonexistent/x"], {}, None, 10))
 
 
+@pytest.mark.parametrize("cwd, reason", [("/nonexistent/dir", "No such file or directory"),
+                                         ("/dev/null", "Not a directory")])
+async def test_a_bad_dir_is_blamed_not_the_image(tmp_path, cwd, reason):
+    with pytest.raises(StartError) as e:
+        LocalRuntime(str(tmp_path)).start(LaunchSpec("web", 1, ["/bin/pwd"], {}, cwd, 10))
+    assert str(e.value) == f"cannot start /bin/pwd: working directory (dir) {cwd}: {reason}"
+
+
 async def test_exit_seen_through_pidfd(tmp_path):
     rt = LocalRuntime(str(tmp_path))
     p = rt.start(spec("--exit-at-start", "7"))
