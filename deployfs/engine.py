@@ -54,6 +54,12 @@ class Router(Protocol):
         """True once every table given so far has been delivered (or failed to be)."""
         ...
     async def wait_routed(self) -> None: ...
+    def failure(self, service: str) -> str | None:
+        """Why the router could not take the service's newest table (it could not listen), else None."""
+        ...
+    def port_problem(self, port: int) -> tuple[int, str] | None:
+        """(errno, reason) if the router could not listen on ``port`` now, else None."""
+        ...
 
 
 class NullRouter:
@@ -68,6 +74,12 @@ class NullRouter:
 
     async def drain(self, service: str, backend: tuple[str, int], timeout: float) -> None:
         pass
+
+    def failure(self, service: str) -> str | None:
+        return None
+
+    def port_problem(self, port: int) -> tuple[int, str] | None:
+        return None
 
 
 @dataclass(eq=False)
@@ -190,6 +202,13 @@ class Service:
             if not routed and not self._awaiting_router:
                 self._awaiting_router = True
                 self.engine.nursery.start_soon(self._poke_once_routed)
+            refused = self.engine.router.failure(self.name) if routed else None
+            if refused and self.rec.update_status in ("rolling", "paused"):
+                # `done` means the port serves this service: a router that could not listen fails it.
+                self.state = rollout.State("failed")
+                self.do(rollout.Fail(f"router: {refused}"))
+                self.poke()
+                continue
             p = rollout.plan(self.target(), self.views(), self.state, trio.current_time(), routed)
             self.state = p.state
             changed = [self.do(action) for action in p.actions]
@@ -579,6 +598,7 @@ class Engine:
                 raise CommandError(errno.EBUSY, f"{name}: no previous version to roll back to")
             text, prev = rec.previous_manifest, rec.manifest
             m = parse(text, name=name).manifest
+            self._check_port(name, m.port)
             self._begin(svc, m, text, "rollback", who, previous=(rec.version, prev))
         elif verb == "restart":
             if status in ("rolling", "paused"):
@@ -620,6 +640,7 @@ class Engine:
             raise CommandError(errno.EINVAL, str(e)) from None
         m, text = parsed.manifest, f.data.decode()
         svc = self.services.get(name)
+        self._check_port(name, m.port)
         if svc is None:
             if len(self.services) >= self.max_services:
                 raise CommandError(errno.ENOSPC, f"the limit of {self.max_services} services is reached")
@@ -662,6 +683,22 @@ class Engine:
         svc.poke()
         return f"ok rolling {rec.previous_version}->{m.version}"
 
+    def _check_port(self, name: str, port: int | None) -> None:
+        """Refuse a public port that another service has, or another program holds (EADDRINUSE)."""
+        if port is None:
+            return
+        for other in self.services.values():
+            if other.name != name and other.manifest.port == port:
+                held = " (stopped: delete it to free the port)" if other.rec.stopped else ""
+                raise CommandError(errno.EADDRINUSE, f"port {port} is already the port of service {other.name!r}{held}")
+        svc = self.services.get(name)
+        if svc is not None and svc.manifest.port == port:
+            return  # the router already listens there for this service
+        problem = self.router.port_problem(port)
+        if problem is not None:
+            code, why = problem
+            raise CommandError(code, f"port {port}: {why} (another program has it)")
+
     def _begin(self, svc: Service, m: Manifest, text: str, what: str, who: str,
                previous: tuple[str | None, str] | None) -> None:
         rec = svc.rec
@@ -678,6 +715,8 @@ class Engine:
             svc.save()
             svc.event(f"{what} started {frm}→{m.version} strategy={m.update} batch={m.update_batch} "
                       f"pause={format_seconds(m.update_pause)}s by {who}")
+        if self.router.failure(svc.name):
+            svc.routing_changed()  # the router refused the port before: let it try again
         svc.poke()
 
     def _set_status(self, svc: Service, status: str, event: str) -> None:

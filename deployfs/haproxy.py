@@ -191,8 +191,18 @@ class HAProxyRouter(TableFeeder):
             return
         want = {_name(b): b for b in backends}
         if service not in self.live or self.live[service][0] != port:
+            before = self.live.get(service)
             self.live[service] = (port, {n: (b, False) for n, b in want.items()})
-            await self._reload()
+            try:
+                await self._reload()
+            except RouterError:
+                # A frontend that cannot bind fails every later reload too: take it out again.
+                if before is None:
+                    del self.live[service]
+                else:
+                    self.live[service] = before
+                self._write()
+                raise
             return
         servers = self.live[service][1]
         for name, b in want.items():

@@ -51,6 +51,7 @@ class Route:
     served: int = 0
     refused: int = 0
     scope: trio.CancelScope | None = None
+    closed: trio.Event = field(default_factory=trio.Event)  # its listeners are closed
     changed: trio.Event = field(default_factory=trio.Event)
     _rr: itertools.count = field(default_factory=itertools.count)
 
@@ -86,6 +87,8 @@ class Router:
             assert route.scope is not None
             route.scope.cancel()
             del self.routes[service]
+            # Reply only once the port is free: a service applied next may bind it at once.
+            await route.closed.wait()
             route = None
         if port is None:
             return {"ok": True}
@@ -109,7 +112,8 @@ class Router:
                 await trio.serve_listeners(lambda s: self._forward(route, s), listeners)
             finally:
                 for lst in listeners:
-                    await lst.aclose()
+                    lst.socket.close()
+                route.closed.set()
 
     async def _forward(self, route: Route, client: trio.SocketStream) -> None:
         try:

@@ -13,9 +13,11 @@ the built-in router, ``haproxy.HAProxyRouter`` to haproxy.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 from typing import Callable
@@ -40,17 +42,22 @@ class TableFeeder:
         self.state_dir = os.path.abspath(state_dir)
         self.on_error = on_error or (lambda service, msg: log.warning("%s: %s", service, msg))
         self.table: dict[str, tuple[int | None, list[Backend]]] = {}
+        # Why the router refused a service's last table (it could not listen): a
+        # rollout must not be reported done on a port that does not serve it.
+        self.errors: dict[str, str] = {}
         self._dirty: set[str] = set()
         self._wake = trio.Event()
         self._flushed = trio.Event()
         self._flushed.set()
         self.pid: int | None = None
         self.stopping = False
+        self.bind = "127.0.0.1"  # the address service ports listen on
 
     # -- what the engine calls ----------------------------------------------------------
 
     def set_backends(self, service: str, port: int | None, backends: list[Backend]) -> None:
-        if self.table.get(service) == (port, backends) and service not in self._dirty:
+        # A table the router refused is sent again even if unchanged: the port may be free now.
+        if self.table.get(service) == (port, backends) and service not in self._dirty | self.errors.keys():
             return
         self.table[service] = (port, list(backends))
         self._dirty.add(service)
@@ -60,6 +67,23 @@ class TableFeeder:
 
     def routed(self) -> bool:
         return self._flushed.is_set()
+
+    def failure(self, service: str) -> str | None:
+        """Why the router could not take the service's newest table (once routed), else None."""
+        return self.errors.get(service)
+
+    def port_problem(self, port: int) -> tuple[int, str] | None:
+        """(errno, reason) if the router could not listen on ``port`` now: another program holds it."""
+        bind = self.bind
+        with socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the router's listener does
+            try:
+                s.bind((bind, port))
+                s.listen(1)  # what actually collides with another listener under SO_REUSEADDR
+            except OSError as e:
+                code = e.errno if e.errno in (errno.EADDRINUSE, errno.EACCES) else errno.EADDRNOTAVAIL
+                return code, f"cannot listen on {bind}:{port}: {e.strerror or e}"
+        return None
 
     async def wait_routed(self) -> None:
         await self._flushed.wait()
@@ -117,7 +141,11 @@ class TableFeeder:
                 port, backends = self.table[service]
                 try:
                     await self._apply(service, port, backends)
+                    self.errors.pop(service, None)
+                    if port is None and service not in self._dirty:  # deleted: nothing to resend
+                        self.table.pop(service, None)
                 except RouterError as e:
+                    self.errors[service] = str(e)
                     self.on_error(service, str(e))
             if not self._dirty:
                 self._flushed.set()

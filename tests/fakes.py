@@ -112,6 +112,7 @@ class HeldRouter:
 
     def __init__(self) -> None:
         self.table: dict[str, tuple[int | None, list[tuple[str, int]]]] = {}
+        self.refused: dict[str, str] = {}  # service -> why the router "could not listen"
         self._delivered = trio.Event()
         self._delivered.set()
 
@@ -125,6 +126,12 @@ class HeldRouter:
 
     def routed(self) -> bool:
         return self._delivered.is_set()
+
+    def failure(self, service: str) -> str | None:
+        return self.refused.get(service) if self.routed() else None
+
+    def port_problem(self, port: int) -> tuple[int, str] | None:
+        return None
 
     async def wait_routed(self) -> None:
         await self._delivered.wait()

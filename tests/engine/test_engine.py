@@ -268,3 +268,24 @@ async def test_done_waits_until_the_router_has_the_ready_instances(tmp_path, aut
         assert h.svc.outcome().startswith("done")
         assert router.table["web"][1] == h.svc.endpoints()
         n.cancel_scope.cancel()
+
+
+async def test_a_router_that_cannot_listen_fails_the_rollout(tmp_path, autojump_clock):
+    # The port was free when checked at apply, then taken before the router bound
+    # it: `done` would promise a port that serves another program.
+    from deployfs.engine import Engine
+    from tests.fakes import HeldRouter
+    h = Harness(tmp_path)
+    router = HeldRouter()
+    h.engine = Engine(h.store, h.rt, h.prober, router=router)
+    async with trio.open_nursery() as n:
+        await n.start(h.engine.run)
+        h.write(manifest(port=8080))
+        h.cmd("apply")
+        router.refused["web"] = "cannot listen on 127.0.0.1:8080: Address already in use"
+        router.deliver()
+        with trio.fail_after(30):
+            out = await h.settle()
+        assert out == "failed: router: cannot listen on 127.0.0.1:8080: Address already in use"
+        assert not any("deploy complete" in ev for ev in h.events())
+        n.cancel_scope.cancel()
