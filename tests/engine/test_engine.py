@@ -244,14 +244,19 @@ async def test_service_and_instance_caps(tmp_path, autojump_clock):
         n.cancel_scope.cancel()
 
 
-async def test_done_waits_until_the_router_has_the_ready_instances(tmp_path, autojump_clock):
-    # `cat wait` answering "done" promises a port that serves: a client that
-    # connects right after must not meet a router still being told.
+def held_router_harness(tmp_path):
     from deployfs.engine import Engine
     from tests.fakes import HeldRouter
     h = Harness(tmp_path)
     router = HeldRouter()
     h.engine = Engine(h.store, h.rt, h.prober, router=router)
+    return h, router
+
+
+async def test_done_waits_until_the_router_has_the_ready_instances(tmp_path, autojump_clock):
+    # `cat wait` answering "done" promises a port that serves: a client that
+    # connects right after must not meet a router still being told.
+    h, router = held_router_harness(tmp_path)
     async with trio.open_nursery() as n:
         await n.start(h.engine.run)
         h.write(manifest(port=8080))
@@ -273,11 +278,7 @@ async def test_done_waits_until_the_router_has_the_ready_instances(tmp_path, aut
 async def test_a_router_that_cannot_listen_fails_the_rollout(tmp_path, autojump_clock):
     # The port was free when checked at apply, then taken before the router bound
     # it: `done` would promise a port that serves another program.
-    from deployfs.engine import Engine
-    from tests.fakes import HeldRouter
-    h = Harness(tmp_path)
-    router = HeldRouter()
-    h.engine = Engine(h.store, h.rt, h.prober, router=router)
+    h, router = held_router_harness(tmp_path)
     async with trio.open_nursery() as n:
         await n.start(h.engine.run)
         h.write(manifest(port=8080))
