@@ -1,0 +1,134 @@
+"""The state directory is private, and trusted only if nobody else could have written it (issue 18.8, 18.9).
+
+Real files, a real second user (nobody, through setpriv) and real symlinks.
+"""
+
+import errno
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+
+import pytest
+
+from deployfs import statedir
+from deployfs.statedir import StateDirError, open_file, prepare
+
+
+def as_nobody(*argv: str) -> None:
+    subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *argv], check=True)
+
+
+@pytest.fixture
+def public_tmp():
+    """A directory another user can reach (pytest's tmp_path is root-only)."""
+    from pathlib import Path
+    d = tempfile.mkdtemp(prefix="deployfs-statedir-", dir="/tmp")
+    os.chmod(d, 0o755)
+    yield Path(d)
+    shutil.rmtree(d)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def test_open_file_never_follows_a_link_and_creates_owner_only(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("IMPORTANT\n")
+    (tmp_path / "router.pid").symlink_to(victim)
+    with pytest.raises(OSError) as e:
+        open_file(str(tmp_path / "router.pid"), "w")
+    assert e.value.errno == errno.ELOOP and "symbolic link" in str(e.value)
+    assert victim.read_text() == "IMPORTANT\n"
+    with open_file(str(tmp_path / "new.log"), "ab") as f:
+        f.write(b"x")
+    assert mode(tmp_path / "new.log") == 0o600
+
+
+def test_a_new_state_dir_is_owner_only(tmp_path):
+    prepare(str(tmp_path / "a" / "state"))
+    assert mode(tmp_path / "a" / "state") == 0o700
+
+
+def test_readable_by_others_is_tightened_and_logged(tmp_path, caplog):
+    s = tmp_path / "state"
+    (s / "logs" / "web").mkdir(parents=True)
+    (s / "deployfs.db").write_text("")
+    (s / "logs" / "web" / "1.log").write_text("secret\n")
+    for p in (s, s / "logs", s / "logs" / "web"):
+        p.chmod(0o755)
+    (s / "logs" / "web" / "1.log").chmod(0o644)
+    prepare(str(s))
+    assert [mode(p) for p in (s, s / "logs", s / "logs" / "web", s / "logs" / "web" / "1.log", s / "deployfs.db")] \
+        == [0o700, 0o700, 0o700, 0o600, 0o600]
+    assert "are now owner-only" in caplog.text
+
+
+def test_a_state_dir_written_by_another_user_is_refused(public_tmp):
+    shared = public_tmp / "shared"
+    shared.mkdir(mode=0o1777)
+    shared.chmod(0o1777)
+    as_nobody("mkdir", str(shared / "state"))
+    as_nobody("touch", str(shared / "state" / "deployfs.db"))
+    with pytest.raises(StateDirError, match=r"belongs to nobody, not to root who runs deployfs.*chown -R"):
+        prepare(str(shared / "state"))
+
+
+def test_a_file_planted_by_another_user_is_refused(public_tmp):
+    s = public_tmp / "state"
+    s.mkdir()
+    (s / "deployfs.db").write_text("")
+    (s / "logs").mkdir()
+    s.chmod(0o711)
+    (s / "logs").chmod(0o777)  # for a moment: long enough to plant a file
+    as_nobody("touch", str(s / "logs" / "planted"))
+    s.chmod(0o700)
+    (s / "logs").chmod(0o700)
+    with pytest.raises(StateDirError, match="planted belongs to nobody"):
+        prepare(str(s))
+
+
+def test_writable_by_others_is_refused_and_nothing_changes(tmp_path):
+    s = tmp_path / "state"
+    s.mkdir()
+    (s / "deployfs.db").write_text("")
+    (s / "deployfs.db").chmod(0o666)
+    s.chmod(0o755)
+    with pytest.raises(StateDirError, match=r"deployfs.db is writable by its group.*chmod -R go-w"):
+        prepare(str(s))
+    assert mode(s) == 0o755 and mode(s / "deployfs.db") == 0o666  # refused before tightening anything
+
+
+@pytest.mark.parametrize("name", ["router.pid", "router.log", "logs/web/1.log"])
+def test_a_planted_symlink_is_refused(tmp_path, name):
+    s = tmp_path / "state"
+    (s / "logs" / "web").mkdir(parents=True)
+    (s / "deployfs.db").write_text("")
+    (s / name).symlink_to(tmp_path / "victim")
+    with pytest.raises(StateDirError, match=f"{name} is a symbolic link"):
+        prepare(str(s))
+
+
+def test_a_parent_others_can_change_is_refused(tmp_path):
+    (tmp_path / "open").mkdir()
+    (tmp_path / "open").chmod(0o777)  # not sticky: anyone could swap the state dir
+    with pytest.raises(StateDirError, match="a parent of the state directory, is writable by other users"):
+        prepare(str(tmp_path / "open" / "state"))
+    (tmp_path / "open").chmod(0o1777)  # sticky, as /tmp: fine
+    prepare(str(tmp_path / "open" / "state"))
+
+
+def test_a_directory_deployfs_did_not_make_is_never_touched(tmp_path):
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "other.conf").write_text("x")
+    (tmp_path / "lib" / "other.conf").chmod(0o644)
+    with pytest.raises(StateDirError, match="holds no deployfs.db"):
+        prepare(str(tmp_path / "lib"))
+    assert mode(tmp_path / "lib" / "other.conf") == 0o644
+
+
+def test_makedirs_is_owner_only(tmp_path):
+    statedir.makedirs(str(tmp_path / "logs" / "web"))
+    assert mode(tmp_path / "logs" / "web") == 0o700
