@@ -11,9 +11,13 @@ Rationale (each point measured; see FUSE-NOTES.md):
   the data too.
 * ``ctl``: one write is one command; errors are raised from ``write`` (the
   only place the shell sees them) and the reply is kept in the handle so the
-  same descriptor can read it back.
+  same descriptor can read it back, whole, from wherever its offset is.
 * ``wait`` blocks in ``read``; pyfuse3 ignores FUSE_INTERRUPT, so the handler
-  polls the reader's pending signals and gives up with EINTR.
+  asks libfuse whether the reading request was interrupted (``_fusereq``) and
+  gives up with EINTR.  Blocked readers are capped per uid and overall,
+  counted from ``open`` to ``release``, far below pyfuse3's task pool.
+* Inodes are numbered per path while the kernel holds them and dropped when
+  it sends ``forget``: lookups of names cost nothing once the kernel lets go.
 * Any exception other than FUSEError would take the mount down: every
   handler is wrapped once, logs the traceback and answers EIO.
 """
@@ -35,15 +39,22 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
+from . import _fusereq
 from .ctl import parse_command
 from .engine import CommandError, Engine
 from .manifest import MAX_MANIFEST_BYTES
-from .namespace import FILE_NAME_RE, Ctl, Dir, Events, ManifestFile, Namespace, Node, Path, Text, Wait
+from .namespace import FILE_NAME_RE, RETIRED_EVENTS_RE, Ctl, Dir, Events, ManifestFile, Namespace, Node, Path, Text, Wait
 
 log = logging.getLogger(__name__)
 
 STATIC_TIMEOUT = 60.0  # names and attributes that do not change
+# Each blocked `wait` read holds one of pyfuse3's 1,000 tasks (cli/serve.py):
+# together they must leave most of the pool to everyone else, and a user who
+# may only read (another uid with --allow-other) must not take all of them.
+# Those who may write (the serving user, root, --group) answer to the total only.
 MAX_WAITERS = 512
+MAX_WAITERS_PER_UID = 64
+WAIT_POLL = 0.1  # seconds between checks of a blocked reader's interruption
 
 
 @dataclass
@@ -55,6 +66,10 @@ class Handle:
     uid: int = 0
     pid: int = 0
     may_write: bool = False
+    waiter: bool = False  # holds one of the `wait` reader slots until release
+    nonblock: bool = False  # opened with O_NONBLOCK
+    reading: bool = False  # a read of `wait` is blocked on this handle
+    reply_at: int | None = None  # ctl: the file offset the reply is read from
 
 
 @dataclass
@@ -71,6 +86,13 @@ class Access:
             return False
         if ctx.gid == self.group:
             return True
+        # The caller's groups as the kernel has them (setpriv, systemd's
+        # SupplementaryGroups=, `docker --group-add` set them without
+        # /etc/group knowing); ctx.pid is the calling thread.
+        try:
+            return self.group in pyfuse3.get_sup_groups(ctx.pid)
+        except (OSError, RuntimeError, ValueError):
+            pass  # no /proc: what /etc/group says
         try:
             name = pwd.getpwuid(ctx.uid).pw_name
             return name in grp.getgrgid(self.group).gr_mem
@@ -111,14 +133,17 @@ class DeployFS(pyfuse3.Operations):
         self._paths: dict[int, Path] = {pyfuse3.ROOT_INODE: ()}
         self._inos: dict[Path, int] = {(): pyfuse3.ROOT_INODE}
         self._next_ino = pyfuse3.ROOT_INODE + 1
+        self._nlookup: dict[int, int] = {}  # what the kernel holds: lookups not yet forgotten
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
-        self.waiters = 0
+        self.waiters = 0  # `wait` handles open, each holding a reader slot
+        self._waiters_by_uid: dict[int, int] = {}
+        self.interrupts = _fusereq.install()
         self.closing = False
         self.mounted = False
         self.started = time.time()
         self._segments: dict[str, int] = {}
-        self._pollers: dict[str, list[pyfuse3.PollHandle]] = {}  # poll(2) on `wait`, by service
+        self._pollers: dict[str, dict[int, pyfuse3.PollHandle]] = {}  # poll(2) on `wait`: service -> fh -> handle
         engine.events.listeners.append(self._on_event)
         engine.listeners.append(self._on_change)
 
@@ -131,6 +156,28 @@ class DeployFS(pyfuse3.Operations):
             self._paths[ino] = path
             self._next_ino += 1
         return ino
+
+    def _looked_up(self, a: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
+        """The kernel now holds one more reference to this inode (until `forget`)."""
+        self._nlookup[a.st_ino] = self._nlookup.get(a.st_ino, 0) + 1
+        return a
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        # Not _guard'ed: pyfuse3 cannot answer a forget, so nothing may escape.
+        try:
+            for ino, n in inode_list:
+                left = self._nlookup.get(ino, 0) - n
+                if left > 0:
+                    self._nlookup[ino] = left
+                    continue
+                self._nlookup.pop(ino, None)
+                if ino == pyfuse3.ROOT_INODE:
+                    continue
+                path = self._paths.pop(ino, None)
+                if path is not None and self._inos.get(path) == ino:
+                    del self._inos[path]
+        except Exception:
+            log.exception("bug in forget handler")
 
     def _node(self, ino: int) -> tuple[Path, Node]:
         path = self._paths.get(ino)
@@ -218,7 +265,7 @@ class DeployFS(pyfuse3.Operations):
         """Wake poll(2)/select(2) on `wait` once the rollout is no longer in flight."""
         svc = self.engine.services.get(service)
         if service in self._pollers and (svc is None or svc.outcome() is not None):
-            for handle in self._pollers.pop(service):
+            for handle in self._pollers.pop(service).values():
                 try:
                     handle.notify()
                 except OSError:
@@ -233,12 +280,14 @@ class DeployFS(pyfuse3.Operations):
             raise FUSEError(errno.ENOTDIR)
         try:
             child_name = _name(name)
-        except FUSEError:
-            raise FUSEError(errno.ENOENT) from None
+        except FUSEError as e:
+            raise FUSEError(errno.ENAMETOOLONG if e.errno == errno.ENAMETOOLONG else errno.ENOENT) from None
+        if RETIRED_EVENTS_RE.fullmatch(child_name):
+            raise FUSEError(errno.ENOENT)  # a retired inode's own name: reached by inode only, never by name
         child = node.child(child_name)
         if child is None:
             raise FUSEError(errno.ENOENT)
-        return self._attrs((*path, child_name), child, parent=node)
+        return self._looked_up(self._attrs((*path, child_name), child, parent=node))
 
     @_guard
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -255,14 +304,25 @@ class DeployFS(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         h = self._handles[fh]
         assert isinstance(h.node, Dir)
+        up = h.path[:-1]
+        dots: list[tuple[str, Path, Node | None]] = [(".", h.path, h.node), ("..", up, self.ns.resolve(up))]
         names = h.node.list()
-        for i, name in enumerate(names[start_id:], start=start_id):
+        for i in range(start_id, len(dots) + len(names)):
+            if i < len(dots):  # the kernel takes no reference on "." and ".."
+                name, path, node = dots[i]
+                if node is not None and not pyfuse3.readdir_reply(
+                        token, name.encode(), self._attrs(path, node, self._inos.get(path)), i + 1):
+                    return
+                continue
+            name = names[i - len(dots)]
             child = h.node.child(name)
             if child is None:
                 continue
             path = (*h.path, name)
-            if not pyfuse3.readdir_reply(token, name.encode(), self._attrs(path, child, self._inos.get(path), h.node), i + 1):
+            attrs = self._attrs(path, child, self._inos.get(path), h.node)
+            if not pyfuse3.readdir_reply(token, name.encode(), attrs, i + 1):
                 return
+            self._looked_up(attrs)  # readdirplus: each entry given counts as a lookup
 
     @_guard
     async def releasedir(self, fh: int) -> None:
@@ -287,7 +347,7 @@ class DeployFS(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         path, node = self._node(inode)
         writing = flags & os.O_ACCMODE != os.O_RDONLY
-        h = Handle(path, node, ino=inode, uid=ctx.uid, pid=ctx.pid)
+        h = Handle(path, node, ino=inode, uid=ctx.uid, pid=ctx.pid, nonblock=bool(flags & os.O_NONBLOCK))
         fi = pyfuse3.FileInfo()
         if isinstance(node, Ctl):
             if not self.access.may_write(ctx):
@@ -306,9 +366,14 @@ class DeployFS(pyfuse3.Operations):
         elif isinstance(node, Text):
             h.data, fi.direct_io = node.render(), True
         elif isinstance(node, Wait):
-            if self.waiters >= MAX_WAITERS:
+            # Counted from open to release, so opening many and reading them
+            # all later cannot get past the caps.
+            mine = self._waiters_by_uid.get(ctx.uid, 0)
+            if self.waiters >= MAX_WAITERS or (mine >= MAX_WAITERS_PER_UID and not self.access.may_write(ctx)):
                 raise FUSEError(errno.EBUSY)
-            fi.direct_io = True
+            self.waiters += 1
+            self._waiters_by_uid[ctx.uid] = mine + 1
+            h.waiter, fi.direct_io = True, True
         elif isinstance(node, Events):
             fi.keep_cache = True
         fi.fh = self._new_handle(h)
@@ -330,25 +395,39 @@ class DeployFS(pyfuse3.Operations):
         if isinstance(node, Wait):
             if off > 0:
                 return b""
-            h.data = (await self._wait(h, node.service) + "\n").encode()
+            h.data = (await self._wait(h, node.service, _fusereq.current(fh, off, size)) + "\n").encode()
+        if isinstance(node, Ctl):
+            # The reply is read from wherever the descriptor stands: after
+            # `echo apply >&3` the offset is past the command (`cat <&3`),
+            # with pread it is 0.  Each write starts a new reply.
+            if h.reply_at is None or off < h.reply_at:
+                h.reply_at = off
+            off -= h.reply_at
         return h.data[off: off + size]
 
-    async def _wait(self, h: Handle, service: str) -> str:
+    async def _wait(self, h: Handle, service: str, req: _fusereq.Request | None) -> str:
         svc = self.engine.services.get(service)
         if svc is None:
             raise FUSEError(errno.ENOENT)
-        self.waiters += 1
+        if svc.outcome() is None and h.nonblock:
+            raise FUSEError(errno.EAGAIN)
+        if h.reading:  # one blocked read per open: threads sharing a descriptor cannot multiply it
+            raise FUSEError(errno.EBUSY)
+        h.reading = True
         try:
+            # Without the request (another pyfuse3), poll the opener's
+            # signals, less often the more readers block: bounded /proc reads.
+            pid = h.pid if req is None else 0
             while (out := svc.outcome()) is None:
                 if self.closing:
                     raise FUSEError(errno.EINTR)
-                with trio.move_on_after(0.1):
+                with trio.move_on_after(WAIT_POLL if req is not None else max(WAIT_POLL, self.waiters / 1000)):
                     await svc.wait_change()
-                if _signalled(h.pid):  # Ctrl-C or kill of the reader
+                if req.interrupted() if req is not None else _signalled(pid):  # Ctrl-C or kill of the reader
                     raise FUSEError(errno.EINTR)
             return out
         finally:
-            self.waiters -= 1
+            h.reading = False
 
     @_guard
     async def poll(self, inode: int, fh: int, poll_handle: pyfuse3.PollHandle | None,
@@ -359,8 +438,8 @@ class DeployFS(pyfuse3.Operations):
         if isinstance(node, Wait):
             svc = self.engine.services.get(node.service)
             if svc is not None and svc.outcome() is None:
-                if poll_handle is not None:
-                    self._pollers.setdefault(node.service, []).append(poll_handle)
+                if poll_handle is not None:  # one per open file: repeated polls replace it
+                    self._pollers.setdefault(node.service, {})[fh] = poll_handle
                 return 0
         elif isinstance(node, (Ctl, ManifestFile)):
             ready |= select.POLLOUT | select.POLLWRNORM
@@ -391,12 +470,12 @@ class DeployFS(pyfuse3.Operations):
             cmd = parse_command(buf, node.service)
             reply = self.engine.command(cmd.service, cmd.verb, cmd.arg, who)
         except CommandError as e:
-            h.data = f"error: {e.message}\n".encode()
+            h.data, h.reply_at = f"error: {e.message}\n".encode(), None
             svc = self.engine.services.get(node.service or "")
             if svc is not None:
                 svc.event(f"command refused ({who}): {e.message}")
             raise FUSEError(e.errno) from None
-        h.data = f"{reply}\n".encode()
+        h.data, h.reply_at = f"{reply}\n".encode(), None
         return len(buf)
 
     @_guard
@@ -429,7 +508,14 @@ class DeployFS(pyfuse3.Operations):
 
     @_guard
     async def release(self, fh: int) -> None:
-        self._handles.pop(fh, None)
+        h = self._handles.pop(fh, None)
+        if h is not None and h.waiter:
+            self.waiters -= 1
+            left = self._waiters_by_uid.pop(h.uid, 1) - 1
+            if left:
+                self._waiters_by_uid[h.uid] = left
+        if h is not None and isinstance(h.node, Wait):
+            self._pollers.get(h.node.service, {}).pop(fh, None)
 
     # -- manifests/: create, unlink, rename ----------------------------------------------------
 
@@ -456,7 +542,7 @@ class DeployFS(pyfuse3.Operations):
         node = ManifestFile(n)
         h = Handle(("manifests", n), node, uid=ctx.uid, pid=ctx.pid, may_write=True)
         fi = pyfuse3.FileInfo(fh=self._new_handle(h), direct_io=True)
-        return fi, self._attrs(h.path, node)
+        return fi, self._looked_up(self._attrs(h.path, node))
 
     @_guard
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -514,6 +600,8 @@ def _invalidate(ino: int, *, attr_only: bool) -> None:
 
 
 def _name(raw: bytes) -> str:
+    if len(raw) > 255:  # NAME_MAX, as on a disk; the kernel lets FUSE names reach 1024
+        raise FUSEError(errno.ENAMETOOLONG)
     try:
         name = raw.decode("utf-8")
     except UnicodeDecodeError:

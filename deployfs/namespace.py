@@ -157,12 +157,17 @@ class Namespace:
         s = self.engine.services.get(name)
         if s is None:
             return None
+        def rotated() -> bool:  # `events.1` exists once a rotation happened, as with logrotate
+            return self.engine.events.segment(s.name) > 0
+
         def child(f: str) -> Node | None:
+            if f == "events.1" and not rotated():
+                return None
             if f in SERVICE_FILES:
                 return SERVICE_FILES[f](self, s)
-            m = RETIRED_EVENTS_RE.fullmatch(f)  # a rotated-away inode (not listed)
+            m = RETIRED_EVENTS_RE.fullmatch(f)  # a rotated-away inode: reached by inode, never listed
             return Events(s.name, int(m.group(1))) if m else None
-        return Dir(lambda: list(SERVICE_FILES), child)
+        return Dir(lambda: [f for f in SERVICE_FILES if f != "events.1" or rotated()], child)
 
     def slots_dir(self, s: Service, render: Callable[[Instance], bytes]) -> Dir:
         def child(name: str) -> Node | None:

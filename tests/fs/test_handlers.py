@@ -92,3 +92,16 @@ async def test_unexpected_exception_becomes_eio(fs, monkeypatch):
     with pytest.raises(pyfuse3.FUSEError) as e:
         await fs.getattr(ROOT, ctx())
     assert e.value.errno == errno.EIO
+
+
+async def test_inodes_are_dropped_when_the_kernel_forgets(fs):
+    before = len(fs._paths)
+    inos = {(await fs.lookup(ROOT, b"manifests", ctx())).st_ino for _ in range(3)}
+    assert len(inos) == 1 and len(fs._paths) == before + 1
+    ino = inos.pop()
+    await fs.forget([(ino, 2)])
+    assert ino in fs._paths  # the kernel still holds one reference
+    await fs.forget([(ino, 1)])
+    assert len(fs._paths) == before and len(fs._inos) == before
+    await fs.forget([(ROOT, 1), (12345, 1)])  # never the root; unknown inodes are no error
+    assert (await fs.getattr(ROOT, ctx())).st_ino == ROOT
