@@ -211,7 +211,14 @@ class Service:
                 continue
             p = rollout.plan(self.target(), self.views(), self.state, trio.current_time(), routed)
             self.state = p.state
-            changed = [self.do(action) for action in p.actions]
+            changed = []
+            for action in p.actions:
+                changed.append(self.do(action))
+                if isinstance(action, rollout.Start):
+                    # A spawn costs a fork and three commits: `scale 1000` in one
+                    # stretch held every FUSE request (the ctl write's own reply
+                    # too) for over a second. Let them in between spawns.
+                    await trio.sleep(0)
             if (self.rec.update_status, self.rec.steps) != (p.state.status, p.state.steps):
                 self.rec.update_status, self.rec.steps = p.state.status, p.state.steps
                 self.save()
@@ -244,6 +251,8 @@ class Service:
             inst = Instance(rec, m)
             self.instances[rec.id] = inst
             self.spawn(inst)
+        elif isinstance(a, (rollout.Stop, rollout.Restart, rollout.GiveUp)) and a.id not in self.instances:
+            return False  # gone while an earlier action of the same plan yielded
         elif isinstance(a, rollout.Stop):
             self.stop_instance(self.instances[a.id], a.reason)
         elif isinstance(a, rollout.Restart):

@@ -290,3 +290,26 @@ async def test_a_router_that_cannot_listen_fails_the_rollout(tmp_path, autojump_
         assert out == "failed: router: cannot listen on 127.0.0.1:8080: Address already in use"
         assert not any("deploy complete" in ev for ev in h.events())
         n.cancel_scope.cancel()
+
+
+async def test_a_large_spawn_batch_does_not_hold_the_trio_loop(h, autojump_clock):
+    # Issue 18.12: `scale 1000` spawned every process in one stretch without a
+    # checkpoint, so the ctl write (and every other FUSE request) waited for all
+    # of them. Another task must get to run between spawns.
+    await deploy_v1(h, replicas=1)
+    ticks = 0
+    at_start: list[int] = []
+    h.rt.on_start = lambda proc: at_start.append(ticks)
+
+    async def other_requests():
+        nonlocal ticks
+        while len(at_start) < 200:  # spins only while the batch is spawned (autojump needs idle)
+            ticks += 1
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(other_requests)
+        h.cmd("scale", "201")
+    # The other task ran all through the batch (trio shuffles its run queue, so
+    # not exactly once per spawn); without a checkpoint it would not run at all.
+    assert len(at_start) == 200 and at_start[-1] - at_start[0] >= 100
