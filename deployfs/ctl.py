@@ -14,8 +14,10 @@ from .engine import CommandError
 from .manifest import valid_name
 
 MAX_CTL_BYTES = 4096
-VERBS = {"apply": 0, "pause": 0, "resume": 0, "step": 0, "rollback": 0, "restart": 0, "stop": 0, "scale": 1}
-USAGE = "apply | pause | resume | step | rollback | restart | stop | scale N"
+VERBS = {"apply": 0, "pause": 0, "resume": 0, "step": 0, "rollback": 0, "restart": 0, "stop": 0, "scale": 1,
+         "delete": 0}
+TOP_ONLY = {"delete"}  # removes active/<svc> itself: not a verb of a file inside it
+USAGE = "apply | pause | resume | step | rollback | restart | stop | scale N (and on the top ctl: delete)"
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ def parse_command(data: bytes, service: str | None) -> Command:
     verb, rest = words[0], words[1:]
     if verb not in VERBS:
         raise bad(f"unknown verb {verb[:40]!r}; expected: {USAGE}")
+    if verb in TOP_ONLY and service is not None:
+        raise bad(f"{verb} works on the top ctl: echo '{verb} {service}' > ctl (in the mount's root)")
     if service is None:
         if not rest:
             raise bad(f"{verb}: name the service: {verb} SERVICE" + (" N" if VERBS[verb] else ""))

@@ -28,7 +28,7 @@ import trio
 
 from . import rollout
 from ._ticker import Ticker
-from .events import EventLog
+from .events import CLUSTER, EventLog
 from .health import Prober
 from .manifest import MAX_REPLICAS, Manifest, ManifestError, format_seconds, parse, set_replicas_line, valid_name
 from .rollout import Phase
@@ -120,6 +120,7 @@ class Service:
         self._unrouted: bool | None = None  # None until routing was first decided
         self._at_limit = False
         self._awaiting_router = False
+        self.deleted = False  # `delete` finished: the service is gone from the engine
 
     @property
     def name(self) -> str:
@@ -164,6 +165,10 @@ class Service:
 
     def outcome(self) -> str | None:
         """What `wait` returns, or None while a rollout is in flight."""
+        if self.deleted:
+            return "deleted"
+        if self.rec.deleting:
+            return None
         status = self.rec.update_status
         if status == "rolling":
             return None
@@ -198,6 +203,9 @@ class Service:
     async def _loop(self) -> None:
         while True:
             self._wakeup = trio.Event()
+            if self.rec.deleting and not self.instances:
+                await self._remove()
+                return
             routed = self.engine.router.routed()
             if not routed and not self._awaiting_router:
                 self._awaiting_router = True
@@ -289,6 +297,20 @@ class Service:
             self.rec.rollout_from = None
             self.save()
         return True
+
+    async def _remove(self) -> None:
+        """The last step of `delete`: every instance is gone; release the port, drop the records."""
+        e, port = self.engine, self.manifest.port
+        e.router.set_backends(self.name, None, [])
+        with trio.move_on_after(30):
+            await e.router.wait_routed()  # the port is free once this returns
+        e.store.delete_service(self.name)
+        e.events.forget(self.name)
+        if e.services.get(self.name) is self:
+            del e.services[self.name]
+        self.deleted = True
+        e.events.emit(CLUSTER, f"deleted {self.name}" + (f": port {port} released" if port else ""))
+        self.poke()
 
     async def _poke_once_routed(self) -> None:
         await self.engine.router.wait_routed()
@@ -585,6 +607,8 @@ class Engine:
         if svc is None:
             raise CommandError(errno.ENOENT, f"no service {name!r} is deployed (apply it first)")
         rec, status = svc.rec, svc.rec.update_status
+        if rec.deleting and verb not in ("stop", "delete"):
+            raise CommandError(errno.EBUSY, f"{name} is being deleted")
         if verb == "pause":
             if status == "paused":
                 return "ok already paused"
@@ -626,16 +650,23 @@ class Engine:
                     self.store.put_file(name, set_replicas_line(f.data, n))
                 svc.save()
                 svc.event(f"scaled to {n} by {who}")
-        elif verb == "stop":
-            rec.stopped = True
+        elif verb in ("stop", "delete"):
+            if rec.deleting:
+                return "ok already deleting"
+            rec.stopped, rec.deleting = True, verb == "delete"
             svc.state = rollout.State()
             rec.update_status, rec.steps, rec.rollout_from = "none", 0, None
-            svc.save()
-            svc.event(f"stopping every instance by {who}")
+            with self.store.transaction():
+                svc.save()
+                if verb == "delete":
+                    svc.event(f"deleting by {who}: stopping every instance")
+                    self.events.emit(CLUSTER, f"deleting {name} by {who}")
+                else:
+                    svc.event(f"stopping every instance by {who}")
         else:
             raise CommandError(errno.EINVAL, f"unknown verb {verb!r}")
         svc.poke()
-        return "ok"
+        return "ok deleting" if verb == "delete" else "ok"
 
     def _apply(self, name: str, who: str) -> str:
         f = self.store.get_file(name)
@@ -649,6 +680,9 @@ class Engine:
             raise CommandError(errno.EINVAL, str(e)) from None
         m, text = parsed.manifest, f.data.decode()
         svc = self.services.get(name)
+        if svc is not None and svc.rec.deleting:
+            raise CommandError(errno.EBUSY, f"{name} is being deleted: apply it again once it is gone "
+                                            f"(cat active/{name}/wait)")
         self._check_port(name, m.port)
         if svc is None:
             if len(self.services) >= self.max_services:

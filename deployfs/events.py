@@ -16,6 +16,9 @@ from typing import Callable
 from .store import Store
 
 SEGMENT_BYTES = 1024 * 1024
+# The cluster-wide log, /deploy/events (deletions, router trouble): kept like a
+# service's, under a name no service can have.
+CLUSTER = ""
 MAX_EVENT_CHARS = 2000
 
 
@@ -74,6 +77,10 @@ class EventLog:
         log.mtime = ts
         for listener in self.listeners:
             listener(service)
+
+    def forget(self, service: str) -> None:
+        """The service was deleted (its events with it): a new one of that name starts afresh."""
+        self._logs.pop(service, None)
 
     def current(self, service: str) -> bytes:
         return bytes(self._log(service).current)

@@ -43,7 +43,9 @@ from . import _fusereq
 from .ctl import parse_command
 from .engine import CommandError, Engine
 from .manifest import MAX_MANIFEST_BYTES
-from .namespace import FILE_NAME_RE, RETIRED_EVENTS_RE, Ctl, Dir, Events, ManifestFile, Namespace, Node, Path, Text, Wait
+from .events import CLUSTER
+from .namespace import (FILE_NAME_RE, RETIRED_EVENTS_RE, Ctl, Dir, Events, ManifestFile, Namespace, Node, Path, Text,
+                        Wait, events_dir)
 
 log = logging.getLogger(__name__)
 
@@ -238,11 +240,12 @@ class DeployFS(pyfuse3.Operations):
         segment = self.engine.events.segment(service)
         rotated = self._segments.get(service, segment) != segment
         self._segments[service] = segment
-        current = ("active", service, "events")
+        where = events_dir(service)
+        current = (*where, "events")
         if rotated:
             # Each retired inode keeps its own segment, as a renamed file keeps its data.
-            older = ("active", service, "events.1")
-            frozen = lambda k: ("active", service, f"events@{k}")  # noqa: E731
+            older = (*where, "events.1")
+            frozen = lambda k: (*where, f"events@{k}")  # noqa: E731
             prev_ino = self._inos.pop(older, None)
             if prev_ino is not None:
                 self._paths[prev_ino] = frozen(segment - 2)
@@ -250,7 +253,7 @@ class DeployFS(pyfuse3.Operations):
             if ino is not None:
                 self._paths[ino] = frozen(segment - 1)
                 self._inos[older] = ino
-            parent = self._inos.get(("active", service))
+            parent = self._inos.get(where)
             if parent is not None:
                 for name in (b"events", b"events.1"):
                     try:
@@ -264,6 +267,11 @@ class DeployFS(pyfuse3.Operations):
     def _on_change(self, service: str) -> None:
         """Wake poll(2)/select(2) on `wait` once the rollout is no longer in flight."""
         svc = self.engine.services.get(service)
+        if svc is None and self.mounted:  # deleted: the kernel must not keep active/<svc> cached
+            try:
+                pyfuse3.invalidate_entry_async(self._ino(("active",)), service.encode(), ignore_enoent=True)
+            except OSError:
+                pass
         if service in self._pollers and (svc is None or svc.outcome() is not None):
             for handle in self._pollers.pop(service).values():
                 try:
@@ -466,14 +474,16 @@ class DeployFS(pyfuse3.Operations):
 
     def _ctl(self, h: Handle, node: Ctl, buf: bytes) -> int:
         who = f"uid={h.uid}"
+        service = node.service
         try:
             cmd = parse_command(buf, node.service)
+            service = cmd.service
             reply = self.engine.command(cmd.service, cmd.verb, cmd.arg, who)
         except CommandError as e:
             h.data, h.reply_at = f"error: {e.message}\n".encode(), None
-            svc = self.engine.services.get(node.service or "")
-            if svc is not None:
-                svc.event(f"command refused ({who}): {e.message}")
+            svc = self.engine.services.get(service or "")
+            target = svc.name if svc is not None else CLUSTER  # no service to file it under: the cluster log
+            self.engine.events.emit(target, f"command refused ({who}): {e.message}")
             raise FUSEError(e.errno) from None
         h.data, h.reply_at = f"{reply}\n".encode(), None
         return len(buf)

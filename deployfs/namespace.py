@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .engine import Engine, Instance, Service
-from .events import EventLog, rfc3339
+from .events import CLUSTER, EventLog, rfc3339
 from .engine import NODE
 
 Path = tuple[str, ...]
@@ -80,6 +80,11 @@ class ManifestFile:
 Node = Dir | Text | Events | Ctl | Wait | ManifestFile
 
 
+def events_dir(service: str) -> Path:
+    """The directory that holds a service's events (the root for the cluster-wide log)."""
+    return () if service == CLUSTER else ("active", service)
+
+
 def _line(fn: Callable[[Service], object]) -> Callable[["Namespace", Service], Node]:
     return lambda ns, s: Text(lambda: f"{fn(s)}\n".encode(), lambda: s.mtime)
 
@@ -132,6 +137,8 @@ SERVICE_FILES: dict[str, Callable[["Namespace", Service], Node]] = {
 
 ROOT_FILES: dict[str, Callable[["Namespace"], Node]] = {
     "ctl": lambda ns: Ctl(None),
+    "events": lambda ns: Events(CLUSTER, None),  # cluster-wide: deletions, router trouble
+    "events.1": lambda ns: Events(CLUSTER, -1),
     "manifests": lambda ns: Dir(ns.engine.store.list_files, ns.manifest_file, writable=True),
     "active": lambda ns: Dir(lambda: sorted(ns.engine.services), ns.service_dir),
 }
@@ -140,7 +147,18 @@ ROOT_FILES: dict[str, Callable[["Namespace"], Node]] = {
 class Namespace:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.root = Dir(lambda: list(ROOT_FILES), lambda name: ROOT_FILES[name](self) if name in ROOT_FILES else None)
+        self.root = Dir(lambda: [f for f in ROOT_FILES if f != "events.1" or self._rotated(CLUSTER)], self.root_child)
+
+    def _rotated(self, service: str) -> bool:  # `events.1` exists once a rotation happened, as with logrotate
+        return self.engine.events.segment(service) > 0
+
+    def root_child(self, name: str) -> Node | None:
+        if name == "events.1" and not self._rotated(CLUSTER):
+            return None
+        if name in ROOT_FILES:
+            return ROOT_FILES[name](self)
+        m = RETIRED_EVENTS_RE.fullmatch(name)  # a rotated-away inode (not listed)
+        return Events(CLUSTER, int(m.group(1))) if m else None
 
     def resolve(self, path: Path) -> Node | None:
         node: Node | None = self.root
@@ -157,8 +175,8 @@ class Namespace:
         s = self.engine.services.get(name)
         if s is None:
             return None
-        def rotated() -> bool:  # `events.1` exists once a rotation happened, as with logrotate
-            return self.engine.events.segment(s.name) > 0
+        def rotated() -> bool:
+            return self._rotated(s.name)
 
         def child(f: str) -> Node | None:
             if f == "events.1" and not rotated():

@@ -43,6 +43,7 @@ class ServiceRecord:
     failure: str = ""
     stopped: bool = False
     rollout_from: str | None = None
+    deleting: bool = False  # `delete`: stopping everything, then the records go
 
 
 @dataclass
@@ -92,6 +93,9 @@ class Store(Protocol):
     def get_service(self, name: str) -> ServiceRecord | None: ...
     def put_service(self, rec: ServiceRecord) -> None: ...
     def list_services(self) -> list[ServiceRecord]: ...
+    def delete_service(self, name: str) -> None:
+        """Forget a service: its record, instances, versions and events (not its manifest file)."""
+        ...
 
     def list_instances(self, service: str) -> list[InstanceRecord]: ...
     def put_instance(self, rec: InstanceRecord) -> None: ...
@@ -206,6 +210,12 @@ class SqliteStore:
 
     def list_services(self) -> list[ServiceRecord]:
         return [_record(ServiceRecord, r[0]) for r in self._db.execute("SELECT data FROM services ORDER BY name")]
+
+    def delete_service(self, name: str) -> None:
+        with self.transaction():
+            for table, key in (("services", "name"), ("instances", "service"), ("versions", "service"),
+                               ("events", "service")):
+                self._db.execute(f"DELETE FROM {table} WHERE {key} = ?", (name,))
 
     def list_instances(self, service: str) -> list[InstanceRecord]:
         rows = self._db.execute("SELECT data FROM instances WHERE service = ? ORDER BY id", (service,))

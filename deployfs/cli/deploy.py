@@ -38,11 +38,13 @@ class Client:
         except FileNotFoundError:
             raise Fail(_no_such(parts)) from None
 
-    def ctl(self, service: str, command: str) -> str:
+    def ctl(self, service: str, command: str, *, top: bool = False) -> str:
         try:
+            if top:
+                raise FileNotFoundError
             fd = os.open(self.path("active", service, "ctl"), os.O_RDWR)
         except FileNotFoundError:
-            fd = os.open(self.path("ctl"), os.O_RDWR)  # not deployed yet: the top ctl names it
+            fd = os.open(self.path("ctl"), os.O_RDWR)  # not deployed yet (or `delete`): the top ctl names it
             verb, _, rest = command.partition(" ")
             command = f"{verb} {service} {rest}".rstrip()
         try:
@@ -160,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     lg = sub.add_parser("logs", help="instance output: SERVICE (all instances) or SERVICE/SLOT")
     lg.add_argument("target", metavar="SERVICE[/SLOT]")
     lg.add_argument("-f", "--follow", action="store_true", help="keep following new output")
+    d = sub.add_parser("delete", help="drain and stop every instance, release the port, remove active/SERVICE "
+                       "(manifests/SERVICE stays)")
+    d.add_argument("service")
+    d.add_argument("--detach", action="store_true", help="return at once instead of waiting until it is gone")
     ed = sub.add_parser("edit", help="open manifests/SERVICE in $EDITOR")
     ed.add_argument("service")
     return p
@@ -179,6 +185,12 @@ def run(argv: list[str] | None = None) -> int:
         print(reply)
     elif verb == "scale":
         print(c.ctl(a.service, f"scale {a.n}"))
+    elif verb == "delete":
+        print(c.ctl(a.service, "delete", top=True))
+        if not a.detach:
+            while os.path.exists(c.path("active", a.service)):  # drains first: as long as drain_timeout
+                time.sleep(0.1)
+            print(f"deleted {a.service}")
     elif verb == "status":
         sys.stdout.write(c.read("active", a.service, "status") if a.service else status_table(c))
     elif verb == "events":

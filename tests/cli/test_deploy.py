@@ -73,5 +73,17 @@ def test_no_mount_is_explained(tmp_path):
 
 def test_help_is_complete():
     r = subprocess.run([*DEPLOY, "--help"], capture_output=True, text=True, timeout=10)
-    for verb in ("apply", "status", "pause", "resume", "step", "rollback", "restart", "stop", "scale", "events", "logs", "edit"):
+    for verb in ("apply", "status", "pause", "resume", "step", "rollback", "restart", "stop", "scale", "events", "logs",
+                 "edit", "delete"):
         assert verb in r.stdout
+
+
+def test_delete_waits_until_the_service_is_gone(mnt):
+    mnt.write_manifest("web", manifest())
+    assert deploy(mnt, "apply", "web").returncode == 0
+    r = deploy(mnt, "delete", "web")
+    assert r.returncode == 0 and r.stdout == "ok deleting\ndeleted web\n", r.stderr
+    assert os.listdir(mnt.p("active")) == [] and os.path.exists(mnt.p("manifests/web"))
+    assert "deleted web: port 18095 released" in mnt.read("events")
+    r = deploy(mnt, "delete", "web")
+    assert r.returncode == 1 and "no service 'web' is deployed" in r.stderr

@@ -70,3 +70,32 @@ def test_a_port_another_program_holds_is_refused(mnt):
         holder.close()
     deployed(mnt, "web", "A", PORT + 2)  # once the port is free, the same apply works
     assert get(PORT + 2).startswith("A ")
+
+
+def test_delete_stops_frees_the_port_and_logs_it_in_the_cluster_events(mnt):
+    import threading
+    seen: list[str] = []
+    tail = subprocess.Popen(["tail", "-n", "+1", "-f", "-s", "0.1", mnt.p("events")], stdout=subprocess.PIPE,
+                            text=True)
+    threading.Thread(target=lambda: seen.extend(tail.stdout), daemon=True).start()
+    try:
+        deployed(mnt, "web", "A")
+        pid = int(mnt.read("active/web/instances/0").split("pid=")[1].split()[0])
+        assert ctl(mnt, "delete", "active/web/ctl").startswith(f"errno {errno.EINVAL}\nerror: delete works on the top ctl")
+        assert ctl(mnt, "delete web") == "ok deleting\n"
+        mnt.until(lambda: not os.path.exists(mnt.p("active/web")), what="active/web to go")
+        assert "web" not in os.listdir(mnt.p("active"))
+        assert os.path.exists(mnt.p("manifests/web"))  # the manifest stays until you rm it
+        assert not os.path.exists(f"/proc/{pid}")  # stopped (and reaped)
+        socket.create_server(("127.0.0.1", PORT)).close()  # the port is free
+        mnt.until(lambda: any(f"deleted web: port {PORT} released" in line for line in seen), timeout=5,
+                  what="tail -f of /deploy/events to show the deletion")
+        assert any("deleting web by uid=0" in line for line in seen)
+        assert ctl(mnt, "delete web").startswith(f"errno {errno.ENOENT}\n")
+    finally:
+        tail.kill()
+        tail.wait()
+    # A deleted service can be applied again: a fresh one, with a fresh history.
+    deployed(mnt, "web", "B")
+    assert get(PORT).startswith("B ")
+    assert "deleting" not in mnt.read("active/web/events")
