@@ -22,7 +22,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import trio
 
@@ -282,6 +282,7 @@ class Service:
         elif isinstance(a, rollout.Fail):
             self.rec.failure = a.reason + self._detection()
             self.rec.update_status = "failed"
+            self.keep_logs("failed", lambda i: (i.rec.version, i.rec.generation) == self.target().key)
             self.save()
             self.event(f"rolling update failed: {self.rec.failure}")
         elif isinstance(a, rollout.Complete):
@@ -487,6 +488,10 @@ class Service:
                 self.event(f"serving on port {self.manifest.port}")
         self._unrouted = empty
 
+    def keep_logs(self, why: str, which: Callable[[Instance], bool]) -> None:
+        """Keep these instances' output readable as logs/<why>-<slot> until the next rollout."""
+        self.rec.kept_logs = {f"{why}-{i.rec.slot}": i.rec.id for i in self.instances.values() if which(i)}
+
     def save(self) -> None:
         self.engine.store.put_service(self.rec)
 
@@ -653,6 +658,7 @@ class Engine:
         elif verb in ("stop", "delete"):
             if rec.deleting:
                 return "ok already deleting"
+            svc.keep_logs("stopped", lambda i: not i.leaving)
             rec.stopped, rec.deleting = True, verb == "delete"
             svc.state = rollout.State()
             rec.update_status, rec.steps, rec.rollout_from = "none", 0, None
@@ -710,6 +716,7 @@ class Engine:
             rec.stopped, rec.replicas, rec.manifest = False, m.replicas, text
             svc.manifest = m
             if was_stopped:  # starting again is a deploy: `wait` follows it
+                rec.kept_logs = {}
                 svc.state = rollout.State("rolling", 0, float("-inf"))
                 rec.update_status, svc.rollout_t0 = "rolling", trio.current_time()
             svc.save()
@@ -752,6 +759,7 @@ class Engine:
                 rec.previous_version, rec.previous_manifest = previous
             rec.version, rec.manifest, rec.replicas, rec.stopped = m.version, text, m.replicas, False
             rec.update_status, rec.steps, rec.failure, rec.rollout_from = "rolling", 0, "", frm
+            rec.kept_logs = {}
             svc.manifest = m
             svc.state = rollout.State("rolling", 0, float("-inf"))
             svc.rollout_t0 = trio.current_time()

@@ -44,8 +44,8 @@ from .ctl import parse_command
 from .engine import CommandError, Engine
 from .manifest import MAX_MANIFEST_BYTES
 from .events import CLUSTER
-from .namespace import (FILE_NAME_RE, RETIRED_EVENTS_RE, Ctl, Dir, Events, ManifestFile, Namespace, Node, Path, Text,
-                        Wait, events_dir)
+from .namespace import (FILE_NAME_RE, LOG_BY_ID_RE, RETIRED_EVENTS_RE, Ctl, Dir, Events, Log, ManifestFile, Namespace,
+                        Node, Path, Text, Wait, events_dir)
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,11 @@ class DeployFS(pyfuse3.Operations):
         except Exception:
             log.exception("bug in forget handler")
 
+    @staticmethod
+    def _key(path: Path, node: Node) -> Path:
+        """The path an inode is kept under: an instance's log by its id, so it follows the instance, not the slot."""
+        return (*path[:-1], f"@{node.instance}") if isinstance(node, Log) else path
+
     def _node(self, ino: int) -> tuple[Path, Node]:
         path = self._paths.get(ino)
         node = None if path is None else self.ns.resolve(path)
@@ -212,6 +217,8 @@ class DeployFS(pyfuse3.Operations):
             a.st_mode = stat.S_IFREG | 0o600 | (0o060 if group_w else 0)
         elif isinstance(node, Wait):
             a.st_mode = stat.S_IFREG | 0o444
+        elif isinstance(node, Log):  # read live with direct_io: a fresh, true size is all tail -f needs
+            a.st_mode, size, mtime = stat.S_IFREG | 0o444, node.size(), node.mtime() or self.started
         elif isinstance(node, ManifestFile):
             f = self.engine.store.get_file(node.name)
             if f is None:
@@ -290,12 +297,12 @@ class DeployFS(pyfuse3.Operations):
             child_name = _name(name)
         except FUSEError as e:
             raise FUSEError(errno.ENAMETOOLONG if e.errno == errno.ENAMETOOLONG else errno.ENOENT) from None
-        if RETIRED_EVENTS_RE.fullmatch(child_name):
-            raise FUSEError(errno.ENOENT)  # a retired inode's own name: reached by inode only, never by name
+        if RETIRED_EVENTS_RE.fullmatch(child_name) or LOG_BY_ID_RE.fullmatch(child_name):
+            raise FUSEError(errno.ENOENT)  # an inode's own name: reached by inode only, never by name
         child = node.child(child_name)
         if child is None:
             raise FUSEError(errno.ENOENT)
-        return self._looked_up(self._attrs((*path, child_name), child, parent=node))
+        return self._looked_up(self._attrs(self._key((*path, child_name), child), child, parent=node))
 
     @_guard
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -326,7 +333,7 @@ class DeployFS(pyfuse3.Operations):
             child = h.node.child(name)
             if child is None:
                 continue
-            path = (*h.path, name)
+            path = self._key((*h.path, name), child)
             attrs = self._attrs(path, child, self._inos.get(path), h.node)
             if not pyfuse3.readdir_reply(token, name.encode(), attrs, i + 1):
                 return
@@ -373,6 +380,8 @@ class DeployFS(pyfuse3.Operations):
             raise FUSEError(errno.EACCES)
         elif isinstance(node, Text):
             h.data, fi.direct_io = node.render(), True
+        elif isinstance(node, Log):
+            fi.direct_io = True
         elif isinstance(node, Wait):
             # Counted from open to release, so opening many and reading them
             # all later cannot get past the caps.
@@ -400,6 +409,8 @@ class DeployFS(pyfuse3.Operations):
         if isinstance(node, ManifestFile):
             f = self.engine.store.get_file(node.name)
             return b"" if f is None else f.data[off: off + size]
+        if isinstance(node, Log):
+            return node.read(off, size)
         if isinstance(node, Wait):
             if off > 0:
                 return b""

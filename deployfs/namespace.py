@@ -10,6 +10,7 @@ To add a file to every service, add one line to :data:`SERVICE_FILES`.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -23,6 +24,10 @@ Path = tuple[str, ...]
 # (vim's .web.swp, sed's sedXXXXXX); only service names can ever be applied.
 FILE_NAME_RE = re.compile(r"[^/\x00-\x1f\x7f]{1,255}")
 RETIRED_EVENTS_RE = re.compile(r"events@([0-9]{1,9})")
+# logs/@<id>: an instance's log by its id, the name its inode is kept under so
+# that a descriptor (and `fstat` from tail -f) stays with the instance when
+# slots renumber.  Never listed, never looked up.
+LOG_BY_ID_RE = re.compile(r"@([0-9]{1,12})")
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,54 @@ class Events:
 
 
 @dataclass(frozen=True)
+class Log:
+    """An instance's output, read live from the files the runtime keeps.
+
+    Not a snapshot: between two rotations it only grows, so its true size and
+    a read at any offset are all `tail -f` needs.  Only the bytes asked for
+    are read, however large the files.
+    """
+    service: str
+    instance: int
+    parts: Callable[[], list[str]]  # oldest first
+
+    def _sizes(self) -> list[tuple[str, int, float]]:
+        out = []
+        for p in self.parts():
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            out.append((p, st.st_size, st.st_mtime))
+        return out
+
+    def exists(self) -> bool:
+        return bool(self._sizes())
+
+    def size(self) -> int:
+        return sum(size for _, size, _ in self._sizes())
+
+    def mtime(self) -> float:
+        return max((m for _, _, m in self._sizes()), default=0.0)
+
+    def read(self, off: int, size: int) -> bytes:
+        out = bytearray()
+        for path, length, _ in self._sizes():
+            if off >= length:
+                off -= length
+                continue
+            try:
+                with open(path, "rb") as f:
+                    out += os.pread(f.fileno(), min(size - len(out), length - off), off)
+            except OSError:
+                pass
+            off = 0
+            if len(out) >= size:
+                break
+        return bytes(out)
+
+
+@dataclass(frozen=True)
 class Ctl:
     service: str | None  # None: the top ctl, "<verb> <service> [arg]"
 
@@ -77,7 +130,7 @@ class ManifestFile:
     name: str
 
 
-Node = Dir | Text | Events | Ctl | Wait | ManifestFile
+Node = Dir | Text | Events | Ctl | Wait | ManifestFile | Log
 
 
 def events_dir(service: str) -> Path:
@@ -129,7 +182,7 @@ SERVICE_FILES: dict[str, Callable[["Namespace", Service], Node]] = {
     "status": _text(render_status),
     "endpoints": _text(lambda s: "".join(f"{h}:{p}\n" for h, p in s.endpoints())),
     "instances": lambda ns, s: ns.slots_dir(s, lambda i: render_instance(i).encode()),
-    "logs": lambda ns, s: ns.slots_dir(s, lambda i: ns.engine.runtime.read_log(s.name, i.rec.id, i.manifest.log_lines)),
+    "logs": lambda ns, s: ns.logs_dir(s),
     "events": lambda ns, s: Events(s.name, None),
     "events.1": lambda ns, s: Events(s.name, -1),
     "wait": lambda ns, s: Wait(s.name),
@@ -186,6 +239,26 @@ class Namespace:
             m = RETIRED_EVENTS_RE.fullmatch(f)  # a rotated-away inode: reached by inode, never listed
             return Events(s.name, int(m.group(1))) if m else None
         return Dir(lambda: [f for f in SERVICE_FILES if f != "events.1" or rotated()], child)
+
+    def log(self, s: Service, instance_id: int) -> Log:
+        return Log(s.name, instance_id, lambda: self.engine.runtime.log_parts(s.name, instance_id))
+
+    def logs_dir(self, s: Service) -> Dir:
+        """One log per slot, and the logs the engine keeps for instances gone (``failed-3``, ``stopped-0``)."""
+        def kept() -> dict[str, int]:
+            return {name: id for name, id in s.rec.kept_logs.items() if self.log(s, id).exists()}
+
+        def child(name: str) -> Node | None:
+            inst = next((i for i in s.instances.values() if str(i.rec.slot) == name), None)
+            if inst is not None:
+                return self.log(s, inst.rec.id)
+            m = LOG_BY_ID_RE.fullmatch(name)
+            if m:  # an open descriptor outlives its slot, as a deleted file stays readable
+                log = self.log(s, int(m.group(1)))
+                return log if log.exists() else None
+            id = kept().get(name)
+            return None if id is None else self.log(s, id)
+        return Dir(lambda: [str(i.rec.slot) for i in s.by_slot()] + sorted(kept()), child, volatile=True)
 
     def slots_dir(self, s: Service, render: Callable[[Instance], bytes]) -> Dir:
         def child(name: str) -> Node | None:

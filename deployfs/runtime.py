@@ -70,6 +70,9 @@ class Runtime(Protocol):
     def claim_port(self, port: int) -> None: ...
     def release_port(self, port: int) -> None: ...
     def read_log(self, service: str, instance_id: int, lines: int) -> bytes: ...
+    def log_parts(self, service: str, instance_id: int) -> list[str]:
+        """The files that hold an instance's kept output, oldest first (the view reads them live)."""
+        ...
     def trim_log(self, service: str, instance_id: int, lines: int) -> None: ...
     def remove_log(self, service: str, instance_id: int) -> None: ...
 
@@ -220,6 +223,10 @@ class LocalRuntime:
 
     def log_path(self, service: str, instance_id: int) -> str:
         return os.path.join(self.log_dir, service, f"{instance_id}.log")
+
+    def log_parts(self, service: str, instance_id: int) -> list[str]:
+        path = self.log_path(service, instance_id)
+        return [path + ".1", path]
 
     def read_log(self, service: str, instance_id: int, lines: int) -> bytes:
         path = self.log_path(service, instance_id)

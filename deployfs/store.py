@@ -44,6 +44,9 @@ class ServiceRecord:
     stopped: bool = False
     rollout_from: str | None = None
     deleting: bool = False  # `delete`: stopping everything, then the records go
+    # logs/<name> -> instance id: the output of instances gone that is worth
+    # reading (`failed-3` of the last failed rollout, `stopped-0` after stop)
+    kept_logs: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

@@ -101,35 +101,60 @@ def status_table(c: Client) -> str:
     return "".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() + "\n" for r in rows)
 
 
-def follow_text(read, interval: float = 0.5) -> None:
-    """Print what a growing (possibly rotating) text shows, like tail -f."""
-    seen = read()
-    sys.stdout.write(seen)
-    sys.stdout.flush()
-    while True:
-        time.sleep(interval)
-        now = read()
-        if now.startswith(seen):
-            fresh = now[len(seen):]
-        else:  # rotated or trimmed: print the lines after the last one we showed
-            tail = seen.splitlines(keepends=True)[-1:] or [""]
-            idx = now.rfind(tail[0]) if tail[0] else -1
-            fresh = now[idx + len(tail[0]):] if idx >= 0 else now
-        if fresh:
-            sys.stdout.write(fresh)
-            sys.stdout.flush()
-        seen = now
+def fresh_text(seen: str, now: str) -> str:
+    """What a growing (possibly rotated or trimmed) text shows that was not seen yet."""
+    if now.startswith(seen):
+        return now[len(seen):]
+    # rotated or trimmed: the lines after the last one we showed
+    tail = seen.splitlines(keepends=True)[-1:] or [""]
+    idx = now.rfind(tail[0]) if tail[0] else -1
+    return now[idx + len(tail[0]):] if idx >= 0 else now
+
+
+def log_names(c: Client, service: str) -> list[str]:
+    """logs/: the slots in order, then the kept ones (failed-3, stopped-0)."""
+    try:
+        names = os.listdir(c.path("active", service, "logs"))
+    except FileNotFoundError:
+        raise Fail(f"no service {service!r} is deployed") from None
+    return sorted(names, key=lambda n: (0, int(n), "") if n.isdigit() else (1, 0, n))
 
 
 def logs(c: Client, target: str) -> str:
     service, _, slot = target.partition("/")
     if slot:
         return c.read("active", service, "logs", slot)
-    try:
-        slots = sorted(os.listdir(c.path("active", service, "logs")), key=int)
-    except FileNotFoundError:
-        raise Fail(f"no service {service!r} is deployed") from None
-    return "".join(f"[{service}/{s}] {line}\n" for s in slots for line in c.read("active", service, "logs", s).splitlines())
+    return "".join(f"[{service}/{s}] {line}\n" for s in log_names(c, service)
+                   for line in c.read("active", service, "logs", s).splitlines())
+
+
+def follow_logs(c: Client, target: str, interval: float = 0.5, out=sys.stdout) -> None:
+    """Like tail -f over every instance's log, following each instance, not its slot.
+
+    A log's inode number belongs to the instance (slots renumber after a
+    rollout), so what was printed under `web/3` is not printed again as `web/0`.
+    """
+    service, _, slot = target.partition("/")
+    seen: dict[int, str] = {}  # inode -> the text shown so far
+    while True:
+        current: dict[int, str] = {}
+        for name in [slot] if slot else log_names(c, service):
+            path = c.path("active", service, "logs", name)
+            try:
+                with open(path, errors="replace") as f:
+                    ino, now = os.fstat(f.fileno()).st_ino, f.read()
+                now = now[: now.rfind("\n") + 1]  # whole lines only: the rest comes next time
+            except FileNotFoundError:
+                if slot:
+                    raise Fail(f"no log {service}/{slot}") from None
+                continue  # gone between the listing and the open
+            fresh = fresh_text(seen.get(ino, ""), now)
+            prefix = "" if slot else f"[{service}/{name}] "
+            out.write("".join(f"{prefix}{line}\n" for line in fresh.splitlines()))
+            current[ino] = now
+        out.flush()
+        seen = current
+        time.sleep(interval)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,7 +227,7 @@ def run(argv: list[str] | None = None) -> int:
         sys.stdout.write(c.read("active", a.service, "events"))
     elif verb == "logs":
         if a.follow:
-            follow_text(lambda: logs(c, a.target))
+            follow_logs(c, a.target)
         sys.stdout.write(logs(c, a.target))
     elif verb == "edit":
         path = c.path("manifests", a.service)

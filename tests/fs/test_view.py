@@ -197,3 +197,54 @@ def test_group_member_by_supplementary_group_may_write(tmp_path):
     finally:
         _mount.stop(m)
         os.rmdir(m.path)
+
+
+TICKER = ('image /bin/sh\nargs -c "while :; do echo tick $$ $(date +%s%N); sleep 0.05; done"\n'
+          "replicas 2\nhealth_interval 0.5\n")
+
+
+def test_tail_f_follows_an_instance_log(mnt):
+    deploy(mnt, TICKER)
+    tail = subprocess.Popen(["tail", "-n", "0", "-f", "-s", "0.1", mnt.p("active/app/logs/0")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [tail.stdout.readline() for _ in range(5)]  # the pytest timeout backstops a tail that sees nothing
+        assert all(line.startswith("tick ") for line in lines), lines
+        assert len(set(lines)) == 5
+    finally:
+        tail.kill()
+        tail.wait()
+
+
+def test_logs_of_a_failed_rollout_and_of_stopped_instances_stay_readable(mnt):
+    deploy(mnt, TICKER)
+    mnt.write_manifest("app", 'image /bin/sh\nargs -c "echo boom-$INSTANCE; exit 3"\nreplicas 2\n')
+    assert mnt.ctl("apply", "app").returncode == 0
+    outcome = mnt.sh("cat active/app/wait", timeout=30).stdout
+    slot = outcome.split("instance ")[1].split()[0]
+    assert outcome.startswith("failed: ") and f"failed-{slot}" in os.listdir(mnt.p("active/app/logs")), outcome
+    assert mnt.read(f"active/app/logs/failed-{slot}") == f"boom-{slot}\n"
+    assert mnt.ctl("stop", "app").returncode == 0
+    mnt.until(lambda: os.listdir(mnt.p("active/app/instances")) == [], what="stopped")
+    assert sorted(os.listdir(mnt.p("active/app/logs"))) == ["stopped-0", "stopped-1"]  # replaces failed-N
+    assert mnt.read("active/app/logs/stopped-1").startswith("tick ")
+    assert mnt.ctl("rollback", "app").returncode == 0  # the next rollout starts afresh
+    assert mnt.sh("cat active/app/wait", timeout=30).stdout.startswith("done ")
+    assert sorted(os.listdir(mnt.p("active/app/logs"))) == ["0", "1"]
+
+
+def test_deploy_logs_follow_prints_each_line_once_across_renumbering(mnt):
+    deploy(mnt, TICKER)
+    follow = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "deploy"), "--mount", mnt.path,
+                               "logs", "app", "-f"], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.6)
+        assert mnt.ctl("restart", "app").returncode == 0  # new instances on slots 2, 3, renumbered to 0, 1
+        assert mnt.sh("cat active/app/wait", timeout=30).stdout.startswith("done ")
+        time.sleep(1.2)
+    finally:
+        follow.terminate()
+        out, _ = follow.communicate(timeout=10)
+    lines = [line.split(" ", 1)[1] for line in out.splitlines()]
+    assert len(lines) > 20 and {line.split(" ", 1)[0] for line in out.splitlines()} >= {"[app/0]", "[app/2]"}
+    assert len(lines) == len(set(lines)), [line for line in lines if lines.count(line) > 1][:5]
