@@ -31,6 +31,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -53,19 +54,27 @@ class _Flow:
 
 
 class Pair:
-    __slots__ = ("label", "socks", "flows", "done", "closed")
+    __slots__ = ("label", "socks", "flows", "done", "closed", "last")
 
     def __init__(self, a: socket.socket, b: socket.socket, label: str, done: Callable[[], None]) -> None:
         self.label, self.socks, self.done = label, (a, b), done
         self.flows = (_Flow(a, b), _Flow(b, a))
         self.closed = False
+        self.last = time.monotonic()  # when a byte last moved, either way: for the idle timeout
 
 
 class Relay:
-    def __init__(self, call_in_owner: Callable[[Callable[[], None]], None]) -> None:
+    def __init__(self, call_in_owner: Callable[[Callable[[], None]], None], *,
+                 idle_timeout: float | None = None) -> None:
         # call_in_owner runs a callback in the thread that owns the pairs'
         # bookkeeping (trio's: TrioToken.run_sync_soon).
         self._call = call_in_owner
+        # A pair with no byte either way for this long is closed (None: never).
+        # Swept a few times per timeout, not timed per pair: cheap for thousands.
+        self.idle_timeout = idle_timeout
+        self.idle_closed = 0
+        self._pairs: set[Pair] = set()
+        self._swept = time.monotonic()
         self._ep = select.epoll()
         self._fds: dict[int, tuple[Pair, int]] = {}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -79,6 +88,7 @@ class Relay:
 
     def add(self, a: socket.socket, b: socket.socket, label: str, done: Callable[[], None]) -> Pair:
         pair = Pair(a, b, label, done)
+        self._pairs.add(pair)
         for i, s in enumerate(pair.socks):
             s.setblocking(False)
             self._fds[s.fileno()] = (pair, i)
@@ -115,7 +125,11 @@ class Relay:
 
     def _loop(self) -> None:
         while not self._stopping:
-            for fd, ev in self._ep.poll():
+            idle = self.idle_timeout
+            events = self._ep.poll(min(1.0, idle / 4) if idle else -1)
+            if idle and time.monotonic() - self._swept >= min(1.0, idle / 4):
+                self._sweep(idle)
+            for fd, ev in events:
                 if fd == self._wake_r:
                     self._drain_wake()
                     continue
@@ -143,6 +157,16 @@ class Relay:
         os.close(self._wake_r)
         os.close(self._wake_w)
 
+    def _sweep(self, idle: float) -> None:
+        now = self._swept = time.monotonic()
+        pairs = list(self._pairs)  # one C-level copy: the owner's thread adds pairs meanwhile
+        idle_pairs = [p for p in pairs if now - p.last > idle]
+        for pair in idle_pairs:
+            self._finish(pair, rst=False)
+        if idle_pairs:
+            self.idle_closed += len(idle_pairs)
+            log.info("closed %d connection(s) idle for %gs", len(idle_pairs), idle)
+
     def _drain_wake(self) -> None:
         try:
             while os.read(self._wake_r, 4096):
@@ -157,6 +181,7 @@ class Relay:
         if pair.closed:
             return
         short = False
+        pair.last = time.monotonic()
         try:
             while True:
                 if f.pending is not None:
@@ -186,6 +211,7 @@ class Relay:
         if pair.closed:
             return
         pair.closed = True
+        self._pairs.discard(pair)
         for s in pair.socks:
             try:
                 fd = s.fileno()

@@ -26,7 +26,8 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from .router_client import Backend, RouterError, TableFeeder, _cmdline_has, _read_pid
+from .router import DEFAULT_IDLE_TIMEOUT, default_max_conns
+from .router_client import PING_TIMEOUT, Backend, RouterError, TableFeeder, _cmdline_has, _read_pid
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,13 @@ def _name(backend: Backend) -> str:
 
 
 class HAProxyRouter(TableFeeder):
+    # A silent master is reported, not killed: its workers go on serving, and die with it.
+    restart_when_silent = False
+
     def __init__(self, state_dir: str, *, bind: str = "127.0.0.1", balance: str = "roundrobin",
-                 on_error=None, haproxy: str = "haproxy") -> None:  # type: ignore[no-untyped-def]
-        super().__init__(state_dir, on_error=on_error)
+                 on_error=None, haproxy: str = "haproxy", max_conns: int = 0,  # type: ignore[no-untyped-def]
+                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
+        super().__init__(state_dir, on_error=on_error, max_conns=max_conns, idle_timeout=idle_timeout)
         self.bind, self.balance, self.haproxy = bind, balance, haproxy
         self.cfg = os.path.join(self.state_dir, "haproxy.cfg")
         self.admin = os.path.join(self.state_dir, "haproxy.sock")  # for operators: socat it
@@ -88,6 +93,9 @@ class HAProxyRouter(TableFeeder):
     # -- configuration ---------------------------------------------------------------------------
 
     def render(self) -> str:
+        import resource
+        per_service = self.max_conns or default_max_conns(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        idle = f"{self.idle_timeout:g}s" if self.idle_timeout else "24d"  # haproxy's longest
         lines = [
             "# Written by deployfs; rewritten on every change.  Edit at your peril.",
             "global",
@@ -98,12 +106,13 @@ class HAProxyRouter(TableFeeder):
             "defaults",
             "    mode tcp",
             "    timeout connect 2s",
-            "    timeout client 1h",
-            "    timeout server 1h",
+            f"    timeout client {idle}  # --idle-timeout",
+            f"    timeout server {idle}",
             "    timeout client-fin 5s",
         ]
         for service, (port, servers) in sorted(self.live.items()):
-            lines += [f"frontend fe_{service}", f"    bind {self.bind}:{port}", f"    default_backend be_{service}",
+            lines += [f"frontend fe_{service}", f"    bind {self.bind}:{port}", f"    maxconn {per_service}",
+                      f"    default_backend be_{service}",
                       f"backend be_{service}", f"    balance {self.balance}"]
             for name, (b, draining) in sorted(servers.items()):
                 if not draining:
@@ -265,6 +274,10 @@ class HAProxyRouter(TableFeeder):
 
     def _alive(self) -> bool:
         return self.pid is not None and _cmdline_has(self.pid, b"haproxy")
+
+    async def _ping(self) -> dict:
+        await self.cmd("show proc", master=True, timeout=PING_TIMEOUT)
+        return {}
 
 
 async def _until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 20.0) -> None:

@@ -11,7 +11,18 @@ Control protocol: one JSON object per connection, one JSON reply.
   {"op": "set", "service": S, "port": P, "backends": [[host, port], ...]}
   {"op": "drain", "service": S, "backend": [host, port], "timeout": T}
       -> replies once the backend has no open connection, or at T
+  {"op": "limits", "max_conns": N, "idle_timeout": T}
+      -> per-service connection cap (0: from the descriptor limit), idle timeout (0: none)
   {"op": "stats"}   {"op": "quit"}
+
+Limits (one router serves every service, so one service must not starve the
+others of descriptors): each service holds at most ``max_conns`` client
+connections (two descriptors each, with the backend's); past that a new one
+is accepted and reset at once.  A pair with no byte either way for
+``idle_timeout`` is closed.  Running out of descriptors anyway (EMFILE) is
+logged once per episode, not per accept, and the accept waits for one to free.
+Both states are in ``stats``, which the server polls (its liveness check) and
+turns into one event each.
 
 Forwarding: each accepted connection goes to the next backend (round-robin,
 or least-connections).  If a backend refuses the connect, nothing has been
@@ -24,10 +35,12 @@ the connection's task waits for it to finish, so counts and drains stay here.
 from __future__ import annotations
 
 import argparse
+import errno
 import itertools
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -40,6 +53,27 @@ from ._relay import Relay, reset
 log = logging.getLogger("deployfs.router")
 Backend = tuple[str, int]
 CONNECT_TIMEOUT = 2.0
+RESERVED_FDS = 64  # the control socket, the relay's epoll and pipe, logs, a few accepts in flight
+DEFAULT_IDLE_TIMEOUT = 300.0
+# accept() failing for want of descriptors or memory: wait for one to free, never spin
+_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+def raise_nofile() -> int:
+    """Raise the soft descriptor limit to the hard one (each proxied connection costs two); return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def default_max_conns(nofile: int) -> int:
+    """A quarter of the descriptors a service's pairs may use: one flooded service leaves the rest to others."""
+    return max(16, (nofile - RESERVED_FDS) // 2 // 4)
 
 
 @dataclass
@@ -50,6 +84,9 @@ class Route:
     active: dict[Backend, int] = field(default_factory=dict)
     served: int = 0
     refused: int = 0
+    open: int = 0  # client connections held now
+    rejected: int = 0  # turned away at the connection cap
+    saturated: bool = False  # at the cap now
     scope: trio.CancelScope | None = None
     closed: trio.Event = field(default_factory=trio.Event)  # its listeners are closed
     changed: trio.Event = field(default_factory=trio.Event)
@@ -75,11 +112,21 @@ class Route:
 
 
 class Router:
-    def __init__(self, bind: str, policy: str = "roundrobin") -> None:
+    def __init__(self, bind: str, policy: str = "roundrobin", *, nofile: int | None = None) -> None:
         self.bind, self.policy = bind, policy
         self.routes: dict[str, Route] = {}
         self.nursery: trio.Nursery
         self.relay: Relay
+        self.nofile = nofile or resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.max_conns = default_max_conns(self.nofile)
+        self.out_of_fds = 0  # accepts that failed for want of descriptors
+        self._fds_short = False
+        self._freed = trio.Event()  # a connection ended: a descriptor may be free again
+
+    def limits(self, max_conns: int, idle_timeout: float) -> dict:
+        self.max_conns = max_conns or default_max_conns(self.nofile)
+        self.relay.idle_timeout = idle_timeout or None
+        return {"ok": True, "max_conns": self.max_conns, "idle_timeout": idle_timeout}
 
     async def set(self, service: str, port: int | None, backends: list[Backend]) -> dict:
         route = self.routes.get(service)
@@ -109,11 +156,50 @@ class Router:
         assert route.scope is not None
         with route.scope:
             try:
-                await trio.serve_listeners(lambda s: self._forward(route, s), listeners)
+                async with trio.open_nursery() as n:
+                    for lst in listeners:
+                        n.start_soon(self._accept, route, lst, n)
             finally:
                 for lst in listeners:
                     lst.socket.close()
                 route.closed.set()
+
+    async def accept(self, listener: trio.SocketListener) -> trio.SocketStream:
+        """accept(); while descriptors are short, wait for one to free, with one log line per
+        episode (trio.serve_listeners logs a traceback every 0.1 s instead)."""
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as e:
+                if e.errno not in _CAPACITY_ERRNOS:
+                    raise
+                self.out_of_fds += 1
+                if not self._fds_short:
+                    self._fds_short = True
+                    log.warning("out of file descriptors (limit %d): %s; new connections wait", self.nofile,
+                                os.strerror(e.errno or 0))
+                with trio.move_on_after(0.1):
+                    await self._freed.wait()
+                continue
+            if self._fds_short:
+                self._fds_short = False
+                log.info("file descriptors available again (%d accepts had to wait)", self.out_of_fds)
+            return stream
+
+    async def _accept(self, route: Route, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            client = await self.accept(listener)
+            if route.open >= self.max_conns:
+                route.rejected += 1
+                if not route.saturated:
+                    route.saturated = True
+                    log.warning("%s: port %d at its limit of %d connections; refusing new ones", route.service,
+                                route.port, self.max_conns)
+                reset(client.socket)
+                client.socket.close()
+                continue
+            route.open += 1
+            nursery.start_soon(self._forward, route, client)
 
     async def _forward(self, route: Route, client: trio.SocketStream) -> None:
         try:
@@ -121,6 +207,14 @@ class Router:
         except Exception:  # one connection's bug must not end the listener
             log.exception("forwarding failed")
             await client.aclose()
+        finally:
+            route.open -= 1
+            if route.saturated and route.open < self.max_conns * 9 // 10:  # some slack: one line, not a flutter
+                route.saturated = False
+                log.info("%s: port %d below its connection limit again (%d refused so far)", route.service,
+                         route.port, route.rejected)
+            self._freed.set()
+            self._freed = trio.Event()
 
     async def _forward_one(self, route: Route, client: trio.SocketStream) -> None:
         upstream, chosen = None, None
@@ -170,8 +264,11 @@ class Router:
         return {"ok": True, "left": left}
 
     def stats(self) -> dict:
-        return {"pid": os.getpid(), "routes": {
+        return {"pid": os.getpid(), "nofile": self.nofile, "max_conns": self.max_conns,
+                "idle_timeout": self.relay.idle_timeout or 0, "out_of_fds": self.out_of_fds,
+                "fds_short": self._fds_short, "routes": {
             s: {"port": r.port, "backends": [list(b) for b in r.backends], "served": r.served, "refused": r.refused,
+                "open": r.open, "rejected": r.rejected, "saturated": r.saturated,
                 "active": {f"{h}:{p}": n for (h, p), n in r.active.items() if n}} for s, r in self.routes.items()}}
 
 
@@ -194,7 +291,7 @@ def pid_path(state_dir: str) -> str:
 
 
 async def serve(state_dir: str, bind: str, policy: str) -> None:
-    router = Router(bind, policy)
+    router = Router(bind, policy, nofile=raise_nofile())
     path = sock_path(state_dir)
     if os.path.exists(path):
         os.unlink(path)
@@ -233,6 +330,8 @@ async def serve(state_dir: str, bind: str, policy: str) -> None:
                     reply = await router.drain(req["service"], tuple(req["backend"]), float(req["timeout"]))
                 elif op == "stats":
                     reply = router.stats()
+                elif op == "limits":
+                    reply = router.limits(int(req["max_conns"]), float(req["idle_timeout"]))
                 elif op == "quit":
                     await stream.send_all(b'{"ok": true}\n')
                     nursery.cancel_scope.cancel()
@@ -243,10 +342,15 @@ async def serve(state_dir: str, bind: str, policy: str) -> None:
                 reply = {"error": f"bad request: {e}"}
             await stream.send_all(json.dumps(reply).encode() + b"\n")
 
-    router.relay = Relay(trio.lowlevel.current_trio_token().run_sync_soon)
+    router.relay = Relay(trio.lowlevel.current_trio_token().run_sync_soon, idle_timeout=DEFAULT_IDLE_TIMEOUT)
+    async def controls() -> None:
+        async with trio.open_nursery() as n:
+            while True:
+                n.start_soon(control, await router.accept(listener))
+
     async with trio.open_nursery() as nursery:
         router.nursery = nursery
-        nursery.start_soon(trio.serve_listeners, control, [listener])
+        nursery.start_soon(controls)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _ in signals:
                 nursery.cancel_scope.cancel()

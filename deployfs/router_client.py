@@ -13,10 +13,12 @@ the built-in router, ``haproxy.HAProxyRouter`` to haproxy.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -24,11 +26,17 @@ from typing import Callable
 
 import trio
 
-from .router import pid_path, sock_path
+from .events import CLUSTER
+from .router import DEFAULT_IDLE_TIMEOUT, pid_path, sock_path
 from .runtime import MARKER
 
 log = logging.getLogger(__name__)
 Backend = tuple[str, int]
+# The liveness check: a router that does not answer its control socket (stopped,
+# hung) forwards nothing either.  Reported at once; replaced once silent this long.
+PING_EVERY = 1.0
+PING_TIMEOUT = 2.0
+SILENT_RESTART = 5.0
 
 
 class RouterError(Exception):
@@ -38,8 +46,13 @@ class RouterError(Exception):
 class TableFeeder:
     """Keeps a router process in step with the newest backend table."""
 
-    def __init__(self, state_dir: str, *, on_error: Callable[[str, str], None] | None = None) -> None:
+    restart_when_silent = True  # kill and replace a router that stops answering
+
+    def __init__(self, state_dir: str, *, on_error: Callable[[str, str], None] | None = None,
+                 max_conns: int = 0, idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
         self.state_dir = os.path.abspath(state_dir)
+        # Per service: connections held at once (0: from the router's descriptor limit), idle seconds (0: none).
+        self.max_conns, self.idle_timeout = max_conns, idle_timeout
         self.on_error = on_error or (lambda service, msg: log.warning("%s: %s", service, msg))
         self.table: dict[str, tuple[int | None, list[Backend]]] = {}
         # Why the router refused a service's last table (it could not listen): a
@@ -117,6 +130,10 @@ class TableFeeder:
     def _alive(self) -> bool:
         raise NotImplementedError
 
+    async def _ping(self) -> dict:
+        """Ask the router how it is (within PING_TIMEOUT), or raise RouterError."""
+        raise NotImplementedError
+
     # -- shared machinery ---------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -131,6 +148,7 @@ class TableFeeder:
             task_status.started()
             n.start_soon(self._sender)
             n.start_soon(self._watchdog)
+            n.start_soon(self._liveness)
 
     async def _sender(self) -> None:
         while True:
@@ -167,11 +185,62 @@ class TableFeeder:
                 self._proc.poll()
             if self.stopping:
                 return
-            log.warning("the router (pid %s) died; starting it again", self.pid)
+            old = self.pid
+            log.warning("the router (pid %s) died; starting it again", old)
             await self._ensure()
+            self.on_error(CLUSTER, f"pid {old} is gone; pid {self.pid} took over and was sent the whole table")
             for service in self.table:
                 self._dirty.add(service)
             self._wake.set()
+
+    async def _liveness(self) -> None:
+        """Ping the router; say (once) when it stops answering and why, replace it if it stays
+        silent, and turn what it reports (a service at its cap, no descriptors) into one event each."""
+        silent_since: float | None = None
+        saturated: set[str] = set()
+        fds_short = False
+        while not self.stopping:
+            await trio.sleep(PING_EVERY)
+            pid = self.pid
+            try:
+                stats = await self._ping()
+            except RouterError as e:
+                if self.stopping or pid != self.pid:
+                    continue  # being replaced
+                now = trio.current_time()
+                if silent_since is None:
+                    silent_since = now
+                    self.on_error(CLUSTER, f"pid {pid} does not answer its control socket ({e}): {_proc_state(pid)}; "
+                                           "no connection is forwarded meanwhile")
+                if self.restart_when_silent and now - silent_since >= SILENT_RESTART and self._alive():
+                    self.on_error(CLUSTER, f"pid {pid} silent for {now - silent_since:.0f}s: killing it, "
+                                           "a new router takes over")
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)  # the watchdog starts the next one
+                    with trio.move_on_after(30):
+                        while self.pid == pid:
+                            await trio.sleep(0.05)
+                    silent_since = None
+                continue
+            if silent_since is not None:
+                self.on_error(CLUSTER, f"pid {pid} answers again")
+                silent_since = None
+            routes = stats.get("routes", {})
+            for service, r in routes.items():
+                if r.get("saturated") and service not in saturated:
+                    saturated.add(service)
+                    self.on_error(service, f"port {r['port']} is at its limit of {stats.get('max_conns')} "
+                                           f"connections: new ones are refused ({r.get('rejected', 0)} so far)")
+                elif not r.get("saturated") and service in saturated:
+                    saturated.discard(service)
+                    self.on_error(service, f"port {r['port']} is below its connection limit again "
+                                           f"({r.get('rejected', 0)} refused in all)")
+            saturated &= routes.keys()
+            if bool(stats.get("fds_short")) != fds_short:
+                fds_short = not fds_short
+                self.on_error(CLUSTER, f"out of file descriptors (limit {stats.get('nofile')}): new connections "
+                                       "wait; raise LimitNOFILE or lower --max-conns" if fds_short else
+                                       "file descriptors available again")
 
     async def quit(self) -> None:
         """Stop the router, and return only once it is gone (SIGTERM leaves nothing behind)."""
@@ -188,8 +257,9 @@ class RouterClient(TableFeeder):
     """The built-in router (deployfs.router), spoken to over its unix socket."""
 
     def __init__(self, state_dir: str, *, bind: str = "127.0.0.1", balance: str = "roundrobin",
-                 on_error: Callable[[str, str], None] | None = None) -> None:
-        super().__init__(state_dir, on_error=on_error)
+                 on_error: Callable[[str, str], None] | None = None, max_conns: int = 0,
+                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
+        super().__init__(state_dir, on_error=on_error, max_conns=max_conns, idle_timeout=idle_timeout)
         self.bind, self.balance = bind, balance
 
     async def request(self, req: dict, timeout: float = 10) -> dict:
@@ -204,7 +274,9 @@ class RouterClient(TableFeeder):
                         if not data:
                             raise RouterError("router closed the connection")
                         buf += data
-        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as e:
+        except trio.TooSlowError:
+            raise RouterError(f"router unreachable: no answer within {timeout:g}s") from None
+        except (OSError, trio.BrokenResourceError) as e:
             raise RouterError(f"router unreachable: {e}") from None
         reply = json.loads(buf)
         if "error" in reply:
@@ -213,6 +285,13 @@ class RouterClient(TableFeeder):
 
     async def _apply(self, service: str, port: int | None, backends: list[Backend]) -> None:
         await self.request({"op": "set", "service": service, "port": port, "backends": backends})
+
+    async def _ping(self) -> dict:
+        return await self.request({"op": "stats"}, timeout=PING_TIMEOUT)
+
+    async def _limits(self) -> None:
+        """Give the router (started or adopted) this server's limits."""
+        await self.request({"op": "limits", "max_conns": self.max_conns, "idle_timeout": self.idle_timeout})
 
     async def _drain(self, service: str, backend: Backend, timeout: float) -> None:
         await self.request({"op": "drain", "service": service, "backend": list(backend), "timeout": timeout},
@@ -226,6 +305,7 @@ class RouterClient(TableFeeder):
                 await self.request({"op": "stats"}, timeout=3)
                 self.pid = pid
                 log.info("adopted the running router (pid %d)", pid)
+                await self._limits()
                 return
             except RouterError:
                 pass
@@ -247,6 +327,7 @@ class RouterClient(TableFeeder):
                 except RouterError:
                     await trio.sleep(0.02)
         self._proc = proc  # keep it, so subprocess never reaps behind our back
+        await self._limits()
 
     async def _stop_process(self) -> None:
         try:
@@ -256,6 +337,19 @@ class RouterClient(TableFeeder):
 
     def _alive(self) -> bool:
         return self.pid is not None and _cmdline_has(self.pid, b"deployfs.router")
+
+
+def _proc_state(pid: int | None) -> str:
+    """Why a process may not answer, in words, from /proc/<pid>/stat."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError, ValueError):
+        return "the process is gone"
+    return {"T": "the process is stopped (SIGSTOP or SIGTSTP)", "t": "the process is stopped by a debugger",
+            "D": "the process is blocked in the kernel (D state)", "Z": "the process has exited (zombie)",
+            "R": "the process is running but busy", "S": "the process is alive but does not respond"
+            }.get(state, f"the process is in state {state}")
 
 
 def _read_pid(path: str) -> int | None:

@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--bind", default="127.0.0.1", help="address the router listens on for service ports")
     s.add_argument("--balance", choices=["roundrobin", "leastconn"], default="roundrobin",
                    help="how the router picks a healthy instance (default roundrobin)")
+    s.add_argument("--max-conns", type=int, default=0, metavar="N",
+                   help="client connections one service may hold at once in the router (default: a quarter of "
+                        "the router's file descriptors); more are refused, so one flood cannot starve the others")
+    s.add_argument("--idle-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="close a routed connection with no traffic either way for this long (default 300; 0: never)")
     s.add_argument("--events-max-bytes", type=int, default=1024 * 1024,
                    help="rotate a service's events file into events.1 at this size (default 1 MiB)")
     s.add_argument("--debug", action="store_true", help="log one line per FUSE operation")
@@ -48,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     for noisy in ("httpx", "httpcore"):  # one line per health probe otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        if a.max_conns < 0 or not a.idle_timeout >= 0:
+            raise SetupError("--max-conns and --idle-timeout want a number >= 0")
         lo, _, hi = a.ports.partition("-")
         ports = (int(lo), int(hi))
         group = None if a.group is None else _group(a.group)
@@ -116,7 +123,7 @@ async def serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None
     probes = Probes()
     events = EventLog(store, segment_bytes=a.events_max_bytes)
     router_class = HAProxyRouter if a.router == "haproxy" else RouterClient
-    router = router_class(a.state, bind=a.bind, balance=a.balance,
+    router = router_class(a.state, bind=a.bind, balance=a.balance, max_conns=a.max_conns, idle_timeout=a.idle_timeout,
                           on_error=lambda service, msg: events.emit(service, f"router: {msg}"))
     engine = Engine(store, LocalRuntime(a.state, ports=ports), probes, events=events, router=router, state_dir=a.state)
     ops = DeployFS(engine, access=Access(group=group), debug=a.debug)

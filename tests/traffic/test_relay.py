@@ -122,3 +122,19 @@ def test_many_pairs_at_once(relay, listener):
         client.close()
         server.close()
         assert done.wait(5)
+
+
+def test_an_idle_pair_is_closed_and_a_busy_one_is_not(listener):
+    relay = Relay(lambda fn: fn(), idle_timeout=0.4)
+    try:
+        idle_client, _, idle_done, _ = relayed(relay, listener)
+        busy_client, busy_server, busy_done, _ = relayed(relay, listener)
+        for _ in range(8):  # 0.8 s of traffic, a byte every 0.1 s
+            busy_client.sendall(b"x")
+            assert recv_all(busy_server, 1) == b"x"
+            threading.Event().wait(0.1)
+        assert idle_done.wait(2)
+        assert idle_client.recv(10) == b""  # closed cleanly: nothing was in flight
+        assert not busy_done.is_set() and relay.idle_closed == 1
+    finally:
+        relay.close()
