@@ -248,3 +248,29 @@ def test_deploy_logs_follow_prints_each_line_once_across_renumbering(mnt):
     lines = [line.split(" ", 1)[1] for line in out.splitlines()]
     assert len(lines) > 20 and {line.split(" ", 1)[0] for line in out.splitlines()} >= {"[app/0]", "[app/2]"}
     assert len(lines) == len(set(lines)), [line for line in lines if lines.count(line) > 1][:5]
+
+
+def test_tail_f_keeps_following_a_log_rotated_under_it(mnt):
+    """The runtime bounds logs copytruncate-style (live file -> .1, live truncated): tail -f carries on."""
+    deploy(mnt, TICKER.replace("replicas 2", "replicas 1"))
+    tail = subprocess.Popen(["tail", "-n", "0", "-f", "-s", "0.1", mnt.p("active/app/logs/0")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        before = [tail.stdout.readline() for _ in range(3)]
+        logs = os.path.join(mnt.state, "logs", "app")
+        live = os.path.join(logs, next(n for n in os.listdir(logs) if n.endswith(".log")))
+        with open(live, "r+b") as f:  # what a size-bounded runtime does, done by hand
+            data = f.read()
+            with open(live + ".1", "wb") as old:
+                old.write(data[-200:])
+            f.truncate(0)
+        stamp = int(before[-1].split()[2])
+        deadline = time.monotonic() + 10
+        while True:  # what was kept may come again ("file truncated"); new lines must follow
+            line = tail.stdout.readline()
+            if line.startswith("tick ") and int(line.split()[2]) > stamp + 500_000_000:
+                break
+            assert time.monotonic() < deadline
+    finally:
+        tail.kill()
+        tail.wait()
