@@ -77,7 +77,10 @@ def install() -> bool:
         return True
     name = ctypes.util.find_library("fuse3")
     orig: Callable[[Any], Awaitable[Any]] | None = getattr(pyfuse3, "fuse_read_async", None)
-    if name is None or orig is None or ctypes.sizeof(ctypes.c_void_p) != 8:
+    container = getattr(pyfuse3, "_Container", None)
+    # Never read past the object: the struct must be at least as large as the layout assumed.
+    if (name is None or orig is None or ctypes.sizeof(ctypes.c_void_p) != 8
+            or getattr(container, "__basicsize__", 0) < _FH + 8):
         log.warning("cannot see FUSE requests (no libfuse3 or another pyfuse3): wait polls the opener's signals")
         return False
     lib = ctypes.CDLL(name)
