@@ -21,7 +21,7 @@ import re
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 import trio
@@ -33,12 +33,13 @@ from .health import Prober
 from .manifest import MAX_REPLICAS, Manifest, ManifestError, format_seconds, parse, set_replicas_line, valid_name
 from .rollout import Phase
 from .runtime import LaunchSpec, Process, Runtime, StartError, find_strays
-from .store import InstanceRecord, ServiceRecord, Store
+from .store import InstanceRecord, ServiceRecord, Store, StoreFull
 
 log = logging.getLogger(__name__)
 NODE = socket.gethostname() or "local"
 MAX_SERVICES = 500
 MAX_INSTANCES = 5000
+STORE_RETRY = 1.0  # seconds between tries of a full state disk
 
 
 class CommandError(Exception):
@@ -535,6 +536,7 @@ class Engine:
             self.nursery = nursery
             nursery.start_soon(self.ticker.run)
             nursery.start_soon(self._bound_logs)
+            nursery.start_soon(self._watch_store)
             self._recover()
             task_status.started()
             await trio.sleep_forever()
@@ -586,6 +588,21 @@ class Engine:
                     self.runtime.trim_log(svc.name, inst.rec.id, inst.manifest.log_lines)
                 await trio.sleep(0)
 
+    async def _watch_store(self) -> None:
+        """A full state disk: say so in every service's events, retry, say when it is over."""
+        said: str | None = None
+        while True:
+            if self.store.full is not None:
+                self.store.flush()
+            full = self.store.full
+            if (full is None) != (said is None):
+                for svc in list(self.services.values()):
+                    svc.event(f"{full}: commands and manifest changes are refused (ENOSPC) until there is "
+                              "room; supervision goes on, its records and events kept in memory meanwhile"
+                              if full else "the state disk has room again: what was kept in memory is saved")
+                said = full
+            await trio.sleep(STORE_RETRY)
+
     async def shutdown(self, *, keep_instances: bool = False) -> None:
         """Drain and stop every instance (unless kept), then stop all tasks."""
         for svc in self.services.values():
@@ -603,7 +620,33 @@ class Engine:
     # -- commands -----------------------------------------------------------------------
 
     def command(self, name: str, verb: str, arg: str | None, who: str) -> str:
-        """Carry out one ctl verb; return the reply, or raise CommandError."""
+        """Carry out one ctl verb; return the reply, or raise CommandError.
+
+        A command's writes are one transaction.  On a full state disk it is
+        refused whole (ENOSPC), and what it changed in memory is put back.
+        """
+        svc = self.services.get(name)
+        saved = None if svc is None else (replace(svc.rec), svc.manifest, svc.state, svc.rollout_t0)
+        refused: CommandError | None = None
+        try:
+            with self.store.transaction(refuse_when_full=True):
+                try:
+                    reply = self._command(name, verb, arg, who)
+                except CommandError as e:
+                    refused = e  # what it wrote (the reason, in events) is kept
+        except StoreFull as e:
+            if svc is not None and saved is not None:
+                rec, svc.manifest, svc.state, svc.rollout_t0 = saved
+                vars(svc.rec).update(vars(rec))
+            elif (new := self.services.pop(name, None)) is not None:
+                new.loop_scope.cancel()
+                self.router.set_backends(name, None, [])
+            raise CommandError(errno.ENOSPC, str(e)) from None
+        if refused is not None:
+            raise refused
+        return reply
+
+    def _command(self, name: str, verb: str, arg: str | None, who: str) -> str:
         if not valid_name(name):
             raise CommandError(errno.EINVAL, f"bad service name {name!r}")
         if verb == "apply":

@@ -1,10 +1,12 @@
 """Per-service event history: durable lines, rotated like logrotate.
 
-Every event is committed to the store before anyone can see it.  The text a
-reader sees as ``events`` is the current *segment* (``events.1`` the one
-before); a segment closes once it reaches ``segment_bytes``.  Segments are
-cached in memory as bytes, so a read at any offset and the file's true size
-cost nothing: ``tail -f`` on FUSE depends on a fresh, true ``st_size``.
+Every event is kept by the store (committed, or held in memory while the
+state disk is full) before anyone can see it.  The text a reader sees as
+``events`` is the current *segment* (``events.1`` the one before); a segment
+closes once it reaches ``segment_bytes``.  Segments are cached in memory as
+bytes, so a read at any offset and the file's true size cost nothing (no
+copy: :meth:`EventLog.raw`): ``tail -f`` on FUSE depends on a fresh, true
+``st_size``.
 """
 
 from __future__ import annotations
@@ -69,7 +71,12 @@ class EventLog:
         segment = log.segment
         if log.current and len(log.current) + len(line) > self.segment_bytes:
             segment += 1
-        self.store.append_event(service, segment, ts, text)  # durable first
+        self.store.append_event(service, segment, ts, text)
+        # Shown once kept (committed, or held for a full disk), never if rolled back.
+        self.store.after_commit(lambda: self._show(service, segment, ts, line))
+
+    def _show(self, service: str, segment: int, ts: float, line: bytes) -> None:
+        log = self._logs[service]
         if segment != log.segment:
             log.segment, log.previous, log.current = segment, bytes(log.current), bytearray()
             log.previous_mtime = log.mtime
@@ -85,11 +92,15 @@ class EventLog:
     def current(self, service: str) -> bytes:
         return bytes(self._log(service).current)
 
-    def size(self, service: str) -> int:
-        return len(self._log(service).current)
-
-    def previous(self, service: str) -> bytes:
-        return self._log(service).previous
+    def raw(self, service: str, segment: int | None) -> bytes | bytearray:
+        """A segment without copying it (None: the current one; -1: the one before;
+        b"" once dropped): slice or measure it at once, never keep it."""
+        log = self._log(service)
+        if segment is None or segment == log.segment:
+            return log.current
+        if segment in (-1, log.segment - 1):
+            return log.previous
+        return b""
 
     def segment(self, service: str) -> int:
         return self._log(service).segment
@@ -97,13 +108,6 @@ class EventLog:
     def segment_mtime(self, service: str, segment: int) -> float:
         log = self._log(service)
         return log.mtime if segment == log.segment else log.previous_mtime
-
-    def segment_data(self, service: str, segment: int) -> bytes:
-        """A segment by number: the current one, the one before, or b"" once dropped."""
-        log = self._log(service)
-        if segment == log.segment:
-            return bytes(log.current)
-        return log.previous if segment == log.segment - 1 else b""
 
     def mtime(self, service: str) -> float:
         return self._log(service).mtime

@@ -47,6 +47,7 @@ from .manifest import MAX_MANIFEST_BYTES
 from .events import CLUSTER
 from .namespace import (FILE_NAME_RE, LOG_BY_ID_RE, RETIRED_EVENTS_RE, Ctl, Dir, Events, Log, ManifestFile, Namespace,
                         Node, Path, Text, Wait, events_dir)
+from .store import StoreFull
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,9 @@ def _guard(fn):  # type: ignore[no-untyped-def]
             raise
         except (trio.Cancelled, KeyboardInterrupt):
             raise
+        except StoreFull as e:  # a manifest write on a full state disk: refused, nothing changed
+            log.warning("%s refused: %s", name, e)
+            raise FUSEError(errno.ENOSPC) from None
         except Exception:
             log.exception("bug in %s handler; answered EIO", name)
             raise FUSEError(errno.EIO) from None
@@ -214,7 +218,7 @@ class DeployFS(pyfuse3.Operations):
             a.st_mode, size, mtime = stat.S_IFREG | 0o444, len(node.render()), node.mtime()
         elif isinstance(node, Events):
             a.st_mode = stat.S_IFREG | 0o444
-            size = len(node.data(self.engine.events))
+            size = node.size(self.engine.events)
             mtime, timeout = node.mtime(self.engine.events), STATIC_TIMEOUT  # invalidated on every append
         elif isinstance(node, Ctl):  # the group reads replies back too
             a.st_mode = stat.S_IFREG | 0o600 | (0o060 if group_w else 0)
@@ -408,7 +412,7 @@ class DeployFS(pyfuse3.Operations):
             # descriptor reads the retired segment, as on a disk.
             node = self._node(h.ino)[1]
             assert isinstance(node, Events)
-            return node.data(self.engine.events)[off: off + size]
+            return node.read(self.engine.events, off, size)
         if isinstance(node, ManifestFile):
             f = self.engine.store.get_file(node.name)
             return b"" if f is None else f.data[off: off + size]

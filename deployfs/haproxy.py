@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from . import statedir
 from .router import DEFAULT_IDLE_TIMEOUT, default_max_conns
 from .router_client import PING_TIMEOUT, Backend, RouterError, TableFeeder, _cmdline_has, _read_pid
 
@@ -121,7 +122,7 @@ class HAProxyRouter(TableFeeder):
 
     def _write(self) -> None:
         tmp = self.cfg + ".tmp"
-        with open(tmp, "w") as f:
+        with statedir.open_file(tmp, "w") as f:
             f.write(self.render())
         os.replace(tmp, self.cfg)
 
@@ -157,7 +158,7 @@ class HAProxyRouter(TableFeeder):
         self.live = {}
         self._write()
         env = self._marked_env()
-        log_file = open(os.path.join(self.state_dir, "haproxy.log"), "ab")
+        log_file = statedir.open_file(os.path.join(self.state_dir, "haproxy.log"), "ab")
         try:
             proc = subprocess.run([self.haproxy, "-W", "-D", "-f", self.cfg, "-S", f"{self.master},mode,600",
                                    "-p", self.pidfile], stdin=subprocess.DEVNULL, stdout=log_file,
@@ -178,7 +179,7 @@ class HAProxyRouter(TableFeeder):
         """After adopting haproxy, learn what it serves from its configuration and state."""
         self.live = {}
         service = None
-        with open(self.cfg) as f:
+        with statedir.open_file(self.cfg, "r") as f:
             for line in f:
                 words = line.split()
                 if words[:1] == ["frontend"]:

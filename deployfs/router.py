@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from . import statedir
 from ._relay import Relay, reset
 
 log = logging.getLogger("deployfs.router")
@@ -300,7 +301,7 @@ async def serve(state_dir: str, bind: str, policy: str) -> None:
     os.chmod(path, 0o600)
     sock.listen(64)
     listener = trio.SocketListener(sock)
-    with open(pid_path(state_dir), "w") as f:
+    with statedir.open_file(pid_path(state_dir), "w") as f:
         f.write(f"{os.getpid()}\n")
 
     async def control(stream: trio.SocketStream) -> None:

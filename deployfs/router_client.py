@@ -26,6 +26,7 @@ from typing import Callable
 
 import trio
 
+from . import statedir
 from .events import CLUSTER
 from .router import DEFAULT_IDLE_TIMEOUT, pid_path, sock_path
 from .runtime import MARKER
@@ -309,7 +310,7 @@ class RouterClient(TableFeeder):
                 return
             except RouterError:
                 pass
-        log_file = open(os.path.join(self.state_dir, "router.log"), "ab")
+        log_file = statedir.open_file(os.path.join(self.state_dir, "router.log"), "ab")
         env = self._marked_env()
         proc = subprocess.Popen(
             [sys.executable, "-m", "deployfs.router", "--state", self.state_dir, "--bind", self.bind,
@@ -354,7 +355,7 @@ def _proc_state(pid: int | None) -> str:
 
 def _read_pid(path: str) -> int | None:
     try:
-        with open(path) as f:
+        with statedir.open_file(path, "r") as f:
             return int(f.read().strip())
     except (OSError, ValueError):
         return None

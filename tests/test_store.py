@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from deployfs.store import SCHEMA_VERSION, InstanceRecord, ServiceRecord, SqliteStore, StoreError
+from deployfs.store import SCHEMA_VERSION, InstanceRecord, ServiceRecord, SqliteStore, StoreError, StoreFull
+from tests.disk import fill, free, small_disk
 
 
 def test_round_trips(tmp_path):
@@ -129,3 +130,87 @@ def test_records_with_unknown_keys_still_load(tmp_path):
     s._db.execute("INSERT INTO services VALUES ('web', ?)", ('{"name": "web", "replicas": 2, "outcome": "done x"}',))
     assert s.get_service("web") == ServiceRecord("web", replicas=2)
     assert [r.name for r in s.list_services()] == ["web"]
+
+
+# -- a full state disk (issue 18.5), on a real 2 MiB tmpfs --------------------------------
+
+@pytest.fixture
+def disk(tmp_path):
+    with small_disk(str(tmp_path / "disk")) as d:
+        yield d
+
+
+def full_store(disk: str) -> SqliteStore:
+    s = SqliteStore(os.path.join(disk, "state"))
+    s.put_file("web", b"image /bin/true\n")
+    s.put_service(ServiceRecord("web", replicas=2))
+    s.put_instance(InstanceRecord("web", 1, slot=0, version="v1", pid=100))
+    s.append_event("web", 0, 1.0, "committed before the disk filled")
+    fill(disk)
+    return s
+
+
+def test_a_full_disk_refuses_requested_writes_and_keeps_records_until_there_is_room(disk):
+    s = full_store(disk)
+    with pytest.raises(StoreFull, match="the state disk is full"):
+        s.put_file("web", b"image /bin/false\n")
+    assert s.full is not None and s.get_file("web").data == b"image /bin/true\n"
+    # what the engine records about what happened cannot be refused: it waits, and reads see it
+    s.put_instance(InstanceRecord("web", 1, slot=0, version="v1", pid=200))
+    s.put_instance(InstanceRecord("web", 2, slot=1, version="v1", pid=201))
+    s.delete_instance("web", 2)
+    s.append_event("web", 0, 2.0, "instance 0 exited")
+    s.append_event("web", 0, 3.0, "instance 0 started")
+    with s.transaction():  # the engine's own transactions wait too
+        s.put_service(ServiceRecord("web", replicas=2, update_status="rolling"))
+    assert [(i.id, i.pid) for i in s.list_instances("web")] == [(1, 200)]
+    assert s.get_service("web").update_status == "rolling"
+    assert [e.text for e in s.events("web", 0)][-2:] == ["instance 0 exited", "instance 0 started"]
+    assert not s.flush()  # still full
+    free(disk)
+    assert s.flush() and s.full is None
+    s.close()
+    s = SqliteStore(os.path.join(disk, "state"))  # all of it is in SQLite now, in order
+    assert [(i.id, i.pid) for i in s.list_instances("web")] == [(1, 200)]
+    assert s.get_service("web").update_status == "rolling"
+    assert [e.text for e in s.events("web", 0)] == [
+        "committed before the disk filled", "instance 0 exited", "instance 0 started"]
+    s.put_file("web", b"image /bin/false\n")  # and requests are taken again
+
+
+def test_a_refusing_transaction_on_a_full_disk_changes_nothing(disk):
+    s = full_store(disk)
+    shown = []
+    for _ in range(2):  # when the disk is found full, and once it is known to be
+        with pytest.raises(StoreFull):
+            with s.transaction(refuse_when_full=True):
+                s.put_service(ServiceRecord("web", replicas=5))
+                s.append_event("web", 0, 2.0, "scaled to 5")
+                s.after_commit(lambda: shown.append(1))
+    assert shown == [] and s.get_service("web").replicas == 2
+    assert [e.text for e in s.events("web", 0)] == ["committed before the disk filled"]
+
+
+def test_starting_on_a_full_disk_after_a_clean_stop(disk):
+    s = full_store(disk)
+    free(disk)
+    s.close()  # a clean close removes -wal and -shm: the next open must create them
+    fill(disk)
+    s = SqliteStore(os.path.join(disk, "state"))
+    assert s.full is not None
+    assert s.get_service("web").replicas == 2 and s.get_file("web") is not None
+    s.append_event("web", 0, 2.0, "adopted")  # recovery's events wait
+    with pytest.raises(StoreFull):
+        s.put_file("other", b"x")
+    free(disk)
+    assert s.flush()
+    assert [e.text for e in s.events("web", 0)] == ["committed before the disk filled", "adopted"]
+
+
+def test_database_files_are_owner_only(tmp_path):
+    s = SqliteStore(str(tmp_path / "state"))
+    s.append_event("web", 0, 1.0, "x")
+    names = sorted(os.listdir(tmp_path / "state"))
+    assert names == ["deployfs.db", "deployfs.db-shm", "deployfs.db-wal"]
+    assert {oct(os.stat(tmp_path / "state" / n).st_mode & 0o777) for n in names} == {"0o600"}
+    assert os.stat(tmp_path / "state").st_mode & 0o777 == 0o700

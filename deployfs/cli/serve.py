@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--group", help="members of this group may also write ctl files and manifests")
     s.add_argument("--keep-instances", action="store_true",
                    help="on SIGTERM/SIGINT leave instances running (the next start adopts them)")
-    s.add_argument("--ports", default="24000-31999",
+    s.add_argument("--ports", type=_ports, default="24000-31999", metavar="LOW-HIGH",
                    help="range of private instance ports (default 24000-31999, below the kernel's ephemeral range)")
     s.add_argument("--router", choices=["builtin", "haproxy"], default="builtin",
                    help="the traffic path: the built-in router (default) or an haproxy that deployfs owns")
@@ -55,21 +55,29 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if a.max_conns < 0 or not a.idle_timeout >= 0:
             raise SetupError("--max-conns and --idle-timeout want a number >= 0")
-        lo, _, hi = a.ports.partition("-")
-        ports = (int(lo), int(hi))
+        ports = a.ports
         group = None if a.group is None else _group(a.group)
         check_mountpoint(a.mountpoint)
+        check_state(a.state)
         from ..runtime import ephemeral_overlap
         if overlap := ephemeral_overlap(ports):
-            log.warning("--ports %s overlaps the kernel's ephemeral ports (%d-%d): an outgoing connection may "
-                        "take an instance's port before it binds", a.ports, *overlap)
+            log.warning("--ports %d-%d overlaps the kernel's ephemeral ports (%d-%d): an outgoing connection may "
+                        "take an instance's port before it binds", *ports, *overlap)
         trio.run(serve, a, ports, group)
     except SetupError as e:
         print(f"deployfs: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def _ports(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    try:
+        ports = (int(lo), int(hi))
     except ValueError:
-        print(f"deployfs: --ports wants LOW-HIGH, got {a.ports!r}", file=sys.stderr)
-        sys.exit(2)
+        raise argparse.ArgumentTypeError(f"wants LOW-HIGH, got {text!r}") from None
+    if not 1 <= ports[0] <= ports[1] <= 65535:
+        raise argparse.ArgumentTypeError(f"wants LOW-HIGH with 1 <= LOW <= HIGH <= 65535, got {text!r}")
+    return ports
 
 
 def _group(name: str) -> int:
@@ -93,6 +101,17 @@ def check_mountpoint(mnt: str) -> None:
         raise SetupError(f"{mnt} is already mounted (another deployfs?): unmount it with  fusermount3 -u {mnt}")
     if os.listdir(mnt):
         raise SetupError(f"mountpoint {mnt} is not empty: use an empty directory")
+
+
+def check_state(state: str) -> None:
+    """Trust the state directory only if nobody else could have written it (issue 18.9)."""
+    from ..statedir import StateDirError, prepare
+    try:
+        prepare(state)
+    except StateDirError as e:
+        raise SetupError(str(e)) from None
+    except OSError as e:
+        raise SetupError(f"--state {state}: {e.strerror or e}") from None
 
 
 def _dead_mount(mnt: str) -> bool:
@@ -120,6 +139,9 @@ async def serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None
         store = SqliteStore(a.state)
     except StoreError as e:
         raise SetupError(str(e)) from None
+    if store.full:
+        log.warning("starting in degraded mode: %s. Supervision runs; commands and manifest changes are "
+                    "refused (ENOSPC) until there is room, and every service's events say so", store.full)
     probes = Probes()
     events = EventLog(store, segment_bytes=a.events_max_bytes)
     router_class = HAProxyRouter if a.router == "haproxy" else RouterClient

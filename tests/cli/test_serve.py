@@ -45,3 +45,62 @@ def test_state_from_a_newer_deployfs(tmp_path):
 def test_version():
     r = subprocess.run([sys.executable, "-m", "deployfs", "--version"], capture_output=True, text=True, timeout=20)
     assert r.returncode == 0 and r.stdout.startswith("deployfs 0.")
+
+
+SLEEPY = "image /bin/sleep\nargs infinity\nreplicas 2\nhealth_interval 0.2\n"
+
+
+def pid_of(m, slot):
+    line = m.read(f"active/sleepy/instances/{slot}")
+    return int(line.split("pid=")[1].split()[0])
+
+
+def test_a_full_state_disk(tmp_path):
+    """Issue 18.5 on a real 2 MiB tmpfs: refuse with ENOSPC, keep supervising, start degraded, lose nothing."""
+    from tests import mount as _mount
+    from tests.disk import fill, free, small_disk
+    with small_disk(str(tmp_path / "disk")) as disk:
+        state = os.path.join(disk, "state")
+        m = _mount.start(str(tmp_path), state=state)
+        try:
+            m.write_manifest("sleepy", SLEEPY)
+            assert m.ctl("apply sleepy").returncode == 0
+            assert m.read("active/sleepy/wait").startswith("done")
+            fill(disk)
+            r = m.ctl("scale 3", "sleepy")
+            assert r.returncode != 0 and "No space left on device" in r.stderr
+            reply = m.sh("exec 3<>active/sleepy/ctl; echo 'scale 3' >&3; cat <&3").stdout
+            assert reply.startswith("error: the state disk is full") and "nothing was changed" in reply
+            r = m.sh("echo 'image /bin/true' > manifests/other")
+            assert r.returncode != 0 and "No space left on device" in r.stderr
+            assert m.read("active/sleepy/replicas") == "2\n"
+            m.until(lambda: "the state disk is full" in m.read("active/sleepy/events"), what="the full-disk event")
+
+            pids = [pid_of(m, 0), pid_of(m, 1)]
+            _mount.kill9(m)  # a crash on the full disk: the next start must still work
+            m = _mount.start(str(tmp_path), state=state)
+            assert "starting in degraded mode: the state disk is full" in m.server_log()
+            m.until(lambda: "the state disk is full" in m.read("active/sleepy/events"), what="the event after a restart")
+            assert [pid_of(m, 0), pid_of(m, 1)] == pids  # adopted
+
+            os.kill(pids[0], 9)  # supervision goes on: the instance is restarted, its record kept in memory
+            m.until(lambda: pid_of(m, 0) != pids[0] and "state=running" in m.read("active/sleepy/instances/0"),
+                    what="instance 0 restarted on the full disk")
+            new_pid = pid_of(m, 0)
+            assert m.proc.poll() is None
+
+            free(disk)
+            m.until(lambda: "the state disk has room again" in m.read("active/sleepy/events"), what="room again")
+            _mount.kill9(m)  # what was kept in memory is in SQLite now: a crash loses none of it
+            m = _mount.start(str(tmp_path), state=state)
+            assert "degraded" not in m.server_log()
+            assert [pid_of(m, 0), pid_of(m, 1)] == [new_pid, pids[1]]
+            events = m.read("active/sleepy/events")
+            # (what the first server kept in memory died with it: it was killed while the disk was full)
+            for line in ("deployed", "the state disk is full", "instance 0 exited", "has room again"):
+                assert line in events, f"{line!r} missing:\n{events}"
+            assert m.ctl("scale 3", "sleepy").returncode == 0
+            assert m.read("active/sleepy/wait").startswith("done")
+            assert m.read("active/sleepy/replicas") == "3\n"
+        finally:
+            _mount.stop(m)
