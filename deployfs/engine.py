@@ -589,17 +589,18 @@ class Engine:
                 await trio.sleep(0)
 
     async def _watch_store(self) -> None:
-        """A full state disk: say so in every service's events, retry, say when it is over."""
+        """A full state disk: say so in every events file, retry, say when it is over."""
         said: str | None = None
         while True:
             if self.store.full is not None:
                 self.store.flush()
             full = self.store.full
             if (full is None) != (said is None):
-                for svc in list(self.services.values()):
-                    svc.event(f"{full}: commands and manifest changes are refused (ENOSPC) until there is "
-                              "room; supervision goes on, its records and events kept in memory meanwhile"
-                              if full else "the state disk has room again: what was kept in memory is saved")
+                for name in (CLUSTER, *self.services):  # /deploy/events and every service's
+                    self.events.emit(name, f"{full}: commands and manifest changes are refused (ENOSPC) until "
+                                     "there is room; supervision goes on, its records and events kept in memory "
+                                     "meanwhile" if full else "the state disk has room again: what was kept in "
+                                     "memory is saved")
                 said = full
             await trio.sleep(STORE_RETRY)
 

@@ -415,26 +415,32 @@ class SqliteStore:
     def get_service(self, name: str) -> ServiceRecord | None:
         waiting = self._pending.get(("service", name))
         if waiting is not None:
-            return _record(ServiceRecord, waiting[1][1])
+            data = waiting[1][1]
+            return None if data is None else _record(ServiceRecord, data)
         row = self._db.execute("SELECT data FROM services WHERE name = ?", (name,)).fetchone()
         return _record(ServiceRecord, row[0]) if row else None
 
     def put_service(self, rec: ServiceRecord) -> None:
         self._record_write(("service", rec.name), self._put_service, rec.name, json.dumps(asdict(rec)))
 
-    def _put_service(self, name: str, data: str) -> None:
-        self._exec("INSERT OR REPLACE INTO services VALUES (?, ?)", (name, data))
-
     def list_services(self) -> list[ServiceRecord]:
-        data = {r[0]: r[1] for r in self._db.execute("SELECT name, data FROM services")}
+        data: dict[str, str | None] = {r[0]: r[1] for r in self._db.execute("SELECT name, data FROM services")}
         data.update({k[1]: op[1][1] for k, op in self._pending.items() if k[0] == "service"})
-        return [_record(ServiceRecord, data[name]) for name in sorted(data)]
+        return [_record(ServiceRecord, d) for _, d in sorted(data.items()) if d is not None]
 
     def delete_service(self, name: str) -> None:
-        with self.transaction():
-            for table, key in (("services", "name"), ("instances", "service"), ("versions", "service"),
-                               ("events", "service")):
-                self._db.execute(f"DELETE FROM {table} WHERE {key} = ?", (name,))
+        # The instances are gone already: a record of that, kept like any other on a full disk.
+        for key in [k for k, op in self._pending.items() if k[1] == name or (k[0] == "event" and op[1][0] == name)]:
+            del self._pending[key]
+        self._record_write(("service", name), self._put_service, name, None)
+
+    def _put_service(self, name: str, data: str | None) -> None:
+        if data is not None:
+            self._exec("INSERT OR REPLACE INTO services VALUES (?, ?)", (name, data))
+            return
+        for table, key in (("services", "name"), ("instances", "service"), ("versions", "service"),
+                           ("events", "service")):
+            self._exec(f"DELETE FROM {table} WHERE {key} = ?", (name,))
 
     def list_instances(self, service: str) -> list[InstanceRecord]:
         rows = self._db.execute("SELECT id, data FROM instances WHERE service = ?", (service,))

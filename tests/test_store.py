@@ -214,3 +214,13 @@ def test_database_files_are_owner_only(tmp_path):
     assert names == ["deployfs.db", "deployfs.db-shm", "deployfs.db-wal"]
     assert {oct(os.stat(tmp_path / "state" / n).st_mode & 0o777) for n in names} == {"0o600"}
     assert os.stat(tmp_path / "state").st_mode & 0o777 == 0o700
+
+
+def test_a_service_deleted_on_a_full_disk_is_gone_once_there_is_room(disk):
+    s = full_store(disk)
+    s.append_event("web", 0, 2.0, "instance 0 stopped")  # waits, then goes with the service
+    s.delete_service("web")
+    assert s.get_service("web") is None and s.list_services() == []
+    free(disk)
+    assert s.flush()
+    assert s.get_service("web") is None and s.list_instances("web") == [] and s.events("web", 0) == []

@@ -74,13 +74,14 @@ def test_a_full_state_disk(tmp_path):
             r = m.sh("echo 'image /bin/true' > manifests/other")
             assert r.returncode != 0 and "No space left on device" in r.stderr
             assert m.read("active/sleepy/replicas") == "2\n"
-            m.until(lambda: "the state disk is full" in m.read("active/sleepy/events"), what="the full-disk event")
+            for events in ("active/sleepy/events", "events"):  # the service's and /deploy/events
+                m.until(lambda: "supervision goes on" in m.read(events), what=f"the full-disk event in {events}")
 
             pids = [pid_of(m, 0), pid_of(m, 1)]
             _mount.kill9(m)  # a crash on the full disk: the next start must still work
             m = _mount.start(str(tmp_path), state=state)
             assert "starting in degraded mode: the state disk is full" in m.server_log()
-            m.until(lambda: "the state disk is full" in m.read("active/sleepy/events"), what="the event after a restart")
+            m.until(lambda: "supervision goes on" in m.read("active/sleepy/events"), what="the event after a restart")
             assert [pid_of(m, 0), pid_of(m, 1)] == pids  # adopted
 
             os.kill(pids[0], 9)  # supervision goes on: the instance is restarted, its record kept in memory
