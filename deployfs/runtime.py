@@ -29,6 +29,8 @@ from typing import Protocol
 
 import trio
 
+from . import statedir
+
 BASE_ENV_KEYS = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ")
 # Below Linux's ephemeral range (32768-60999 by default): an outgoing
 # connection must never take an instance's port between allocation and bind.
@@ -172,8 +174,12 @@ class LocalRuntime:
         env.update(spec.env)
         env[MARKER] = f"{self.state_dir}:{spec.service}:{spec.instance_id}"
         path = self.log_path(spec.service, spec.instance_id)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "ab") as log:
+        try:
+            statedir.makedirs(os.path.dirname(path))
+            log = statedir.open_file(path, "ab")  # a link planted there is never followed
+        except OSError as e:
+            raise StartError(f"cannot open its log {path}: {e.strerror or e}") from None
+        with log:
             try:
                 popen = subprocess.Popen(
                     spec.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

@@ -57,8 +57,17 @@ def _open_nofollow(path: str, flags: int, *, perm: int) -> int:
 
 
 def makedirs(path: str) -> None:
-    """Create a directory in the state directory (and its parents there), owner-only."""
-    os.makedirs(path, mode=DIR_MODE, exist_ok=True)
+    """Create a directory in the state directory, and every missing parent, owner-only
+    (``os.makedirs`` gives the parents it creates the umask's mode)."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent != path:
+        makedirs(parent)
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        pass
 
 
 def prepare(state_dir: str) -> None:

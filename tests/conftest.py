@@ -1,5 +1,9 @@
 import os
+import shutil
 import signal
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -18,3 +22,18 @@ def no_stray_processes(tmp_path_factory):
         except ProcessLookupError:
             pass
     assert strays == [], f"instance processes left behind: {strays}"
+
+
+@pytest.fixture
+def public_tmp():
+    """A directory another user can reach (pytest's tmp_path is root-only)."""
+    d = tempfile.mkdtemp(prefix="deployfs-test-", dir="/tmp")
+    os.chmod(d, 0o755)
+    yield Path(d)
+    shutil.rmtree(d)
+
+
+def as_nobody(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command as another, unprivileged user."""
+    return subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *argv],
+                          check=check, capture_output=True, text=True)

@@ -5,29 +5,13 @@ Real files, a real second user (nobody, through setpriv) and real symlinks.
 
 import errno
 import os
-import shutil
 import stat
-import subprocess
-import tempfile
 
 import pytest
 
 from deployfs import statedir
 from deployfs.statedir import StateDirError, open_file, prepare
-
-
-def as_nobody(*argv: str) -> None:
-    subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *argv], check=True)
-
-
-@pytest.fixture
-def public_tmp():
-    """A directory another user can reach (pytest's tmp_path is root-only)."""
-    from pathlib import Path
-    d = tempfile.mkdtemp(prefix="deployfs-statedir-", dir="/tmp")
-    os.chmod(d, 0o755)
-    yield Path(d)
-    shutil.rmtree(d)
+from tests.conftest import as_nobody
 
 
 def mode(path) -> int:
@@ -131,4 +115,4 @@ def test_a_directory_deployfs_did_not_make_is_never_touched(tmp_path):
 
 def test_makedirs_is_owner_only(tmp_path):
     statedir.makedirs(str(tmp_path / "logs" / "web"))
-    assert mode(tmp_path / "logs" / "web") == 0o700
+    assert mode(tmp_path / "logs") == mode(tmp_path / "logs" / "web") == 0o700

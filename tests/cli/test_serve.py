@@ -105,3 +105,75 @@ def test_a_full_state_disk(tmp_path):
             assert m.read("active/sleepy/replicas") == "3\n"
         finally:
             _mount.stop(m)
+
+
+# -- the state directory: private, and trusted only if nobody else wrote it (18.8, 18.9) --------
+
+def plant_state(state, manifest: str) -> None:
+    """A state dir holding a deployed service, as a previous deployfs (or someone else) left it."""
+    from deployfs.store import ServiceRecord, SqliteStore
+    s = SqliteStore(str(state))
+    s.put_service(ServiceRecord("innocent", version="0123456789ab", manifest=manifest, replicas=1))
+    s.close()
+
+
+def test_a_state_dir_another_user_wrote_is_refused(public_tmp):
+    pwned = public_tmp / "pwned"
+    state = public_tmp / "shared" / "state"
+    plant_state(state, f'image /bin/sh\nargs -c "id > {pwned}; exec sleep infinity"\nreplicas 1\n')
+    (public_tmp / "shared").chmod(0o1777)  # a shared, sticky directory, as /tmp: nobody made the state dir
+    subprocess.run(["chown", "-R", "nobody:nogroup", str(state)], check=True)
+    (public_tmp / "mnt").mkdir()
+    r = serve(str(public_tmp / "mnt"), "--state", str(state))
+    assert r.returncode == 2, r.stderr
+    assert f"deployfs: {state} belongs to nobody, not to root who runs deployfs" in r.stderr
+    assert not pwned.exists() and not os.path.ismount(public_tmp / "mnt")
+
+
+def test_planted_symlinks_are_refused_and_never_followed(tmp_path):
+    state = tmp_path / "state"
+    plant_state(state, "image /bin/sleep\nargs infinity\n")
+    victims = []
+    for name in ("router.pid", "router.log", "logs/innocent/1.log"):
+        victim = tmp_path / f"victim-{len(victims)}"
+        victim.write_text("IMPORTANT\n")
+        (state / name).parent.mkdir(parents=True, exist_ok=True)
+        (state / name).symlink_to(victim)
+        victims.append(victim)
+        (tmp_path / "mnt").mkdir(exist_ok=True)
+        r = serve(str(tmp_path / "mnt"), "--state", str(state))
+        assert r.returncode == 2 and f"{state / name} is a symbolic link" in r.stderr, r.stderr
+        (state / name).unlink()
+    assert all(v.read_text() == "IMPORTANT\n" for v in victims)
+
+
+def test_the_state_dir_is_private(tmp_path, public_tmp):
+    from tests import mount as _mount
+    from tests.conftest import as_nobody
+    state = public_tmp / "state"  # reachable by nobody, so only the modes keep them out
+    plant_state(state, "image /bin/true\n")  # as an older deployfs left it: 0755 and 0644
+    for dirpath, dirs, files in os.walk(state):
+        os.chmod(dirpath, 0o755)
+        for f in files:
+            os.chmod(os.path.join(dirpath, f), 0o644)
+    m = _mount.start(str(tmp_path), state=str(state))
+    try:
+        assert "files and directories other users could read are now owner-only" in m.server_log()
+        m.write_manifest("secret", "image /bin/sh\nargs -c 'echo token=hunter2; exec sleep infinity'\n"
+                                   "env DB_PASSWORD=hunter2\nhealth_interval 0.2\n")
+        assert m.ctl("apply secret").returncode == 0
+        assert m.read("active/secret/wait").startswith("done")
+        m.until(lambda: "token=hunter2" in m.read("active/secret/logs/0"), what="the instance's output")
+        modes = {}
+        for dirpath, dirs, files in os.walk(state):
+            modes[dirpath] = os.stat(dirpath).st_mode & 0o777
+            for f in files:
+                modes[os.path.join(dirpath, f)] = os.stat(os.path.join(dirpath, f)).st_mode & 0o777
+        loose = {p: oct(mode) for p, mode in modes.items() if mode & 0o077}
+        assert loose == {}, loose
+        assert {os.path.relpath(p, state) for p in modes} >= {
+            "deployfs.db", "deployfs.db-wal", "logs/secret", "router.log", "router.pid"}
+        r = as_nobody("sh", "-c", f"cat {state}/logs/secret/*.log; cat {state}/deployfs.db-wal", check=False)
+        assert r.returncode != 0 and "hunter2" not in r.stdout and "Permission denied" in r.stderr
+    finally:
+        _mount.stop(m)
