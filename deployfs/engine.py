@@ -744,16 +744,15 @@ class Engine:
                 svc = Service(self, rec)
                 svc.state = rollout.State("rolling", 0, float("-inf"))
                 self.services[name] = svc
-                for w in parsed.warnings:
-                    svc.event(f"warning: {w}")
+                _warn(svc, parsed.warnings)
                 svc.event(f"deployed {m.version} replicas={m.replicas} by {who}")
             self.nursery.start_soon(svc.run)
             svc.routing_changed()  # open the port now: a router may need time to listen (haproxy reloads)
             svc.poke()
             return f"ok deployed {m.version}"
         rec = svc.rec
-        for w in parsed.warnings:
-            svc.event(f"warning: {w}")
+        if text != rec.manifest:  # said once per manifest text, not on every apply of it
+            _warn(svc, parsed.warnings)
         if m.version == rec.version and rec.update_status != "failed":
             was_stopped = rec.stopped
             changed = was_stopped or m.replicas != rec.replicas or m != svc.manifest
@@ -819,6 +818,16 @@ class Engine:
         svc.rec.update_status, svc.rec.steps = status, 0
         svc.save()
         svc.event(event)
+
+
+MAX_WARNINGS = 10  # events per apply; a manifest of 1,500 unknown lines is one mistake, not 1,500
+
+
+def _warn(svc: Service, warnings: list[str]) -> None:
+    for w in warnings[:MAX_WARNINGS]:
+        svc.event(f"warning: {w}")
+    if len(warnings) > MAX_WARNINGS:
+        svc.event(f"warning: {len(warnings) - MAX_WARNINGS} more like these")
 
 
 def _count(arg: str | None) -> int:

@@ -177,3 +177,24 @@ def test_the_state_dir_is_private(tmp_path, public_tmp):
         assert r.returncode != 0 and "hunter2" not in r.stdout and "Permission denied" in r.stderr
     finally:
         _mount.stop(m)
+
+
+def test_bad_ports_are_refused_by_the_parser():
+    for bad, why in (("abc", "wants LOW-HIGH, got 'abc'"), ("30000-20000", "wants LOW-HIGH with 1 <= LOW <= HIGH <= 65535")):
+        r = serve("/nonexistent", "--state", "/nonexistent", "--ports", bad)
+        assert r.returncode == 2 and f"argument --ports: {why}" in r.stderr, r.stderr
+
+
+def test_an_error_from_inside_serve_is_not_blamed_on_ports(monkeypatch, tmp_path):
+    # issue 12.6: a ManifestError (a ValueError) escaping serve was printed as "--ports wants LOW-HIGH"
+    import pytest
+
+    from deployfs.cli import serve as serve_cli
+    from deployfs.manifest import ManifestError
+
+    def boom(*args):
+        raise ManifestError("manifests/web", 1, "no image")
+    monkeypatch.setattr(serve_cli.trio, "run", boom)
+    monkeypatch.setattr(serve_cli, "check_mountpoint", lambda mnt: None)
+    with pytest.raises(ManifestError, match="no image"):
+        serve_cli.main(["serve", str(tmp_path / "mnt"), "--state", str(tmp_path / "state")])

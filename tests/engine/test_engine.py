@@ -313,3 +313,19 @@ async def test_a_large_spawn_batch_does_not_hold_the_trio_loop(h, autojump_clock
     # The other task ran all through the batch (trio shuffles its run queue, so
     # not exactly once per spawn); without a checkpoint it would not run at all.
     assert len(at_start) == 200 and at_start[-1] - at_start[0] >= 100
+
+
+async def test_unknown_directives_are_warned_about_once_per_manifest_text(h, autojump_clock):
+    # issue 18.12: 1,500 unknown lines gave 1,500 warning events on every apply, even an unchanged one
+    text = manifest() + b"".join(b"colour blue%d\n" % i for i in range(1500))
+    v1 = h.write(text)
+    assert h.cmd("apply").startswith("ok deployed")
+    assert await h.settle() == f"done {v1}"
+    warned = [e for e in h.events() if e.startswith("warning:")]
+    assert len(warned) == 11 and warned[-1] == "warning: 1490 more like these"
+    assert "unknown directive 'colour'" in warned[0]
+    assert h.cmd("apply") == f"ok unchanged {v1}"
+    assert h.cmd("apply") == f"ok unchanged {v1}"
+    h.write(text.replace(b"replicas 3", b"replicas 2"))  # a new text: said again, once
+    assert h.cmd("apply") == f"ok {v1} replicas=2"
+    assert len([e for e in h.events() if e.startswith("warning:")]) == 22
