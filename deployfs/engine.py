@@ -585,7 +585,10 @@ class Engine:
             await trio.sleep(self.log_check_every)
             for svc in list(self.services.values()):
                 for inst in list(svc.instances.values()):
-                    self.runtime.trim_log(svc.name, inst.rec.id, inst.manifest.log_lines)
+                    try:
+                        self.runtime.trim_log(svc.name, inst.rec.id, inst.manifest.log_lines)
+                    except OSError as e:  # a full state disk: try again next round, never die of it
+                        log.warning("cannot bound the log of %s instance %d: %s", svc.name, inst.rec.slot, e)
                 await trio.sleep(0)
 
     async def _watch_store(self) -> None:

@@ -329,3 +329,15 @@ async def test_unknown_directives_are_warned_about_once_per_manifest_text(h, aut
     h.write(text.replace(b"replicas 3", b"replicas 2"))  # a new text: said again, once
     assert h.cmd("apply") == f"ok {v1} replicas=2"
     assert len([e for e in h.events() if e.startswith("warning:")]) == 22
+
+
+async def test_a_log_that_cannot_be_bounded_does_not_stop_supervision(h, autojump_clock):
+    # issue 18.5: on a full state disk, bounding a log fails (ENOSPC); that must not kill the engine
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    h.rt.trim_log = full
+    v1 = await deploy_v1(h)
+    await trio.sleep(25)  # two rounds of bounding the logs
+    h.rt.running("web")[0].exit(1)
+    await trio.sleep(1)
+    assert await h.settle() == f"done {v1}" and len(h.rt.running("web")) == 3
