@@ -16,6 +16,9 @@ Rationale (each point measured; see FUSE-NOTES.md):
   asks libfuse whether the reading request was interrupted (``_fusereq``) and
   gives up with EINTR.  Blocked readers are capped per uid and overall,
   counted from ``open`` to ``release``, far below pyfuse3's task pool.
+* ``logs/N`` is read live from the runtime's files (``direct_io``, true size
+  at every ``getattr``), so ``tail -f`` follows it; its inode belongs to the
+  instance, not the slot.
 * Inodes are numbered per path while the kernel holds them and dropped when
   it sends ``forget``: lookups of names cost nothing once the kernel lets go.
 * Any exception other than FUSEError would take the mount down: every
