@@ -133,7 +133,10 @@ class HAProxyRouter(TableFeeder):
         await self.cmd("reload", master=True)
 
         async def new_worker() -> bool:
-            return bool((await self.workers()) - before)
+            try:
+                return bool((await self.workers()) - before)
+            except RouterError:
+                return False  # the master re-executes itself to reload: its socket is briefly gone
         await _until(new_worker, "started no new worker after a reload")
 
     async def _any_worker(self) -> bool:
