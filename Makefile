@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 MOUNT   ?= ./deploy
 STATE   ?= ./.deployfs
 
-.PHONY: run test bench demo sysdeps clean
+.PHONY: run test fuzz bench demo sysdeps clean
 
 sysdeps:
 	@scripts/ensure-system-deps
@@ -26,6 +26,11 @@ test: export DEPLOYFS_TEST_DEPS=1
 test: $(STAMP)
 	@DEPLOYFS_TEST_DEPS=1 scripts/ensure-system-deps
 	$(PY) -m pytest
+
+# Random exploration of the property tests (the planner, the parser): more examples than
+# `make test`, a fresh seed each run.  FUZZ_EXAMPLES=N to go further (default 2000).
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/engine/test_properties.py tests/test_manifest.py
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py

@@ -40,6 +40,8 @@ NODE = socket.gethostname() or "local"
 MAX_SERVICES = 500
 MAX_INSTANCES = 5000
 STORE_RETRY = 1.0  # seconds between tries of a full state disk
+START_PROBE_FIRST = 0.02  # seconds from a starting instance's first probe to its second; doubles after each
+START_PROBE_CAP = 0.5  # a starting instance is probed at least this often (or every health_interval if shorter)
 
 
 class CommandError(Exception):
@@ -97,6 +99,7 @@ class Instance:
     healthy_since: float | None = None
     first_bad: float | None = None  # start of the current failing streak
     fails: int = 0
+    probes: int = 0  # since it started: a starting instance is probed on a growing cadence
     last_exit: float | None = None
     restart_times: list[float] = field(default_factory=list)
     monitor: trio.CancelScope | None = None
@@ -115,7 +118,15 @@ class Service:
         self.state = rollout.State(status=rec.update_status, steps=rec.steps)
         self._wakeup = trio.Event()
         self._changed = trio.Event()
-        self.rollout_t0 = trio.current_time()
+        self._parsed: dict[str, Manifest] = {}  # manifest text -> parsed, for instances of the good version
+        if rec.good_version is None and rec.version:
+            # A record from before good_* was kept: what is settled in force completed,
+            # and during a rollout the previous version was the one in force.
+            if rec.update_status == "none" and not rec.stopped:
+                rec.good_version, rec.good_manifest, rec.good_generation = rec.version, rec.manifest, rec.generation
+                rec.before_good_version, rec.before_good_manifest = rec.previous_version, rec.previous_manifest
+            elif rec.previous_version:
+                rec.good_version, rec.good_manifest = rec.previous_version, rec.previous_manifest
         self.mtime = time.time()
         self.loop_scope = trio.CancelScope()
         self._unrouted: bool | None = None  # None until routing was first decided
@@ -131,10 +142,40 @@ class Service:
 
     def target(self) -> rollout.Target:
         m = self.manifest
-        return rollout.Target(key=(self.rec.version or "", self.rec.generation),
-                              replicas=0 if self.rec.stopped else self.rec.replicas,
+        rec = self.rec
+        return rollout.Target(key=(rec.version or "", rec.generation),
+                              replicas=0 if rec.stopped else rec.replicas,
                               strategy=m.update, batch=m.update_batch, pause=m.update_pause,
-                              restart=m.restart, max_restarts=m.max_restarts)
+                              restart=m.restart, max_restarts=m.max_restarts,
+                              good=(rec.good_version, rec.good_generation) if rec.good_version else None,
+                              stopped=rec.stopped)
+
+    def set_previous(self) -> None:
+        """The rollback target: the last good version while another is the target, else the good one before it."""
+        rec = self.rec
+        if rec.version == rec.good_version:
+            rec.previous_version, rec.previous_manifest = rec.before_good_version, rec.before_good_manifest
+        else:
+            rec.previous_version, rec.previous_manifest = rec.good_version, rec.good_manifest
+
+    def completed(self) -> None:
+        """The target is fully in force: it becomes the good version, and the one before it the rollback target."""
+        rec = self.rec
+        if rec.version != rec.good_version:
+            rec.before_good_version, rec.before_good_manifest = rec.good_version, rec.good_manifest
+        rec.good_version, rec.good_manifest, rec.good_generation = rec.version, rec.manifest, rec.generation
+        self.set_previous()
+
+    def manifest_for(self, key: rollout.Key) -> Manifest:
+        """The manifest an instance of ``key`` runs: the target's, or the good version's when a failure restores it."""
+        if key == self.target().key:
+            return self.manifest
+        text = self.rec.good_manifest if key[0] == self.rec.good_version else self.engine.store.get_version(self.name, key[0])
+        if text is None:
+            raise KeyError(f"no manifest for version {key[0]}")
+        if text not in self._parsed:
+            self._parsed = {text: parse(text, name=self.name).manifest}  # one good version at a time
+        return self._parsed[text]
 
     def views(self) -> list[rollout.Inst]:
         now = trio.current_time()
@@ -253,10 +294,10 @@ class Service:
                 self._at_limit = True
                 return False
             self._at_limit = False
-            m = self.manifest
+            version, generation = a.key or self.target().key
+            m = self.manifest_for((version, generation))
             port = e.runtime.allocate_port() if m.port else None
-            rec = InstanceRecord(self.name, e.next_instance_id(), a.slot, self.rec.version or "",
-                                 self.rec.generation, port=port)
+            rec = InstanceRecord(self.name, e.next_instance_id(), a.slot, version, generation, port=port)
             inst = Instance(rec, m)
             self.instances[rec.id] = inst
             self.spawn(inst)
@@ -292,11 +333,12 @@ class Service:
                     self.instances[id].rec.slot = slot
                     self.save_instance(self.instances[id])
                 self.rec.update_status, self.rec.failure = "none", ""
+                self.completed()
                 self.save()
-            took = trio.current_time() - self.rollout_t0
+            took = time.time() - (self.rec.rollout_started or time.time())
             what = "rolling update" if self.rec.rollout_from else "deploy"
-            self.event(f"{what} complete: {self.rec.version} in {took:.1f}s")
-            self.rec.rollout_from = None
+            self.event(f"{what} complete: {self.rec.version} in {max(took, 0.0):.1f}s")
+            self.rec.rollout_from, self.rec.rollout_started = None, None
             self.save()
         return True
 
@@ -330,6 +372,7 @@ class Service:
     def spawn(self, inst: Instance) -> None:
         e, m, rec = self.engine, inst.manifest, inst.rec
         inst.phase, inst.why, inst.healthy_since, inst.first_bad, inst.fails = Phase.STARTING, "", None, None, 0
+        inst.probes = 0
         inst.started_at = trio.current_time()
         rec.state, rec.health, rec.pid, rec.start_time, rec.started = "starting", "starting", None, None, time.time()
         self.save_instance(inst)  # recorded before it exists: a crash in between leaves a findable stray
@@ -392,7 +435,12 @@ class Service:
                 await trio.sleep_forever()
             verdict = await self.engine.prober.probe(check, m.health_timeout)
             self._observe(inst, verdict.ok, verdict.detail)
-            period = min(m.health_interval, 0.5) if inst.phase is Phase.STARTING else m.health_interval
+            period = m.health_interval
+            if inst.phase is Phase.STARTING:
+                # A starting instance is probed often at first, when it is most likely to have
+                # just come up, then less often: each batch of a rollout waits on this.
+                period = min(period, START_PROBE_CAP, START_PROBE_FIRST * 2 ** min(inst.probes, 20))
+                inst.probes += 1
             wake = now + period
             if inst.healthy_since is not None and inst.phase is Phase.STARTING:
                 wake = min(wake, inst.healthy_since + m.min_healthy)
@@ -681,15 +729,16 @@ class Engine:
         elif verb == "rollback":
             if not rec.previous_version:
                 raise CommandError(errno.EBUSY, f"{name}: no previous version to roll back to")
-            text, prev = rec.previous_manifest, rec.manifest
+            # The replica count is not part of a version: a rollback keeps the one set now (as apply does after scale).
+            text = set_replicas_line(rec.previous_manifest.encode(), rec.replicas).decode()
             m = parse(text, name=name).manifest
             self._check_port(name, m.port)
-            self._begin(svc, m, text, "rollback", who, previous=(rec.version, prev))
+            self._begin(svc, m, text, "rollback", who)
         elif verb == "restart":
             if status in ("rolling", "paused"):
                 raise CommandError(errno.EBUSY, f"{name}: a rollout is in flight (update_status {status})")
             rec.generation += 1
-            self._begin(svc, svc.manifest, rec.manifest, "rolling restart", who, previous=None)
+            self._begin(svc, svc.manifest, rec.manifest, "rolling restart", who)
         elif verb == "scale":
             n = _count(arg)
             if status == "failed":
@@ -697,6 +746,9 @@ class Engine:
             with self.store.transaction():
                 rec.replicas = n
                 rec.manifest = set_replicas_line(rec.manifest.encode(), n).decode()
+                svc.manifest = svc.manifest.with_replicas(n)  # what `restart` rolls out again
+                if rec.version == rec.good_version:
+                    rec.good_manifest = rec.manifest
                 f = self.store.get_file(name)
                 if f is not None:
                     self.store.put_file(name, set_replicas_line(f.data, n))
@@ -708,7 +760,7 @@ class Engine:
             svc.keep_logs("stopped", lambda i: not i.leaving)
             rec.stopped, rec.deleting = True, verb == "delete"
             svc.state = rollout.State()
-            rec.update_status, rec.steps, rec.rollout_from = "none", 0, None
+            rec.update_status, rec.steps, rec.rollout_from, rec.rollout_started = "none", 0, None, None
             with self.store.transaction():
                 svc.save()
                 if verb == "delete":
@@ -740,7 +792,8 @@ class Engine:
         if svc is None:
             if len(self.services) >= self.max_services:
                 raise CommandError(errno.ENOSPC, f"the limit of {self.max_services} services is reached")
-            rec = ServiceRecord(name, version=m.version, replicas=m.replicas, manifest=text, update_status="rolling")
+            rec = ServiceRecord(name, version=m.version, replicas=m.replicas, manifest=text, update_status="rolling",
+                                rollout_started=time.time())
             with self.store.transaction():
                 self.store.put_version(name, m.version, text)
                 self.store.put_service(rec)
@@ -764,20 +817,16 @@ class Engine:
             if was_stopped:  # starting again is a deploy: `wait` follows it
                 rec.kept_logs = {}
                 svc.state = rollout.State("rolling", 0, float("-inf"))
-                rec.update_status, svc.rollout_t0 = "rolling", trio.current_time()
+                rec.update_status, rec.rollout_started = "rolling", time.time()
             svc.save()
             if not changed:
                 return f"ok unchanged {m.version}"
             svc.event(f"{'started' if was_stopped else 'applied'} {m.version} replicas={m.replicas} by {who}")
             svc.poke()
             return f"ok {m.version} replicas={m.replicas}"
-        # `previous` is the last version fully in force: a rollout that never
-        # completed (in flight, or failed) does not become the rollback target.
-        settled = rec.update_status == "none" and m.version != rec.version
-        previous = (rec.version, rec.manifest) if settled else (rec.previous_version, rec.previous_manifest)
-        self._begin(svc, m, text, "rolling update" if m.update == "rolling" else "replace update", who, previous=previous)
-        svc.poke()
-        return f"ok rolling {rec.previous_version}->{m.version}"
+        frm = rec.version
+        self._begin(svc, m, text, "rolling update" if m.update == "rolling" else "replace update", who)
+        return f"ok rolling {frm}->{m.version}"
 
     def _check_port(self, name: str, port: int | None) -> None:
         """Refuse a public port that another service has, or another program holds (EADDRINUSE)."""
@@ -795,20 +844,21 @@ class Engine:
             code, why = problem
             raise CommandError(code, f"port {port}: {why} (another program has it)")
 
-    def _begin(self, svc: Service, m: Manifest, text: str, what: str, who: str,
-               previous: tuple[str | None, str] | None) -> None:
+    def _begin(self, svc: Service, m: Manifest, text: str, what: str, who: str) -> None:
         rec = svc.rec
         frm = rec.version
         with self.store.transaction():
             self.store.put_version(rec.name, m.version, text)
-            if previous is not None:
-                rec.previous_version, rec.previous_manifest = previous
+            if m.version == rec.good_version and frm != rec.good_version:
+                # Back to the good version: its running instances are the target, not old ones to replace.
+                rec.generation = rec.good_generation
             rec.version, rec.manifest, rec.replicas, rec.stopped = m.version, text, m.replicas, False
             rec.update_status, rec.steps, rec.failure, rec.rollout_from = "rolling", 0, "", frm
             rec.kept_logs = {}
+            rec.rollout_started = time.time()
+            svc.set_previous()  # only a version that completed can be the rollback target
             svc.manifest = m
             svc.state = rollout.State("rolling", 0, float("-inf"))
-            svc.rollout_t0 = trio.current_time()
             svc.save()
             svc.event(f"{what} started {frm}→{m.version} strategy={m.update} batch={m.update_batch} "
                       f"pause={format_seconds(m.update_pause)}s by {who}")

@@ -17,6 +17,14 @@ Rolling (DESIGN.md §4), as a reconcile rule:
 5. at a batch boundary: done if only ready target instances remain, else wait
    ``update_pause``, honour pause/step, and start the next batch on new slots.
 
+After a failure (``failed``) the good version is held at ``replicas``: a
+release that passed its checks and then went bad may already have retired
+old instances, and a failed rollout never leaves the service weaker than
+before it started.  Instances of the good version start beside the old ones
+(within the surge bound), target instances leave once the good version has
+``replicas`` ready, and a target instance that goes bad is stopped, never
+restarted.
+
 Running instances never exceed ``replicas + update_batch``: a batch starts
 only when nothing is draining and at most ``replicas`` run.
 """
@@ -63,6 +71,8 @@ class Target:
     pause: float = 0.0
     restart: str = "always"
     max_restarts: int = 5
+    good: Key | None = None  # the last key that completed a rollout: what a failure restores
+    stopped: bool = False  # replicas is 0 because of `stop`, not `scale 0`
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,7 @@ class State:
 @dataclass(frozen=True)
 class Start:
     slot: int
+    key: Key | None = None  # None: the target's
 
 
 @dataclass(frozen=True)
@@ -131,10 +142,12 @@ def plan(t: Target, insts: list[Inst], st: State, now: float, routed: bool = Tru
     new = [i for i in live if i.key == t.key]
     old = [i for i in live if i.key != t.key]
 
-    if st.status in ("none", "failed"):
-        if st.status == "none" and old:  # a rollout that was never marked: make it one
+    if st.status == "failed":
+        return _restore(t, insts, live, st, now)
+    if st.status == "none":
+        if old:  # a rollout that was never marked: make it one
             return plan(t, insts, replace(st, status="rolling"), now, routed)
-        return _supervise(t, live, st, now, scale=st.status == "none")
+        return _supervise(t, live, st, now, scale=True)
 
     # -- a rollout is in flight (rolling or paused) -----------------------------
     bad = [i for i in new if i.phase in (Phase.EXITED, Phase.UNHEALTHY, Phase.FAILED)]
@@ -191,6 +204,28 @@ def _complete(t: Target, ready: list[Inst], st: State, routed: bool) -> Plan:
                 State(status="none", steps=0, boundary=float("-inf")))
 
 
+def _restore(t: Target, insts: list[Inst], live: list[Inst], st: State, now: float) -> Plan:
+    """After a failed rollout: old instances are supervised as usual, the good version is held at ``replicas``."""
+    new = [i for i in live if i.key == t.key]
+    old = [i for i in live if i.key != t.key]
+    # The failed release gets no second chance by itself: a target instance that goes bad leaves.
+    actions: list[Action] = [Stop(i.id, "rollout failed") for i in new if i.phase is not Phase.READY]
+    p = _supervise(t, old, st, now, scale=False)
+    actions += p.actions
+    if t.good is not None and t.good != t.key:  # (rolling back to the good version itself failed: nothing to restore)
+        # Surge like a rollout: never more than replicas + batch, leaving ones included.
+        room = t.replicas + t.batch - len(insts)
+        count = max(0, min(t.replicas - len(old), room))
+        used = {i.slot for i in insts}
+        free = [s for s in range(len(insts) + count) if s not in used][:count]
+        actions += [Start(s, t.good) for s in free]
+        # Once the good version serves `replicas`, what is left of the failed release goes.
+        ready_new = sorted((i for i in new if i.phase is Phase.READY), key=lambda i: -i.slot)
+        surplus = sum(1 for i in old if i.phase is Phase.READY) + len(ready_new) - t.replicas
+        actions += [Stop(i.id, "rollout failed; the good version is back") for i in ready_new[:max(0, surplus)]]
+    return Plan(actions, st, wake_at=p.wake_at)
+
+
 def _supervise(t: Target, live: list[Inst], st: State, now: float, *, scale: bool) -> Plan:
     """Steady state: restart what failed (per policy, with backoff) and scale to ``replicas``."""
     actions: list[Action] = []
@@ -211,5 +246,6 @@ def _supervise(t: Target, live: list[Inst], st: State, now: float, *, scale: boo
     if scale:
         slots = {i.slot for i in live}
         actions += [Start(s) for s in range(t.replicas) if s not in slots]
-        actions += [Stop(i.id, "scaled down") for i in live if i.slot >= t.replicas]
+        why = "stop" if t.stopped else "scaled down"
+        actions += [Stop(i.id, why) for i in live if i.slot >= t.replicas]
     return Plan(actions, st, wake_at=min(wake, default=None))

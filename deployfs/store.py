@@ -56,9 +56,16 @@ class StoreFull(StoreError):
 class ServiceRecord:
     name: str
     version: str | None = None  # the version in force (the rollout target)
-    previous_version: str | None = None
+    previous_version: str | None = None  # the rollback target (see Service.set_previous)
     manifest: str = ""  # the manifest text in force
     previous_manifest: str = ""  # kept for rollback
+    # The last version that completed a rollout, and the one that completed before it:
+    # only these may become a rollback target, never a release that failed or was abandoned.
+    good_version: str | None = None
+    good_manifest: str = ""
+    good_generation: int = 0
+    before_good_version: str | None = None
+    before_good_manifest: str = ""
     generation: int = 0  # bumped by `restart`: same version, fresh instances
     replicas: int = 0
     update_status: str = "none"  # none | rolling | paused | failed
@@ -70,6 +77,7 @@ class ServiceRecord:
     # logs/<name> -> instance id: the output of instances gone that is worth
     # reading (`failed-3` of the last failed rollout, `stopped-0` after stop)
     kept_logs: dict[str, int] = field(default_factory=dict)
+    rollout_started: float | None = None  # wall clock: a rollout's duration survives a restart of deployfs
 
 
 @dataclass

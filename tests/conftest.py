@@ -6,8 +6,16 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from deployfs.runtime import marked_processes
+
+# `make test` (and CI) runs the same examples every time, so a case found by chance never
+# blocks a landing; `make fuzz` explores at random, with many more examples, and saves what
+# fails in .hypothesis/ so the next fuzz run replays it (pin it with @example).
+settings.register_profile("ci", max_examples=60, derandomize=True, database=None)
+settings.register_profile("fuzz", max_examples=int(os.environ.get("FUZZ_EXAMPLES", "2000")), derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -24,6 +24,7 @@ class FakeProcess:
         self.exit_status: int | None = None
         self.signals: list[int] = []
         self.signalled_at: list[float] = []
+        self.went_bad_at: list[float] = []  # failed a probe by its version's behaviour (fail, flaky-later)
         self.started = trio.current_time()
         self._done = trio.Event()
 
@@ -89,22 +90,41 @@ class FakeProber:
         self.behaviour: dict[str, str] = {}
         self.ready_after = 0.3
         self.fail_after = 5.0
+        self._bound: dict[int, tuple[object, FakeProcess]] = {}
 
-    async def probe(self, check, timeout: float) -> Verdict:
+    def _process(self, check) -> FakeProcess | None:
+        """The process this check belongs to.  ``$VERSION $INSTANCE`` alone can name two: slots
+        renumber, so a new instance may get the slot a running one of the same version started on.
+        Each health loop makes its own check object right after its process started, so a check is
+        bound, on its first probe, to the youngest matching process no other check has."""
+        bound = self._bound.get(id(check))
+        if bound is not None:
+            return bound[1]
         version, slot = check.target[1], check.target[2]
-        await trio.sleep(0.01)
         procs = [p for p in self.rt.procs.values()
                  if p.version == version and p.spec.env["INSTANCE"] == slot and not p.exited]
+        taken = {b[1].pid for b in self._bound.values()}
+        free = [p for p in procs if p.pid not in taken] or procs
+        proc = max(free, key=lambda p: (p.started, p.pid), default=None)
+        if proc is not None:
+            self._bound[id(check)] = (check, proc)  # the check kept alive: its id is never reused
+        return proc
+
+    async def probe(self, check, timeout: float) -> Verdict:
+        version = check.target[1]
+        await trio.sleep(0.01)
+        proc = self._process(check)
+        procs = [proc] if proc is not None and not proc.exited else []
         age = min((trio.current_time() - p.started for p in procs), default=0.0)
         how = self.behaviour.get(version, "ok")
         if how == "exit" and age >= self.ready_after:
             for p in procs:
                 p.exit(1)
             return Verdict(False, "connection refused")
-        if how == "fail":
-            return Verdict(False, "http 503 from fake")
-        if how == "flaky-later" and age >= self.fail_after:
-            return Verdict(False, "http 500 from fake")
+        if how == "fail" or (how == "flaky-later" and age >= self.fail_after):
+            for p in procs:
+                p.went_bad_at.append(trio.current_time())
+            return Verdict(False, "http 503 from fake" if how == "fail" else "http 500 from fake")
         return Verdict(age >= self.ready_after, "ok" if age >= self.ready_after else "connection refused")
 
 

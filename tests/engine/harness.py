@@ -9,10 +9,11 @@ from tests.fakes import FakeProber, FakeRuntime
 
 
 def manifest(image: str = "/bin/v1", replicas: int = 3, **kw: object) -> bytes:
-    lines = [f"image {image}", f"replicas {replicas}", "health exec check $VERSION $INSTANCE",
-             "health_interval 0.2", "health_retries 2", "update_deadline 5", "stop_timeout 1", "drain_timeout 0.5"]
-    lines += [f"{k} {v}" for k, v in kw.items()]
-    return ("\n".join(lines) + "\n").encode()
+    d: dict[str, object] = {"image": image, "replicas": replicas, "health": "exec check $VERSION $INSTANCE",
+                            "health_interval": 0.2, "health_retries": 2, "update_deadline": 5, "stop_timeout": 1,
+                            "drain_timeout": 0.5}
+    d.update(kw)
+    return "".join(f"{k} {v}\n" for k, v in d.items()).encode()
 
 
 def version_of(text: bytes) -> str:
@@ -56,3 +57,28 @@ class Harness:
 
     def events(self) -> list[str]:
         return [l.split(" ", 1)[1] for l in self.engine.events.current("web").decode().splitlines()]
+
+
+def watch(h: Harness, replicas: int = 3, batch: int = 1) -> dict:
+    """Record the worst moments: most running at a start, fewest ready during a rollout."""
+    seen: dict = {"max_running": 0, "min_ready": None}
+
+    def on_start(proc) -> None:
+        seen["max_running"] = max(seen["max_running"], len(h.rt.running("web")))
+
+    def on_change(name: str) -> None:
+        if h.svc.rec.update_status in ("rolling", "paused"):
+            ready = len(h.svc.endpoints()) if h.svc.manifest.port else sum(
+                1 for i in h.svc.instances.values() if i.phase.value == "ready" and not i.leaving)
+            seen["min_ready"] = ready if seen["min_ready"] is None else min(seen["min_ready"], ready)
+
+    h.rt.on_start = on_start
+    h.engine.listeners.append(on_change)
+    return seen
+
+
+async def deploy_v1(h: Harness, **kw: object) -> str:
+    v1 = h.write(manifest(**kw))
+    assert h.cmd("apply").startswith("ok deployed")
+    assert await h.settle() == f"done {v1}"
+    return v1

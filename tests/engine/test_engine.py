@@ -6,41 +6,7 @@ import pytest
 import trio
 
 from deployfs.engine import CommandError
-from tests.engine.harness import Harness, manifest
-
-
-@pytest.fixture
-async def h(tmp_path):
-    h = Harness(tmp_path)
-    async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
-        yield h
-        n.cancel_scope.cancel()
-
-
-def watch(h, replicas=3, batch=1):
-    """Record the worst moments: most running at a start, fewest ready after first deploy."""
-    seen = {"max_running": 0, "min_ready": None}
-
-    def on_start(proc):
-        seen["max_running"] = max(seen["max_running"], len(h.rt.running("web")))
-
-    def on_change(name):
-        if h.svc.rec.update_status in ("rolling", "paused"):
-            ready = len(h.svc.endpoints()) if h.svc.manifest.port else sum(
-                1 for i in h.svc.instances.values() if i.phase.value == "ready" and not i.leaving)
-            seen["min_ready"] = ready if seen["min_ready"] is None else min(seen["min_ready"], ready)
-
-    h.rt.on_start = on_start
-    h.engine.listeners.append(on_change)
-    return seen
-
-
-async def deploy_v1(h, **kw):
-    v1 = h.write(manifest(**kw))
-    assert h.cmd("apply").startswith("ok deployed")
-    assert await h.settle() == f"done {v1}"
-    return v1
+from tests.engine.harness import Harness, deploy_v1, manifest, watch
 
 
 async def test_first_deploy_runs_replicas_healthy(h, autojump_clock):
@@ -96,11 +62,10 @@ async def test_bad_version_fails_and_leaves_old_untouched(h, autojump_clock):
     assert {p.pid for p in h.rt.running("web")} == old
     assert all(not h.rt.procs[pid].signals for pid in old)
     assert h.svc.rec.version != v1 and h.svc.rec.previous_version == v1
-    # a failed service needs a person: rollback converges to v1 and swaps versions
-    bad = h.svc.rec.version
+    # a failed service needs a person: rollback converges to v1; the broken release is no rollback target
     h.cmd("rollback")
     assert await h.settle() == f"done {v1}"
-    assert (h.svc.rec.version, h.svc.rec.previous_version) == (v1, bad)
+    assert (h.svc.rec.version, h.svc.rec.previous_version) == (v1, None)
     assert {p.pid for p in h.rt.running("web")} == old  # nothing to replace: old ones are the target
 
 
