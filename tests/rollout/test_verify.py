@@ -90,7 +90,8 @@ def test_seed_verify_1_to_6(m):
     assert m.ctl("rollback", "web").returncode == 0
     assert m.sh("cat active/web/wait", timeout=30).stdout == f"done {v2}\n"
     assert pids(m) == before  # already at v2: nothing to replace
-    assert m.read("active/web/previous_version") != f"{v2}\n"
+    # the broken v3 never became the rollback target: the one before v2 is
+    assert m.read("active/web/previous_version") == f"{v1}\n"
 
 
 def test_pause_step_resume_on_the_mount(m):
@@ -131,8 +132,30 @@ def test_rollover_replace_and_restart(m):
     m.write_manifest("web", manifest("v4", update="replace"))
     m.ctl("apply", "web")
     assert m.sh("cat active/web/wait", timeout=60).stdout.startswith("done")
+    assert m.ctl("scale 4", "web").returncode == 0
+    m.until(lambda: len(pids(m)) == 4 and m.read("active/web/health") == "healthy\n", what="scaled to 4")
     before = pids(m)
     m.ctl("restart", "web")
     assert m.sh("cat active/web/wait", timeout=60).stdout.startswith("done")
     after = pids(m)
-    assert sorted(after) == ["0", "1", "2"] and not set(before.values()) & set(after.values())
+    # restart keeps what scale set (it used to go back to the applied manifest's 3)
+    assert sorted(after) == ["0", "1", "2", "3"] and not set(before.values()) & set(after.values())
+    assert m.read("active/web/replicas") == "4\n"
+
+
+def test_a_release_that_passes_then_fails_gets_the_good_version_back(m):
+    m.write_manifest("web", manifest("v1"))
+    m.ctl("apply web")
+    v1 = m.sh("cat active/web/wait", timeout=30).stdout.split()[1]
+    # healthy, retires old instance 0, then fails its checks during the pause after that batch
+    m.write_manifest("web", manifest("v2", "--fail-health-after 1.5", pause=3))
+    m.ctl("apply", "web")
+    out = m.sh("cat active/web/wait", timeout=30).stdout
+    assert out.startswith("failed: instance 3") and "unhealthy" in out
+    assert "instance 0 draining (replaced)" in m.read("active/web/events")
+    # at once, without a person: three healthy v1 instances serve again
+    m.until(lambda: m.read("active/web/health") == "healthy\n" and len(pids(m)) == 3
+            and all(f"version={v1}" in m.read(f"active/web/instances/{s}") for s in pids(m)),
+            timeout=10, what="v1 back at 3 healthy")
+    assert len(m.read("active/web/endpoints").split()) == 3
+    assert m.read("active/web/update_status") == "failed\n"
