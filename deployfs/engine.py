@@ -678,7 +678,7 @@ class Engine:
         refused whole (ENOSPC), and what it changed in memory is put back.
         """
         svc = self.services.get(name)
-        saved = None if svc is None else (replace(svc.rec), svc.manifest, svc.state, svc.rollout_t0)
+        saved = None if svc is None else (replace(svc.rec), svc.manifest, svc.state)
         refused: CommandError | None = None
         try:
             with self.store.transaction(refuse_when_full=True):
@@ -688,7 +688,7 @@ class Engine:
                     refused = e  # what it wrote (the reason, in events) is kept
         except StoreFull as e:
             if svc is not None and saved is not None:
-                rec, svc.manifest, svc.state, svc.rollout_t0 = saved
+                rec, svc.manifest, svc.state = saved
                 vars(svc.rec).update(vars(rec))
             elif (new := self.services.pop(name, None)) is not None:
                 new.loop_scope.cancel()
