@@ -274,3 +274,19 @@ def test_tail_f_keeps_following_a_log_rotated_under_it(mnt):
     finally:
         tail.kill()
         tail.wait()
+
+
+def test_sigterm_frees_blocked_wait_readers(tmp_path):
+    m = _mount.start(str(tmp_path))
+    try:
+        start_slow_rollout(m)
+        cat = subprocess.Popen(["cat", m.p("active/app/wait")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 5
+        while _wchan(cat.pid) != "request_wait_answer":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        m.proc.send_signal(signal.SIGTERM)
+        assert cat.wait(timeout=10) != 0  # EINTR, not an outcome
+        assert m.proc.wait(timeout=30) == 0
+    finally:
+        _mount.stop(m)
