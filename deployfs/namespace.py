@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass
 from typing import Callable
 
@@ -83,10 +84,11 @@ class Log:
         out = []
         for p in self.parts():
             try:
-                st = os.stat(p)
+                st = os.lstat(p)
             except OSError:
                 continue
-            out.append((p, st.st_size, st.st_mtime))
+            if stat.S_ISREG(st.st_mode):  # a planted link is neither followed here nor read
+                out.append((p, st.st_size, st.st_mtime))
         return out
 
     def exists(self) -> bool:
