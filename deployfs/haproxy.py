@@ -120,11 +120,19 @@ class HAProxyRouter(TableFeeder):
                     lines.append(f"    server {name} {b[0]}:{b[1]} pool-max-conn -1 pool-purge-delay 5s")
         return "\n".join(lines) + "\n"
 
-    def _write(self) -> None:
+    def _write(self, *, applied: bool = False) -> None:
+        """Write the configuration.  ``applied``: haproxy already runs it (changed through the
+        admin socket), so a failure to save it (a full state disk) is logged, and the next
+        write catches up; otherwise it is a RouterError (an event), never a crash of the feeder."""
         tmp = self.cfg + ".tmp"
-        with statedir.open_file(tmp, "w") as f:
-            f.write(self.render())
-        os.replace(tmp, self.cfg)
+        try:
+            with statedir.open_file(tmp, "w") as f:
+                f.write(self.render())
+            os.replace(tmp, self.cfg)
+        except OSError as e:
+            if not applied:
+                raise RouterError(f"cannot write {self.cfg}: {e.strerror or e}") from None
+            log.warning("cannot save %s (haproxy already runs it): %s", self.cfg, e.strerror or e)
 
     async def _reload(self) -> None:
         """Rewrite the configuration and reload; return once the new worker serves it."""
@@ -229,7 +237,7 @@ class HAProxyRouter(TableFeeder):
             if name not in want and not draining:
                 await self.cmd(f"set server be_{service}/{name} state drain")
                 servers[name] = (b, True)
-        self._write()
+        self._write(applied=True)
 
     async def _expect(self, line: str, ok: str) -> None:
         out = await self.cmd(line)
@@ -244,7 +252,7 @@ class HAProxyRouter(TableFeeder):
         await self.cmd(f"set server be_{service}/{name} state maint")
         if service in self.live:
             self.live[service][1].pop(name, None)
-        self._write()
+        self._write(applied=True)
         # `del server` wants no connection at all, idle pooled ones included:
         # that is only true once the instance has stopped, which is after we return.
         self.nursery.start_soon(self._delete, service, name)

@@ -224,3 +224,21 @@ def test_a_service_deleted_on_a_full_disk_is_gone_once_there_is_room(disk):
     free(disk)
     assert s.flush()
     assert s.get_service("web") is None and s.list_instances("web") == [] and s.events("web", 0) == []
+
+
+def test_haproxy_cfg_on_a_full_disk_is_a_router_error_not_a_crash(disk, caplog):
+    # HAProxy mode rewrites haproxy.cfg on every routing change; an OSError there killed the feeder
+    from deployfs.haproxy import HAProxyRouter
+    from deployfs.router_client import RouterError
+    state = os.path.join(disk, "state")
+    os.mkdir(state)
+    r = HAProxyRouter(state)
+    r.live = {f"svc{i}": (18000 + i, {}) for i in range(200)}  # a config bigger than what is left
+    fill(disk)
+    with pytest.raises(RouterError, match="cannot write .*haproxy.cfg: No space left on device"):
+        r._write()
+    r._write(applied=True)  # haproxy already runs it (admin socket): logged, caught up by the next write
+    assert "cannot save" in caplog.text
+    free(disk)
+    r._write()
+    assert "svc199" in open(os.path.join(state, "haproxy.cfg")).read()
