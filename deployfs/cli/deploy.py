@@ -22,11 +22,31 @@ class Fail(Exception):
     pass
 
 
+def is_deployfs(path: str) -> bool:
+    """A live deployfs mount at exactly ``path`` (not a plain directory of that name)."""
+    try:
+        with open("/proc/self/mounts") as f:
+            mounts = [line.split()[1:3] for line in f]
+    except OSError:
+        mounts = []
+    real = os.path.realpath(path)
+    return any(m[0] == real and m[1].endswith("deployfs") for m in mounts) and os.path.isfile(os.path.join(path, "ctl"))
+
+
+def find_mount(given: str | None) -> str:
+    """--mount, then $DEPLOYFS_MOUNT, then ./deploy if it is a deployfs mount (`make run`), then /deploy."""
+    if given or os.environ.get("DEPLOYFS_MOUNT"):
+        return given or os.environ["DEPLOYFS_MOUNT"]
+    return "deploy" if is_deployfs("deploy") else "/deploy"
+
+
 class Client:
     def __init__(self, mount: str) -> None:
         self.mount = mount
         if not os.path.isfile(os.path.join(mount, "ctl")):
-            raise Fail(f"no deployfs mounted at {mount}: start one (make run), or pass --mount DIR / set DEPLOYFS_MOUNT")
+            looked = "" if mount != "/deploy" else " (nor at ./deploy)"
+            raise Fail(f"no deployfs mounted at {mount}{looked}: start one (make run), or pass --mount DIR / "
+                       "set DEPLOYFS_MOUNT")
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.mount, *parts)
@@ -36,7 +56,15 @@ class Client:
             with open(self.path(*parts)) as f:
                 return f.read()
         except FileNotFoundError:
-            raise Fail(_no_such(parts)) from None
+            raise Fail(self._no_such(parts)) from None
+
+    def _no_such(self, parts: tuple[str, ...]) -> str:
+        if len(parts) >= 2 and parts[0] == "active":
+            if len(parts) == 4 and parts[2] == "logs" and os.path.isdir(self.path(*parts[:3])):
+                have = " ".join(log_names(self, parts[1])) or "none"
+                return f"service {parts[1]!r} has no instance {parts[3]!r} (logs: {have})"
+            return f"no service {parts[1]!r} is deployed"
+        return f"no such file: {'/'.join(parts)}"
 
     def ctl(self, service: str, command: str, *, top: bool = False) -> str:
         try:
@@ -58,19 +86,15 @@ class Client:
             os.close(fd)
 
 
-def _no_such(parts: tuple[str, ...]) -> str:
-    if len(parts) >= 2 and parts[0] == "active":
-        return f"no service {parts[1]!r} is deployed"
-    return f"no such file: {'/'.join(parts)}"
-
-
 # -- verbs -------------------------------------------------------------------------------
 
 def follow(c: Client, service: str, *, out=sys.stdout) -> int:
     """Show a rollout's progress until it ends; exit status says how it ended."""
     tty = out.isatty()
     last = ""
-    while True:
+
+    def show() -> None:
+        nonlocal last
         status = c.read("active", service, "update_status").strip()
         progress = c.read("active", service, "update_progress").strip()
         health = c.read("active", service, "health").strip()
@@ -79,12 +103,16 @@ def follow(c: Client, service: str, *, out=sys.stdout) -> int:
             out.write(("\r\x1b[K" + line) if tty else line + "\n")
             out.flush()
             last = line
-        if status != "rolling":
-            break
+
+    while c.read("active", service, "update_status").strip() == "rolling":
+        show()
         time.sleep(0.2)
+    # `wait` blocks until the batch in hand is done: a `step` (or a pause) still
+    # moves while update_status already reads "paused", so show where it ended.
+    outcome = c.read("active", service, "wait").strip()
+    show()
     if tty:
         out.write("\n")
-    outcome = c.read("active", service, "wait").strip()
     print(outcome, file=out)
     if outcome.startswith("failed"):
         return EXIT_FAILED
@@ -160,7 +188,7 @@ def follow_logs(c: Client, target: str, interval: float = 0.5, out=sys.stdout) -
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="deploy", description="Drive deployfs through its files. Finds the mount from --mount, "
-        "then $DEPLOYFS_MOUNT, then /deploy.",
+        "then $DEPLOYFS_MOUNT, then ./deploy if that is a deployfs mount (make run), then /deploy.",
         epilog="exit status: 0 ok, 1 failed (the reason is printed), 2 usage, 3 rollout paused")
     p.add_argument("--mount", help="the deployfs mount point")
     sub = p.add_subparsers(dest="verb", required=True, metavar="COMMAND")
@@ -198,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    c = Client(a.mount or os.environ.get("DEPLOYFS_MOUNT") or "/deploy")
+    c = Client(find_mount(a.mount))
     verb = a.verb
     if verb in VERBS:
         reply = c.ctl(a.service, verb)
@@ -231,12 +259,27 @@ def run(argv: list[str] | None = None) -> int:
         sys.stdout.write(logs(c, a.target))
     elif verb == "edit":
         path = c.path("manifests", a.service)
+        before = _contents(path)
         editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
         rc = subprocess.call([*editor.split(), path])
-        if rc == 0:
+        if rc != 0:
+            return rc
+        after = _contents(path)
+        if after is None:
+            raise Fail(f"nothing saved: there is no {path} (the editor wrote no file)")
+        if after == before:
+            print(f"no change to {path}")
+        else:
             print(f"saved {path}; roll it out with: deploy apply {a.service}")
-        return rc
     return 0
+
+
+def _contents(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:

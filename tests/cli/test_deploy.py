@@ -9,8 +9,8 @@ from tests.mount import SERVICE
 DEPLOY = [sys.executable, "-c", "from deployfs.cli.deploy import main; main()"]
 
 
-def deploy(mnt, *args, timeout=60):
-    env = dict(os.environ, DEPLOYFS_MOUNT=mnt.path)
+def deploy(mnt, *args, timeout=60, env=None):
+    env = dict(os.environ, DEPLOYFS_MOUNT=mnt.path, **(env or {}))
     return subprocess.run([*DEPLOY, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -87,3 +87,53 @@ def test_delete_waits_until_the_service_is_gone(mnt):
     assert "deleted web: port 18095 released" in mnt.read("events")
     r = deploy(mnt, "delete", "web")
     assert r.returncode == 1 and "no service 'web' is deployed" in r.stderr
+
+
+def test_logs_of_a_missing_slot_blame_the_slot(mnt):
+    mnt.write_manifest("web", manifest())
+    assert deploy(mnt, "apply", "web").returncode == 0
+    r = deploy(mnt, "logs", "web/9")
+    assert r.returncode == 1 and r.stderr == "deploy: service 'web' has no instance '9' (logs: 0 1)\n"
+    r = deploy(mnt, "logs", "nosuch/0")
+    assert r.returncode == 1 and "no service 'nosuch' is deployed" in r.stderr
+
+
+def test_edit_says_saved_only_when_something_was_saved(mnt):
+    env = {"EDITOR": "true"}
+    r = deploy(mnt, "edit", "nosuch", env=env)
+    assert r.returncode == 1 and "nothing saved" in r.stderr and "saved " not in r.stdout
+    mnt.write_manifest("web", manifest())
+    r = deploy(mnt, "edit", "web", env=env)
+    assert r.returncode == 0 and r.stdout.startswith("no change to ")
+    r = deploy(mnt, "edit", "web", env={"EDITOR": "sed -i s/0.2$/0.25/"})
+    assert r.returncode == 0 and r.stdout.startswith("saved ") and "interval 0.25" in mnt.read("manifests/web")
+
+
+def test_step_prints_the_progress_after_the_step(mnt):
+    text = manifest().replace("replicas 2", "replicas 3") + "update_pause 1\n"
+    mnt.write_manifest("web", text)
+    assert deploy(mnt, "apply", "web").returncode == 0
+    mnt.write_manifest("web", text.replace("--port $PORT", "--port $PORT --version v2"))
+    assert deploy(mnt, "apply", "web", "--detach").returncode == 0
+    assert deploy(mnt, "pause", "web").returncode == 0
+    assert mnt.read("active/web/wait") == "paused\n"
+    before = mnt.read("active/web/update_progress").strip()
+    r = deploy(mnt, "step", "web")
+    after = mnt.read("active/web/update_progress").strip()
+    assert r.returncode == 3 and after != before, r.stdout
+    assert r.stdout.splitlines()[-2:] == [f"web: paused {after} health=healthy", "paused"]
+
+
+def test_a_deployfs_mount_at_deploy_in_the_current_directory_is_found(tmp_path):
+    from tests import mount as _mount
+    m = _mount.start(str(tmp_path), mnt=str(tmp_path / "deploy"))
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "DEPLOYFS_MOUNT"}
+        r = subprocess.run([*DEPLOY, "status"], capture_output=True, text=True, timeout=10, env=env, cwd=tmp_path)
+        assert r.returncode == 0 and r.stdout.startswith("SERVICE"), r.stderr
+    finally:
+        _mount.stop(m)
+    # A plain directory named deploy is not a mount: /deploy is next, and the error says where it looked.
+    r = subprocess.run([*DEPLOY, "status"], capture_output=True, text=True, timeout=10, env=env, cwd=tmp_path)
+    if not os.path.exists("/deploy/ctl"):
+        assert r.returncode == 1 and "no deployfs mounted at /deploy (nor at ./deploy)" in r.stderr
