@@ -306,3 +306,35 @@ async def test_a_log_that_cannot_be_bounded_does_not_stop_supervision(h, autojum
     h.rt.running("web")[0].exit(1)
     await trio.sleep(1)
     assert await h.settle() == f"done {v1}" and len(h.rt.running("web")) == 3
+
+
+async def test_delete_survives_a_restart_of_the_server_and_frees_the_name(tmp_path, autojump_clock):
+    # A crash mid-delete: the next start finishes the deletion from the record alone.
+    from deployfs.engine import Engine
+    from deployfs.events import CLUSTER
+    h = Harness(tmp_path)
+    h.rt.stop_delay = 3.0  # the instances take a while to stop
+    async with trio.open_nursery() as n:
+        await n.start(h.engine.run)
+        h.write(manifest(replicas=2))
+        h.cmd("apply")
+        assert (await h.settle()).startswith("done")
+        assert h.engine.command("web", "delete", None, "uid=0") == "ok deleting"
+        with pytest.raises(CommandError) as e:
+            h.cmd("scale", "3")
+        assert e.value.errno == errno.EBUSY
+        await trio.sleep(0.5)
+        n.cancel_scope.cancel()  # "killed" while the instances are still stopping
+    assert h.store.get_service("web").deleting
+    engine = Engine(h.store, h.rt, h.prober)
+    async with trio.open_nursery() as n:
+        await n.start(engine.run)
+        with trio.fail_after(60):
+            while "web" in engine.services:
+                await trio.sleep(0.1)
+        assert h.rt.running("web") == [] and h.store.get_service("web") is None
+        assert h.store.list_instances("web") == [] and h.store.get_file("web") is not None
+        cluster = engine.events.current(CLUSTER).decode()
+        assert "deleting web by uid=0" in cluster and "deleted web" in cluster
+        assert engine.command("web", "apply", None, "uid=0").startswith("ok deployed")  # the name is free again
+        n.cancel_scope.cancel()
