@@ -597,7 +597,6 @@ class Engine:
             self.services[rec.name] = svc
             draining = []
             for irec in self.store.list_instances(rec.name):
-                known.add((rec.name, irec.id))
                 self._next_id = max(self._next_id, irec.id + 1)
                 text = self.store.get_version(rec.name, irec.version) or rec.manifest
                 inst = Instance(irec, parse(text, name=rec.name).manifest)
@@ -605,6 +604,10 @@ class Engine:
                 proc = self.runtime.adopt(irec.pid, irec.start_time) if irec.pid and irec.start_time else None
                 if irec.port:
                     self.runtime.claim_port(irec.port)
+                if proc is not None or irec.pid is None:
+                    # A recorded pid that is gone, yet a live process marked with this id: a
+                    # restart whose record was lost (a crash on a full state disk). It is a stray.
+                    known.add((rec.name, irec.id))
                 if proc is not None:
                     svc.adopt(inst, proc)
                     svc.event(f"instance {irec.slot} adopted pid={proc.pid}")

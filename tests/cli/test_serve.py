@@ -107,6 +107,37 @@ def test_a_full_state_disk(tmp_path):
             _mount.stop(m)
 
 
+def test_a_crash_on_a_full_disk_leaves_no_orphan(tmp_path):
+    """An instance restarted on a full disk has its record in memory only; after a crash, its
+    process must not live on beside the one started again for the same instance."""
+    from deployfs.runtime import marked_processes, marker_prefix, proc_start_time
+    from tests import mount as _mount
+    from tests.disk import fill, small_disk
+    with small_disk(str(tmp_path / "disk")) as disk:
+        state = os.path.join(disk, "state")
+        m = _mount.start(str(tmp_path), state=state)
+        try:
+            m.write_manifest("sleepy", SLEEPY)
+            assert m.ctl("apply sleepy").returncode == 0
+            assert m.read("active/sleepy/wait").startswith("done")
+            fill(disk)
+            old = pid_of(m, 0)
+            os.kill(old, 9)
+            m.until(lambda: pid_of(m, 0) != old and "state=running" in m.read("active/sleepy/instances/0"),
+                    what="instance 0 restarted on the full disk")
+            unrecorded = pid_of(m, 0)
+            _mount.kill9(m)
+            m = _mount.start(str(tmp_path), state=state)
+
+            def instances():
+                return sorted(v for v in marked_processes(marker_prefix(state)).values() if ":router:" not in v)
+            m.until(lambda: all(proc_start_time(pid_of(m, slot)) for slot in (0, 1)), what="two instances again")
+            assert len(instances()) == len(set(instances())) == 2, instances()  # one process per instance id
+            assert proc_start_time(unrecorded) is None or pid_of(m, 0) == unrecorded  # (gone, or a zombie)
+        finally:
+            _mount.stop(m)
+
+
 # -- the state directory: private, and trusted only if nobody else wrote it (18.8, 18.9) --------
 
 def plant_state(state, manifest: str) -> None:
