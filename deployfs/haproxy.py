@@ -173,7 +173,8 @@ class HAProxyRouter(TableFeeder):
         try:
             proc = subprocess.run([self.haproxy, "-W", "-D", "-f", self.cfg, "-S", f"{self.master},mode,600",
                                    "-p", self.pidfile], stdin=subprocess.DEVNULL, stdout=log_file,
-                                  stderr=subprocess.STDOUT, env=env, start_new_session=True, timeout=30)
+                                  stderr=subprocess.STDOUT, env=env, start_new_session=True, timeout=30,
+                                  umask=0o077)  # its pid file, in the state directory, owner-only too
         except FileNotFoundError:
             raise RouterError(f"{self.haproxy} is not installed (apt-get install haproxy)") from None
         finally:
