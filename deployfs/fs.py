@@ -284,9 +284,10 @@ class DeployFS(pyfuse3.Operations):
     def _on_change(self, service: str) -> None:
         """Wake poll(2)/select(2) on `wait` once the rollout is no longer in flight."""
         svc = self.engine.services.get(service)
-        if svc is None and self.mounted:  # deleted: the kernel must not keep active/<svc> cached
+        active = self._inos.get(("active",))
+        if svc is None and self.mounted and active is not None:  # deleted: the kernel must not keep active/<svc>
             try:
-                pyfuse3.invalidate_entry_async(self._ino(("active",)), service.encode(), ignore_enoent=True)
+                pyfuse3.invalidate_entry_async(active, service.encode(), ignore_enoent=True)
             except OSError:
                 pass
         if service in self._pollers and (svc is None or svc.outcome() is not None):
