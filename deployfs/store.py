@@ -197,7 +197,13 @@ class SqliteStore:
                 raise
             # The WAL index could not be created: keep it in memory instead
             # (exclusive locking), so a full disk still lets deployfs start.
-            self._db = self._connect(exclusive=True)
+            try:
+                self._db = self._connect(exclusive=True)
+            except sqlite3.OperationalError as again:
+                if not _is_full(again):
+                    raise
+                raise StoreFull(f"the state disk is full ({state_dir}: {again}): the database cannot be "
+                                "opened; free some space") from None
             self._note_full(str(e))
             log.warning("%s: started in exclusive locking mode: other programs (sqlite3 .backup) "
                         "cannot open the database until deployfs restarts with room on the disk", self.path)

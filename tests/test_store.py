@@ -242,3 +242,9 @@ def test_haproxy_cfg_on_a_full_disk_is_a_router_error_not_a_crash(disk, caplog):
     free(disk)
     r._write()
     assert "svc199" in open(os.path.join(state, "haproxy.cfg")).read()
+
+
+def test_a_new_database_on_a_full_disk_is_a_clear_refusal(disk):
+    fill(disk)
+    with pytest.raises(StoreFull, match="the state disk is full"):
+        SqliteStore(os.path.join(disk, "state"))
