@@ -22,7 +22,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import trio
 
@@ -879,7 +879,7 @@ class Engine:
 MAX_WARNINGS = 10  # events per apply; a manifest of 1,500 unknown lines is one mistake, not 1,500
 
 
-def _warn(svc: Service, warnings: list[str]) -> None:
+def _warn(svc: Service, warnings: Sequence[str]) -> None:
     for w in warnings[:MAX_WARNINGS]:
         svc.event(f"warning: {w}")
     if len(warnings) > MAX_WARNINGS:

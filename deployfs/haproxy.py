@@ -191,8 +191,8 @@ class HAProxyRouter(TableFeeder):
         """After adopting haproxy, learn what it serves from its configuration and state."""
         self.live = {}
         service = None
-        with statedir.open_file(self.cfg, "r") as f:
-            for line in f:
+        with statedir.open_file(self.cfg, "r") as cfg:
+            for line in cfg:
                 words = line.split()
                 if words[:1] == ["frontend"]:
                     service = words[1].removeprefix("fe_")
