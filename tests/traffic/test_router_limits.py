@@ -70,12 +70,13 @@ class Backend:
 
 @pytest.fixture
 def router(tmp_path):
-    """A router with the 1,024 descriptors a default systemd unit gets (soft and hard)."""
+    """A router started with a soft descriptor limit of 512 and a hard one of 1,024: it raises the
+    soft one to the hard one, and then has the 1,024 a unit without LimitNOFILE gives deployfs."""
     state = str(tmp_path)
     log = open(tmp_path / "router.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "deployfs.router", "--state", state], stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024)))
+        start_new_session=True, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (512, 1024)))
     try:
         until(lambda: os.path.exists(pid_path(state)) and os.path.exists(sock_path(state)), what="router start")
         yield state, proc
