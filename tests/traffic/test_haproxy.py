@@ -96,3 +96,19 @@ async def test_a_reload_that_never_yields_a_worker_is_a_router_error(tmp_path, a
     with trio.fail_after(60):
         with pytest.raises(RouterError, match="started no new worker after a reload within 20 s"):
             await h._reload()
+
+
+def test_delete_takes_the_frontend_out_and_frees_the_port(served):
+    m = served
+    m.write_manifest("other", manifest("B").replace(f"port {PORT}", f"port {PORT + 1}"))
+    assert m.ctl("apply other").returncode == 0
+    assert m.sh("cat active/other/wait", timeout=30).stdout.startswith("done")
+    assert m.ctl("delete web").returncode == 0
+    m.until(lambda: not os.path.exists(m.p("active/web")), timeout=30, what="web to be deleted")
+    cfg = open(os.path.join(m.state, "haproxy.cfg")).read()
+    assert "fe_web" not in cfg and "fe_other" in cfg
+    m.until(lambda: not listening(PORT), timeout=10, what="the port to close")
+    assert listening(PORT + 1)  # the other service's frontend is kept
+    m.write_manifest("again", manifest("C"))  # the freed port can be applied at once
+    assert m.ctl("apply again").returncode == 0, m.read("events")
+    assert m.sh("cat active/again/wait", timeout=30).stdout.startswith("done")
