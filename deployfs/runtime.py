@@ -239,7 +239,7 @@ class LocalRuntime:
         data = b""
         for p in (path + ".1", path):
             try:
-                with open(p, "rb") as f:
+                with statedir.open_file(p, "rb") as f:
                     data += f.read()
             except FileNotFoundError:
                 pass
@@ -259,11 +259,11 @@ class LocalRuntime:
             return
         if size < max(16 * 1024, lines * 80):
             return
-        with open(path, "r+b") as f:
+        with statedir.open_file(path, "r+b") as f:
             data = f.read()
             if data.count(b"\n") < lines:
                 return
-            with open(path + ".1", "wb") as old:  # only what the view can show
+            with statedir.open_file(path + ".1", "wb") as old:  # only what the view can show
                 old.write(b"".join(data.splitlines(keepends=True)[-lines:]))
             f.truncate(0)
 

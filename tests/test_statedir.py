@@ -116,3 +116,20 @@ def test_a_directory_deployfs_did_not_make_is_never_touched(tmp_path):
 def test_makedirs_is_owner_only(tmp_path):
     statedir.makedirs(str(tmp_path / "logs" / "web"))
     assert mode(tmp_path / "logs") == mode(tmp_path / "logs" / "web") == 0o700
+
+
+def test_instance_logs_are_never_written_or_read_through_a_link(tmp_path):
+    from deployfs.runtime import LocalRuntime
+    rt = LocalRuntime(str(tmp_path))
+    path = rt.log_path("web", 1)
+    statedir.makedirs(os.path.dirname(path))
+    with open(path, "wb") as f:
+        f.write(b"line\n" * 50_000)  # big enough to be bounded
+    victim = tmp_path / "victim"
+    victim.write_text("IMPORTANT\n")
+    os.symlink(victim, path + ".1")  # where the bounded tail would go
+    with pytest.raises(OSError) as e:
+        rt.trim_log("web", 1, 100)
+    assert e.value.errno == errno.ELOOP and victim.read_text() == "IMPORTANT\n"
+    with pytest.raises(OSError):
+        rt.read_log("web", 1, 10)
