@@ -193,3 +193,28 @@ async def test_a_starting_instance_is_seen_ready_soon_after_it_is(h, autojump_cl
     h.cmd("apply")
     assert (await h.settle()).startswith("failed")  # update_deadline 5
     assert len(calls) <= 5 / 0.5 + 5  # every 0.5 s, plus the five quick ones at the start
+
+
+async def test_a_record_from_before_good_versions_were_kept_keeps_its_rollback_target(tmp_path, autojump_clock):
+    # A state database written by an older deployfs: no good_* fields, previous_version as it was kept.
+    h = Harness(tmp_path)
+    async with trio.open_nursery() as n:
+        await n.start(h.engine.run)
+        v1 = await deploy_v1(h)
+        v2 = h.write(manifest(image="/bin/v2"))
+        h.cmd("apply")
+        assert await h.settle() == f"done {v2}"
+        n.cancel_scope.cancel()
+    old = h.store.get_service("web")
+    old.good_version, old.good_manifest, old.before_good_version, old.before_good_manifest = None, "", None, ""
+    h.store.put_service(old)
+    h.engine = Engine(h.store, h.rt, h.prober)
+    async with trio.open_nursery() as n:
+        await n.start(h.engine.run)
+        await apply(h, "/bin/v3", "exit")
+        assert (await h.settle()).startswith("failed")
+        assert h.svc.rec.previous_version == v2
+        h.cmd("rollback")
+        assert await h.settle() == f"done {v2}"
+        assert h.svc.rec.previous_version == v1
+        n.cancel_scope.cancel()
