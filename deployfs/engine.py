@@ -32,7 +32,7 @@ from .events import CLUSTER, EventLog
 from .health import Prober
 from .manifest import MAX_REPLICAS, Manifest, ManifestError, format_seconds, parse, set_replicas_line, valid_name
 from .rollout import Phase
-from .runtime import LaunchSpec, Process, Runtime, StartError, find_strays
+from .runtime import MARKER, LaunchSpec, Process, Runtime, StartError, find_strays
 from .store import InstanceRecord, ServiceRecord, Store, StoreFull
 
 log = logging.getLogger(__name__)
@@ -240,6 +240,9 @@ class Service:
 
     async def run(self) -> None:
         with self.loop_scope:
+            # A shutdown that came before this task first ran cancelled the scope
+            # already; the first pass would act before any checkpoint noticed.
+            await trio.lowlevel.checkpoint()
             await self._loop()
 
     async def _loop(self) -> None:
@@ -417,12 +420,17 @@ class Service:
             inst.rec.state, inst.rec.health = "exited", "stopped"
             self.save_instance(inst)
             self.event(f"instance {inst.rec.slot} {inst.why}")
+            # The instance is over: whatever its leader left running goes with it.
+            self.engine.nursery.start_soon(proc.stop, inst.manifest.stop_signum, 0.0)
             self.routing_changed()
             self.poke()
 
     async def _health_loop(self, inst: Instance, proc: Process) -> None:
         m, rec = inst.manifest, inst.rec
         check = m.instance_health(port=rec.port, instance=rec.slot, version=rec.version)
+        # An exec probe carries the instance's marker: what it leaves behind is
+        # found and killed with the instance.
+        probe_env = {MARKER: self.engine.runtime.marker(self.name, rec.id)}
         while True:
             now = trio.current_time()
             starting = inst.rec.health == "starting"
@@ -433,7 +441,7 @@ class Service:
                     await trio.sleep(m.min_healthy)
                     self._observe(inst, True, "")
                 await trio.sleep_forever()
-            verdict = await self.engine.prober.probe(check, m.health_timeout)
+            verdict = await self.engine.prober.probe(check, m.health_timeout, env=probe_env)
             self._observe(inst, verdict.ok, verdict.detail)
             period = m.health_interval
             if inst.phase is Phase.STARTING:
@@ -585,50 +593,77 @@ class Engine:
             nursery.start_soon(self.ticker.run)
             nursery.start_soon(self._bound_logs)
             nursery.start_soon(self._watch_store)
-            self._recover()
+            await self._recover()
             task_status.started()
             await trio.sleep_forever()
 
-    def _recover(self) -> None:
+    async def _recover(self) -> None:
         """Load every service, adopt the instances still running, reap strays."""
         known: set[tuple[str, int]] = set()
-        for rec in self.store.list_services():
-            svc = Service(self, rec)
-            self.services[rec.name] = svc
+        loaded = [(Service(self, rec), self.store.list_instances(rec.name)) for rec in self.store.list_services()]
+        # Started, but killed before its pid was recorded: find it by its marker.
+        unrecorded = {(svc.name, irec.id) for svc, irecs in loaded for irec in irecs
+                      if irec.pid is None and irec.state == "starting"}
+        found = self.runtime.find_unrecorded(unrecorded) if unrecorded else {}
+        gone: list[tuple[str, int]] = []
+        never_started: list[tuple[Service, Instance]] = []
+        for svc, irecs in loaded:
+            self.services[svc.name] = svc
             draining = []
-            for irec in self.store.list_instances(rec.name):
+            for irec in irecs:
+                key = (svc.name, irec.id)
                 self._next_id = max(self._next_id, irec.id + 1)
-                text = self.store.get_version(rec.name, irec.version) or rec.manifest
-                inst = Instance(irec, parse(text, name=rec.name).manifest)
+                text = self.store.get_version(svc.name, irec.version) or svc.rec.manifest
+                inst = Instance(irec, parse(text, name=svc.name).manifest)
                 svc.instances[irec.id] = inst
-                proc = self.runtime.adopt(irec.pid, irec.start_time) if irec.pid and irec.start_time else None
                 if irec.port:
                     self.runtime.claim_port(irec.port)
+                if key in found:
+                    proc: Process | None = found[key]
+                    irec.pid, irec.start_time, irec.state = proc.pid, proc.start_time, "running"
+                    svc.save_instance(inst)
+                elif irec.pid and irec.start_time:
+                    proc = self.runtime.adopt(irec.pid, irec.start_time, svc.name, irec.id)
+                else:
+                    proc = None
                 if proc is not None or irec.pid is None:
                     # A recorded pid that is gone, yet a live process marked with this id: a
-                    # restart whose record was lost (a crash on a full state disk). It is a stray.
-                    known.add((rec.name, irec.id))
+                    # restart whose record was lost (a crash on a full state disk). It is a stray
+                    # (and the sweep of `gone` below kills it too).
+                    known.add(key)
                 if proc is not None:
                     svc.adopt(inst, proc)
                     svc.event(f"instance {irec.slot} adopted pid={proc.pid}")
+                elif key in unrecorded:
+                    never_started.append((svc, inst))  # not a failure: it simply never ran
                 elif irec.state == "failed":
                     inst.phase = Phase.FAILED
+                    gone.append(key)
                 else:
                     inst.phase, inst.why, inst.last_exit = Phase.EXITED, "gone while deployfs was down", trio.current_time()
+                    gone.append(key)
                 if irec.state == "draining":
                     draining.append(inst)
             # Routing only once every instance is known, then finish what was leaving.
             svc.routing_changed()
             for inst in draining:
                 svc.stop_instance(inst, "it was draining when deployfs stopped")
+        # What a leader that died while we were down left behind (a grandchild
+        # holding its port, say) must go before anything takes its place.
+        if gone:
+            await self.runtime.sweep(gone)
+        for svc, inst in never_started:
+            svc.spawn(inst)
+        for svc in self.services.values():
             self.nursery.start_soon(svc.run)
         if self.state_dir:
             for pid in find_strays(self.state_dir, known):
-                log.warning("stopping stray instance process group %d", pid)
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                log.warning("stopping stray instance process %d", pid)
+                for kill in (os.killpg, os.kill):  # its group, if it leads one, and itself
+                    try:
+                        kill(pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
 
     async def _bound_logs(self) -> None:
         """Instances write their own log files; every few seconds, hold each to its log_lines."""

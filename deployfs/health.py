@@ -28,7 +28,9 @@ class Verdict:
 
 
 class Prober(Protocol):
-    async def probe(self, check: HealthCheck, timeout: float) -> Verdict: ...
+    async def probe(self, check: HealthCheck, timeout: float, env: dict[str, str] | None = None) -> Verdict:
+        """``env`` is added to an exec probe's environment (the instance's marker)."""
+        ...
 
 
 class Probes:
@@ -43,13 +45,15 @@ class Probes:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def probe(self, check: HealthCheck, timeout: float) -> Verdict:
+    async def probe(self, check: HealthCheck, timeout: float, env: dict[str, str] | None = None) -> Verdict:
         kind = check.kind
         if kind == "file" and _on_local_fs(check.target[0]):
             return _file_now(check.target[0])  # cannot hang: no thread, no timeout needed
-        fn = {"http": self._http_probe, "tcp": _tcp, "exec": _exec, "file": _file}[kind]
         with trio.move_on_after(timeout) as scope:
             try:
+                if kind == "exec":
+                    return await _exec(check.target, env)
+                fn = {"http": self._http_probe, "tcp": _tcp, "file": _file}[kind]
                 return await fn(check.target, timeout)
             except Exception as e:  # a probe never raises: a broken check is a failed one
                 return Verdict(False, f"{kind} check error: {e}")
@@ -81,21 +85,37 @@ async def _tcp(target: tuple[str, ...], timeout: float) -> Verdict:
     return Verdict(True, f"tcp connect to {target[0]} ok")
 
 
-async def _exec(target: tuple[str, ...], timeout: float) -> Verdict:
-    async def kill_group(proc: trio.Process) -> None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+async def _exec(target: tuple[str, ...], env: dict[str, str] | None) -> Verdict:
+    """Run the check in its own group, and kill the group when it is over.
 
-    try:
-        proc = await trio.run_process(list(target), check=False, stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                      start_new_session=True, deliver_cancel=kill_group)
-    except OSError as e:
-        return Verdict(False, f"exec {target[0]}: {e.strerror or e}")
+    A check that backgrounds a child (``sh -c "work & exit 0"``) would leave one
+    behind per probe; the group kill takes it, and a child that left the group
+    (setsid) still carries the instance's marker and goes when the instance does.
+    """
+    async def kill_group(proc: trio.Process) -> None:
+        _killpg(proc.pid)
+
+    run = functools.partial(trio.run_process, list(target), check=False, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            deliver_cancel=kill_group, env=dict(os.environ, **(env or {})))
+    async with trio.open_nursery() as n:
+        try:
+            proc: trio.Process = await n.start(run)
+        except OSError as e:
+            return Verdict(False, f"exec {target[0]}: {e.strerror or e}")
+        try:
+            await proc.wait()
+        finally:
+            _killpg(proc.pid)
     ok = proc.returncode == 0
     return Verdict(ok, f"exec {target[0]} exited {proc.returncode}")
+
+
+def _killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _root_cause(e: BaseException) -> str:

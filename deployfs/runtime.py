@@ -25,7 +25,7 @@ import signal
 import socket
 import subprocess
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterable, Protocol
 
 import trio
 
@@ -67,7 +67,10 @@ class Process(Protocol):
 
 class Runtime(Protocol):
     def start(self, spec: LaunchSpec) -> Process: ...
-    def adopt(self, pid: int, start_time: int) -> Process | None: ...
+    def marker(self, service: str, instance_id: int) -> str: ...
+    def adopt(self, pid: int, start_time: int, service: str, instance_id: int) -> Process | None: ...
+    def find_unrecorded(self, wanted: set[tuple[str, int]]) -> dict[tuple[str, int], Process]: ...
+    async def sweep(self, keys: Iterable[tuple[str, int]]) -> None: ...
     def allocate_port(self) -> int: ...
     def claim_port(self, port: int) -> None: ...
     def release_port(self, port: int) -> None: ...
@@ -94,8 +97,10 @@ def proc_start_time(pid: int) -> int | None:
 
 
 class LocalProcess:
-    def __init__(self, pid: int, start_time: int, pidfd: int, popen: subprocess.Popen[bytes] | None) -> None:
+    def __init__(self, pid: int, start_time: int, pidfd: int, popen: subprocess.Popen[bytes] | None,
+                 marker: str, sweeper: "Sweeper") -> None:
         self.pid, self.start_time = pid, start_time
+        self.marker, self._sweeper = marker, sweeper
         self.exit_status: int | None = None
         self._pidfd: int | None = pidfd
         self._popen = popen  # held so subprocess never reaps behind our back
@@ -142,7 +147,7 @@ class LocalProcess:
             pass
 
     async def stop(self, signum: int, timeout: float) -> bool:
-        """stop_signal to the group, SIGKILL after ``timeout``; then sweep the group."""
+        """stop_signal to the group, SIGKILL after ``timeout``; then sweep the group and the marker."""
         killed = False
         if not self.exited:
             self._killpg(signum)
@@ -152,9 +157,55 @@ class LocalProcess:
                 killed = True
                 self._killpg(signal.SIGKILL)
                 await self.wait()
-        # Grandchildren that outlived the leader are still in its group.
+        # Grandchildren that outlived the leader are still in its group, unless
+        # they started a session of their own: those still carry the marker.
         self._killpg(signal.SIGKILL)
+        await self._sweeper.sweep([self.marker])
         return killed
+
+
+class Sweeper:
+    """SIGKILLs every process that carries one of the markers asked for.
+
+    A scan reads every process's environment, so requests are pooled: one scan
+    (in a thread, off the trio loop) serves every marker asked for while the
+    previous scan ran; stopping 1,000 instances costs a handful of scans.
+    """
+
+    def __init__(self, state_dir: str) -> None:
+        self._prefix = marker_prefix(state_dir)
+        self._pending: set[str] = set()
+        self._started = self._finished = 0  # scan rounds
+        self._scanning: trio.Event | None = None
+
+    async def sweep(self, markers: Iterable[str]) -> None:
+        self._pending.update(markers)
+        mine = self._started + 1  # the first scan to start from now on covers these markers
+        while self._finished < mine:
+            if self._scanning is not None:
+                await self._scanning.wait()
+                continue
+            self._started += 1
+            batch, self._pending = frozenset(self._pending), set()
+            done = self._scanning = trio.Event()
+            try:
+                await trio.to_thread.run_sync(kill_marked, self._prefix, batch)
+            finally:
+                self._finished, self._scanning = self._started, None
+                done.set()
+
+
+def kill_marked(prefix: str, markers: frozenset[str]) -> list[int]:
+    """SIGKILL every process whose marker is one of ``markers``; return their pids."""
+    killed = []
+    for pid, value in marked_processes(prefix).items():
+        if value in markers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+    return killed
 
 
 class LocalRuntime:
@@ -165,6 +216,7 @@ class LocalRuntime:
         self.bind_host = bind_host
         self._ports_used: set[int] = set()
         self._next_port = ports[0]
+        self.sweeper = Sweeper(self.state_dir)
 
     # -- processes -----------------------------------------------------------------
 
@@ -172,7 +224,7 @@ class LocalRuntime:
         env = {k: os.environ[k] for k in BASE_ENV_KEYS if k in os.environ}
         env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
         env.update(spec.env)
-        env[MARKER] = f"{self.state_dir}:{spec.service}:{spec.instance_id}"
+        env[MARKER] = marker = self.marker(spec.service, spec.instance_id)
         path = self.log_path(spec.service, spec.instance_id)
         try:
             statedir.makedirs(os.path.dirname(path))
@@ -192,9 +244,13 @@ class LocalRuntime:
                 raise StartError(f"cannot start {spec.argv[0]}: {e.strerror or e}") from None
         pidfd = os.pidfd_open(popen.pid)
         start_time = proc_start_time(popen.pid) or 0
-        return LocalProcess(popen.pid, start_time, pidfd, popen)
+        return LocalProcess(popen.pid, start_time, pidfd, popen, marker, self.sweeper)
 
-    def adopt(self, pid: int, start_time: int) -> LocalProcess | None:
+    def marker(self, service: str, instance_id: int) -> str:
+        """The value of MARKER in the environment of every process of this instance."""
+        return f"{self.state_dir}:{service}:{instance_id}"
+
+    def adopt(self, pid: int, start_time: int, service: str, instance_id: int) -> LocalProcess | None:
         if proc_start_time(pid) != start_time:
             return None
         try:
@@ -205,7 +261,36 @@ class LocalRuntime:
         if proc_start_time(pid) != start_time:
             os.close(pidfd)
             return None
-        return LocalProcess(pid, start_time, pidfd, None)
+        return LocalProcess(pid, start_time, pidfd, None, self.marker(service, instance_id), self.sweeper)
+
+    def find_unrecorded(self, wanted: set[tuple[str, int]]) -> dict[tuple[str, int], LocalProcess]:
+        """The running leader of each instance that was started but whose pid was never recorded.
+
+        A server killed between starting a process and recording its pid leaves
+        it running with only its marker to tell what it is.  Its leader is the
+        oldest marked process that leads its own session (children that called
+        setsid are younger).
+        """
+        prefix = marker_prefix(self.state_dir)
+        leaders: dict[tuple[str, int], tuple[int, int]] = {}  # key -> (start time, pid)
+        for pid, value in marked_processes(prefix).items():
+            service, _, ident = value[len(prefix):].rpartition(":")
+            key = (service, int(ident)) if ident.isdigit() else None
+            if key not in wanted or not _is_session_leader(pid):
+                continue
+            started = proc_start_time(pid)
+            if started is not None and (key not in leaders or (started, pid) < leaders[key]):
+                leaders[key] = (started, pid)
+        found = {}
+        for key, (started, pid) in leaders.items():
+            proc = self.adopt(pid, started, *key)
+            if proc is not None:
+                found[key] = proc
+        return found
+
+    async def sweep(self, keys: Iterable[tuple[str, int]]) -> None:
+        """Kill whatever is left of these instances (children of a leader that is gone)."""
+        await self.sweeper.sweep([self.marker(service, ident) for service, ident in keys])
 
     # -- ports -----------------------------------------------------------------------
 
@@ -334,10 +419,10 @@ def marker_prefix(state_dir: str) -> str:
 
 
 def find_strays(state_dir: str, known: set[tuple[str, int]]) -> list[int]:
-    """Process groups started for this state dir that no record accounts for.
+    """Processes started for this state dir that no instance record accounts for.
 
-    A server killed between spawning an instance and recording it leaves such
-    a process behind.
+    What is left of an instance whose record is gone: its leader, and any
+    descendant, including one that left the group with setsid.
     """
     prefix = marker_prefix(state_dir)
     strays = []
@@ -345,13 +430,13 @@ def find_strays(state_dir: str, known: set[tuple[str, int]]) -> list[int]:
         service, _, ident = value[len(prefix):].rpartition(":")
         if service == "router":  # ours, but not an instance
             continue
-        if ident.isdigit() and (service, int(ident)) not in known and _is_group_leader(pid):
+        if ident.isdigit() and (service, int(ident)) not in known:
             strays.append(pid)
     return strays
 
 
-def _is_group_leader(pid: int) -> bool:
+def _is_session_leader(pid: int) -> bool:
     try:
-        return os.getpgid(pid) == pid
+        return os.getsid(pid) == pid
     except ProcessLookupError:
         return False

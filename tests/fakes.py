@@ -69,9 +69,18 @@ class FakeRuntime:
         self.on_start(proc)
         return proc
 
-    def adopt(self, pid: int, start_time: int) -> FakeProcess | None:
+    def marker(self, service: str, instance_id: int) -> str:
+        return f"fake:{service}:{instance_id}"
+
+    def adopt(self, pid: int, start_time: int, service: str, instance_id: int) -> FakeProcess | None:
         p = self.procs.get(pid)
         return p if p and not p.exited and p.start_time == start_time else None
+
+    def find_unrecorded(self, wanted: set[tuple[str, int]]) -> dict[tuple[str, int], FakeProcess]:
+        return {}
+
+    async def sweep(self, keys) -> None:
+        pass
 
     def allocate_port(self) -> int:
         return next(self._ports)
@@ -110,7 +119,7 @@ class FakeProber:
             self._bound[id(check)] = (check, proc)  # the check kept alive: its id is never reused
         return proc
 
-    async def probe(self, check, timeout: float) -> Verdict:
+    async def probe(self, check, timeout: float, env=None) -> Verdict:
         version = check.target[1]
         await trio.sleep(0.01)
         proc = self._process(check)

@@ -9,7 +9,7 @@ import trio
 
 from deployfs.engine import Engine
 from deployfs.health import Probes
-from deployfs.runtime import LocalRuntime
+from deployfs.runtime import LocalRuntime, marked_processes, marker_prefix, proc_start_time
 from deployfs.store import SqliteStore
 
 SERVICE = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "examples", "web.py"))
@@ -137,3 +137,102 @@ async def test_an_unhealthy_instance_that_exits_on_term_is_replaced_at_once(real
     assert trio.current_time() - t0 < 2  # a check, a short backoff; not stop_timeout (5 s)
     assert "instance 0 unhealthy" in real.events.current("web").decode()
     flag.write_text("ok\n")
+
+
+async def _engine(state: str, nursery) -> Engine:
+    engine = Engine(SqliteStore(state), LocalRuntime(state), Probes(), state_dir=state)
+    await nursery.start(engine.run)
+    return engine
+
+
+def _marked(state: str) -> dict[int, str]:
+    return {pid: v for pid, v in marked_processes(marker_prefix(state)).items()
+            if proc_start_time(pid) is not None and not v.endswith(":router:0")}
+
+
+async def _crash(engine: Engine, nursery) -> None:
+    """What a SIGKILL leaves: the instances run on, the records stay as they were."""
+    await engine.shutdown(keep_instances=True)
+    await engine.prober.aclose()
+
+
+async def test_a_process_started_but_never_recorded_is_adopted_not_duplicated(tmp_path):
+    # Issue 18.1: the server was killed after starting an instance and before
+    # recording its pid. The restart must adopt that process, not start a
+    # second one beside it; an instance whose process never started is started.
+    state = str(tmp_path / "state")
+    async with trio.open_nursery() as n:
+        e1 = await _engine(state, n)
+        deploy(e1, "image sleep\nargs 60\nreplicas 2\nhealth_interval 0.1\n")
+        await until(lambda: len(ready(e1.services["web"])) == 2)
+        running, never = e1.services["web"].by_slot()
+        running_pid, never_pid = running.rec.pid, never.rec.pid
+        await _crash(e1, n)
+        for inst in (running, never):  # the window: saved as starting, pid not yet saved
+            inst.rec.pid, inst.rec.start_time, inst.rec.state, inst.rec.health = None, None, "starting", "starting"
+            e1.store.put_instance(inst.rec)
+        os.kill(never_pid, signal.SIGKILL)  # as if the kill came before its Popen
+        await until(lambda: proc_start_time(never_pid) is None)
+
+        e2 = await _engine(state, n)
+        svc = e2.services["web"]
+        await until(lambda: len(ready(svc)) == 2)
+        by_id = {i.rec.id: i for i in svc.instances.values()}
+        assert by_id[running.rec.id].rec.pid == running_pid  # adopted, not restarted
+        assert by_id[never.rec.id].rec.pid not in (None, never_pid)  # started afresh
+        text = e2.events.current("web").decode()
+        assert f"adopted pid={running_pid}" in text and "gone while deployfs was down" not in text
+        # Exactly one process per instance, and none that no record lists.
+        assert sorted(_marked(state)) == sorted(i.rec.pid for i in svc.instances.values())
+        with trio.fail_after(30):
+            await e2.shutdown()
+        await e2.prober.aclose()
+
+
+async def test_grandchildren_of_a_leader_that_died_while_deployfs_was_down_are_killed(tmp_path):
+    # Issue 18.6 (adversarial F6): they outlived a restart and then `stop`.
+    state = str(tmp_path / "state")
+    pids = tmp_path / "pids"
+    async with trio.open_nursery() as n:
+        e1 = await _engine(state, n)
+        deploy(e1, f"image sh\nargs -c 'sleep 1011 & setsid sleep 1012 & echo $! > {pids}; exec sleep 60'\n"
+                   "replicas 1\nrestart never\nhealth_interval 0.1\n")
+        await until(lambda: len(ready(e1.services["web"])) == 1 and pids.exists() and pids.read_text())
+        leader = e1.services["web"].by_slot()[0].rec.pid
+        await _crash(e1, n)
+        os.kill(leader, signal.SIGKILL)  # dies while deployfs is down
+        await until(lambda: proc_start_time(leader) is None)
+        left = list(_marked(state))
+        assert len(left) == 2  # both grandchildren, one in its own session
+
+        e2 = await _engine(state, n)
+        await until(lambda: not any(proc_start_time(p) for p in left), timeout=5)
+        with trio.fail_after(30):  # right after the start: nothing may be started behind the shutdown
+            await e2.shutdown()
+        await e2.prober.aclose()
+
+
+async def test_exec_probes_leave_nothing_behind(real, tmp_path):
+    # Issue 18.6 (adversarial F7): every probe leaked the child it put in the
+    # background, and `stop` did not clean them.
+    pids = tmp_path / "pids"
+    deploy(real, f"image sleep\nargs 60\nreplicas 1\nhealth_interval 0.05\n"
+                 f"health exec sh -c 'sleep 301 & setsid sleep 302 & echo $! >> {pids}; exit 0'\n")
+    svc = real.services["web"]
+    await until(lambda: len(ready(svc)) == 1 and pids.exists() and len(pids.read_text().split()) >= 5)
+    state = real.state_dir
+    # The backgrounded child goes with its probe's group: only the leader and
+    # the setsid'd ones (which carry the instance's marker) are left.
+    await until(lambda: not any("sleep 301" in _cmdline(p) for p in _marked(state)), timeout=5)
+    real.command("web", "stop", None, "uid=0")
+    await until(lambda: not svc.instances)
+    setsid_ones = [int(p) for p in pids.read_text().split()]
+    await until(lambda: not _marked(state) and not any(proc_start_time(p) for p in setsid_ones), timeout=5)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""

@@ -6,7 +6,9 @@ import time
 import pytest
 import trio
 
-from deployfs.runtime import LaunchSpec, LocalRuntime, StartError, find_strays, proc_start_time
+from deployfs.runtime import (
+    LaunchSpec, LocalRuntime, StartError, find_strays, marked_processes, marker_prefix, proc_start_time,
+)
 
 SERVICE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "web.py")
 
@@ -77,8 +79,8 @@ def _pgid(pid):
 async def test_adopt_checks_start_time(tmp_path):
     rt = LocalRuntime(str(tmp_path))
     p = rt.start(spec())
-    assert rt.adopt(p.pid, p.start_time + 1) is None  # a reused pid is never adopted
-    q = rt.adopt(p.pid, p.start_time)
+    assert rt.adopt(p.pid, p.start_time + 1, "web", 1) is None  # a reused pid is never adopted
+    q = rt.adopt(p.pid, p.start_time, "web", 1)
     assert q is not None and q.pid == p.pid
     assert find_strays(str(tmp_path), {("web", 1)}) == []
     assert find_strays(str(tmp_path), set()) == [p.pid]
@@ -138,3 +140,66 @@ async def test_stop_returns_at_once_when_the_monitor_was_just_cancelled(tmp_path
             assert await p.stop(signal.SIGTERM, 10) is False
         assert time.monotonic() - t0 < 1
     assert p.exited and p.exit_status == 128 + signal.SIGTERM and not alive(p.pid)
+
+
+async def gone(pids, timeout=5.0):
+    """SIGKILL is delivered asynchronously: poll until every pid is gone (or a zombie)."""
+    with trio.move_on_after(timeout):
+        while any(alive(pid) for pid in pids):
+            await trio.sleep(0.01)
+    return not any(alive(pid) for pid in pids)
+
+
+async def _pids_in(path, n):
+    with trio.fail_after(10):
+        while not (os.path.exists(path) and len(open(path).read().split()) >= n):
+            await trio.sleep(0.02)
+    return [int(x) for x in open(path).read().split()]
+
+
+async def test_stop_kills_a_grandchild_that_left_the_group(tmp_path):
+    # Issue 18.6: a setsid'd grandchild escapes the group kill; it still carries the marker.
+    rt = LocalRuntime(str(tmp_path))
+    pids = tmp_path / "pids"
+    p = rt.start(LaunchSpec("web", 1, ["sh", "-c", f"setsid sleep 61 & echo $! > {pids}; exec sleep 60"], {}, None, 10))
+    [grandchild] = await _pids_in(pids, 1)
+    with trio.fail_after(5):
+        while os.getsid(grandchild) != grandchild:  # it leaves the session just after the echo
+            await trio.sleep(0.01)
+    with trio.fail_after(10):
+        await p.stop(signal.SIGTERM, 5)
+    assert await gone([grandchild])
+
+
+async def test_find_unrecorded_adopts_the_leader_not_its_setsid_child(tmp_path):
+    # Issue 18.1: a process started but never recorded is found by its marker.
+    rt = LocalRuntime(str(tmp_path))
+    pids = tmp_path / "pids"
+    p = rt.start(LaunchSpec("web", 7, ["sh", "-c", f"setsid sleep 61 & echo $! > {pids}; exec sleep 60"], {}, None, 10))
+    await _pids_in(pids, 1)
+    found = rt.find_unrecorded({("web", 7), ("web", 8)})
+    assert list(found) == [("web", 7)]
+    q = found[("web", 7)]
+    assert (q.pid, q.start_time) == (p.pid, p.start_time)
+    with trio.fail_after(10):
+        await q.stop(signal.SIGTERM, 5)
+    assert await gone(marked_processes(marker_prefix(str(tmp_path))))
+    with trio.fail_after(5):
+        await p.wait()
+
+
+async def test_sweep_kills_what_a_dead_leader_left(tmp_path):
+    rt = LocalRuntime(str(tmp_path))
+    pids = tmp_path / "pids"
+    p = rt.start(LaunchSpec("web", 3, ["sh", "-c", f"sleep 61 & setsid sleep 62 & echo $! > {pids}; exit 0"],
+                            {}, None, 10))
+    with trio.fail_after(5):
+        await p.wait()
+    left = marked_processes(marker_prefix(str(tmp_path)))
+    assert len(left) == 2, left  # both sleeps outlived their leader
+    other = rt.start(LaunchSpec("web", 4, ["sleep", "60"], {}, None, 10))
+    with trio.fail_after(10):
+        await rt.sweep([("web", 3)])
+    assert await gone(left)
+    assert alive(other.pid)  # another instance's process is never touched
+    await other.stop(signal.SIGTERM, 5)
