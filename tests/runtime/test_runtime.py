@@ -92,16 +92,18 @@ async def test_adopt_checks_start_time(tmp_path):
 
 def test_ports_are_private_and_free(tmp_path):
     import socket
-    rt = LocalRuntime(str(tmp_path), ports=(45100, 45103))
+    # Below the kernel's ephemeral range: an outgoing connection elsewhere on the
+    # host must not take one of these ports in the middle of the test.
+    rt = LocalRuntime(str(tmp_path), ports=(23990, 23993))
     s = socket.socket()
-    s.bind(("127.0.0.1", 45100))
+    s.bind(("127.0.0.1", 23990))
     try:
         got = [rt.allocate_port() for _ in range(3)]
-        assert got == [45101, 45102, 45103]
+        assert got == [23991, 23992, 23993]
         with pytest.raises(StartError, match="no free port"):
             rt.allocate_port()
-        rt.release_port(45102)
-        assert rt.allocate_port() == 45102
+        rt.release_port(23992)
+        assert rt.allocate_port() == 23992
     finally:
         s.close()
 
