@@ -48,6 +48,7 @@ def test_a_port_another_service_serves_is_refused(mnt):
     assert out == (f"errno {errno.EADDRINUSE}\n"
                    f"error: port {PORT} is already the port of service 'first'\n")
     assert not os.path.exists(mnt.p("active/second"))
+    assert f"command refused (uid=0): port {PORT} is already the port of service 'first'" in mnt.read("events")
     assert get(PORT).startswith("A ")  # the first service untouched
     # A new version of a running service may not move onto another's port either.
     deployed(mnt, "third", "C", PORT + 1)
