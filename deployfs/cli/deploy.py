@@ -122,7 +122,11 @@ def follow(c: Client, service: str, *, out=sys.stdout) -> int:
 def status_table(c: Client) -> str:
     rows = [("SERVICE", "VERSION", "UPDATE", "PROGRESS", "HEALTH", "REPLICAS")]
     for name in sorted(os.listdir(c.path("active"))):
-        s = dict(l.split(" ", 1) if " " in l else (l, "") for l in c.read("active", name, "status").splitlines())
+        try:
+            text = c.read("active", name, "status")
+        except Fail:
+            continue  # deleted since the listing
+        s = dict(l.split(" ", 1) if " " in l else (l, "") for l in text.splitlines())
         rows.append((name, s.get("version", ""), s.get("update_status", ""), s.get("update_progress", ""),
                      s.get("health", ""), s.get("replicas", "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -209,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("scale", help="set the desired instance count (also rewrites the manifest's replicas line)")
     sc.add_argument("service")
     sc.add_argument("n")
-    e = sub.add_parser("events", help="a service's event history")
-    e.add_argument("service")
+    e = sub.add_parser("events", help="a service's event history, or without SERVICE the cluster-wide one "
+                       "(deletions, router trouble)")
+    e.add_argument("service", nargs="?")
     e.add_argument("-f", "--follow", action="store_true", help="keep following new events (tail -F)")
     lg = sub.add_parser("logs", help="instance output: SERVICE (all instances) or SERVICE/SLOT")
     lg.add_argument("target", metavar="SERVICE[/SLOT]")
@@ -247,12 +252,12 @@ def run(argv: list[str] | None = None) -> int:
     elif verb == "status":
         sys.stdout.write(c.read("active", a.service, "status") if a.service else status_table(c))
     elif verb == "events":
-        path = c.path("active", a.service, "events")
-        if not os.path.exists(path):
+        parts = ("active", a.service, "events") if a.service else ("events",)
+        if not os.path.exists(c.path(*parts)):
             raise Fail(f"no service {a.service!r} is deployed")
         if a.follow:
-            os.execvp("tail", ["tail", "-n", "+1", "-F", path])
-        sys.stdout.write(c.read("active", a.service, "events"))
+            os.execvp("tail", ["tail", "-n", "+1", "-F", c.path(*parts)])
+        sys.stdout.write(c.read(*parts))
     elif verb == "logs":
         if a.follow:
             follow_logs(c, a.target)

@@ -85,6 +85,7 @@ def test_delete_waits_until_the_service_is_gone(mnt):
     assert r.returncode == 0 and r.stdout == "ok deleting\ndeleted web\n", r.stderr
     assert os.listdir(mnt.p("active")) == [] and os.path.exists(mnt.p("manifests/web"))
     assert "deleted web: port 18095 released" in mnt.read("events")
+    assert "deleted web: port 18095 released" in deploy(mnt, "events").stdout  # the cluster-wide history
     r = deploy(mnt, "delete", "web")
     assert r.returncode == 1 and "no service 'web' is deployed" in r.stderr
 
