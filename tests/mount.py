@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 from deployfs.runtime import marked_processes, marker_prefix
 
@@ -71,6 +73,17 @@ def start(tmp, *extra: str, state: str | None = None, mnt: str | None = None, ar
             raise AssertionError(f"deployfs did not mount:\n{m.server_log()}")
         time.sleep(0.02)
     return m
+
+
+@contextlib.contextmanager
+def running(tmp, *extra: str) -> Iterator[Mount]:
+    """A mount that is stopped on the way out, also when the setup done after `start` fails
+    (a fixture's code before its `yield` gets no teardown of its own)."""
+    m = start(tmp, *extra)
+    try:
+        yield m
+    finally:
+        stop(m)
 
 
 def reap(state: str) -> list[int]:

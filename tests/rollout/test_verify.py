@@ -21,9 +21,8 @@ def manifest(version="v1", extra="", batch=1, pause=0, update="rolling", replica
 
 @pytest.fixture
 def m(tmp_path):
-    m = _mount.start(str(tmp_path))
-    yield m
-    _mount.stop(m)
+    with _mount.running(str(tmp_path)) as m:
+        yield m
 
 
 def pids(m):

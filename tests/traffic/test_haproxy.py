@@ -23,13 +23,12 @@ def listening(port):
 
 @pytest.fixture
 def served(tmp_path):
-    m = _mount.start(str(tmp_path), "--router", "haproxy")
-    m.write_manifest("web", manifest())
-    assert m.ctl("apply web").returncode == 0
-    assert m.sh("cat active/web/wait", timeout=30).stdout.startswith("done")
-    m.until(lambda: listening(PORT), timeout=10, what="haproxy frontend")
-    yield m
-    _mount.stop(m)
+    with _mount.running(str(tmp_path), "--router", "haproxy") as m:
+        m.write_manifest("web", manifest())
+        assert m.ctl("apply web").returncode == 0
+        assert m.sh("cat active/web/wait", timeout=30).stdout.startswith("done")
+        m.until(lambda: listening(PORT), timeout=10, what="haproxy frontend")
+        yield m
 
 
 def test_every_operation_under_load_drops_nothing(served):

@@ -23,12 +23,11 @@ def manifest(version="v1", extra="", replicas=3, update="rolling"):
 
 @pytest.fixture
 def served(tmp_path):
-    m = _mount.start(str(tmp_path))
-    m.write_manifest("web", manifest())
-    assert m.ctl("apply web").returncode == 0
-    assert m.sh("cat active/web/wait", timeout=30).stdout.startswith("done")
-    yield m
-    _mount.stop(m)
+    with _mount.running(str(tmp_path)) as m:
+        m.write_manifest("web", manifest())
+        assert m.ctl("apply web").returncode == 0
+        assert m.sh("cat active/web/wait", timeout=30).stdout.startswith("done")
+        yield m
 
 
 def under_load(m, action):
