@@ -132,6 +132,7 @@ class Service:
         self._unrouted: bool | None = None  # None until routing was first decided
         self._at_limit = False
         self._awaiting_router = False
+        self.commands = 0  # bumped by every command: a plan made before one is stale
         self.deleted = False  # `delete` finished: the service is gone from the engine
 
     @property
@@ -265,6 +266,7 @@ class Service:
             p = rollout.plan(self.target(), self.views(), self.state, trio.current_time(), routed)
             self.state = p.state
             changed = []
+            commands = self.commands
             for action in p.actions:
                 changed.append(self.do(action))
                 if isinstance(action, rollout.Start):
@@ -272,6 +274,12 @@ class Service:
                     # stretch held every FUSE request (the ctl write's own reply
                     # too) for over a second. Let them in between spawns.
                     await trio.sleep(0)
+                    if self.commands != commands:
+                        break
+            if self.commands != commands:
+                # A command landed between spawns: the rest of this plan (starts for the
+                # old target, its status) is stale, and what the command set stands.
+                continue
             if (self.rec.update_status, self.rec.steps) != (p.state.status, p.state.steps):
                 self.rec.update_status, self.rec.steps = p.state.status, p.state.steps
                 self.save()
@@ -716,6 +724,8 @@ class Engine:
         refused whole (ENOSPC), and what it changed in memory is put back.
         """
         svc = self.services.get(name)
+        if svc is not None:
+            svc.commands += 1
         saved = None if svc is None else (replace(svc.rec), svc.manifest, svc.state)
         refused: CommandError | None = None
         try:

@@ -38,6 +38,10 @@ ops = st.one_of(
                  ("apply", "/bin/b", "ok"), ("restart", None, None)], batch=1, replicas=1)
 # A release that fails after a scale-up: the good version is brought back to the new count.
 @example(script=[("apply", "/bin/b", "ok"), ("scale", "2", None), ("apply", "/bin/a", "exit")], batch=1, replicas=1)
+# A command lands between the spawns of one plan (scale 4, then scale 0 and an apply): the
+# rest of that plan must not start instances for the old target or undo the new status.
+@example(script=[("apply", "/bin/b", "ok"), ("scale", "4", None), ("wait", 0.0, None), ("scale", "0", None),
+                 ("apply", "/bin/a", "ok")], batch=1, replicas=1)
 # Going back to the good version fails (it broke while in force): there is nothing to restore.
 @example(script=[("apply", "/bin/a", "fail"), ("apply", "/bin/b", "fail"), ("apply", "/bin/a", "ok")], batch=1, replicas=1)
 def test_random_operations_keep_the_invariants(tmp_path_factory, script, batch, replicas):
