@@ -52,7 +52,10 @@ class Harness:
         want = t.replicas
         ready = [i for i in svc.instances.values() if i.phase.value == "ready" and not i.leaving]
         busy = any(i.leaving or i.busy for i in svc.instances.values())
-        return busy or (svc.rec.update_status == "none" and len(ready) != want and not any(
+        # A scale still being carried out (`wait` does not follow one): ready short of the
+        # count, or an instance on a slot above it not yet told to leave.
+        scaling = len(ready) != want or any(i.rec.slot >= want and not i.leaving for i in svc.instances.values())
+        return busy or (svc.rec.update_status == "none" and scaling and not any(
             i.phase.value in ("failed", "exited", "unhealthy") for i in svc.instances.values()))
 
     def events(self) -> list[str]:
