@@ -183,10 +183,10 @@ async def test_a_starting_instance_is_seen_ready_soon_after_it_is(h, autojump_cl
 
     v2 = h.write(manifest(image="/bin/v2", replicas=1, health_interval=2))
 
-    async def counting(check, timeout):
+    async def counting(check, timeout, **kw):
         if check.target[1] == v2:
             calls.append(trio.current_time())
-        return await real_probe(check, timeout)
+        return await real_probe(check, timeout, **kw)
 
     h.prober.probe = counting
     h.prober.behaviour[v2] = "fail"
