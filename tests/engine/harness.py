@@ -54,9 +54,10 @@ class Harness:
         busy = any(i.leaving or i.busy for i in svc.instances.values())
         # A scale still being carried out (`wait` does not follow one): ready short of the
         # count, or an instance on a slot above it not yet told to leave.
-        scaling = len(ready) != want or any(i.rec.slot >= want and not i.leaving for i in svc.instances.values())
-        return busy or (svc.rec.update_status == "none" and scaling and not any(
-            i.phase.value in ("failed", "exited", "unhealthy") for i in svc.instances.values()))
+        down = any(i.rec.slot >= want and not i.leaving for i in svc.instances.values())
+        up = len(ready) != want and not any(  # (a scale-up may never complete if instances fail)
+            i.phase.value in ("failed", "exited", "unhealthy") for i in svc.instances.values())
+        return busy or (svc.rec.update_status == "none" and (down or up))
 
     def events(self) -> list[str]:
         return [l.split(" ", 1)[1] for l in self.engine.events.current("web").decode().splitlines()]

@@ -45,6 +45,9 @@ ops = st.one_of(
 # The same with an unchanged apply: `done` at once (steady state), the scale-down still to come.
 @example(script=[("apply", "/bin/c", "ok"), ("scale", "4", None), ("wait", 0.0, None), ("scale", "3", None),
                  ("apply", "/bin/c", "ok")], batch=1, replicas=3)
+# ...and when the instances it scales down are failing.
+@example(script=[("scale", "2", None), ("apply", "/bin/a", "fail"), ("scale", "0", None), ("apply", "/bin/a", "ok")],
+         batch=1, replicas=1)
 # Going back to the good version fails (it broke while in force): there is nothing to restore.
 @example(script=[("apply", "/bin/a", "fail"), ("apply", "/bin/b", "fail"), ("apply", "/bin/a", "ok")], batch=1, replicas=1)
 def test_random_operations_keep_the_invariants(tmp_path_factory, script, batch, replicas):
