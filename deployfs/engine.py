@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 NODE = socket.gethostname() or "local"
 MAX_SERVICES = 500
 MAX_INSTANCES = 5000
+LOG_CHECK = 0.25  # seconds between looks at a quiet instance's log size
 STORE_RETRY = 1.0  # seconds between tries of a full state disk
 START_PROBE_FIRST = 0.02  # seconds from a starting instance's first probe to its second; doubles after each
 START_PROBE_CAP = 0.5  # a starting instance is probed at least this often (or every health_interval if shorter)
@@ -571,7 +572,7 @@ class Engine:
     def __init__(self, store: Store, runtime: Runtime, prober: Prober, *, events: EventLog | None = None,
                  router: Router | None = None, state_dir: str | None = None,
                  max_services: int = MAX_SERVICES, max_instances: int = MAX_INSTANCES,
-                 log_check_every: float = 10.0) -> None:
+                 log_check_every: float = 0.05) -> None:
         self.store, self.runtime, self.prober = store, runtime, prober
         self.events = events or EventLog(store)
         self.router = router or NullRouter()
@@ -674,16 +675,32 @@ class Engine:
                         pass
 
     async def _bound_logs(self) -> None:
-        """Instances write their own log files; every few seconds, hold each to its log_lines."""
+        """Instances write their own log files: hold each to its bound, all the time.
+
+        Every log is looked at every LOG_CHECK s (a stat); one that was just
+        trimmed is flooding, and is looked at every ``log_check_every`` s, so a
+        program writing as fast as it can (``yes``) cannot fill the disk.
+        """
+        due: dict[tuple[str, int], float] = {}
         while True:
             await trio.sleep(self.log_check_every)
+            now = trio.current_time()
+            live = set()
             for svc in list(self.services.values()):
                 for inst in list(svc.instances.values()):
+                    key = (svc.name, inst.rec.id)
+                    live.add(key)
+                    if due.get(key, 0.0) > now:
+                        continue
                     try:
-                        self.runtime.trim_log(svc.name, inst.rec.id, inst.manifest.log_lines)
+                        flooding = self.runtime.trim_log(svc.name, inst.rec.id, inst.manifest.log_lines)
                     except OSError as e:  # a full state disk: try again next round, never die of it
                         log.warning("cannot bound the log of %s instance %d: %s", svc.name, inst.rec.slot, e)
+                        flooding = False
+                    due[key] = now + (0.0 if flooding else LOG_CHECK)
                 await trio.sleep(0)
+            for key in set(due) - live:
+                del due[key]
 
     async def _watch_store(self) -> None:
         """A full state disk: say so in every events file, retry, say when it is over."""

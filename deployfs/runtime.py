@@ -25,7 +25,7 @@ import signal
 import socket
 import subprocess
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import IO, Iterable, Protocol
 
 import trio
 
@@ -75,10 +75,7 @@ class Runtime(Protocol):
     def claim_port(self, port: int) -> None: ...
     def release_port(self, port: int) -> None: ...
     def read_log(self, service: str, instance_id: int, lines: int) -> bytes: ...
-    def log_parts(self, service: str, instance_id: int) -> list[str]:
-        """The files that hold an instance's kept output, oldest first (the view reads them live)."""
-        ...
-    def trim_log(self, service: str, instance_id: int, lines: int) -> None: ...
+    def trim_log(self, service: str, instance_id: int, lines: int) -> bool: ...
     def remove_log(self, service: str, instance_id: int) -> None: ...
 
 
@@ -320,37 +317,42 @@ class LocalRuntime:
         return [path + ".1", path]
 
     def read_log(self, service: str, instance_id: int, lines: int) -> bytes:
+        """The last ``lines`` lines, reading no more than the log's bound from the end of each part."""
         path = self.log_path(service, instance_id)
         data = b""
         for p in (path + ".1", path):
             try:
                 with statedir.open_file(p, "rb") as f:
-                    data += f.read()
+                    data += _tail(f, 2 * log_bound(lines))
             except FileNotFoundError:
                 pass
         kept = data.splitlines(keepends=True)[-lines:]
         return b"".join(kept)
 
-    def trim_log(self, service: str, instance_id: int, lines: int) -> None:
-        """Copy-truncate once the file clearly holds more than ``lines`` lines.
+    def trim_log(self, service: str, instance_id: int, lines: int) -> bool:
+        """Copy-truncate the log once it is past its bound; True if it was.
 
         The child appends with O_APPEND, so truncating in place is safe (this
-        is logrotate's copytruncate); the view reads ``.1`` + the live file.
+        is logrotate's copytruncate: a line written between the copy and the
+        truncate is lost).  Only the file's tail is read, never the whole: a
+        flood of output costs the server no more memory than the bound.  The
+        last ``lines`` lines go to ``.1``, so the view (``.1`` + the live file)
+        always shows at least the newest ``lines`` lines.
         """
         path = self.log_path(service, instance_id)
+        bound = log_bound(lines)
         try:
             size = os.stat(path).st_size
         except FileNotFoundError:
-            return
-        if size < max(16 * 1024, lines * 80):
-            return
+            return False
+        if size <= bound:
+            return False
         with statedir.open_file(path, "r+b") as f:
-            data = f.read()
-            if data.count(b"\n") < lines:
-                return
-            with statedir.open_file(path + ".1", "wb") as old:  # only what the view can show
-                old.write(b"".join(data.splitlines(keepends=True)[-lines:]))
+            kept = b"".join(_tail(f, 2 * bound).splitlines(keepends=True)[-lines:])
+            with statedir.open_file(path + ".1", "wb") as old:
+                old.write(kept)
             f.truncate(0)
+        return True
 
     def remove_log(self, service: str, instance_id: int, keep: int = 50) -> None:
         """An instance is gone: keep its log (why did it fail?) but only the newest ``keep`` per service."""
@@ -365,6 +367,26 @@ class LocalRuntime:
                     os.unlink(p)
                 except FileNotFoundError:
                     pass
+
+
+# A log's live file is copy-truncated once it passes max(64 KiB, 256 bytes a
+# line), capped so that no trim reads more than 32 MiB.
+LOG_BOUND_MIN, LOG_BOUND_MAX, LOG_LINE_BYTES = 64 * 1024, 16 * 1024 * 1024, 256
+
+
+def log_bound(lines: int) -> int:
+    """Bytes the live log file may hold before it is copy-truncated."""
+    return min(LOG_BOUND_MAX, max(LOG_BOUND_MIN, lines * LOG_LINE_BYTES))
+
+
+def _tail(f: IO[bytes], limit: int) -> bytes:
+    """At most the last ``limit`` bytes of ``f``, from the start of a line when cut."""
+    size = os.fstat(f.fileno()).st_size
+    start = max(0, size - limit)
+    data = os.pread(f.fileno(), size - start, start)
+    if start > 0:
+        data = data[data.find(b"\n") + 1:]  # the first line is cut: drop it
+    return data
 
 
 def ephemeral_overlap(ports: tuple[int, int]) -> tuple[int, int] | None:

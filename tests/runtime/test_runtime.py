@@ -117,13 +117,13 @@ def test_logs_are_bounded(tmp_path):
     path = rt.log_path("web", 1)
     os.makedirs(os.path.dirname(path))
     with open(path, "wb") as f:
-        f.write(b"".join(b"line %d\n" % i for i in range(5000)))
-    rt.trim_log("web", 1, 100)
+        f.write(b"".join(b"line %d\n" % i for i in range(50000)))  # past the 64 KiB bound
+    assert rt.trim_log("web", 1, 100) is True
     assert os.path.getsize(path) == 0
     with open(path, "ab") as f:
         f.write(b"fresh\n")
     tail = rt.read_log("web", 1, 100).splitlines()
-    assert len(tail) == 100 and tail[-1] == b"fresh" and tail[-2] == b"line 4999"
+    assert len(tail) == 100 and tail[-1] == b"fresh" and tail[-2] == b"line 49999"
 
 
 async def test_stop_returns_at_once_when_the_monitor_was_just_cancelled(tmp_path):
@@ -209,3 +209,25 @@ async def test_sweep_kills_what_a_dead_leader_left(tmp_path):
     assert await gone(left)
     assert alive(other.pid)  # another instance's process is never touched
     await other.stop(signal.SIGTERM, 5)
+
+
+def test_bounding_a_huge_log_reads_only_its_tail(tmp_path):
+    # Issue 18.4: the trim read the whole file into memory (4 GB for `yes`).
+    import tracemalloc
+    rt = LocalRuntime(str(tmp_path))
+    path = rt.log_path("web", 1)
+    os.makedirs(os.path.dirname(path))
+    with open(path, "wb") as f:
+        for i in range(400):
+            f.write(b"".join(b"chunk %d line %d\n" % (i, j) for j in range(5000)))  # ~40 MB
+    tracemalloc.start()
+    try:
+        assert rt.trim_log("web", 1, 100) is True
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2_000_000, peak  # the tail (twice the bound at most), not the 40 MB
+    assert os.path.getsize(path) == 0
+    kept = open(path + ".1", "rb").read().splitlines()
+    assert len(kept) == 100 and kept[-1] == b"chunk 399 line 4999"
+    assert rt.trim_log("web", 1, 100) is False  # under its bound: nothing to do
