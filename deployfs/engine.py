@@ -299,6 +299,8 @@ class Service:
     def do(self, a: rollout.Action) -> bool:
         """Carry out one action; False when it could not be done (yet)."""
         e = self.engine
+        if e.stopping and isinstance(a, (rollout.Start, rollout.Restart)):
+            return False  # deployfs is shutting down: nothing new may start behind its stops
         if isinstance(a, rollout.Start):
             if e.instance_count() >= e.max_instances:
                 if not self._at_limit:
@@ -531,7 +533,7 @@ class Service:
         if inst.proc is not None:
             await inst.proc.stop(m.stop_signum, m.stop_timeout)
         inst.busy = False
-        if not inst.leaving:
+        if not inst.leaving and not self.engine.stopping:
             self.spawn(inst)
         self.poke()
 
@@ -583,6 +585,7 @@ class Engine:
         self.listeners: list = []  # called with a service name when anything about it changes
         self._next_id = 1
         self.ticker = Ticker()
+        self.stopping = False  # set by shutdown: nothing starts after it
         self.nursery: trio.Nursery
 
     def notify(self, name: str) -> None:
@@ -720,6 +723,7 @@ class Engine:
 
     async def shutdown(self, *, keep_instances: bool = False) -> None:
         """Drain and stop every instance (unless kept), then stop all tasks."""
+        self.stopping = True
         for svc in self.services.values():
             svc.loop_scope.cancel()  # nothing may restart what we stop
         if not keep_instances:
