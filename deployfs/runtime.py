@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from typing import IO, Iterable, Protocol
 
@@ -193,15 +194,22 @@ class Sweeper:
 
 
 def kill_marked(prefix: str, markers: frozenset[str]) -> list[int]:
-    """SIGKILL every process whose marker is one of ``markers``; return their pids."""
+    """SIGKILL every process whose marker is one of ``markers``; return their pids.
+
+    Two passes: a process in the middle of an exec shows an empty environment
+    for a moment, and one forked during the first pass is only seen by the next.
+    """
     killed = []
-    for pid, value in marked_processes(prefix).items():
-        if value in markers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            except ProcessLookupError:
-                pass
+    for attempt in range(2):
+        if attempt:
+            time.sleep(0.01)
+        for pid, value in marked_processes(prefix).items():
+            if value in markers:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                except ProcessLookupError:
+                    pass
     return killed
 
 
