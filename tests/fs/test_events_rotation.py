@@ -35,6 +35,7 @@ def test_rotation_and_tail_F(tmp_path):
         out_F, err_F = follow_F.communicate(timeout=10)
         out_f, _ = follow_f.communicate(timeout=10)
         assert "scaled to 7" in out_F, err_F  # -F follows the name across rotations
+        assert "\0" not in out_F and "\0" not in out_f  # never a zero-filled page in place of events
         assert out_F.count("scaled to") == 31  # and missed nothing
         assert "has been replaced" in err_F
         assert "scaled to 7" not in out_f  # -f keeps the old file, as with logrotate
