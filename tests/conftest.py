@@ -10,6 +10,12 @@ from hypothesis import settings
 
 from deployfs.runtime import marked_processes
 
+# A suite started as a background job of a non-interactive shell (`make test &`, a CI runner)
+# inherits SIGINT ignored, and an ignored signal stays ignored across exec: every `cat wait`
+# the tests then Ctrl-C would shrug it off. Tests that send SIGINT mean the default action.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # `make test` (and CI) runs the same examples every time, so a case found by chance never
 # blocks a landing; `make fuzz` explores at random, with many more examples, and saves what
 # fails in .hypothesis/ so the next fuzz run replays it (pin it with @example).
