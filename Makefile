@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	@mkdir -p $(MOUNT) $(STATE)
+	@mkdir -p $(MOUNT)  # the state directory deployfs makes itself, owner-only
 	$(VENV)/bin/deployfs serve $(MOUNT) --state $(STATE)
 
 test: export DEPLOYFS_TEST_DEPS=1

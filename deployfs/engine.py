@@ -219,8 +219,15 @@ class Service:
         if status == "paused":
             # Paused takes effect at the batch boundary: until the batch in hand
             # has finished (or a `step` has run), the rollout is still moving.
+            # A batch ends once its old instances are retired too: until then (a ready batch
+            # beside the old ones it replaces, or a last batch not yet completed) it is still
+            # moving, so `deploy step` through the last batch ends `done`, not `paused`.
             key = self.target().key
-            moving = self.state.steps > 0 or any(
+            mine = [i for i in self.instances.values() if (i.rec.version, i.rec.generation) == key]
+            ready = sum(1 for i in mine if i.phase is Phase.READY and not i.leaving)
+            finishing = ready > 0 and len(self.instances) > self.rec.replicas
+            completing = len(mine) == len(self.instances) and ready >= self.rec.replicas
+            moving = finishing or completing or self.state.steps > 0 or any(
                 i.leaving or i.busy or ((i.rec.version, i.rec.generation) == key and i.phase is Phase.STARTING)
                 for i in self.instances.values())
             return None if moving else "paused"

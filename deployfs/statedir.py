@@ -103,8 +103,9 @@ def prepare(state_dir: str) -> None:
             os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o077)  # no link can be here: checked above
             tightened += 1
     if tightened:
-        log.warning("state directory %s: %d files and directories other users could read are now "
-                    "owner-only (0700 directories, 0600 files)", state_dir, tightened)
+        log.warning("state directory %s: %d %s other users could read %s now owner-only "
+                    "(0700 directories, 0600 files)", state_dir, tightened,
+                    "entry" if tightened == 1 else "entries", "is" if tightened == 1 else "are")
 
 
 def _tree(top: str) -> Iterator[tuple[str, os.stat_result]]:

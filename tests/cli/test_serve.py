@@ -189,7 +189,7 @@ def test_the_state_dir_is_private(tmp_path, public_tmp):
             os.chmod(os.path.join(dirpath, f), 0o644)
     m = _mount.start(str(tmp_path), state=str(state))
     try:
-        assert "files and directories other users could read are now owner-only" in m.server_log()
+        assert "entries other users could read are now owner-only" in m.server_log()
         m.write_manifest("secret", "image /bin/sh\nargs -c 'echo token=hunter2; exec sleep infinity'\n"
                                    "env DB_PASSWORD=hunter2\nhealth_interval 0.2\n")
         assert m.ctl("apply secret").returncode == 0

@@ -105,6 +105,28 @@ async def test_pause_step_resume(h, autojump_clock):
     assert h.svc.progress() == (3, 3)
 
 
+async def test_a_step_through_the_last_batch_ends_done_not_paused(h, autojump_clock):
+    # `deploy step` on the last batch printed `paused` (exit 3): once the batch was ready and
+    # before its old instance was retired, nothing looked in flight, so the rollout looked paused.
+    await deploy_v1(h)
+    v2 = h.write(manifest(image="/bin/v2"))
+    h.cmd("apply")
+    await trio.sleep(0.05)
+    h.cmd("pause")
+    assert await h.settle() == "paused"
+    h.cmd("step")
+    await trio.sleep(0.01)
+    assert await h.settle() == "paused"
+    assert h.svc.progress() == (2, 3)
+    seen: list[str | None] = []
+    h.engine.listeners.append(lambda name: seen.append(h.svc.outcome()))
+    h.cmd("step")  # the last batch
+    while h.svc.rec.update_status != "none":
+        await h.svc.wait_change()
+    assert "paused" not in seen, seen  # what `wait` would have said after the last step
+    assert await h.settle() == f"done {v2}"
+
+
 async def test_apply_during_rollout_rolls_over_to_the_newest(h, autojump_clock):
     v1 = await deploy_v1(h)
     seen = watch(h)
