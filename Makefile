@@ -25,6 +25,7 @@ run: $(STAMP)
 test: export DEPLOYFS_TEST_DEPS=1
 test: $(STAMP)
 	@DEPLOYFS_TEST_DEPS=1 scripts/ensure-system-deps
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 # Random exploration of the property tests (the planner, the parser): more examples than
@@ -41,4 +42,4 @@ bench: $(STAMP)
 	@for b in fs supervise rollout router; do echo; $(PY) bench/$$b.py || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .hypothesis

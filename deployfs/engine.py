@@ -397,8 +397,9 @@ class Service:
         inst.started_at = trio.current_time()
         rec.state, rec.health, rec.pid, rec.start_time, rec.started = "starting", "starting", None, None, time.time()
         self.save_instance(inst)  # recorded before it exists: a crash in between leaves a findable stray
-        kw = dict(port=rec.port, instance=rec.slot, version=rec.version)
-        spec = LaunchSpec(self.name, rec.id, m.instance_argv(**kw), m.instance_env(**kw), m.dir, m.log_lines)
+        argv = m.instance_argv(port=rec.port, instance=rec.slot, version=rec.version)
+        env = m.instance_env(port=rec.port, instance=rec.slot, version=rec.version)
+        spec = LaunchSpec(self.name, rec.id, argv, env, m.dir, m.log_lines)
         try:
             proc = e.runtime.start(spec)
         except StartError as err:
@@ -637,8 +638,9 @@ class Engine:
                 svc.instances[irec.id] = inst
                 if irec.port:
                     self.runtime.claim_port(irec.port)
+                proc: Process | None
                 if key in found:
-                    proc: Process | None = found[key]
+                    proc = found[key]
                     irec.pid, irec.start_time, irec.state = proc.pid, proc.start_time, "running"
                     svc.save_instance(inst)
                 elif irec.pid and irec.start_time:

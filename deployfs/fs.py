@@ -40,7 +40,7 @@ import select
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import pyfuse3
 import trio
@@ -141,7 +141,8 @@ class DeployFS(pyfuse3.Operations):
         super().__init__()
         self.engine = engine
         self.ns = Namespace(engine)
-        self.access = access or Access()
+        # Not `self.access`: that would shadow pyfuse3.Operations.access (unused under default_permissions).
+        self.perms = access or Access()
         self.debug = debug
         self._paths: dict[int, Path] = {pyfuse3.ROOT_INODE: ()}
         self._inos: dict[Path, int] = {(): pyfuse3.ROOT_INODE}
@@ -177,7 +178,7 @@ class DeployFS(pyfuse3.Operations):
         self._nlookup[a.st_ino] = self._nlookup.get(a.st_ino, 0) + 1
         return a
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Not _guard'ed: pyfuse3 cannot answer a forget, so nothing may escape.
         try:
             for ino, n in inode_list:
@@ -210,9 +211,9 @@ class DeployFS(pyfuse3.Operations):
                parent: Node | None = None) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino or self._ino(path)
-        a.st_uid, a.st_gid = self.access.uid, self.access.group if self.access.group is not None else self.access.gid
+        a.st_uid, a.st_gid = self.perms.uid, self.perms.group if self.perms.group is not None else self.perms.gid
         a.st_blksize = 4096
-        group_w = 0o020 if self.access.group is not None else 0
+        group_w = 0o020 if self.perms.group is not None else 0
         mtime, size, timeout = self.started, 0, 0.0
         if isinstance(node, Dir):
             # Mode and owner never change, and the kernel checks them on every
@@ -379,12 +380,12 @@ class DeployFS(pyfuse3.Operations):
         h = Handle(path, node, ino=inode, uid=ctx.uid, pid=ctx.pid, nonblock=bool(flags & os.O_NONBLOCK))
         fi = pyfuse3.FileInfo()
         if isinstance(node, Ctl):
-            if not self.access.may_write(ctx):
+            if not self.perms.may_write(ctx):
                 raise FUSEError(errno.EACCES)
             h.may_write, fi.direct_io = True, True
         elif isinstance(node, ManifestFile):
             if writing:
-                if not self.access.may_write(ctx):
+                if not self.perms.may_write(ctx):
                     raise FUSEError(errno.EACCES)
                 h.may_write = True
                 if flags & os.O_TRUNC:  # no setattr(size=0) arrives: honour it here
@@ -400,7 +401,7 @@ class DeployFS(pyfuse3.Operations):
             # Counted from open to release, so opening many and reading them
             # all later cannot get past the caps.
             mine = self._waiters_by_uid.get(ctx.uid, 0)
-            if self.waiters >= MAX_WAITERS or (mine >= MAX_WAITERS_PER_UID and not self.access.may_write(ctx)):
+            if self.waiters >= MAX_WAITERS or (mine >= MAX_WAITERS_PER_UID and not self.perms.may_write(ctx)):
                 raise FUSEError(errno.EBUSY)
             self.waiters += 1
             self._waiters_by_uid[ctx.uid] = mine + 1
@@ -546,7 +547,7 @@ class DeployFS(pyfuse3.Operations):
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         path, node = self._node(inode)
         if isinstance(node, ManifestFile):
-            if not self.access.may_write(ctx):
+            if not self.perms.may_write(ctx):
                 raise FUSEError(errno.EPERM)
             if fields.update_size:
                 if attr.st_size > MAX_MANIFEST_BYTES:
@@ -586,7 +587,7 @@ class DeployFS(pyfuse3.Operations):
         path, node = self._node(inode)
         if not (isinstance(node, Dir) and node.writable):
             raise FUSEError(errno.EACCES)
-        if not self.access.may_write(ctx):
+        if not self.perms.may_write(ctx):
             raise FUSEError(errno.EACCES)
 
     @_guard

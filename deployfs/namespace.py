@@ -201,7 +201,7 @@ ROOT_FILES: dict[str, Callable[["Namespace"], Node]] = {
 
 class Namespace:
     def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+        self.engine: Engine = engine  # annotated: the module-level ROOT_FILES lambdas use it before inference
         self.root = Dir(lambda: [f for f in ROOT_FILES if f != "events.1" or self._rotated(CLUSTER)], self.root_child)
 
     def _rotated(self, service: str) -> bool:  # `events.1` exists once a rotation happened, as with logrotate

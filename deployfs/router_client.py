@@ -64,6 +64,7 @@ class TableFeeder:
         self._flushed = trio.Event()
         self._flushed.set()
         self.pid: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None  # a router we started (not adopted)
         self.stopping = False
         self.bind = "127.0.0.1"  # the address service ports listen on
 
@@ -182,7 +183,7 @@ class TableFeeder:
                 finally:
                     trio.lowlevel.notify_closing(fd)
                     os.close(fd)
-            if getattr(self, "_proc", None) is not None:
+            if self._proc is not None:
                 self._proc.poll()
             if self.stopping:
                 return
@@ -213,7 +214,8 @@ class TableFeeder:
                     silent_since = now
                     self.on_error(CLUSTER, f"pid {pid} does not answer its control socket ({e}): {_proc_state(pid)}; "
                                            "no connection is forwarded meanwhile")
-                if self.restart_when_silent and now - silent_since >= SILENT_RESTART and self._alive():
+                if (self.restart_when_silent and now - silent_since >= SILENT_RESTART and pid is not None
+                        and self._alive()):
                     self.on_error(CLUSTER, f"pid {pid} silent for {now - silent_since:.0f}s: killing it, "
                                            "a new router takes over")
                     with contextlib.suppress(ProcessLookupError):
@@ -249,7 +251,7 @@ class TableFeeder:
         await self._stop_process()
         with trio.move_on_after(10):
             while self._alive():
-                if getattr(self, "_proc", None) is not None and self._proc.poll() is not None:
+                if self._proc is not None and self._proc.poll() is not None:
                     break
                 await trio.sleep(0.02)
 

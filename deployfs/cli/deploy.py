@@ -126,7 +126,7 @@ def status_table(c: Client) -> str:
             text = c.read("active", name, "status")
         except Fail:
             continue  # deleted since the listing
-        s = dict(l.split(" ", 1) if " " in l else (l, "") for l in text.splitlines())
+        s = {k: v for k, _, v in (l.partition(" ") for l in text.splitlines())}
         rows.append((name, s.get("version", ""), s.get("update_status", ""), s.get("update_progress", ""),
                      s.get("health", ""), s.get("replicas", "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
