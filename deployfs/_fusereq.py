@@ -4,7 +4,7 @@ pyfuse3 hands ``read`` no request context and ignores FUSE_INTERRUPT, so a
 blocked ``wait`` reader could only be freed by guessing its pid (the opener's,
 which is the wrong one when the descriptor is shared: ``exec 3< wait; cat <&3``).
 libfuse itself does record an interrupt on the request (``fuse_req_interrupted``)
-and knows the caller (``fuse_req_ctx``); only pyfuse3 hides the request pointer.
+only pyfuse3 hides the request pointer.
 
 pyfuse3 dispatches each read through its module-level ``fuse_read_async(c)``
 (looked up by name at every call), where ``c`` is a ``_Container`` holding the
@@ -21,6 +21,7 @@ import contextvars
 import ctypes
 import ctypes.util
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -34,10 +35,6 @@ log = logging.getLogger(__name__)
 _REQ, _OFF, _SIZE, _FH = 80, 96, 104, 256
 
 
-class _Ctx(ctypes.Structure):
-    _fields_ = [("uid", ctypes.c_uint32), ("gid", ctypes.c_uint32), ("pid", ctypes.c_int32)]
-
-
 @dataclass(frozen=True)
 class Request:
     req: int
@@ -48,10 +45,6 @@ class Request:
     def interrupted(self) -> bool:
         """Has the kernel sent FUSE_INTERRUPT for it (the caller got a signal, Ctrl-C or kill)?"""
         return bool(_lib.fuse_req_interrupted(ctypes.c_void_p(self.req)))
-
-    def pid(self) -> int:
-        ctx = _lib.fuse_req_ctx(ctypes.c_void_p(self.req))
-        return int(ctx.contents.pid) if ctx else 0
 
 
 _current: contextvars.ContextVar[Request | None] = contextvars.ContextVar("deployfs_fuse_request", default=None)
@@ -78,16 +71,21 @@ def install() -> bool:
     name = ctypes.util.find_library("fuse3")
     orig: Callable[[Any], Awaitable[Any]] | None = getattr(pyfuse3, "fuse_read_async", None)
     container = getattr(pyfuse3, "_Container", None)
-    # Never read past the object: the struct must be at least as large as the layout assumed.
+    # Exactly the layout assumed (never read past the object): a larger struct (other libfuse headers, a debug or
+    # free-threaded CPython) would put the fields elsewhere.
     if (name is None or orig is None or ctypes.sizeof(ctypes.c_void_p) != 8
-            or getattr(container, "__basicsize__", 0) < _FH + 8):
+            or getattr(container, "__basicsize__", 0) != _FH + 8):
         log.warning("cannot see FUSE requests (no libfuse3 or another pyfuse3): wait polls the opener's signals")
         return False
-    lib = ctypes.CDLL(name)
+    try:
+        # Only the libfuse pyfuse3 already runs on (RTLD_NOLOAD): another copy would read
+        # the request's lock at its own offsets.
+        lib = ctypes.CDLL(name, mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
+    except OSError:
+        log.warning("cannot see FUSE requests (pyfuse3's libfuse3 is not %s): wait polls the opener's signals", name)
+        return False
     lib.fuse_req_interrupted.argtypes = [ctypes.c_void_p]
     lib.fuse_req_interrupted.restype = ctypes.c_int
-    lib.fuse_req_ctx.argtypes = [ctypes.c_void_p]
-    lib.fuse_req_ctx.restype = ctypes.POINTER(_Ctx)
     _lib = lib
 
     async def read_with_request(c: Any) -> Any:

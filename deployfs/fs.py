@@ -288,6 +288,8 @@ class DeployFS(pyfuse3.Operations):
     def _on_change(self, service: str) -> None:
         """Wake poll(2)/select(2) on `wait` once the rollout is no longer in flight."""
         svc = self.engine.services.get(service)
+        if svc is None:  # deleted: a service applied again under this name starts its events at segment 0
+            self._segments.pop(service, None)
         active = self._inos.get(("active",))
         if svc is None and self.mounted and active is not None:  # deleted: the kernel must not keep active/<svc>
             try:

@@ -45,8 +45,13 @@ class ManifestError(ValueError):
         super().__init__(f"{where}: {reason}")
 
 
+# The router's own processes carry the marker ``<state>:router:0``: a service of that
+# name would have its instance 0 killed or kept as if it were the router.
+RESERVED_NAMES = frozenset({"router"})
+
+
 def valid_name(name: str) -> bool:
-    return NAME_RE.fullmatch(name) is not None
+    return NAME_RE.fullmatch(name) is not None and name not in RESERVED_NAMES
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,8 @@ def parse(data: bytes | str, *, name: str, source: str | None = None) -> Parsed:
     Raises ManifestError (only) for anything unusable.
     """
     source = source or f"manifests/{name}"
+    if name in RESERVED_NAMES:
+        raise ManifestError(source, None, f"service name {name!r} is reserved: deployfs's own router uses it")
     if not valid_name(name):
         raise ManifestError(source, None, f"bad service name {name!r}: use 1-63 of a-z 0-9 . _ -, starting with a letter or digit")
     if isinstance(data, str):

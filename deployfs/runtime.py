@@ -20,6 +20,7 @@ would implement the same calls.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
 import socket
@@ -31,6 +32,8 @@ from typing import IO, Iterable, Mapping, Protocol
 import trio
 
 from . import statedir
+
+log = logging.getLogger(__name__)
 
 BASE_ENV_KEYS = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ")
 # Below Linux's ephemeral range (32768-60999 by default): an outgoing
@@ -211,6 +214,8 @@ def kill_marked(prefix: str, markers: frozenset[str]) -> list[int]:
                     killed.append(pid)
                 except ProcessLookupError:
                     pass
+                except OSError as e:  # EPERM (another user namespace, an LSM): one process, not the stop
+                    log.warning("could not kill pid %d (%s): %s", pid, value, e)
     return killed
 
 

@@ -70,20 +70,24 @@ def makedirs(path: str) -> None:
         pass
 
 
-def prepare(state_dir: str) -> None:
-    """Create the state directory, or check that only this user could have written it.
+def prepare(state_dir: str) -> str:
+    """Create the state directory, or check that only this user could have written it;
+    return its resolved path, the only one to use from then on.
 
     Refuses (:class:`StateDirError`) a directory, file or parent that another
     user owns or could write, and any symbolic link inside; tightens what is
-    merely readable by others to owner-only, and logs it.
+    merely readable by others to owner-only, and logs it. The path checked is
+    the resolved one: a link on the way (``--state /srv/shared/dfs``) that its
+    owner re-points later must not lead deployfs to another directory.
     """
     me = os.geteuid()
     real = os.path.realpath(state_dir)
     _check_parents(real, me)
     os.makedirs(os.path.dirname(real), exist_ok=True)
+    _check_parents(real, me)  # again: what makedirs found or made on the way
     try:
         os.mkdir(real, DIR_MODE)
-        return
+        return real
     except FileExistsError:
         pass
     top = os.lstat(real)
@@ -106,6 +110,7 @@ def prepare(state_dir: str) -> None:
         log.warning("state directory %s: %d %s other users could read %s now owner-only "
                     "(0700 directories, 0600 files)", state_dir, tightened,
                     "entry" if tightened == 1 else "entries", "is" if tightened == 1 else "are")
+    return real
 
 
 def _tree(top: str) -> Iterator[tuple[str, os.stat_result]]:

@@ -75,6 +75,12 @@ def test_refusals(text, reason):
         parse(text, name="web")
 
 
+def test_the_routers_name_is_reserved():
+    # the router's processes carry the marker <state>:router:0: a service "router" would share it
+    with pytest.raises(ManifestError, match="reserved"):
+        parse(b"image /bin/true\n", name="router")
+
+
 def test_hostile_service_names_refused():
     for bad in ["..", ".hidden", "a/b", "", "A", "x" * 64, "a\nb"]:
         with pytest.raises(ManifestError, match="bad service name"):

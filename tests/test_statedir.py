@@ -31,6 +31,19 @@ def test_open_file_never_follows_a_link_and_creates_owner_only(tmp_path):
     assert mode(tmp_path / "new.log") == 0o600
 
 
+def test_the_resolved_path_is_the_one_used(tmp_path):
+    # --state through a link: what was checked is the directory itself, and deployfs uses that
+    # path from then on, so re-pointing the link later cannot lead it to another directory.
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    used = prepare(str(tmp_path / "link" / "state"))
+    assert used == str(tmp_path / "real" / "state") and mode(used) == 0o700
+    (tmp_path / "link").unlink()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "other")
+    assert prepare(used) == used and not (tmp_path / "other" / "state").exists()
+
+
 def test_a_new_state_dir_is_owner_only(tmp_path):
     prepare(str(tmp_path / "a" / "state"))
     assert mode(tmp_path / "a" / "state") == 0o700

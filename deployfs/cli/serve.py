@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         ports = a.ports
         group = None if a.group is None else _group(a.group)
         check_mountpoint(a.mountpoint)
-        check_state(a.state)
+        a.state = check_state(a.state)  # resolved: never walk a link in its path again
         from ..runtime import ephemeral_overlap
         if overlap := ephemeral_overlap(ports):
             log.warning("--ports %d-%d overlaps the kernel's ephemeral ports (%d-%d): an outgoing connection may "
@@ -103,11 +103,11 @@ def check_mountpoint(mnt: str) -> None:
         raise SetupError(f"mountpoint {mnt} is not empty: use an empty directory")
 
 
-def check_state(state: str) -> None:
-    """Trust the state directory only if nobody else could have written it (issue 18.9)."""
+def check_state(state: str) -> str:
+    """Trust the state directory only if nobody else could have written it (issue 18.9); its resolved path."""
     from ..statedir import StateDirError, prepare
     try:
-        prepare(state)
+        return prepare(state)
     except StateDirError as e:
         raise SetupError(str(e)) from None
     except OSError as e:
