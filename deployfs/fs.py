@@ -226,7 +226,8 @@ class DeployFS(pyfuse3.Operations):
         elif isinstance(node, Events):
             a.st_mode = stat.S_IFREG | 0o444
             size = node.size(self.engine.events)
-            mtime, timeout = node.mtime(self.engine.events), STATIC_TIMEOUT  # invalidated on every append
+            # invalidated on every append; an empty log dates from the start, not from 1970
+            mtime, timeout = node.mtime(self.engine.events) or self.started, STATIC_TIMEOUT
         elif isinstance(node, Ctl):  # the group reads replies back too
             a.st_mode = stat.S_IFREG | 0o600 | (0o060 if group_w else 0)
         elif isinstance(node, Wait):

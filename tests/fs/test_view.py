@@ -53,6 +53,8 @@ def test_listings_have_dot_entries_and_no_events_1_before_a_rotation(mnt):
     r = mnt.sh("cat active/app/events.1")
     assert r.returncode == 1 and "No such file or directory" in r.stderr
     assert mnt.sh("ls -la active/app | grep -c ' \\.\\.\\?$'").stdout == "2\n"
+    # the top events file before anything was deleted: empty, and dated from the start, not 1970
+    assert os.stat(mnt.p("events")).st_mtime > time.time() - 3600
 
 
 def test_names_too_long_and_retired_names(mnt):
