@@ -705,7 +705,7 @@ class Engine:
                     if due.get(key, 0.0) > now:
                         continue
                     try:
-                        flooding = self.runtime.trim_log(svc.name, inst.rec.id, inst.manifest.log_lines)
+                        flooding = await self.runtime.bound_log(svc.name, inst.rec.id, inst.manifest.log_lines)
                     except OSError as e:  # a full state disk: try again next round, never die of it
                         log.warning("cannot bound the log of %s instance %d: %s", svc.name, inst.rec.slot, e)
                         flooding = False

@@ -79,7 +79,7 @@ class Runtime(Protocol):
     def claim_port(self, port: int) -> None: ...
     def release_port(self, port: int) -> None: ...
     def read_log(self, service: str, instance_id: int, lines: int) -> bytes: ...
-    def trim_log(self, service: str, instance_id: int, lines: int) -> bool: ...
+    async def bound_log(self, service: str, instance_id: int, lines: int) -> bool: ...
     def remove_log(self, service: str, instance_id: int) -> None: ...
     def log_parts(self, service: str, instance_id: int) -> list[str]: ...
 
@@ -342,6 +342,16 @@ class LocalRuntime:
                 pass
         kept = data.splitlines(keepends=True)[-lines:]
         return b"".join(kept)
+
+    async def bound_log(self, service: str, instance_id: int, lines: int) -> bool:
+        """:meth:`trim_log` without stalling the loop: a stat here, and only a log past its
+        bound goes to a worker thread (a trim reads up to twice the bound: 32 MiB at most)."""
+        try:
+            if os.stat(self.log_path(service, instance_id)).st_size <= log_bound(lines):
+                return False
+        except FileNotFoundError:
+            return False
+        return await trio.to_thread.run_sync(self.trim_log, service, instance_id, lines)
 
     def trim_log(self, service: str, instance_id: int, lines: int) -> bool:
         """Copy-truncate the log once it is past its bound; True if it was.

@@ -89,7 +89,7 @@ class FakeRuntime:
     def release_port(self, port: int) -> None: ...
     def read_log(self, service: str, instance_id: int, lines: int) -> bytes: return b""
     def log_parts(self, service: str, instance_id: int) -> list[str]: return []
-    def trim_log(self, service: str, instance_id: int, lines: int) -> bool: return False
+    async def bound_log(self, service: str, instance_id: int, lines: int) -> bool: return False
     def remove_log(self, service: str, instance_id: int) -> None: ...
 
 

@@ -320,9 +320,9 @@ async def test_unknown_directives_are_warned_about_once_per_manifest_text(h, aut
 
 async def test_a_log_that_cannot_be_bounded_does_not_stop_supervision(h, autojump_clock):
     # issue 18.5: on a full state disk, bounding a log fails (ENOSPC); that must not kill the engine
-    def full(*args):
+    async def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
-    h.rt.trim_log = full
+    h.rt.bound_log = full
     v1 = await deploy_v1(h)
     await trio.sleep(25)  # two rounds of bounding the logs
     h.rt.running("web")[0].exit(1)

@@ -232,3 +232,29 @@ def test_bounding_a_huge_log_reads_only_its_tail(tmp_path):
     kept = open(path + ".1", "rb").read().splitlines()
     assert len(kept) == 100 and kept[-1] == b"chunk 399 line 4999"
     assert rt.trim_log("web", 1, 100) is False  # under its bound: nothing to do
+
+
+async def test_bounding_a_flooded_log_does_not_hold_the_loop(tmp_path):
+    # A trim reads up to twice the bound (32 MiB with a large log_lines): in a worker thread,
+    # so FUSE requests, probes and the router feeder go on meanwhile.
+    rt = LocalRuntime(str(tmp_path))
+    path = rt.log_path("web", 1)
+    os.makedirs(os.path.dirname(path))
+    with open(path, "wb") as f:
+        for i in range(700):
+            f.write(b"".join(b"chunk %d line %d\n" % (i, j) for j in range(5000)))  # ~70 MB
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await trio.sleep(0)
+            ticks += 1
+
+    async with trio.open_nursery() as n:
+        n.start_soon(tick)
+        await trio.sleep(0)
+        assert await rt.bound_log("web", 1, 65536) is True
+        n.cancel_scope.cancel()
+    assert ticks > 10, ticks  # the loop ran while the copy did
+    assert os.path.getsize(path) == 0 and await rt.bound_log("web", 1, 65536) is False
