@@ -212,15 +212,21 @@ async def test_sweep_kills_what_a_dead_leader_left(tmp_path):
     await other.stop(signal.SIGTERM, 5)
 
 
-def test_bounding_a_huge_log_reads_only_its_tail(tmp_path):
-    # Issue 18.4: the trim read the whole file into memory (4 GB for `yes`).
-    import tracemalloc
+def runtime_with_big_log(tmp_path, chunks: int) -> tuple[LocalRuntime, str]:
+    """A runtime whose instance web/1 wrote ~100 KB a chunk: "chunk C line L" lines."""
     rt = LocalRuntime(str(tmp_path))
     path = rt.log_path("web", 1)
     os.makedirs(os.path.dirname(path))
     with open(path, "wb") as f:
-        for i in range(400):
-            f.write(b"".join(b"chunk %d line %d\n" % (i, j) for j in range(5000)))  # ~40 MB
+        for i in range(chunks):
+            f.write(b"".join(b"chunk %d line %d\n" % (i, j) for j in range(5000)))
+    return rt, path
+
+
+def test_bounding_a_huge_log_reads_only_its_tail(tmp_path):
+    # Issue 18.4: the trim read the whole file into memory (4 GB for `yes`).
+    import tracemalloc
+    rt, path = runtime_with_big_log(tmp_path, chunks=400)  # ~40 MB
     tracemalloc.start()
     try:
         assert rt.trim_log("web", 1, 100) is True
@@ -237,12 +243,7 @@ def test_bounding_a_huge_log_reads_only_its_tail(tmp_path):
 async def test_bounding_a_flooded_log_does_not_hold_the_loop(tmp_path):
     # A trim reads up to twice the bound (32 MiB with a large log_lines): in a worker thread,
     # so FUSE requests, probes and the router feeder go on meanwhile.
-    rt = LocalRuntime(str(tmp_path))
-    path = rt.log_path("web", 1)
-    os.makedirs(os.path.dirname(path))
-    with open(path, "wb") as f:
-        for i in range(700):
-            f.write(b"".join(b"chunk %d line %d\n" % (i, j) for j in range(5000)))  # ~70 MB
+    rt, path = runtime_with_big_log(tmp_path, chunks=700)  # ~70 MB
     ticks = 0
 
     async def tick() -> None:
