@@ -776,6 +776,12 @@ class Engine:
             raise refused
         return reply
 
+    def refused(self, name: str | None, who: str, reason: str) -> None:
+        """Keep a refused command in its service's events, or in the cluster log when
+        there is no such service (a typo, a deleted one, a line that named none)."""
+        target = name if name is not None and name in self.services else CLUSTER
+        self.events.emit(target, f"command refused ({who}): {reason}")
+
     def _command(self, name: str, verb: str, arg: str | None, who: str) -> str:
         if not valid_name(name):
             raise CommandError(errno.EINVAL, f"bad service name {name!r}")

@@ -50,7 +50,6 @@ from . import _fusereq
 from .ctl import parse_command
 from .engine import CommandError, Engine
 from .manifest import MAX_MANIFEST_BYTES
-from .events import CLUSTER
 from .namespace import (FILE_NAME_RE, LOG_BY_ID_RE, RETIRED_EVENTS_RE, Ctl, Dir, Events, Log, ManifestFile, Namespace,
                         Node, Path, Text, Wait, events_dir)
 from .store import StoreFull
@@ -538,9 +537,7 @@ class DeployFS(pyfuse3.Operations):
             reply = self.engine.command(cmd.service, cmd.verb, cmd.arg, who)
         except CommandError as e:
             h.data, h.reply_at = f"error: {e.message}\n".encode(), None
-            svc = self.engine.services.get(service or "")
-            target = svc.name if svc is not None else CLUSTER  # no service to file it under: the cluster log
-            self.engine.events.emit(target, f"command refused ({who}): {e.message}")
+            self.engine.refused(service, who, e.message)
             raise FUSEError(e.errno) from None
         h.data, h.reply_at = f"{reply}\n".encode(), None
         return len(buf)
