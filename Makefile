@@ -31,7 +31,7 @@ test: $(STAMP)
 # Random exploration of the property tests (the planner, the parser): more examples than
 # `make test`, a fresh seed each run.  FUZZ_EXAMPLES=N to go further (default 2000).
 fuzz: $(STAMP)
-	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q --timeout 0 tests/engine/test_properties.py tests/test_manifest.py
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q --timeout 0 tests/control/test_properties.py tests/model/test_manifest.py
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py

@@ -19,10 +19,10 @@ import trio
 
 from common import ROOT, machine
 
-from deployfs.engine import Engine
-from deployfs.health import Probes
-from deployfs.runtime import LocalRuntime
-from deployfs.store import SqliteStore
+from deployfs.control.engine import Engine
+from deployfs.node.health import Probes
+from deployfs.node.runtime import LocalRuntime
+from deployfs.state.store import SqliteStore
 
 SERVICE = os.path.join(ROOT, "examples", "web.py")
 N, B, INTERVAL, RETRIES = 20, 5, 0.1, 3

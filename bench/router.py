@@ -65,7 +65,7 @@ def _listening(port: int) -> bool:
 def main() -> None:
     state = tempfile.mkdtemp(prefix="bench-router-")
     procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "backend.py"), str(BACKEND)])]
-    procs.append(subprocess.Popen([sys.executable, "-m", "deployfs.router", "--state", state], cwd=ROOT))
+    procs.append(subprocess.Popen([sys.executable, "-m", "deployfs.traffic.router", "--state", state], cwd=ROOT))
     try:
         wait_for(lambda: os.path.exists(os.path.join(state, "router.sock")), what="router")
         assert control(state, {"op": "set", "service": "b", "port": LISTEN,

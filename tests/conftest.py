@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from deployfs.runtime import marked_processes
+from deployfs.node.runtime import marked_processes
 
 # A suite started as a background job of a non-interactive shell (`make test &`, a CI runner)
 # inherits SIGINT ignored, and an ignored signal stays ignored across exec: every `cat wait`

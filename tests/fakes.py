@@ -13,8 +13,8 @@ import itertools
 
 import trio
 
-from deployfs.health import Verdict
-from deployfs.runtime import LaunchSpec, StartError
+from deployfs.node.health import Verdict
+from deployfs.node.runtime import LaunchSpec, StartError
 
 
 class FakeProcess:

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
-from deployfs.runtime import marked_processes, marker_prefix
+from deployfs.node.runtime import marked_processes, marker_prefix
 
 SERVICE = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "examples", "web.py"))
 

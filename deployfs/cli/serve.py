@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         group = None if a.group is None else _group(a.group)
         check_mountpoint(a.mountpoint)
         a.state = check_state(a.state)  # resolved: never walk a link in its path again
-        from ..runtime import ephemeral_overlap
+        from ..node.runtime import ephemeral_overlap
         if overlap := ephemeral_overlap(ports):
             log.warning("--ports %d-%d overlaps the kernel's ephemeral ports (%d-%d): an outgoing connection may "
                         "take an instance's port before it binds", *ports, *overlap)
@@ -105,7 +105,7 @@ def check_mountpoint(mnt: str) -> None:
 
 def check_state(state: str) -> str:
     """Trust the state directory only if nobody else could have written it (issue 18.9); its resolved path."""
-    from ..statedir import StateDirError, prepare
+    from ..state.statedir import StateDirError, prepare
     try:
         return prepare(state)
     except StateDirError as e:
@@ -126,14 +126,14 @@ def _dead_mount(mnt: str) -> bool:
 async def serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None) -> None:
     import pyfuse3
 
-    from ..engine import Engine
-    from ..events import EventLog
-    from ..fs import Access, DeployFS
-    from ..haproxy import HAProxyRouter
-    from ..health import Probes
-    from ..router_client import RouterClient, RouterError
-    from ..runtime import LocalRuntime
-    from ..store import SqliteStore, StoreError
+    from ..control.engine import Engine
+    from ..state.events import EventLog
+    from ..serve.fuse import Access, DeployFS
+    from ..traffic.haproxy import HAProxyRouter
+    from ..node.health import Probes
+    from ..traffic.router_client import RouterClient, RouterError
+    from ..node.runtime import LocalRuntime
+    from ..state.store import SqliteStore, StoreError
 
     try:
         store = SqliteStore(a.state)

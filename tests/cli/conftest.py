@@ -1,1 +1,1 @@
-from tests.fs.conftest import mnt  # noqa: F401  (the same real-mount fixture)
+from tests.serve.conftest import mnt  # noqa: F401  (the same real-mount fixture)

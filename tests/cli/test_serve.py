@@ -110,7 +110,7 @@ def test_a_full_state_disk(tmp_path):
 def test_a_crash_on_a_full_disk_leaves_no_orphan(tmp_path):
     """An instance restarted on a full disk has its record in memory only; after a crash, its
     process must not live on beside the one started again for the same instance."""
-    from deployfs.runtime import marked_processes, marker_prefix, proc_start_time
+    from deployfs.node.runtime import marked_processes, marker_prefix, proc_start_time
     from tests import mount as _mount
     from tests.disk import fill, small_disk
     with small_disk(str(tmp_path / "disk")) as disk:
@@ -142,7 +142,7 @@ def test_a_crash_on_a_full_disk_leaves_no_orphan(tmp_path):
 
 def plant_state(state, manifest: str) -> None:
     """A state dir holding a deployed service, as a previous deployfs (or someone else) left it."""
-    from deployfs.store import ServiceRecord, SqliteStore
+    from deployfs.state.store import ServiceRecord, SqliteStore
     s = SqliteStore(str(state))
     s.put_service(ServiceRecord("innocent", version="0123456789ab", manifest=manifest, replicas=1))
     s.close()
@@ -221,7 +221,7 @@ def test_an_error_from_inside_serve_is_not_blamed_on_ports(monkeypatch, tmp_path
     import pytest
 
     from deployfs.cli import serve as serve_cli
-    from deployfs.manifest import ManifestError
+    from deployfs.model.manifest import ManifestError
 
     def boom(*args):
         raise ManifestError("manifests/web", 1, "no image")

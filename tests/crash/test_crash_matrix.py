@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from deployfs.runtime import proc_start_time
+from deployfs.node.runtime import proc_start_time
 from tests import mount as _mount
 from tests.load import Load
 from tests.mount import SERVICE

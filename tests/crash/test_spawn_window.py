@@ -3,14 +3,14 @@
 A process started just before the kill, whose pid was not yet recorded, must
 be adopted by the next start, not left running beside a second one for the
 same instance. Whether a kill lands in that window is chance (the test prints
-how many did); tests/engine/test_supervise_real.py puts a record in the
+how many did); tests/control/test_supervise_real.py puts a record in the
 window on purpose.
 """
 
 import os
 import sqlite3
 
-from deployfs.runtime import marked_processes, marker_prefix, proc_start_time
+from deployfs.node.runtime import marked_processes, marker_prefix, proc_start_time
 from tests import mount as _mount
 
 

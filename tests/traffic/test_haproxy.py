@@ -83,8 +83,8 @@ async def test_a_reload_that_never_yields_a_worker_is_a_router_error(tmp_path, a
     # that would end table delivery for every service.
     import trio
 
-    from deployfs.haproxy import HAProxyRouter
-    from deployfs.router_client import RouterError
+    from deployfs.traffic.haproxy import HAProxyRouter
+    from deployfs.traffic.router_client import RouterError
 
     class Stuck(HAProxyRouter):
         async def cmd(self, line, *, master=False, timeout=5):

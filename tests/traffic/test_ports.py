@@ -7,7 +7,7 @@ import subprocess
 import sys
 import urllib.request
 
-from tests.fs.conftest import mnt  # noqa: F401  (the real-mount fixture)
+from tests.serve.conftest import mnt  # noqa: F401  (the real-mount fixture)
 from tests.mount import SERVICE
 
 PORT = 18320

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from deployfs._relay import Relay
+from deployfs.traffic._relay import Relay
 
 
 @pytest.fixture

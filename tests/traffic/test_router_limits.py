@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from deployfs.router import pid_path, sock_path
-from tests.fs.conftest import mnt  # noqa: F401  (the real-mount fixture)
+from deployfs.traffic.router import pid_path, sock_path
+from tests.serve.conftest import mnt  # noqa: F401  (the real-mount fixture)
 from tests.mount import SERVICE
 
 IDLE_PORT, GOOD_PORT = 18340, 18341
@@ -75,7 +75,7 @@ def router(tmp_path):
     state = str(tmp_path)
     log = open(tmp_path / "router.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deployfs.router", "--state", state], stdout=log, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "deployfs.traffic.router", "--state", state], stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (512, 1024)))
     try:
         until(lambda: os.path.exists(pid_path(state)) and os.path.exists(sock_path(state)), what="router start")

@@ -1,0 +1,968 @@
+"""The engine: one supervisor per service, reconciling instances toward a target.
+
+Each service runs a loop: look at the instances as they are, ask
+:func:`rollout.plan` what to do, do it, sleep until something changes.  Every
+instance has a monitor task (exit via the runtime, health via the prober) that
+turns what it sees into a :class:`Phase` and pokes the loop.  Slow actions
+(drain + stop, restart) run as their own tasks so the loop never blocks.
+
+Commands (``apply``, ``pause``, ...) only change the service record; the loop
+does the rest.  The engine knows nothing of FUSE: the filesystem is a view
+over :attr:`Engine.services` plus :meth:`Engine.command`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import re
+import signal
+import socket
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Protocol, Sequence
+
+import trio
+
+from ..model import rollout
+from ..model.errors import CommandError
+from ..model.manifest import MAX_REPLICAS, Manifest, ManifestError, format_seconds, parse, set_replicas_line, valid_name
+from ..model.rollout import Phase
+from ..node.health import Prober
+from ..node.runtime import MARKER, LaunchSpec, Process, Runtime, StartError, find_strays
+from ..state.events import CLUSTER, EventLog
+from ..state.store import InstanceRecord, ServiceRecord, Store, StoreFull
+from ._ticker import Ticker
+
+log = logging.getLogger(__name__)
+NODE = socket.gethostname() or "local"
+MAX_SERVICES = 500
+MAX_INSTANCES = 5000
+LOG_CHECK = 0.25  # seconds between looks at a quiet instance's log size
+STORE_RETRY = 1.0  # seconds between tries of a full state disk
+START_PROBE_FIRST = 0.02  # seconds from a starting instance's first probe to its second; doubles after each
+START_PROBE_CAP = 0.5  # a starting instance is probed at least this often (or every health_interval if shorter)
+
+
+class Router(Protocol):
+    def set_backends(self, service: str, port: int | None, backends: list[tuple[str, int]]) -> None: ...
+    async def drain(self, service: str, backend: tuple[str, int], timeout: float) -> None: ...
+    def routed(self) -> bool:
+        """True once every table given so far has been delivered (or failed to be)."""
+        ...
+    async def wait_routed(self) -> None: ...
+    def failure(self, service: str) -> str | None:
+        """Why the router could not take the service's newest table (it could not listen), else None."""
+        ...
+    def port_problem(self, port: int) -> tuple[int, str] | None:
+        """(errno, reason) if the router could not listen on ``port`` now, else None."""
+        ...
+
+
+class NullRouter:
+    def set_backends(self, service: str, port: int | None, backends: list[tuple[str, int]]) -> None:
+        pass
+
+    def routed(self) -> bool:
+        return True
+
+    async def wait_routed(self) -> None:
+        pass
+
+    async def drain(self, service: str, backend: tuple[str, int], timeout: float) -> None:
+        pass
+
+    def failure(self, service: str) -> str | None:
+        return None
+
+    def port_problem(self, port: int) -> tuple[int, str] | None:
+        return None
+
+
+@dataclass(eq=False)
+class Instance:
+    rec: InstanceRecord
+    manifest: Manifest
+    proc: Process | None = None
+    phase: Phase = Phase.STARTING
+    why: str = ""
+    exit_ok: bool = False
+    leaving: bool = False
+    busy: bool = False  # a restart is in flight
+    started_at: float = 0.0  # trio clock
+    healthy_since: float | None = None
+    first_bad: float | None = None  # start of the current failing streak
+    fails: int = 0
+    probes: int = 0  # since it started: a starting instance is probed on a growing cadence
+    last_exit: float | None = None
+    restart_times: list[float] = field(default_factory=list)
+    monitor: trio.CancelScope | None = None
+
+    @property
+    def backend(self) -> tuple[str, int] | None:
+        return ("127.0.0.1", self.rec.port) if self.rec.port else None
+
+
+class Service:
+    def __init__(self, engine: "Engine", rec: ServiceRecord) -> None:
+        self.engine = engine
+        self.rec = rec
+        self.manifest = parse(rec.manifest, name=rec.name).manifest
+        self.instances: dict[int, Instance] = {}
+        self.state = rollout.State(status=rec.update_status, steps=rec.steps)
+        self._wakeup = trio.Event()
+        self._changed = trio.Event()
+        self._parsed: dict[str, Manifest] = {}  # manifest text -> parsed, for instances of the good version
+        if rec.good_version is None and rec.version:
+            # A record from before good_* was kept: what is settled in force completed,
+            # and during a rollout the previous version was the one in force.
+            if rec.update_status == "none" and not rec.stopped:
+                rec.good_version, rec.good_manifest, rec.good_generation = rec.version, rec.manifest, rec.generation
+                rec.before_good_version, rec.before_good_manifest = rec.previous_version, rec.previous_manifest
+            elif rec.previous_version:
+                rec.good_version, rec.good_manifest = rec.previous_version, rec.previous_manifest
+        self.mtime = time.time()
+        self.loop_scope = trio.CancelScope()
+        self._unrouted: bool | None = None  # None until routing was first decided
+        self._at_limit = False
+        self._awaiting_router = False
+        self.commands = 0  # bumped by every command: a plan made before one is stale
+        self.deleted = False  # `delete` finished: the service is gone from the engine
+
+    @property
+    def name(self) -> str:
+        return self.rec.name
+
+    # -- what the filesystem shows --------------------------------------------------
+
+    def target(self) -> rollout.Target:
+        m = self.manifest
+        rec = self.rec
+        return rollout.Target(key=(rec.version or "", rec.generation),
+                              replicas=0 if rec.stopped else rec.replicas,
+                              strategy=m.update, batch=m.update_batch, pause=m.update_pause,
+                              restart=m.restart, max_restarts=m.max_restarts,
+                              good=(rec.good_version, rec.good_generation) if rec.good_version else None,
+                              stopped=rec.stopped)
+
+    def set_previous(self) -> None:
+        """The rollback target: the last good version while another is the target, else the good one before it."""
+        rec = self.rec
+        if rec.version == rec.good_version:
+            rec.previous_version, rec.previous_manifest = rec.before_good_version, rec.before_good_manifest
+        else:
+            rec.previous_version, rec.previous_manifest = rec.good_version, rec.good_manifest
+
+    def completed(self) -> None:
+        """The target is fully in force: it becomes the good version, and the one before it the rollback target."""
+        rec = self.rec
+        if rec.version != rec.good_version:
+            rec.before_good_version, rec.before_good_manifest = rec.good_version, rec.good_manifest
+        rec.good_version, rec.good_manifest, rec.good_generation = rec.version, rec.manifest, rec.generation
+        self.set_previous()
+
+    def manifest_for(self, key: rollout.Key) -> Manifest:
+        """The manifest an instance of ``key`` runs: the target's, or the good version's when a failure restores it."""
+        if key == self.target().key:
+            return self.manifest
+        text = self.rec.good_manifest if key[0] == self.rec.good_version else self.engine.store.get_version(self.name, key[0])
+        if text is None:
+            raise KeyError(f"no manifest for version {key[0]}")
+        if text not in self._parsed:
+            self._parsed = {text: parse(text, name=self.name).manifest}  # one good version at a time
+        return self._parsed[text]
+
+    def views(self) -> list[rollout.Inst]:
+        now = trio.current_time()
+        out = []
+        for i in self.instances.values():
+            phase = Phase.LEAVING if i.leaving else Phase.STARTING if i.busy else i.phase
+            recent = sum(1 for t in i.restart_times if now - t < rollout.RESTART_WINDOW)
+            out.append(rollout.Inst(i.rec.id, i.rec.slot, (i.rec.version, i.rec.generation), phase, i.why,
+                                    i.exit_ok, i.last_exit, recent))
+        return out
+
+    def by_slot(self) -> list[Instance]:
+        return sorted(self.instances.values(), key=lambda i: i.rec.slot)
+
+    def progress(self) -> tuple[int, int]:
+        return rollout.progress(self.target(), self.views())
+
+    def endpoints(self) -> list[tuple[str, int]]:
+        return [i.backend for i in self.by_slot() if i.phase is Phase.READY and not i.leaving and i.backend]
+
+    def health(self) -> str:
+        if self.rec.stopped or (self.rec.replicas == 0 and not self.instances):
+            return "stopped"
+        ready = sum(1 for i in self.instances.values() if i.phase is Phase.READY and not i.leaving)
+        troubled = any(i.phase in (Phase.UNHEALTHY, Phase.EXITED, Phase.FAILED) for i in self.instances.values())
+        if ready == 0:
+            return "unhealthy"
+        return "healthy" if ready >= self.rec.replicas and not troubled else "degraded"
+
+    def outcome(self) -> str | None:
+        """What `wait` returns, or None while a rollout is in flight."""
+        if self.deleted:
+            return "deleted"
+        if self.rec.deleting:
+            return None
+        status = self.rec.update_status
+        if status == "rolling":
+            return None
+        if status == "paused":
+            # Paused takes effect at the batch boundary: until the batch in hand
+            # has finished (or a `step` has run), the rollout is still moving.
+            # A batch ends once its old instances are retired too: until then (a ready batch
+            # beside the old ones it replaces, or a last batch not yet completed) it is still
+            # moving, so `deploy step` through the last batch ends `done`, not `paused`.
+            key = self.target().key
+            mine = [i for i in self.instances.values() if (i.rec.version, i.rec.generation) == key]
+            ready = sum(1 for i in mine if i.phase is Phase.READY and not i.leaving)
+            finishing = ready > 0 and len(self.instances) > self.rec.replicas
+            completing = len(mine) == len(self.instances) and ready >= self.rec.replicas
+            moving = finishing or completing or self.state.steps > 0 or any(
+                i.leaving or i.busy or ((i.rec.version, i.rec.generation) == key and i.phase is Phase.STARTING)
+                for i in self.instances.values())
+            return None if moving else "paused"
+        if status == "failed":
+            return f"failed: {self.rec.failure}"
+        return f"done {self.rec.version}"
+
+    async def wait_change(self) -> None:
+        await self._changed.wait()
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def poke(self) -> None:
+        self._wakeup.set()
+        self._changed.set()
+        self._changed = trio.Event()
+        self.mtime = time.time()
+        self.engine.notify(self.name)
+
+    async def run(self) -> None:
+        with self.loop_scope:
+            # A shutdown that came before this task first ran cancelled the scope
+            # already; the first pass would act before any checkpoint noticed.
+            await trio.lowlevel.checkpoint()
+            await self._loop()
+
+    async def _loop(self) -> None:
+        while True:
+            self._wakeup = trio.Event()
+            if self.rec.deleting and not self.instances:
+                await self._remove()
+                return
+            routed = self.engine.router.routed()
+            if not routed and not self._awaiting_router:
+                self._awaiting_router = True
+                self.engine.nursery.start_soon(self._poke_once_routed)
+            refused = self.engine.router.failure(self.name) if routed else None
+            if refused and self.rec.update_status in ("rolling", "paused"):
+                # `done` means the port serves this service: a router that could not listen fails it.
+                self.state = rollout.State("failed")
+                self.do(rollout.Fail(f"router: {refused}"))
+                self.poke()
+                continue
+            p = rollout.plan(self.target(), self.views(), self.state, trio.current_time(), routed)
+            self.state = p.state
+            changed = []
+            commands = self.commands
+            for action in p.actions:
+                changed.append(self.do(action))
+                if isinstance(action, rollout.Start):
+                    # A spawn costs a fork and three commits: `scale 1000` in one
+                    # stretch held every FUSE request (the ctl write's own reply
+                    # too) for over a second. Let them in between spawns.
+                    await trio.sleep(0)
+                    if self.commands != commands:
+                        break
+            if self.commands != commands:
+                # A command landed between spawns: the rest of this plan (starts for the
+                # old target, its status) is stale, and what the command set stands.
+                continue
+            if (self.rec.update_status, self.rec.steps) != (p.state.status, p.state.steps):
+                self.rec.update_status, self.rec.steps = p.state.status, p.state.steps
+                self.save()
+            if any(changed):
+                self.poke()
+                await trio.sleep(0)
+                continue
+            # Nothing to do, or only what cannot be done yet (a limit): wait,
+            # retrying refused actions now and then instead of spinning.
+            wake = p.wake_at if p.wake_at is not None else math.inf
+            if p.actions:
+                wake = min(wake, trio.current_time() + 1.0)
+            with trio.move_on_at(wake):
+                await self._wakeup.wait()
+
+    def do(self, a: rollout.Action) -> bool:
+        """Carry out one action; False when it could not be done (yet)."""
+        e = self.engine
+        if e.stopping and isinstance(a, (rollout.Start, rollout.Restart)):
+            return False  # deployfs is shutting down: nothing new may start behind its stops
+        if isinstance(a, rollout.Start):
+            if e.instance_count() >= e.max_instances:
+                if not self._at_limit:
+                    self.event(f"cannot start instance {a.slot}: the limit of {e.max_instances} instances is reached")
+                self._at_limit = True
+                return False
+            self._at_limit = False
+            version, generation = a.key or self.target().key
+            m = self.manifest_for((version, generation))
+            port = e.runtime.allocate_port() if m.port else None
+            rec = InstanceRecord(self.name, e.next_instance_id(), a.slot, version, generation, port=port)
+            inst = Instance(rec, m)
+            self.instances[rec.id] = inst
+            self.spawn(inst)
+        elif isinstance(a, (rollout.Stop, rollout.Restart, rollout.GiveUp)) and a.id not in self.instances:
+            return False  # gone while an earlier action of the same plan yielded
+        elif isinstance(a, rollout.Stop):
+            self.stop_instance(self.instances[a.id], a.reason)
+        elif isinstance(a, rollout.Restart):
+            inst = self.instances[a.id]
+            inst.busy = True
+            now = trio.current_time()
+            inst.restart_times = [t for t in inst.restart_times if now - t < rollout.RESTART_WINDOW] + [now]
+            inst.rec.restarts += 1
+            recent = sum(1 for t in inst.restart_times if trio.current_time() - t < rollout.RESTART_WINDOW)
+            self.event(f"instance {inst.rec.slot} {a.reason}, restarting ({recent}/{inst.manifest.max_restarts})")
+            e.nursery.start_soon(self._restart, inst)
+        elif isinstance(a, rollout.GiveUp):
+            inst = self.instances[a.id]
+            inst.phase, inst.rec.state, inst.rec.health = Phase.FAILED, "failed", "failed"
+            self.save_instance(inst)
+            self.event(f"instance {inst.rec.slot} failed: {a.reason}; giving up (restart it with `restart`)")
+            if inst.proc and not inst.proc.exited:
+                e.nursery.start_soon(self._kill, inst)
+        elif isinstance(a, rollout.Fail):
+            self.rec.failure = a.reason + self._detection()
+            self.rec.update_status = "failed"
+            self.keep_logs("failed", lambda i: (i.rec.version, i.rec.generation) == self.target().key)
+            self.save()
+            self.event(f"rolling update failed: {self.rec.failure}")
+        elif isinstance(a, rollout.Complete):
+            with e.store.transaction():
+                for id, slot in a.renumber.items():
+                    self.instances[id].rec.slot = slot
+                    self.save_instance(self.instances[id])
+                self.rec.update_status, self.rec.failure = "none", ""
+                self.completed()
+                self.save()
+            took = time.time() - (self.rec.rollout_started or time.time())
+            what = "rolling update" if self.rec.rollout_from else "deploy"
+            self.event(f"{what} complete: {self.rec.version} in {max(took, 0.0):.1f}s")
+            self.rec.rollout_from, self.rec.rollout_started = None, None
+            self.save()
+        return True
+
+    async def _remove(self) -> None:
+        """The last step of `delete`: every instance is gone; release the port, drop the records."""
+        e, port = self.engine, self.manifest.port
+        e.router.set_backends(self.name, None, [])
+        with trio.move_on_after(30):
+            await e.router.wait_routed()  # the port is free once this returns
+        e.store.delete_service(self.name)
+        e.events.forget(self.name)
+        if e.services.get(self.name) is self:
+            del e.services[self.name]
+        self.deleted = True
+        e.events.emit(CLUSTER, f"deleted {self.name}" + (f": port {port} released" if port else ""))
+        self.poke()
+
+    async def _poke_once_routed(self) -> None:
+        await self.engine.router.wait_routed()
+        self._awaiting_router = False
+        self.poke()
+
+    def _detection(self) -> str:
+        now = trio.current_time()
+        bad = [i.first_bad for i in self.instances.values() if i.first_bad is not None
+               and (i.rec.version, i.rec.generation) == self.target().key]
+        return f" (detected {now - min(bad):.2f}s after the first failure)" if bad else ""
+
+    # -- instance lifecycle ----------------------------------------------------------
+
+    def spawn(self, inst: Instance) -> None:
+        e, m, rec = self.engine, inst.manifest, inst.rec
+        inst.phase, inst.why, inst.healthy_since, inst.first_bad, inst.fails = Phase.STARTING, "", None, None, 0
+        inst.probes = 0
+        inst.started_at = trio.current_time()
+        rec.state, rec.health, rec.pid, rec.start_time, rec.started = "starting", "starting", None, None, time.time()
+        self.save_instance(inst)  # recorded before it exists: a crash in between leaves a findable stray
+        argv = m.instance_argv(port=rec.port, instance=rec.slot, version=rec.version)
+        env = m.instance_env(port=rec.port, instance=rec.slot, version=rec.version)
+        spec = LaunchSpec(self.name, rec.id, argv, env, m.dir, m.log_lines)
+        try:
+            proc = e.runtime.start(spec)
+        except StartError as err:
+            inst.phase, inst.why, inst.exit_ok = Phase.EXITED, str(err), False
+            inst.last_exit = inst.first_bad = trio.current_time()
+            rec.state, rec.health = "exited", "stopped"
+            self.save_instance(inst)
+            self.event(f"instance {rec.slot} failed to start: {err}")
+            return
+        inst.proc = proc
+        rec.pid, rec.start_time, rec.state = proc.pid, proc.start_time, "running"
+        self.save_instance(inst)
+        port = f" port={rec.port}" if rec.port else ""
+        self.event(f"instance {rec.slot} started version={rec.version} pid={proc.pid}{port}")
+        e.nursery.start_soon(self._monitor, inst, proc)
+
+    def adopt(self, inst: Instance, proc: Process) -> None:
+        inst.proc = proc
+        inst.started_at = trio.current_time()
+        if inst.rec.health == "healthy":
+            inst.phase, inst.healthy_since = Phase.READY, trio.current_time() - inst.manifest.min_healthy
+        self.engine.nursery.start_soon(self._monitor, inst, proc)
+
+    async def _monitor(self, inst: Instance, proc: Process) -> None:
+        with trio.CancelScope() as scope:
+            inst.monitor = scope
+            async with trio.open_nursery() as n:
+                n.start_soon(self._health_loop, inst, proc)
+                status = await proc.wait()
+                n.cancel_scope.cancel()
+            if inst.leaving or inst.busy or inst.proc is not proc:
+                return
+            now = trio.current_time()
+            inst.phase, inst.exit_ok, inst.last_exit = Phase.EXITED, status == 0, now
+            inst.first_bad = inst.first_bad or now
+            inst.why = "exited" if status is None else f"exited with status {status}"
+            inst.rec.state, inst.rec.health = "exited", "stopped"
+            self.save_instance(inst)
+            self.event(f"instance {inst.rec.slot} {inst.why}")
+            # The instance is over: whatever its leader left running goes with it.
+            self.engine.nursery.start_soon(proc.stop, inst.manifest.stop_signum, 0.0)
+            self.routing_changed()
+            self.poke()
+
+    async def _health_loop(self, inst: Instance, proc: Process) -> None:
+        m, rec = inst.manifest, inst.rec
+        check = m.instance_health(port=rec.port, instance=rec.slot, version=rec.version)
+        # An exec probe carries the instance's marker: what it leaves behind is
+        # found and killed with the instance.
+        probe_env = {MARKER: self.engine.runtime.marker(self.name, rec.id)}
+        while True:
+            now = trio.current_time()
+            starting = inst.rec.health == "starting"
+            if check is None:
+                if starting:
+                    await trio.sleep_until(inst.started_at + m.health_interval)
+                    self._observe(inst, True, "alive for one health_interval")
+                    await trio.sleep(m.min_healthy)
+                    self._observe(inst, True, "")
+                await trio.sleep_forever()
+            verdict = await self.engine.prober.probe(check, m.health_timeout, env=probe_env)
+            self._observe(inst, verdict.ok, verdict.detail)
+            period = m.health_interval
+            if inst.phase is Phase.STARTING:
+                # A starting instance is probed often at first, when it is most likely to have
+                # just come up, then less often: each batch of a rollout waits on this.
+                period = min(period, START_PROBE_CAP, START_PROBE_FIRST * 2 ** min(inst.probes, 20))
+                inst.probes += 1
+            wake = now + period
+            if inst.healthy_since is not None and inst.phase is Phase.STARTING:
+                wake = min(wake, inst.healthy_since + m.min_healthy)
+            # Shared ticks of at most 1/20 of the period: cheap for a thousand instances.
+            await self.engine.ticker.sleep_until(wake, quantum=period / 20)
+
+    def _observe(self, inst: Instance, ok: bool, detail: str) -> None:
+        """Turn one probe verdict into health and phase transitions."""
+        m, rec, now = inst.manifest, inst.rec, trio.current_time()
+        before = inst.phase
+        if ok:
+            inst.fails, inst.first_bad = 0, None
+            if rec.health != "healthy":
+                rec.health, inst.healthy_since = "healthy", now
+                self.event(f"instance {rec.slot} healthy")
+            if inst.phase is not Phase.READY and now - (inst.healthy_since or now) >= m.min_healthy:
+                inst.phase, inst.why = Phase.READY, ""
+        else:
+            inst.fails += 1
+            if rec.health == "healthy":  # refusals while starting up are not failures yet
+                inst.first_bad = inst.first_bad or now
+            if rec.health == "healthy" and inst.fails >= m.health_retries:
+                self._unhealthy(inst, f"{detail} ({inst.fails} checks failed)")
+            elif rec.health == "starting" and now - inst.started_at > m.update_deadline:
+                inst.first_bad = inst.started_at + m.update_deadline
+                self._unhealthy(inst, f"not healthy within update_deadline {format_seconds(m.update_deadline)}s: {detail}")
+            elif rec.health == "healthy" and inst.phase is Phase.STARTING:
+                inst.healthy_since = None  # a failure during the soak restarts the soak
+                rec.health = "starting"
+        if inst.phase is not before:
+            self.save_instance(inst)
+            self.routing_changed()
+            self.poke()
+
+    def _unhealthy(self, inst: Instance, why: str) -> None:
+        inst.rec.health, inst.phase, inst.why = "unhealthy", Phase.UNHEALTHY, why
+        self.event(f"instance {inst.rec.slot} unhealthy: {why}")
+
+    def stop_instance(self, inst: Instance, reason: str) -> None:
+        inst.leaving = True
+        inst.rec.state = "draining"
+        self.save_instance(inst)
+        self.routing_changed()
+        if inst.proc and not inst.proc.exited:
+            self.event(f"instance {inst.rec.slot} draining ({reason})")
+        self.engine.nursery.start_soon(self._stop, inst)
+
+    async def _stop(self, inst: Instance) -> None:
+        m, e = inst.manifest, self.engine
+        was_running = inst.proc is not None and not inst.proc.exited
+        if was_running and inst.backend and inst.phase is Phase.READY:
+            await e.router.drain(self.name, inst.backend, m.drain_timeout)
+        killed = inst.proc is not None and await inst.proc.stop(m.stop_signum, m.stop_timeout)
+        if inst.monitor:
+            inst.monitor.cancel()
+        if was_running:
+            # A kill cuts whatever the instance still had in flight: say so.
+            why = f" (killed: still running {m.stop_timeout:g}s after SIG{m.stop_signal})" if killed else ""
+            self.event(f"instance {inst.rec.slot} stopped{why}")
+        self.instances.pop(inst.rec.id, None)
+        e.store.delete_instance(self.name, inst.rec.id)
+        if inst.rec.port:
+            e.runtime.release_port(inst.rec.port)
+        e.runtime.remove_log(self.name, inst.rec.id)
+        self.poke()
+
+    async def _restart(self, inst: Instance) -> None:
+        m = inst.manifest
+        if inst.monitor:
+            inst.monitor.cancel()
+        if inst.proc is not None:
+            await inst.proc.stop(m.stop_signum, m.stop_timeout)
+        inst.busy = False
+        if not inst.leaving and not self.engine.stopping:
+            self.spawn(inst)
+        self.poke()
+
+    async def _kill(self, inst: Instance) -> None:
+        if inst.monitor:
+            inst.monitor.cancel()
+        assert inst.proc is not None
+        await inst.proc.stop(inst.manifest.stop_signum, inst.manifest.stop_timeout)
+
+    # -- bookkeeping ---------------------------------------------------------------------
+
+    def routing_changed(self) -> None:
+        endpoints = self.endpoints()
+        self.engine.router.set_backends(self.name, self.manifest.port, endpoints)
+        empty = self.manifest.port is not None and not endpoints
+        if self._unrouted is not None and empty != self._unrouted:
+            if empty:
+                self.event(f"no healthy instance: connections to port {self.manifest.port} are refused")
+            else:
+                self.event(f"serving on port {self.manifest.port}")
+        self._unrouted = empty
+
+    def keep_logs(self, why: str, which: Callable[[Instance], bool]) -> None:
+        """Keep these instances' output readable as logs/<why>-<slot> until the next rollout."""
+        self.rec.kept_logs = {f"{why}-{i.rec.slot}": i.rec.id for i in self.instances.values() if which(i)}
+
+    def save(self) -> None:
+        self.engine.store.put_service(self.rec)
+
+    def save_instance(self, inst: Instance) -> None:
+        self.engine.store.put_instance(inst.rec)
+
+    def event(self, text: str) -> None:
+        self.engine.events.emit(self.name, text)
+
+
+class Engine:
+    def __init__(self, store: Store, runtime: Runtime, prober: Prober, *, events: EventLog | None = None,
+                 router: Router | None = None, state_dir: str | None = None,
+                 max_services: int = MAX_SERVICES, max_instances: int = MAX_INSTANCES,
+                 log_check_every: float = 0.05) -> None:
+        self.store, self.runtime, self.prober = store, runtime, prober
+        self.events = events or EventLog(store)
+        self.router = router or NullRouter()
+        self.state_dir = state_dir
+        self.max_services, self.max_instances = max_services, max_instances
+        self.log_check_every = log_check_every
+        self.services: dict[str, Service] = {}
+        self.listeners: list = []  # called with a service name when anything about it changes
+        self._next_id = 1
+        self.ticker = Ticker()
+        self.stopping = False  # set by shutdown: nothing starts after it
+        self.nursery: trio.Nursery
+
+    def notify(self, name: str) -> None:
+        for listener in self.listeners:
+            listener(name)
+
+    def next_instance_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
+
+    def instance_count(self) -> int:
+        return sum(len(s.instances) for s in self.services.values())
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            nursery.start_soon(self.ticker.run)
+            nursery.start_soon(self._bound_logs)
+            nursery.start_soon(self._watch_store)
+            await self._recover()
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _recover(self) -> None:
+        """Load every service, adopt the instances still running, reap strays."""
+        known: set[tuple[str, int]] = set()
+        loaded = [(Service(self, rec), self.store.list_instances(rec.name)) for rec in self.store.list_services()]
+        # Started, but killed before its pid was recorded: find it by its marker.
+        unrecorded = {(svc.name, irec.id) for svc, irecs in loaded for irec in irecs
+                      if irec.pid is None and irec.state == "starting"}
+        found = self.runtime.find_unrecorded(unrecorded) if unrecorded else {}
+        gone: list[tuple[str, int]] = []
+        never_started: list[tuple[Service, Instance]] = []
+        for svc, irecs in loaded:
+            self.services[svc.name] = svc
+            draining = []
+            for irec in irecs:
+                key = (svc.name, irec.id)
+                self._next_id = max(self._next_id, irec.id + 1)
+                text = self.store.get_version(svc.name, irec.version) or svc.rec.manifest
+                inst = Instance(irec, parse(text, name=svc.name).manifest)
+                svc.instances[irec.id] = inst
+                if irec.port:
+                    self.runtime.claim_port(irec.port)
+                proc: Process | None
+                if key in found:
+                    proc = found[key]
+                    irec.pid, irec.start_time, irec.state = proc.pid, proc.start_time, "running"
+                    svc.save_instance(inst)
+                elif irec.pid and irec.start_time:
+                    proc = self.runtime.adopt(irec.pid, irec.start_time, svc.name, irec.id)
+                else:
+                    proc = None
+                if proc is not None or irec.pid is None:
+                    # A recorded pid that is gone, yet a live process marked with this id: a
+                    # restart whose record was lost (a crash on a full state disk). It is a stray
+                    # (and the sweep of `gone` below kills it too).
+                    known.add(key)
+                if proc is not None:
+                    svc.adopt(inst, proc)
+                    svc.event(f"instance {irec.slot} adopted pid={proc.pid}")
+                elif key in unrecorded:
+                    never_started.append((svc, inst))  # not a failure: it simply never ran
+                elif irec.state == "failed":
+                    inst.phase = Phase.FAILED
+                    gone.append(key)
+                else:
+                    inst.phase, inst.why, inst.last_exit = Phase.EXITED, "gone while deployfs was down", trio.current_time()
+                    gone.append(key)
+                if irec.state == "draining":
+                    draining.append(inst)
+            # Routing only once every instance is known, then finish what was leaving.
+            svc.routing_changed()
+            for inst in draining:
+                svc.stop_instance(inst, "it was draining when deployfs stopped")
+        # What a leader that died while we were down left behind (a grandchild
+        # holding its port, say) must go before anything takes its place.
+        if gone:
+            await self.runtime.sweep(gone)
+        for svc, inst in never_started:
+            svc.spawn(inst)
+        for svc in self.services.values():
+            self.nursery.start_soon(svc.run)
+        if self.state_dir:
+            for pid in find_strays(self.state_dir, known):
+                log.warning("stopping stray instance process %d", pid)
+                for kill in (os.killpg, os.kill):  # its group, if it leads one, and itself
+                    try:
+                        kill(pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+
+    async def _bound_logs(self) -> None:
+        """Instances write their own log files: hold each to its bound, all the time.
+
+        Every log is looked at every LOG_CHECK s (a stat); one that was just
+        trimmed is flooding, and is looked at every ``log_check_every`` s, so a
+        program writing as fast as it can (``yes``) cannot fill the disk.
+        """
+        due: dict[tuple[str, int], float] = {}
+        while True:
+            await trio.sleep(self.log_check_every)
+            now = trio.current_time()
+            live = set()
+            for svc in list(self.services.values()):
+                for inst in list(svc.instances.values()):
+                    key = (svc.name, inst.rec.id)
+                    live.add(key)
+                    if due.get(key, 0.0) > now:
+                        continue
+                    try:
+                        flooding = await self.runtime.bound_log(svc.name, inst.rec.id, inst.manifest.log_lines)
+                    except OSError as e:  # a full state disk: try again next round, never die of it
+                        log.warning("cannot bound the log of %s instance %d: %s", svc.name, inst.rec.slot, e)
+                        flooding = False
+                    due[key] = now + (0.0 if flooding else LOG_CHECK)
+                await trio.sleep(0)
+            for key in set(due) - live:
+                del due[key]
+
+    async def _watch_store(self) -> None:
+        """A full state disk: say so in every events file, retry, say when it is over."""
+        said: str | None = None
+        while True:
+            if self.store.full is not None:
+                self.store.flush()
+            full = self.store.full
+            if (full is None) != (said is None):
+                for name in (CLUSTER, *self.services):  # /deploy/events and every service's
+                    self.events.emit(name, f"{full}: commands and manifest changes are refused (ENOSPC) until "
+                                     "there is room; supervision goes on, its records and events kept in memory "
+                                     "meanwhile" if full else "the state disk has room again: what was kept in "
+                                     "memory is saved")
+                said = full
+            await trio.sleep(STORE_RETRY)
+
+    async def shutdown(self, *, keep_instances: bool = False) -> None:
+        """Drain and stop every instance (unless kept), then stop all tasks."""
+        self.stopping = True
+        for svc in self.services.values():
+            svc.loop_scope.cancel()  # nothing may restart what we stop
+        if not keep_instances:
+            for svc in self.services.values():
+                for inst in list(svc.instances.values()):
+                    if not inst.leaving:
+                        svc.stop_instance(inst, "deployfs is shutting down")
+            with trio.move_on_after(120):
+                while any(s.instances for s in self.services.values()):
+                    await trio.sleep(0.05)
+        self.nursery.cancel_scope.cancel()
+
+    # -- commands -----------------------------------------------------------------------
+
+    def command(self, name: str, verb: str, arg: str | None, who: str) -> str:
+        """Carry out one ctl verb; return the reply, or raise CommandError.
+
+        A command's writes are one transaction.  On a full state disk it is
+        refused whole (ENOSPC), and what it changed in memory is put back.
+        """
+        svc = self.services.get(name)
+        if svc is not None:
+            svc.commands += 1
+        saved = None if svc is None else (replace(svc.rec), svc.manifest, svc.state)
+        refused: CommandError | None = None
+        try:
+            with self.store.transaction(refuse_when_full=True):
+                try:
+                    reply = self._command(name, verb, arg, who)
+                except CommandError as e:
+                    refused = e  # what it wrote (the reason, in events) is kept
+        except StoreFull as e:
+            if svc is not None and saved is not None:
+                rec, svc.manifest, svc.state = saved
+                vars(svc.rec).update(vars(rec))
+            elif (new := self.services.pop(name, None)) is not None:
+                new.loop_scope.cancel()
+                self.router.set_backends(name, None, [])
+            raise CommandError(errno.ENOSPC, str(e)) from None
+        if refused is not None:
+            raise refused
+        return reply
+
+    def refused(self, name: str | None, who: str, reason: str) -> None:
+        """Keep a refused command in its service's events, or in the cluster log when
+        there is no such service (a typo, a deleted one, a line that named none)."""
+        target = name if name is not None and name in self.services else CLUSTER
+        self.events.emit(target, f"command refused ({who}): {reason}")
+
+    def _command(self, name: str, verb: str, arg: str | None, who: str) -> str:
+        if not valid_name(name):
+            raise CommandError(errno.EINVAL, f"bad service name {name!r}")
+        if verb == "apply":
+            return self._apply(name, who)
+        svc = self.services.get(name)
+        if svc is None:
+            raise CommandError(errno.ENOENT, f"no service {name!r} is deployed (apply it first)")
+        rec, status = svc.rec, svc.rec.update_status
+        if rec.deleting and verb not in ("stop", "delete"):
+            raise CommandError(errno.EBUSY, f"{name} is being deleted")
+        if verb == "pause":
+            if status == "paused":
+                return "ok already paused"
+            if status != "rolling":
+                raise CommandError(errno.EBUSY, f"{name}: no rollout in flight to pause (update_status {status})")
+            self._set_status(svc, "paused", f"rolling update paused by {who}")
+        elif verb == "resume":
+            if status != "paused":
+                raise CommandError(errno.EBUSY, f"{name}: not paused (update_status {status})")
+            self._set_status(svc, "rolling", f"rolling update resumed by {who}")
+        elif verb == "step":
+            if status != "paused":
+                raise CommandError(errno.EBUSY, f"{name}: step works while paused (update_status {status})")
+            svc.state = rollout.State("paused", svc.state.steps + 1, svc.state.boundary)
+            rec.steps = svc.state.steps
+            svc.save()
+            svc.event(f"rolling update step by {who}")
+        elif verb == "rollback":
+            if not rec.previous_version:
+                raise CommandError(errno.EBUSY, f"{name}: no previous version to roll back to")
+            # The replica count is not part of a version: a rollback keeps the one set now (as apply does after scale).
+            text = set_replicas_line(rec.previous_manifest.encode(), rec.replicas).decode()
+            m = parse(text, name=name).manifest
+            self._check_port(name, m.port)
+            self._begin(svc, m, text, "rollback", who)
+        elif verb == "restart":
+            if status in ("rolling", "paused"):
+                raise CommandError(errno.EBUSY, f"{name}: a rollout is in flight (update_status {status})")
+            rec.generation += 1
+            self._begin(svc, svc.manifest, rec.manifest, "rolling restart", who)
+        elif verb == "scale":
+            n = _count(arg)
+            if status == "failed":
+                raise CommandError(errno.EBUSY, f"{name}: the last rollout failed; apply a fixed manifest or rollback first")
+            with self.store.transaction():
+                rec.replicas = n
+                rec.manifest = set_replicas_line(rec.manifest.encode(), n).decode()
+                svc.manifest = svc.manifest.with_replicas(n)  # what `restart` rolls out again
+                if rec.version == rec.good_version:
+                    rec.good_manifest = rec.manifest
+                f = self.store.get_file(name)
+                if f is not None:
+                    self.store.put_file(name, set_replicas_line(f.data, n))
+                svc.save()
+                svc.event(f"scaled to {n} by {who}")
+        elif verb in ("stop", "delete"):
+            if rec.deleting:
+                return "ok already deleting"
+            svc.keep_logs("stopped", lambda i: not i.leaving)
+            rec.stopped, rec.deleting = True, verb == "delete"
+            svc.state = rollout.State()
+            rec.update_status, rec.steps, rec.rollout_from, rec.rollout_started = "none", 0, None, None
+            with self.store.transaction():
+                svc.save()
+                if verb == "delete":
+                    svc.event(f"deleting by {who}: stopping every instance")
+                    self.events.emit(CLUSTER, f"deleting {name} by {who}")
+                else:
+                    svc.event(f"stopping every instance by {who}")
+        else:
+            raise CommandError(errno.EINVAL, f"unknown verb {verb!r}")
+        svc.poke()
+        return "ok deleting" if verb == "delete" else "ok"
+
+    def _apply(self, name: str, who: str) -> str:
+        f = self.store.get_file(name)
+        if f is None:
+            raise CommandError(errno.ENOENT, f"no manifest manifests/{name}")
+        try:
+            parsed = parse(f.data, name=name)
+        except ManifestError as e:
+            if name in self.services:
+                self.services[name].event(f"apply refused: {e}")
+            raise CommandError(errno.EINVAL, str(e)) from None
+        m, text = parsed.manifest, f.data.decode()
+        svc = self.services.get(name)
+        if svc is not None and svc.rec.deleting:
+            raise CommandError(errno.EBUSY, f"{name} is being deleted: apply it again once it is gone "
+                                            f"(cat active/{name}/wait)")
+        self._check_port(name, m.port)
+        if svc is None:
+            if len(self.services) >= self.max_services:
+                raise CommandError(errno.ENOSPC, f"the limit of {self.max_services} services is reached")
+            rec = ServiceRecord(name, version=m.version, replicas=m.replicas, manifest=text, update_status="rolling",
+                                rollout_started=time.time())
+            with self.store.transaction():
+                self.store.put_version(name, m.version, text)
+                self.store.put_service(rec)
+                svc = Service(self, rec)
+                svc.state = rollout.State("rolling", 0, float("-inf"))
+                self.services[name] = svc
+                _warn(svc, parsed.warnings)
+                svc.event(f"deployed {m.version} replicas={m.replicas} by {who}")
+            self.nursery.start_soon(svc.run)
+            svc.routing_changed()  # open the port now: a router may need time to listen (haproxy reloads)
+            svc.poke()
+            return f"ok deployed {m.version}"
+        rec = svc.rec
+        if text != rec.manifest:  # said once per manifest text, not on every apply of it
+            _warn(svc, parsed.warnings)
+        if m.version == rec.version and rec.update_status != "failed":
+            was_stopped = rec.stopped
+            changed = was_stopped or m.replicas != rec.replicas or m != svc.manifest
+            rec.stopped, rec.replicas, rec.manifest = False, m.replicas, text
+            svc.manifest = m
+            if was_stopped:  # starting again is a deploy: `wait` follows it
+                rec.kept_logs = {}
+                svc.state = rollout.State("rolling", 0, float("-inf"))
+                rec.update_status, rec.rollout_started = "rolling", time.time()
+            svc.save()
+            if not changed:
+                return f"ok unchanged {m.version}"
+            svc.event(f"{'started' if was_stopped else 'applied'} {m.version} replicas={m.replicas} by {who}")
+            svc.poke()
+            return f"ok {m.version} replicas={m.replicas}"
+        frm = rec.version
+        self._begin(svc, m, text, "rolling update" if m.update == "rolling" else "replace update", who)
+        return f"ok rolling {frm}->{m.version}"
+
+    def _check_port(self, name: str, port: int | None) -> None:
+        """Refuse a public port that another service has, or another program holds (EADDRINUSE)."""
+        if port is None:
+            return
+        for other in self.services.values():
+            if other.name != name and other.manifest.port == port:
+                held = " (stopped: delete it to free the port)" if other.rec.stopped else ""
+                raise CommandError(errno.EADDRINUSE, f"port {port} is already the port of service {other.name!r}{held}")
+        svc = self.services.get(name)
+        if svc is not None and svc.manifest.port == port:
+            return  # the router already listens there for this service
+        problem = self.router.port_problem(port)
+        if problem is not None:
+            code, why = problem
+            raise CommandError(code, f"port {port}: {why} (another program has it)")
+
+    def _begin(self, svc: Service, m: Manifest, text: str, what: str, who: str) -> None:
+        rec = svc.rec
+        frm = rec.version
+        with self.store.transaction():
+            self.store.put_version(rec.name, m.version, text)
+            if m.version == rec.good_version and frm != rec.good_version:
+                # Back to the good version: its running instances are the target, not old ones to replace.
+                rec.generation = rec.good_generation
+            rec.version, rec.manifest, rec.replicas, rec.stopped = m.version, text, m.replicas, False
+            rec.update_status, rec.steps, rec.failure, rec.rollout_from = "rolling", 0, "", frm
+            rec.kept_logs = {}
+            rec.rollout_started = time.time()
+            svc.set_previous()  # only a version that completed can be the rollback target
+            svc.manifest = m
+            svc.state = rollout.State("rolling", 0, float("-inf"))
+            svc.save()
+            svc.event(f"{what} started {frm}→{m.version} strategy={m.update} batch={m.update_batch} "
+                      f"pause={format_seconds(m.update_pause)}s by {who}")
+        if self.router.failure(svc.name):
+            svc.routing_changed()  # the router refused the port before: let it try again
+        svc.poke()
+
+    def _set_status(self, svc: Service, status: str, event: str) -> None:
+        svc.state = rollout.State(status, 0, svc.state.boundary)
+        svc.rec.update_status, svc.rec.steps = status, 0
+        svc.save()
+        svc.event(event)
+
+
+MAX_WARNINGS = 10  # events per apply; a manifest of 1,500 unknown lines is one mistake, not 1,500
+
+
+def _warn(svc: Service, warnings: Sequence[str]) -> None:
+    for w in warnings[:MAX_WARNINGS]:
+        svc.event(f"warning: {w}")
+    if len(warnings) > MAX_WARNINGS:
+        svc.event(f"warning: {len(warnings) - MAX_WARNINGS} more like these")
+
+
+def _count(arg: str | None) -> int:
+    if arg is None or not re.fullmatch(r"[0-9]{1,6}", arg) or int(arg) > MAX_REPLICAS:
+        raise CommandError(errno.EINVAL, f"scale: expected a whole number 0 to {MAX_REPLICAS}, got {arg!r}")
+    return int(arg)

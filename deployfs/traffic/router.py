@@ -1,0 +1,379 @@
+"""The traffic path: a TCP proxy per service, in a process of its own.
+
+Why a separate process: DESIGN.md §6 wants traffic to keep flowing to the
+instances last known healthy while ``deployfs serve`` is dead (crashed, or
+being upgraded).  So the router runs in its own session, owns the public
+listeners, and is only *fed* by the server over a unix socket in the state
+directory.  A restarted server finds the router by its pidfile, re-adopts it
+and sends it the full table again; the listeners never close.
+
+Control protocol: one JSON object per connection, one JSON reply.
+  {"op": "set", "service": S, "port": P, "backends": [[host, port], ...]}
+  {"op": "drain", "service": S, "backend": [host, port], "timeout": T}
+      -> replies once the backend has no open connection, or at T
+  {"op": "limits", "max_conns": N, "idle_timeout": T}
+      -> per-service connection cap (0: from the descriptor limit), idle timeout (0: none)
+  {"op": "stats"}   {"op": "quit"}
+
+Limits (one router serves every service, so one service must not starve the
+others of descriptors): each service holds at most ``max_conns`` client
+connections (two descriptors each, with the backend's); past that a new one
+is accepted and reset at once.  A pair with no byte either way for
+``idle_timeout`` is closed.  Running out of descriptors anyway (EMFILE) is
+logged once per episode, not per accept, and the accept waits for one to free.
+Both states are in ``stats``, which the server polls (its liveness check) and
+turns into one event each.
+
+Forwarding: each accepted connection goes to the next backend (round-robin,
+or least-connections).  If a backend refuses the connect, nothing has been
+sent yet, so the next backend is tried.  With no backend at all the client
+is reset at once rather than left hanging.  Once connected, the pair of
+sockets is handed to the relay thread (_relay.py), which copies the bytes;
+the connection's task waits for it to finish, so counts and drains stay here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import itertools
+import json
+import logging
+import os
+import resource
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+
+import trio
+
+from ..state import statedir
+from ._relay import Relay, reset
+
+log = logging.getLogger("deployfs.router")
+Backend = tuple[str, int]
+CONNECT_TIMEOUT = 2.0
+RESERVED_FDS = 64  # the control socket, the relay's epoll and pipe, logs, a few accepts in flight
+DEFAULT_IDLE_TIMEOUT = 300.0
+# accept() failing for want of descriptors or memory: wait for one to free, never spin
+_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+def raise_nofile() -> int:
+    """Raise the soft descriptor limit to the hard one (each proxied connection costs two); return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def default_max_conns(nofile: int) -> int:
+    """A quarter of the descriptors a service's pairs may use: one flooded service leaves the rest to others."""
+    return max(16, (nofile - RESERVED_FDS) // 2 // 4)
+
+
+@dataclass
+class Route:
+    service: str
+    port: int
+    backends: list[Backend] = field(default_factory=list)
+    active: dict[Backend, int] = field(default_factory=dict)
+    served: int = 0
+    refused: int = 0
+    open: int = 0  # client connections held now
+    rejected: int = 0  # turned away at the connection cap
+    saturated: bool = False  # at the cap now
+    scope: trio.CancelScope | None = None
+    closed: trio.Event = field(default_factory=trio.Event)  # its listeners are closed
+    changed: trio.Event = field(default_factory=trio.Event)
+    _rr: itertools.count = field(default_factory=itertools.count)
+
+    def candidates(self, policy: str) -> list[Backend]:
+        """Every backend, in the order to try them for one connection."""
+        b = list(self.backends)
+        if not b:
+            return []
+        if policy == "leastconn":
+            return sorted(b, key=lambda x: self.active.get(x, 0))
+        start = next(self._rr) % len(b)
+        return b[start:] + b[:start]
+
+    def release(self, backend: Backend) -> None:
+        self.active[backend] -= 1
+        self.poke()
+
+    def poke(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class Router:
+    def __init__(self, bind: str, policy: str = "roundrobin", *, nofile: int | None = None) -> None:
+        self.bind, self.policy = bind, policy
+        self.routes: dict[str, Route] = {}
+        self.nursery: trio.Nursery
+        self.relay: Relay
+        self.nofile = nofile or resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.max_conns = default_max_conns(self.nofile)
+        self.out_of_fds = 0  # accepts that failed for want of descriptors
+        self._fds_short = False
+        self._freed = trio.Event()  # a connection ended: a descriptor may be free again
+
+    def limits(self, max_conns: int, idle_timeout: float) -> dict:
+        self.max_conns = max_conns or default_max_conns(self.nofile)
+        self.relay.idle_timeout = idle_timeout or None
+        return {"ok": True, "max_conns": self.max_conns, "idle_timeout": idle_timeout}
+
+    async def set(self, service: str, port: int | None, backends: list[Backend]) -> dict:
+        route = self.routes.get(service)
+        if route is not None and (port is None or route.port != port):
+            assert route.scope is not None
+            route.scope.cancel()
+            del self.routes[service]
+            # Reply only once the port is free: a service applied next may bind it at once.
+            await route.closed.wait()
+            route = None
+        if port is None:
+            return {"ok": True}
+        if route is None:
+            route = Route(service, port)
+            try:
+                listeners = await trio.open_tcp_listeners(port, host=self.bind)
+            except OSError as e:
+                return {"error": f"cannot listen on {self.bind}:{port}: {e.strerror or e}"}
+            route.scope = trio.CancelScope()
+            self.routes[service] = route
+            self.nursery.start_soon(self._serve, route, listeners)
+        route.backends = [tuple(b) for b in backends]  # type: ignore[misc]
+        route.poke()
+        return {"ok": True}
+
+    async def _serve(self, route: Route, listeners: list[trio.SocketListener]) -> None:
+        assert route.scope is not None
+        with route.scope:
+            try:
+                async with trio.open_nursery() as n:
+                    for lst in listeners:
+                        n.start_soon(self._accept, route, lst, n)
+            finally:
+                for lst in listeners:
+                    lst.socket.close()
+                route.closed.set()
+
+    async def accept(self, listener: trio.SocketListener) -> trio.SocketStream:
+        """accept(); while descriptors are short, wait for one to free, with one log line per
+        episode (trio.serve_listeners logs a traceback every 0.1 s instead)."""
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as e:
+                if e.errno not in _CAPACITY_ERRNOS:
+                    raise
+                self.out_of_fds += 1
+                if not self._fds_short:
+                    self._fds_short = True
+                    log.warning("out of file descriptors (limit %d): %s; new connections wait", self.nofile,
+                                os.strerror(e.errno or 0))
+                with trio.move_on_after(0.1):
+                    await self._freed.wait()
+                continue
+            if self._fds_short:
+                self._fds_short = False
+                log.info("file descriptors available again (%d accepts had to wait)", self.out_of_fds)
+            return stream
+
+    async def _accept(self, route: Route, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            client = await self.accept(listener)
+            if route.open >= self.max_conns:
+                route.rejected += 1
+                if not route.saturated:
+                    route.saturated = True
+                    log.warning("%s: port %d at its limit of %d connections; refusing new ones", route.service,
+                                route.port, self.max_conns)
+                reset(client.socket)
+                client.socket.close()
+                continue
+            route.open += 1
+            nursery.start_soon(self._forward, route, client)
+
+    async def _forward(self, route: Route, client: trio.SocketStream) -> None:
+        try:
+            await self._forward_one(route, client)
+        except Exception:  # one connection's bug must not end the listener
+            log.exception("forwarding failed")
+            await client.aclose()
+        finally:
+            route.open -= 1
+            if route.saturated and route.open < self.max_conns * 9 // 10:  # some slack: one line, not a flutter
+                route.saturated = False
+                log.info("%s: port %d below its connection limit again (%d refused so far)", route.service,
+                         route.port, route.rejected)
+            self._freed.set()
+            self._freed = trio.Event()
+
+    async def _forward_one(self, route: Route, client: trio.SocketStream) -> None:
+        upstream, chosen = None, None
+        for backend in route.candidates(self.policy):
+            # Counted from the connect on: a drain must also wait for a
+            # connection that chose this backend just before it left routing.
+            route.active[backend] = route.active.get(backend, 0) + 1
+            with trio.move_on_after(CONNECT_TIMEOUT):
+                try:
+                    upstream = await trio.open_tcp_stream(*backend)
+                    chosen = backend
+                    break
+                except OSError:
+                    pass  # nothing was sent yet: try the next one
+            route.release(backend)
+        if upstream is None or chosen is None:
+            route.refused += 1
+            reset(client)
+            await client.aclose()
+            return
+        route.served += 1
+        finished, pair = trio.Event(), None
+        try:
+            label = f"{_peer(client)} -> {chosen[0]}:{chosen[1]}"
+            for st in (client, upstream):
+                st.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # From here the relay thread owns both sockets and closes them.
+            a, b = (socket.socket(fileno=st.socket.detach()) for st in (client, upstream))
+            pair = self.relay.add(a, b, label, finished.set)
+            await finished.wait()
+        except OSError:
+            pass  # the client left before the hand-over
+        finally:
+            if pair is None:
+                await upstream.aclose()
+                await client.aclose()
+            elif not finished.is_set():
+                self.relay.abort(pair)  # the route is going away: reset both ends
+            route.release(chosen)
+
+    async def drain(self, service: str, backend: Backend, timeout: float) -> dict:
+        route = self.routes.get(service)
+        with trio.move_on_after(timeout):
+            while route is not None and route.active.get(backend, 0) > 0:
+                await route.changed.wait()
+        left = route.active.get(backend, 0) if route else 0
+        return {"ok": True, "left": left}
+
+    def stats(self) -> dict:
+        return {"pid": os.getpid(), "nofile": self.nofile, "max_conns": self.max_conns,
+                "idle_timeout": self.relay.idle_timeout or 0, "out_of_fds": self.out_of_fds,
+                "fds_short": self._fds_short, "routes": {
+            s: {"port": r.port, "backends": [list(b) for b in r.backends], "served": r.served, "refused": r.refused,
+                "open": r.open, "rejected": r.rejected, "saturated": r.saturated,
+                "active": {f"{h}:{p}": n for (h, p), n in r.active.items() if n}} for s, r in self.routes.items()}}
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "?"
+
+
+# -- the process ------------------------------------------------------------------
+
+def sock_path(state_dir: str) -> str:
+    return os.path.join(state_dir, "router.sock")
+
+
+def pid_path(state_dir: str) -> str:
+    return os.path.join(state_dir, "router.pid")
+
+
+async def serve(state_dir: str, bind: str, policy: str) -> None:
+    router = Router(bind, policy, nofile=raise_nofile())
+    path = sock_path(state_dir)
+    if os.path.exists(path):
+        os.unlink(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(64)
+    listener = trio.SocketListener(sock)
+    with statedir.open_file(pid_path(state_dir), "w") as f:
+        f.write(f"{os.getpid()}\n")
+
+    async def control(stream: trio.SocketStream) -> None:
+        # The server may die mid-request (that is the point of a separate
+        # router): a broken control connection must never end the router.
+        try:
+            await _control(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        except Exception:
+            log.exception("bad control request")
+
+    async def _control(stream: trio.SocketStream) -> None:
+        async with stream:
+            buf = b""
+            while b"\n" not in buf:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buf += data
+            try:
+                req = json.loads(buf)
+                op = req["op"]
+                if op == "set":
+                    reply = await router.set(req["service"], req.get("port"), req.get("backends", []))
+                elif op == "drain":
+                    reply = await router.drain(req["service"], tuple(req["backend"]), float(req["timeout"]))
+                elif op == "stats":
+                    reply = router.stats()
+                elif op == "limits":
+                    reply = router.limits(int(req["max_conns"]), float(req["idle_timeout"]))
+                elif op == "quit":
+                    await stream.send_all(b'{"ok": true}\n')
+                    nursery.cancel_scope.cancel()
+                    return
+                else:
+                    reply = {"error": f"unknown op {op!r}"}
+            except (ValueError, KeyError, TypeError) as e:
+                reply = {"error": f"bad request: {e}"}
+            await stream.send_all(json.dumps(reply).encode() + b"\n")
+
+    router.relay = Relay(trio.lowlevel.current_trio_token().run_sync_soon, idle_timeout=DEFAULT_IDLE_TIMEOUT)
+    async def controls() -> None:
+        async with trio.open_nursery() as n:
+            while True:
+                n.start_soon(control, await router.accept(listener))
+
+    async with trio.open_nursery() as nursery:
+        router.nursery = nursery
+        nursery.start_soon(controls)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+    router.relay.close()
+    for p in (path, pid_path(state_dir)):
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="deployfs-router")
+    p.add_argument("--state", required=True)
+    p.add_argument("--bind", default="127.0.0.1")
+    p.add_argument("--balance", choices=["roundrobin", "leastconn"], default="roundrobin")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s.%(msecs)03d deployfs-router: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    trio.run(serve, a.state, a.bind, a.balance)
+
+
+if __name__ == "__main__":
+    main()

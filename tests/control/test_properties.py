@@ -1,0 +1,152 @@
+"""Random command sequences and health outcomes against the engine (fake runtime, MockClock).
+
+Invariants (DESIGN.md §4, issue 5):
+- a start never makes more than replicas + update_batch run;
+- once a rollout fails, no instance that was serving before it began is signalled,
+  unless it went bad itself (then it is restarted per `restart`, DESIGN.md §5);
+- a failed rollout brings the good version back to `replicas` (DESIGN.md §4);
+- previous_version is only ever a version that completed a rollout;
+- completion means exactly `replicas` instances on slots 0..replicas-1, all at the target;
+- progress never goes backwards within one rollout (scale aside, or a target instance going bad);
+- nothing starts while paused except one batch per `step`;
+- rollback converges to the previous version.
+"""
+
+import errno
+
+import trio
+import trio.testing
+from hypothesis import HealthCheck, example, given, settings, strategies as st
+
+from deployfs.model.errors import CommandError
+from tests.control.harness import Harness, manifest
+
+VERSIONS = ["/bin/a", "/bin/b", "/bin/c", "/bin/d"]
+ops = st.one_of(
+    st.tuples(st.just("apply"), st.sampled_from(VERSIONS), st.sampled_from(["ok", "ok", "fail", "exit", "flaky-later"])),
+    st.tuples(st.sampled_from(["pause", "resume", "step", "rollback", "restart"]), st.none(), st.none()),
+    st.tuples(st.just("scale"), st.integers(0, 5).map(str), st.none()),
+    st.tuples(st.just("wait"), st.floats(0, 3), st.none()),
+)
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(script=st.lists(ops, min_size=1, max_size=10), batch=st.integers(1, 3), replicas=st.integers(1, 4))
+# The in-force version turns flaky while a restart of a broken release fails: restarting the
+# old instance that went bad is supervision, not the failed rollout touching it (issue 14.12).
+@example(script=[("apply", "/bin/a", "flaky-later"), ("apply", "/bin/b", "exit"), ("apply", "/bin/b", "ok"),
+                 ("apply", "/bin/b", "ok"), ("restart", None, None)], batch=1, replicas=1)
+# A release that fails after a scale-up: the good version is brought back to the new count.
+@example(script=[("apply", "/bin/b", "ok"), ("scale", "2", None), ("apply", "/bin/a", "exit")], batch=1, replicas=1)
+# A command lands between the spawns of one plan (scale 4, then scale 0 and an apply): the
+# rest of that plan must not start instances for the old target or undo the new status.
+@example(script=[("apply", "/bin/b", "ok"), ("scale", "4", None), ("wait", 0.0, None), ("scale", "0", None),
+                 ("apply", "/bin/a", "ok")], batch=1, replicas=1)
+# The same with an unchanged apply: `done` at once (steady state), the scale-down still to come.
+@example(script=[("apply", "/bin/c", "ok"), ("scale", "4", None), ("wait", 0.0, None), ("scale", "3", None),
+                 ("apply", "/bin/c", "ok")], batch=1, replicas=3)
+# ...and when the instances it scales down are failing.
+@example(script=[("scale", "2", None), ("apply", "/bin/a", "fail"), ("scale", "0", None), ("apply", "/bin/a", "ok")],
+         batch=1, replicas=1)
+# A same-version apply that scales up instances that keep crashing: no rollout, so no completion.
+@example(script=[("scale", "0", None), ("apply", "/bin/a", "exit"), ("scale", "1", None), ("wait", 0.375, None),
+                 ("scale", "2", None), ("apply", "/bin/a", "ok")], batch=1, replicas=1)
+# Going back to the good version fails (it broke while in force): there is nothing to restore.
+@example(script=[("apply", "/bin/a", "fail"), ("apply", "/bin/b", "fail"), ("apply", "/bin/a", "ok")], batch=1, replicas=1)
+def test_random_operations_keep_the_invariants(tmp_path_factory, script, batch, replicas):
+    h = Harness(tmp_path_factory.mktemp("p"))
+    problems: list[str] = []
+    last_progress = {"key": None, "up": 0, "r": None}
+    start_budget = {"paused_starts": 0}
+
+    def on_start(proc):
+        svc = h.svc
+        bound = svc.rec.replicas + svc.manifest.update_batch
+        running = len(h.rt.running("web"))
+        if svc.rec.update_status in ("rolling", "paused") and running > bound:
+            problems.append(f"{running} running > {bound}")
+        if svc.rec.update_status == "paused":
+            start_budget["paused_starts"] += 1
+
+    failed_at = {"t": None}
+
+    def on_change(name):
+        svc = h.engine.services.get("web")
+        if svc is not None and svc.rec.update_status == "failed" and failed_at["t"] is None:
+            failed_at["t"] = trio.current_time()
+        if svc is None or svc.rec.update_status not in ("rolling", "paused"):
+            last_progress.update(key=None)
+            return
+        key, (up, r) = svc.target().key, svc.progress()
+        # A target instance that goes bad itself takes progress back (and fails the rollout).
+        went_bad = any((i.rec.version, i.rec.generation) == key and i.phase.value in ("unhealthy", "exited", "failed")
+                       for i in svc.instances.values())
+        if last_progress["key"] == key and last_progress["r"] == r and up < last_progress["up"] and not went_bad:
+            problems.append(f"progress went back {last_progress['up']} -> {up}")
+        last_progress.update(key=key, up=up, r=r)
+
+    h.rt.on_start = on_start
+    h.engine.listeners.append(on_change)
+
+    async def main():
+        async with trio.open_nursery() as n:
+            await n.start(h.engine.run)
+            h.write(manifest(replicas=replicas, update_batch=batch, image="/bin/a"))
+            h.cmd("apply")
+            await h.settle()
+            for verb, arg, how in script:
+                svc = h.svc
+                if verb == "wait":
+                    await trio.sleep(arg)
+                    continue
+                serving_before = {i.rec.pid for i in svc.instances.values() if i.phase.value == "ready"}
+                steps_before = svc.state.steps
+                failed_at["t"] = None
+                try:
+                    if verb == "apply":
+                        text = manifest(replicas=svc.rec.replicas, update_batch=batch, image=arg)
+                        v = h.write(text)
+                        h.prober.behaviour.setdefault(v, how)
+                    h.cmd(verb, arg)
+                    rolled = svc.rec.update_status == "rolling"  # (a same-version apply only scales)
+                except CommandError as e:
+                    assert e.errno in (errno.EBUSY, errno.EINVAL, errno.ENOENT), e
+                    continue
+                if verb == "step":
+                    start_budget["paused_starts"] -= batch * (svc.state.steps - steps_before)
+                if verb in ("apply", "rollback", "restart"):
+                    target = svc.rec.version
+                    out = await h.settle()
+                    if out.startswith("failed"):
+                        # From the moment of failure on, old instances are never signalled
+                        # (but one that went bad itself is restarted, as outside a rollout).
+                        await trio.sleep(1)
+                        for pid in serving_before:
+                            proc = h.rt.procs[pid]
+                            if proc.version != target and any(
+                                    t >= failed_at["t"] and not any(b <= t for b in proc.went_bad_at)
+                                    for t in proc.signalled_at):
+                                problems.append(f"failed rollout signalled old pid {pid}")
+                        key = h.svc.target().key
+                        good = [i for i in h.svc.instances.values()
+                                if not i.leaving and (i.rec.version, i.rec.generation) != key]
+                        restorable = h.svc.rec.good_version and (h.svc.rec.good_version, h.svc.rec.good_generation) != key
+                        if restorable and len(good) < h.svc.rec.replicas:
+                            problems.append(f"failed rollout left {len(good)} of {h.svc.rec.replicas}")
+                    elif out.startswith("done") and rolled:  # (`wait` does not follow a scale)
+                        insts = h.svc.by_slot()
+                        slots = [i.rec.slot for i in insts]
+                        if slots != list(range(h.svc.rec.replicas)) or {i.rec.version for i in insts} - {target}:
+                            problems.append(f"done but slots={slots} versions={[i.rec.version for i in insts]}")
+                    if verb == "rollback" and h.svc.rec.version != target:
+                        problems.append("rollback did not converge")
+                completed = {e.split()[-3] for e in h.events() if " complete: " in e}
+                prev = h.svc.rec.previous_version
+                if prev is not None and (prev not in completed or prev == h.svc.rec.version):
+                    problems.append(f"previous_version {prev} never completed or is in force")
+            h.cmd("resume") if h.svc.rec.update_status == "paused" else None
+            n.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert problems == []
+    assert start_budget["paused_starts"] <= 0, "instances started while paused without a step"
