@@ -13,7 +13,6 @@ over :attr:`Engine.services` plus :meth:`Engine.command`.
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
@@ -27,7 +26,7 @@ from typing import Callable, Protocol, Sequence
 import trio
 
 from ..model import rollout
-from ..model.errors import CommandError
+from ..model.errors import CommandError, Kind
 from ..model.manifest import MAX_REPLICAS, Manifest, ManifestError, format_seconds, parse, set_replicas_line, valid_name
 from ..model.rollout import Phase
 from ..node.health import Prober
@@ -56,8 +55,8 @@ class Router(Protocol):
     def failure(self, service: str) -> str | None:
         """Why the router could not take the service's newest table (it could not listen), else None."""
         ...
-    def port_problem(self, port: int) -> tuple[int, str] | None:
-        """(errno, reason) if the router could not listen on ``port`` now, else None."""
+    def port_problem(self, port: int) -> tuple[Kind, str] | None:
+        """(kind, reason) if the router could not listen on ``port`` now, else None."""
         ...
 
 
@@ -77,7 +76,7 @@ class NullRouter:
     def failure(self, service: str) -> str | None:
         return None
 
-    def port_problem(self, port: int) -> tuple[int, str] | None:
+    def port_problem(self, port: int) -> tuple[Kind, str] | None:
         return None
 
 
@@ -766,7 +765,7 @@ class Engine:
             elif (new := self.services.pop(name, None)) is not None:
                 new.loop_scope.cancel()
                 self.router.set_backends(name, None, [])
-            raise CommandError(errno.ENOSPC, str(e)) from None
+            raise CommandError(Kind.NO_SPACE, str(e)) from None
         if refused is not None:
             raise refused
         return reply
@@ -779,35 +778,35 @@ class Engine:
 
     def _command(self, name: str, verb: str, arg: str | None, who: str) -> str:
         if not valid_name(name):
-            raise CommandError(errno.EINVAL, f"bad service name {name!r}")
+            raise CommandError(Kind.INVALID, f"bad service name {name!r}")
         if verb == "apply":
             return self._apply(name, who)
         svc = self.services.get(name)
         if svc is None:
-            raise CommandError(errno.ENOENT, f"no service {name!r} is deployed (apply it first)")
+            raise CommandError(Kind.NOT_FOUND, f"no service {name!r} is deployed (apply it first)")
         rec, status = svc.rec, svc.rec.update_status
         if rec.deleting and verb not in ("stop", "delete"):
-            raise CommandError(errno.EBUSY, f"{name} is being deleted")
+            raise CommandError(Kind.BUSY, f"{name} is being deleted")
         if verb == "pause":
             if status == "paused":
                 return "ok already paused"
             if status != "rolling":
-                raise CommandError(errno.EBUSY, f"{name}: no rollout in flight to pause (update_status {status})")
+                raise CommandError(Kind.BUSY, f"{name}: no rollout in flight to pause (update_status {status})")
             self._set_status(svc, "paused", f"rolling update paused by {who}")
         elif verb == "resume":
             if status != "paused":
-                raise CommandError(errno.EBUSY, f"{name}: not paused (update_status {status})")
+                raise CommandError(Kind.BUSY, f"{name}: not paused (update_status {status})")
             self._set_status(svc, "rolling", f"rolling update resumed by {who}")
         elif verb == "step":
             if status != "paused":
-                raise CommandError(errno.EBUSY, f"{name}: step works while paused (update_status {status})")
+                raise CommandError(Kind.BUSY, f"{name}: step works while paused (update_status {status})")
             svc.state = rollout.State("paused", svc.state.steps + 1, svc.state.boundary)
             rec.steps = svc.state.steps
             svc.save()
             svc.event(f"rolling update step by {who}")
         elif verb == "rollback":
             if not rec.previous_version:
-                raise CommandError(errno.EBUSY, f"{name}: no previous version to roll back to")
+                raise CommandError(Kind.BUSY, f"{name}: no previous version to roll back to")
             # The replica count is not part of a version: a rollback keeps the one set now (as apply does after scale).
             text = set_replicas_line(rec.previous_manifest.encode(), rec.replicas).decode()
             m = parse(text, name=name).manifest
@@ -815,13 +814,13 @@ class Engine:
             self._begin(svc, m, text, "rollback", who)
         elif verb == "restart":
             if status in ("rolling", "paused"):
-                raise CommandError(errno.EBUSY, f"{name}: a rollout is in flight (update_status {status})")
+                raise CommandError(Kind.BUSY, f"{name}: a rollout is in flight (update_status {status})")
             rec.generation += 1
             self._begin(svc, svc.manifest, rec.manifest, "rolling restart", who)
         elif verb == "scale":
             n = _count(arg)
             if status == "failed":
-                raise CommandError(errno.EBUSY, f"{name}: the last rollout failed; apply a fixed manifest or rollback first")
+                raise CommandError(Kind.BUSY, f"{name}: the last rollout failed; apply a fixed manifest or rollback first")
             with self.store.transaction():
                 rec.replicas = n
                 rec.manifest = set_replicas_line(rec.manifest.encode(), n).decode()
@@ -848,29 +847,29 @@ class Engine:
                 else:
                     svc.event(f"stopping every instance by {who}")
         else:
-            raise CommandError(errno.EINVAL, f"unknown verb {verb!r}")
+            raise CommandError(Kind.INVALID, f"unknown verb {verb!r}")
         svc.poke()
         return "ok deleting" if verb == "delete" else "ok"
 
     def _apply(self, name: str, who: str) -> str:
         f = self.store.get_file(name)
         if f is None:
-            raise CommandError(errno.ENOENT, f"no manifest manifests/{name}")
+            raise CommandError(Kind.NOT_FOUND, f"no manifest manifests/{name}")
         try:
             parsed = parse(f.data, name=name)
         except ManifestError as e:
             if name in self.services:
                 self.services[name].event(f"apply refused: {e}")
-            raise CommandError(errno.EINVAL, str(e)) from None
+            raise CommandError(Kind.INVALID, str(e)) from None
         m, text = parsed.manifest, f.data.decode()
         svc = self.services.get(name)
         if svc is not None and svc.rec.deleting:
-            raise CommandError(errno.EBUSY, f"{name} is being deleted: apply it again once it is gone "
+            raise CommandError(Kind.BUSY, f"{name} is being deleted: apply it again once it is gone "
                                             f"(cat active/{name}/wait)")
         self._check_port(name, m.port)
         if svc is None:
             if len(self.services) >= self.max_services:
-                raise CommandError(errno.ENOSPC, f"the limit of {self.max_services} services is reached")
+                raise CommandError(Kind.NO_SPACE, f"the limit of {self.max_services} services is reached")
             rec = ServiceRecord(name, version=m.version, replicas=m.replicas, manifest=text, update_status="rolling",
                                 rollout_started=time.time())
             with self.store.transaction():
@@ -914,7 +913,7 @@ class Engine:
         for other in self.services.values():
             if other.name != name and other.manifest.port == port:
                 held = " (stopped: delete it to free the port)" if other.rec.stopped else ""
-                raise CommandError(errno.EADDRINUSE, f"port {port} is already the port of service {other.name!r}{held}")
+                raise CommandError(Kind.ADDRESS_IN_USE, f"port {port} is already the port of service {other.name!r}{held}")
         svc = self.services.get(name)
         if svc is not None and svc.manifest.port == port:
             return  # the router already listens there for this service
@@ -964,5 +963,5 @@ def _warn(svc: Service, warnings: Sequence[str]) -> None:
 
 def _count(arg: str | None) -> int:
     if arg is None or not re.fullmatch(r"[0-9]{1,6}", arg) or int(arg) > MAX_REPLICAS:
-        raise CommandError(errno.EINVAL, f"scale: expected a whole number 0 to {MAX_REPLICAS}, got {arg!r}")
+        raise CommandError(Kind.INVALID, f"scale: expected a whole number 0 to {MAX_REPLICAS}, got {arg!r}")
     return int(arg)

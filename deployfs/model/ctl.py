@@ -1,16 +1,15 @@
 """The ctl grammar: one command per write.  Pure.
 
 ``active/<svc>/ctl`` takes ``<verb> [arg]``; the top ``ctl`` takes
-``<verb> <service> [arg]``.  Anything else is refused with EINVAL and a
+``<verb> <service> [arg]``.  Anything else is refused as invalid and a
 reason in words.
 """
 
 from __future__ import annotations
 
-import errno
 from dataclasses import dataclass
 
-from .errors import CommandError
+from .errors import CommandError, Kind
 from .manifest import valid_name
 
 MAX_CTL_BYTES = 4096
@@ -29,7 +28,7 @@ class Command:
 
 def parse_command(data: bytes, service: str | None) -> Command:
     def bad(reason: str) -> CommandError:
-        return CommandError(errno.EINVAL, reason)
+        return CommandError(Kind.INVALID, reason)
 
     if len(data) > MAX_CTL_BYTES:
         raise bad(f"command too long: {len(data)} bytes (at most {MAX_CTL_BYTES})")

@@ -48,7 +48,7 @@ from pyfuse3 import FUSEError
 
 from ..control.engine import Engine
 from ..model.ctl import parse_command
-from ..model.errors import CommandError
+from ..model.errors import CommandError, Error, Kind
 from ..model.manifest import MAX_MANIFEST_BYTES
 from . import _fusereq
 from ..view.namespace import (FILE_NAME_RE, LOG_BY_ID_RE, RETIRED_EVENTS_RE, Ctl, Dir, Events, Log, ManifestFile, Namespace,
@@ -65,6 +65,28 @@ STATIC_TIMEOUT = 60.0  # names and attributes that do not change
 MAX_WAITERS = 512
 MAX_WAITERS_PER_UID = 64
 WAIT_POLL = 0.1  # seconds between checks of a blocked reader's interruption
+
+# The one place an error kind becomes an errno (9P's Rlerror carries the same numbers).
+ERRNO: dict[Kind, int] = {
+    Kind.NOT_FOUND: errno.ENOENT,
+    Kind.EXISTS: errno.EEXIST,
+    Kind.INVALID: errno.EINVAL,
+    Kind.BUSY: errno.EBUSY,
+    Kind.NO_SPACE: errno.ENOSPC,
+    Kind.PERMISSION: errno.EACCES,
+    Kind.NOT_PERMITTED: errno.EPERM,
+    Kind.UNAVAILABLE: errno.EIO,
+    Kind.TOO_BIG: errno.EFBIG,
+    Kind.NAME_TOO_LONG: errno.ENAMETOOLONG,
+    Kind.NOT_A_DIRECTORY: errno.ENOTDIR,
+    Kind.IS_A_DIRECTORY: errno.EISDIR,
+    Kind.BAD_HANDLE: errno.EBADF,
+    Kind.CROSS_DIRECTORY: errno.EXDEV,
+    Kind.WOULD_BLOCK: errno.EAGAIN,
+    Kind.INTERRUPTED: errno.EINTR,
+    Kind.ADDRESS_IN_USE: errno.EADDRINUSE,
+    Kind.ADDRESS_UNAVAILABLE: errno.EADDRNOTAVAIL,
+}
 
 
 @dataclass
@@ -122,6 +144,8 @@ def _guard(fn):  # type: ignore[no-untyped-def]
             return await fn(self, *args)
         except FUSEError:
             raise
+        except Error as e:
+            raise FUSEError(ERRNO[e.kind]) from None
         except (trio.Cancelled, KeyboardInterrupt):
             raise
         except StoreFull as e:  # a manifest write on a full state disk: refused, nothing changed
@@ -539,7 +563,7 @@ class DeployFS(pyfuse3.Operations):
         except CommandError as e:
             h.data, h.reply_at = f"error: {e.message}\n".encode(), None
             self.engine.refused(service, who, e.message)
-            raise FUSEError(e.errno) from None
+            raise FUSEError(ERRNO[e.kind]) from None
         h.data, h.reply_at = f"{reply}\n".encode(), None
         return len(buf)
 

@@ -26,14 +26,14 @@ from typing import Callable
 
 import trio
 
+from ..model.errors import Kind
 from ..node.runtime import MARKER
 from ..state import statedir
 from ..state.events import CLUSTER
-from .router import DEFAULT_IDLE_TIMEOUT, pid_path, sock_path
+from .router import DEFAULT_IDLE_TIMEOUT, Backend, pid_path, sock_path
 
 log = logging.getLogger(__name__)
 ROUTER_MODULE = "deployfs.traffic.router"
-Backend = tuple[str, int]
 # The liveness check: a router that does not answer its control socket (stopped,
 # hung) forwards nothing either.  Reported at once; replaced once silent this long.
 PING_EVERY = 1.0
@@ -88,8 +88,8 @@ class TableFeeder:
         """Why the router could not take the service's newest table (once routed), else None."""
         return self.errors.get(service)
 
-    def port_problem(self, port: int) -> tuple[int, str] | None:
-        """(errno, reason) if the router could not listen on ``port`` now: another program holds it."""
+    def port_problem(self, port: int) -> tuple[Kind, str] | None:
+        """(kind, reason) if the router could not listen on ``port`` now: another program holds it."""
         bind = self.bind
         with socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the router's listener does
@@ -97,7 +97,8 @@ class TableFeeder:
                 s.bind((bind, port))
                 s.listen(1)  # what actually collides with another listener under SO_REUSEADDR
             except OSError as e:
-                code = e.errno if e.errno in (errno.EADDRINUSE, errno.EACCES) else errno.EADDRNOTAVAIL
+                code = {errno.EADDRINUSE: Kind.ADDRESS_IN_USE, errno.EACCES: Kind.PERMISSION}.get(
+                    e.errno or 0, Kind.ADDRESS_UNAVAILABLE)
                 return code, f"cannot listen on {bind}:{port}: {e.strerror or e}"
         return None
 

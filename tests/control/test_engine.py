@@ -5,7 +5,7 @@ import errno
 import pytest
 import trio
 
-from deployfs.model.errors import CommandError
+from deployfs.model.errors import CommandError, Kind
 from tests.control.harness import Harness, deploy_v1, manifest, watch
 
 
@@ -169,7 +169,7 @@ async def test_scale_rewrites_the_manifest_and_scales(h, autojump_clock):
     assert [i.rec.slot for i in h.svc.by_slot()] == [0]
     with pytest.raises(CommandError) as e:
         h.cmd("scale", "lots")
-    assert e.value.errno == errno.EINVAL
+    assert e.value.kind == Kind.INVALID
 
 
 async def test_crashed_instance_is_restarted_then_given_up(h, autojump_clock):
@@ -198,19 +198,19 @@ async def test_stop_then_apply_starts_again(h, autojump_clock):
 async def test_command_errors(h, autojump_clock):
     with pytest.raises(CommandError) as e:
         h.cmd("apply")
-    assert e.value.errno == errno.ENOENT
+    assert e.value.kind == Kind.NOT_FOUND
     h.store.put_file("web", b"image /bin/x\nreplicas three\n")
     with pytest.raises(CommandError) as e:
         h.cmd("apply")
-    assert e.value.errno == errno.EINVAL and "line 2" in e.value.message
+    assert e.value.kind == Kind.INVALID and "line 2" in e.value.message
     await deploy_v1(h)
     for verb in ("resume", "step"):
         with pytest.raises(CommandError) as e:
             h.cmd(verb)
-        assert e.value.errno == errno.EBUSY
+        assert e.value.kind == Kind.BUSY
     with pytest.raises(CommandError) as e:
         h.cmd("rollback")
-    assert e.value.errno == errno.EBUSY
+    assert e.value.kind == Kind.BUSY
 
 
 async def test_service_and_instance_caps(tmp_path, autojump_clock):
@@ -223,7 +223,7 @@ async def test_service_and_instance_caps(tmp_path, autojump_clock):
         h.write(manifest(), name="other")
         with pytest.raises(CommandError) as e:
             h.cmd("apply", name="other")
-        assert e.value.errno == errno.ENOSPC and "limit of 1 services" in e.value.message
+        assert e.value.kind == Kind.NO_SPACE and "limit of 1 services" in e.value.message
         h.cmd("scale", "9")
         await trio.sleep(2)
         assert len(h.rt.running("web")) == 4
@@ -344,7 +344,7 @@ async def test_delete_survives_a_restart_of_the_server_and_frees_the_name(tmp_pa
         assert h.engine.command("web", "delete", None, "uid=0") == "ok deleting"
         with pytest.raises(CommandError) as e:
             h.cmd("scale", "3")
-        assert e.value.errno == errno.EBUSY
+        assert e.value.kind == Kind.BUSY
         await trio.sleep(0.5)
         n.cancel_scope.cancel()  # "killed" while the instances are still stopping
     assert h.store.get_service("web").deleting

@@ -12,13 +12,12 @@ Invariants (DESIGN.md §4, issue 5):
 - rollback converges to the previous version.
 """
 
-import errno
 
 import trio
 import trio.testing
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from deployfs.model.errors import CommandError
+from deployfs.model.errors import CommandError, Kind
 from tests.control.harness import Harness, manifest
 
 VERSIONS = ["/bin/a", "/bin/b", "/bin/c", "/bin/d"]
@@ -110,7 +109,7 @@ def test_random_operations_keep_the_invariants(tmp_path_factory, script, batch, 
                     h.cmd(verb, arg)
                     rolled = svc.rec.update_status == "rolling"  # (a same-version apply only scales)
                 except CommandError as e:
-                    assert e.errno in (errno.EBUSY, errno.EINVAL, errno.ENOENT), e
+                    assert e.kind in (Kind.BUSY, Kind.INVALID, Kind.NOT_FOUND), e
                     continue
                 if verb == "step":
                     start_budget["paused_starts"] -= batch * (svc.state.steps - steps_before)

@@ -1,11 +1,10 @@
 """The ctl grammar, as a table: what each write becomes, or the reason it is refused (EINVAL)."""
 
-import errno
 
 import pytest
 
 from deployfs.model.ctl import MAX_CTL_BYTES, Command, parse_command
-from deployfs.model.errors import CommandError
+from deployfs.model.errors import CommandError, Kind
 
 ACCEPTED = [
     # (bytes written, the file's service (None: the top ctl), the command)
@@ -52,4 +51,4 @@ def test_accepted(data, service, expected):
 def test_refused_with_einval_and_a_reason(data, service, reason):
     with pytest.raises(CommandError) as e:
         parse_command(data, service)
-    assert e.value.errno == errno.EINVAL and reason in e.value.message
+    assert e.value.kind == Kind.INVALID and reason in e.value.message
