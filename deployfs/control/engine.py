@@ -46,7 +46,10 @@ START_PROBE_CAP = 0.5  # a starting instance is probed at least this often (or e
 
 
 class Router(Protocol):
-    def set_backends(self, service: str, port: int | None, backends: list[tuple[str, int]]) -> None: ...
+    def set_backends(self, service: str, port: int | None, backends: list[tuple[str, int]],
+                     weights: list[int] | None = None) -> None:
+        """``weights``: one per backend, the share of connections (requests) each gets; None: even."""
+        ...
     async def drain(self, service: str, backend: tuple[str, int], timeout: float) -> None: ...
     def routed(self) -> bool:
         """True once every table given so far has been delivered (or failed to be)."""
@@ -61,7 +64,8 @@ class Router(Protocol):
 
 
 class NullRouter:
-    def set_backends(self, service: str, port: int | None, backends: list[tuple[str, int]]) -> None:
+    def set_backends(self, service: str, port: int | None, backends: list[tuple[str, int]],
+                     weights: list[int] | None = None) -> None:
         pass
 
     def routed(self) -> bool:
@@ -144,7 +148,13 @@ class Service:
                               strategy=m.update, batch=m.update_batch, pause=m.update_pause,
                               restart=m.restart, max_restarts=m.max_restarts,
                               good=(rec.good_version, rec.good_generation) if rec.good_version else None,
-                              stopped=rec.stopped)
+                              stopped=rec.stopped, canary=self.canaries(), auto_promote=m.auto_promote)
+
+    def canaries(self) -> int:
+        """How many canaries run beside the old set now: 0 outside a canary phase."""
+        if not self.rec.canary_phase or self.rec.stopped or self.manifest.update != "canary":
+            return 0
+        return min(self.manifest.canary, self.rec.replicas)
 
     def set_previous(self) -> None:
         """The rollback target: the last good version while another is the target, else the good one before it."""
@@ -210,6 +220,16 @@ class Service:
         status = self.rec.update_status
         if status == "rolling":
             return None
+        if status == "canary" or (status == "paused" and self.rec.canary_phase):
+            # The canary phase holds once every canary is up (or, paused, once nothing moves).
+            key = self.target().key
+            mine = [i for i in self.instances.values() if (i.rec.version, i.rec.generation) == key]
+            ready = sum(1 for i in mine if i.phase is Phase.READY and not i.leaving)
+            moving = self.state.steps > 0 or any(i.leaving or i.busy for i in self.instances.values()) or any(
+                i.phase is Phase.STARTING for i in mine)
+            if moving or (status == "canary" and ready < self.canaries()):
+                return None
+            return status
         if status == "paused":
             # Paused takes effect at the batch boundary: until the batch in hand
             # has finished (or a `step` has run), the rollout is still moving.
@@ -226,8 +246,24 @@ class Service:
                 for i in self.instances.values())
             return None if moving else "paused"
         if status == "failed":
-            return f"failed: {self.rec.failure}"
+            return None if self.rolling_back_by_itself() else f"failed: {self.rec.failure}"
+        if self.rec.rolled_back:
+            return f"failed: {self.rec.rolled_back} (rolled back to {self.rec.version})"
         return f"done {self.rec.version}"
+
+    def rolling_back_by_itself(self) -> bool:
+        """A failed rollout with ``auto_rollback yes`` that has a good version to go back to."""
+        rec = self.rec
+        return (rec.update_status == "failed" and self.manifest.auto_rollback and rec.good_version is not None
+                and rec.version != rec.good_version)
+
+    def restored(self) -> bool:
+        """After a failure: the good version serves ``replicas`` again and the failed release is gone."""
+        good = (self.rec.good_version, self.rec.good_generation)
+        insts = list(self.instances.values())
+        ready = sum(1 for i in insts if (i.rec.version, i.rec.generation) == good and i.phase is Phase.READY)
+        return ready >= self.rec.replicas and all(
+            (i.rec.version, i.rec.generation) == good and not i.leaving and not i.busy for i in insts)
 
     async def wait_change(self) -> None:
         await self._changed.wait()
@@ -285,6 +321,9 @@ class Service:
             if (self.rec.update_status, self.rec.steps) != (p.state.status, p.state.steps):
                 self.rec.update_status, self.rec.steps = p.state.status, p.state.steps
                 self.save()
+            if self.rolling_back_by_itself() and self.restored() and not self.engine.stopping:
+                self.engine.auto_rollback(self)
+                continue
             if any(changed):
                 self.poke()
                 await trio.sleep(0)
@@ -342,12 +381,19 @@ class Service:
             self.keep_logs("failed", lambda i: (i.rec.version, i.rec.generation) == self.target().key)
             self.save()
             self.event(f"rolling update failed: {self.rec.failure}")
+            if self.rec.canary_phase:
+                self.rec.canary_phase = False
+                self.routing_changed()  # no more canary weights: the old set takes every request
+            if self.rolling_back_by_itself():
+                self.event(f"auto_rollback: deployfs restores {self.rec.good_version}, then rolls back to it")
+        elif isinstance(a, rollout.Promote):
+            self.promote(f"deployfs ({a.reason})")
         elif isinstance(a, rollout.Complete):
             with e.store.transaction():
                 for id, slot in a.renumber.items():
                     self.instances[id].rec.slot = slot
                     self.save_instance(self.instances[id])
-                self.rec.update_status, self.rec.failure = "none", ""
+                self.rec.update_status, self.rec.failure, self.rec.canary_phase = "none", "", False
                 self.completed()
                 self.save()
             took = time.time() - (self.rec.rollout_started or time.time())
@@ -547,9 +593,36 @@ class Service:
 
     # -- bookkeeping ---------------------------------------------------------------------
 
+    def promote(self, who: str) -> None:
+        """End the canary phase: the rest rolls out the rolling way (paused stays paused)."""
+        rec = self.rec
+        rec.canary_phase = False
+        if rec.update_status == "canary":
+            rec.update_status = "rolling"
+        self.state = rollout.State(rec.update_status, rec.steps, trio.current_time())
+        self.save()
+        self.event(f"canary promoted by {who}: rolling out the rest")
+        self.routing_changed()  # every instance counts the same again
+
+    def weights(self, endpoints: list[tuple[str, int]]) -> list[int] | None:
+        """canary_weight during a canary phase: the canaries' share, whatever their number."""
+        pct = self.manifest.canary_weight
+        if pct is None or not self.canaries() or self.rec.update_status == "failed":
+            return None
+        key = self.target().key
+        canary = {i.backend for i in self.instances.values() if (i.rec.version, i.rec.generation) == key}
+        flags = [b in canary for b in endpoints]
+        # Every backend keeps at least one share where it can: past 100 backends the total grows.
+        total = 100 * max(1, math.ceil(len(endpoints) / 100))
+        return rollout.split_weights(flags, pct, total) if any(flags) and not all(flags) else None
+
     def routing_changed(self) -> None:
         endpoints = self.endpoints()
-        self.engine.router.set_backends(self.name, self.manifest.port, endpoints)
+        weights = self.weights(endpoints)
+        if weights is None:  # (as before weights existed: a router or fake that knows none is fed as it was)
+            self.engine.router.set_backends(self.name, self.manifest.port, endpoints)
+        else:
+            self.engine.router.set_backends(self.name, self.manifest.port, endpoints, weights)
         empty = self.manifest.port is not None and not endpoints
         if self._unrouted is not None and empty != self._unrouted:
             if empty:
@@ -790,7 +863,7 @@ class Engine:
         if verb == "pause":
             if status == "paused":
                 return "ok already paused"
-            if status != "rolling":
+            if status not in ("rolling", "canary"):
                 raise CommandError(Kind.BUSY, f"{name}: no rollout in flight to pause (update_status {status})")
             self._set_status(svc, "paused", f"rolling update paused by {who}")
         elif verb == "resume":
@@ -804,6 +877,19 @@ class Engine:
             rec.steps = svc.state.steps
             svc.save()
             svc.event(f"rolling update step by {who}")
+        elif verb == "promote":
+            if not rec.canary_phase or status not in ("canary", "paused"):
+                raise CommandError(Kind.BUSY, f"{name}: no canary to promote (update_status {status})")
+            svc.promote(who)
+        elif verb == "abort":
+            if status not in ("rolling", "paused", "canary"):
+                raise CommandError(Kind.BUSY, f"{name}: no rollout in flight to abort (update_status {status})")
+            if not rec.good_version or rec.good_version == rec.version:
+                raise CommandError(Kind.BUSY, f"{name}: no earlier version to return to")
+            text = set_replicas_line(rec.good_manifest.encode(), rec.replicas).decode()
+            m = parse(text, name=name).manifest
+            self._check_port(name, m.port)
+            self._begin(svc, m, text, f"{'canary' if rec.canary_phase else 'rollout'} aborted: rollback", who)
         elif verb == "rollback":
             if not rec.previous_version:
                 raise CommandError(Kind.BUSY, f"{name}: no previous version to roll back to")
@@ -903,7 +989,9 @@ class Engine:
             svc.poke()
             return f"ok {m.version} replicas={m.replicas}"
         frm = rec.version
-        self._begin(svc, m, text, "rolling update" if m.update == "rolling" else "replace update", who)
+        self._begin(svc, m, text, f"{m.update} update" if m.update != "rolling" else "rolling update", who)
+        if svc.rec.canary_phase:
+            return f"ok canary {frm}->{m.version}"
         return f"ok rolling {frm}->{m.version}"
 
     def _check_port(self, name: str, port: int | None) -> None:
@@ -932,17 +1020,36 @@ class Engine:
                 rec.generation = rec.good_generation
             rec.version, rec.manifest, rec.replicas, rec.stopped = m.version, text, m.replicas, False
             rec.update_status, rec.steps, rec.failure, rec.rollout_from = "rolling", 0, "", frm
+            # A canary phase only when there is an old set to compare with; never when going back to the good version.
+            rec.canary_phase = m.update == "canary" and bool(svc.instances) and m.version != rec.good_version
+            if rec.canary_phase:
+                rec.update_status = "canary"
+            rec.rolled_back = ""
             rec.kept_logs = {}
             rec.rollout_started = time.time()
             svc.set_previous()  # only a version that completed can be the rollback target
             svc.manifest = m
-            svc.state = rollout.State("rolling", 0, float("-inf"))
+            svc.state = rollout.State(rec.update_status, 0, float("-inf"))
             svc.save()
-            svc.event(f"{what} started {frm}→{m.version} strategy={m.update} batch={m.update_batch} "
+            canary = f" canary={svc.canaries()}" if rec.canary_phase else ""
+            if rec.canary_phase and m.canary_weight is not None:
+                canary += f" canary_weight={m.canary_weight}%"
+            svc.event(f"{what} started {frm}→{m.version} strategy={m.update}{canary} batch={m.update_batch} "
                       f"pause={format_seconds(m.update_pause)}s by {who}")
         if self.router.failure(svc.name):
             svc.routing_changed()  # the router refused the port before: let it try again
         svc.poke()
+
+    def auto_rollback(self, svc: Service) -> None:
+        """auto_rollback yes: the good version serves again after a failure; make it the target."""
+        rec = svc.rec
+        why, to = rec.failure, rec.good_version
+        text = set_replicas_line(rec.good_manifest.encode(), rec.replicas).decode()
+        with self.store.transaction():
+            self._begin(svc, parse(text, name=svc.name).manifest, text, "automatic rollback", "deployfs (auto_rollback)")
+            rec.rolled_back = why
+            svc.save()
+        svc.event(f"auto_rollback: rolling back to {to} (decided by deployfs) after: {why}")
 
     def _set_status(self, svc: Service, status: str, event: str) -> None:
         svc.state = rollout.State(status, 0, svc.state.boundary)

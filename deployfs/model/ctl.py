@@ -14,9 +14,10 @@ from .manifest import valid_name
 
 MAX_CTL_BYTES = 4096
 VERBS = {"apply": 0, "pause": 0, "resume": 0, "step": 0, "rollback": 0, "restart": 0, "stop": 0, "scale": 1,
-         "delete": 0}
+         "delete": 0, "promote": 0, "abort": 0}
 TOP_ONLY = {"delete"}  # removes active/<svc> itself: not a verb of a file inside it
-USAGE = "apply | pause | resume | step | rollback | restart | stop | scale N (and on the top ctl: delete)"
+USAGE = ("apply | pause | resume | step | promote | abort | rollback | restart | stop | scale N "
+         "(and on the top ctl: delete)")
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,10 @@ class Manifest:
     update_batch: int = 1
     update_pause: float = 0.0
     update_deadline: float = 60.0
+    canary: int = 1  # with `update canary`: new instances started beside the old set first
+    canary_weight: int | None = None  # percent of requests the canaries get (None: their share of instances)
+    auto_promote: float | None = None  # seconds of healthy canaries before promoting by itself (None: never)
+    auto_rollback: bool = False  # a failed rollout rolls back by itself
     # Unknown directives, kept verbatim (forward compatibility); never hashed.
     extra: tuple[tuple[str, tuple[str, ...]], ...] = field(default=(), compare=True)
 
@@ -361,6 +365,13 @@ def _health(args: list[str]) -> HealthCheck:
     raise _Bad(f"expected http://..., tcp HOST:PORT, exec CMD ARGS, or /a/file/path, got {head!r}")
 
 
+def _yes_no(args: list[str]) -> bool:
+    v = _one(args)
+    if v not in ("yes", "no"):
+        raise _Bad(f'expected yes or no, got "{v}"')
+    return v == "yes"
+
+
 _DIRECTIVES: dict[str, Callable[[list[str]], object]] = {
     "name": _name,
     "image": _image,
@@ -379,10 +390,14 @@ _DIRECTIVES: dict[str, Callable[[list[str]], object]] = {
     "health_timeout": _seconds(0.01),
     "health_retries": _whole(1, 1000),
     "min_healthy": _seconds(),
-    "update": _choice("rolling", "replace"),
+    "update": _choice("rolling", "replace", "canary"),
     "update_batch": _whole(1, MAX_REPLICAS),
     "update_pause": _seconds(),
     "update_deadline": _seconds(0.01),
+    "canary": _whole(1, MAX_REPLICAS),
+    "canary_weight": _whole(0, 100),
+    "auto_promote": _seconds(),
+    "auto_rollback": _yes_no,
 }
 DIRECTIVES = frozenset(_DIRECTIVES) | {"env"}
 
@@ -398,6 +413,8 @@ def format_seconds(x: float) -> str:
 
 
 def _render_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, HealthCheck):
         return value.render()
     if isinstance(value, float):

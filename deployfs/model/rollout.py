@@ -27,6 +27,15 @@ restarted.
 
 Running instances never exceed ``replicas + update_batch``: a batch starts
 only when nothing is draining and at most ``replicas`` run.
+
+Canary (``update canary``), one more rule while ``Target.canary`` is set (the
+canary phase, until promotion): the old set is supervised as in steady state
+and never stopped; ``canary`` target instances start beside it (one batch,
+``replicas + canary`` running) and then the rollout holds, status ``canary``,
+until a person promotes (the engine clears ``Target.canary`` and the rolling
+rules carry on) or rolls back.  With ``auto_promote`` the plan itself says
+:class:`Promote` once every canary has been ready that long.  A canary that
+goes bad fails the rollout by rule 1, like any target instance.
 """
 
 from __future__ import annotations
@@ -73,11 +82,13 @@ class Target:
     max_restarts: int = 5
     good: Key | None = None  # the last key that completed a rollout: what a failure restores
     stopped: bool = False  # replicas is 0 because of `stop`, not `scale 0`
+    canary: int = 0  # > 0 during a canary phase: how many target instances run beside the old set
+    auto_promote: float | None = None  # seconds of ready canaries before Promote (None: a person decides)
 
 
 @dataclass(frozen=True)
 class State:
-    status: str = "none"  # none | rolling | paused | failed
+    status: str = "none"  # none | rolling | paused | canary | failed
     steps: int = 0  # batches `step` may still start while paused
     boundary: float | None = float("-inf")  # when the last batch finished; None mid-batch
 
@@ -116,7 +127,12 @@ class Complete:
     renumber: dict[int, int]  # instance id -> slot
 
 
-Action = Start | Stop | Restart | GiveUp | Fail | Complete
+@dataclass(frozen=True)
+class Promote:
+    reason: str
+
+
+Action = Start | Stop | Restart | GiveUp | Fail | Complete | Promote
 
 
 @dataclass(frozen=True)
@@ -158,6 +174,10 @@ def plan(t: Target, insts: list[Inst], st: State, now: float, routed: bool = Tru
         return Plan([*(Stop(i.id, "rollout failed") for i in doomed),
                      Fail(f"instance {first.slot} ({t.key[0]}) {what}".rstrip(": "))],
                     replace(st, status="failed", steps=0))
+    if t.canary > 0 and old:
+        return _canary(t, insts, new, old, st, now, draining)
+    if st.status == "canary":  # promoted (or nothing old to compare with): the rolling rules go on
+        st = replace(st, status="rolling")
     not_serving = [i for i in old if i.phase is not Phase.READY]
     if not_serving:
         return Plan([Stop(i.id, "not serving during the rollout") for i in not_serving], st)
@@ -195,6 +215,56 @@ def plan(t: Target, insts: list[Inst], st: State, now: float, routed: bool = Tru
     top = max((i.slot for i in insts), default=-1) + 1
     steps = st.steps - 1 if st.status == "paused" else st.steps
     return Plan([Start(top + k) for k in range(count)], replace(st, steps=steps, boundary=None))
+
+
+def _canary(t: Target, insts: list[Inst], new: list[Inst], old: list[Inst], st: State, now: float,
+            draining: bool) -> Plan:
+    """The canary phase: the old set as in steady state, ``canary`` target instances beside it, then hold."""
+    status = "paused" if st.status == "paused" else "canary"
+    p = _supervise(t, old, st, now, scale=False)  # never stopped: only restarted per policy if it goes bad
+    actions: list[Action] = list(p.actions)
+    wake = [p.wake_at] if p.wake_at is not None else []
+    want = min(t.canary, t.replicas)
+    if len(new) > want:  # `canary` was lowered by an apply of the same version
+        extra = sorted(new, key=lambda i: -i.slot)[: len(new) - want]
+        return Plan(actions + [Stop(i.id, "more canaries than canary") for i in extra],
+                    replace(st, status=status), wake_at=min(wake, default=None))
+    if len(new) < want:
+        if draining or (status == "paused" and st.steps == 0):
+            return Plan(actions, replace(st, status=status), wake_at=min(wake, default=None))
+        top = max((i.slot for i in insts), default=-1) + 1
+        steps = st.steps - 1 if status == "paused" else st.steps
+        actions += [Start(top + k) for k in range(want - len(new))]
+        return Plan(actions, replace(st, status=status, steps=steps, boundary=None), wake_at=min(wake, default=None))
+    if any(i.phase is not Phase.READY for i in new):
+        return Plan(actions, replace(st, status=status, boundary=None), wake_at=min(wake, default=None))
+    # Every canary is ready: from when this was first seen (a restarted deployfs starts the count again).
+    since = now if st.boundary is None or st.boundary == float("-inf") else st.boundary
+    st = replace(st, status=status, boundary=since)
+    if t.auto_promote is not None and status == "canary":
+        if now >= since + t.auto_promote:
+            actions.append(Promote(f"auto_promote: the canaries were healthy for {t.auto_promote:g}s"))
+            return Plan(actions, replace(st, status="rolling", boundary=now))
+        wake.append(since + t.auto_promote)
+    return Plan(actions, st, wake_at=min(wake, default=None))
+
+
+def split_weights(canary: list[bool], percent: int, total: int = 100) -> list[int]:
+    """Routing weights for backends (True: a canary) so the canaries get ``percent`` of ``total``
+    whatever their number, shared evenly on each side; the weights sum to ``total`` exactly
+    (largest remainders).  With no canary, or nothing else, every backend counts the same."""
+    n_canary = sum(canary)
+    n_other = len(canary) - n_canary
+    if not canary:
+        return []
+    if n_canary == 0 or n_other == 0:
+        percent = 100 if n_other == 0 else 0
+    shares = [(percent / n_canary if c else (100 - percent) / n_other) * total / 100 for c in canary]
+    weights = [int(x) for x in shares]
+    by_remainder = sorted(range(len(canary)), key=lambda k: (-(shares[k] - weights[k]), k))
+    for k in by_remainder[: total - sum(weights)]:
+        weights[k] += 1
+    return weights
 
 
 def _complete(t: Target, ready: list[Inst], st: State, routed: bool) -> Plan:

@@ -68,7 +68,7 @@ class ServiceRecord:
     before_good_manifest: str = ""
     generation: int = 0  # bumped by `restart`: same version, fresh instances
     replicas: int = 0
-    update_status: str = "none"  # none | rolling | paused | failed
+    update_status: str = "none"  # none | rolling | paused | canary | failed
     steps: int = 0  # batches `step` may still start while paused
     failure: str = ""
     stopped: bool = False
@@ -78,6 +78,8 @@ class ServiceRecord:
     # reading (`failed-3` of the last failed rollout, `stopped-0` after stop)
     kept_logs: dict[str, int] = field(default_factory=dict)
     rollout_started: float | None = None  # wall clock: a rollout's duration survives a restart of deployfs
+    canary_phase: bool = False  # an `update canary` rollout not yet promoted (or rolled back)
+    rolled_back: str = ""  # auto_rollback: why the last rollout failed, once it rolled back by itself
 
 
 @dataclass

@@ -60,6 +60,8 @@ class HAProxyRouter(TableFeeder):
         self.pidfile = os.path.join(self.state_dir, "haproxy.pid")
         # What haproxy has now: service -> (port, {server name: (backend, draining)})
         self.live: dict[str, tuple[int, dict[str, tuple[Backend, bool]]]] = {}
+        # Server weights a canary_weight set (service -> server name -> weight); absent: haproxy's default, 1.
+        self.weights: dict[str, dict[str, int]] = {}
 
     # -- the admin and master sockets -------------------------------------------------------
 
@@ -115,9 +117,11 @@ class HAProxyRouter(TableFeeder):
             lines += [f"frontend fe_{service}", f"    bind {self.bind}:{port}", f"    maxconn {per_service}",
                       f"    default_backend be_{service}",
                       f"backend be_{service}", f"    balance {self.balance}"]
+            weights = self.weights.get(service, {})
             for name, (b, draining) in sorted(servers.items()):
                 if not draining:
-                    lines.append(f"    server {name} {b[0]}:{b[1]} pool-max-conn -1 pool-purge-delay 5s")
+                    weight = f" weight {weights[name]}" if name in weights else ""
+                    lines.append(f"    server {name} {b[0]}:{b[1]} pool-max-conn -1 pool-purge-delay 5s{weight}")
         return "\n".join(lines) + "\n"
 
     def _write(self, *, applied: bool = False) -> None:
@@ -205,13 +209,18 @@ class HAProxyRouter(TableFeeder):
                 if len(f) > 18:
                     servers[f[3]] = ((f[4], int(f[18])), f[6] != "0")
 
-    async def _apply(self, service: str, port: int | None, backends: list[Backend]) -> None:
+    async def _apply(self, service: str, port: int | None, backends: list[Backend],
+                     weights: list[int] | None) -> None:
         if port is None:
+            self.weights.pop(service, None)
             if service in self.live:
                 del self.live[service]
                 await self._reload()
             return
         want = {_name(b): b for b in backends}
+        had = self.weights.pop(service, {})
+        if weights is not None:
+            self.weights[service] = {_name(b): w for b, w in zip(backends, weights)}
         if service not in self.live or self.live[service][0] != port:
             before = self.live.get(service)
             self.live[service] = (port, {n: (b, False) for n, b in want.items()})
@@ -231,6 +240,13 @@ class HAProxyRouter(TableFeeder):
             if name not in servers:
                 await self._expect(f"add server be_{service}/{name} {b[0]}:{b[1]} pool-max-conn -1 "
                                    "pool-purge-delay 5s", "New server registered")
+            # Weights change at run time, no reload: set before a server is made ready, so it
+            # never takes a connection at the wrong weight.
+            weight = self.weights.get(service, {}).get(name, 1)
+            if had.get(name, 1) != weight or name not in servers:
+                out = await self.cmd(f"set server be_{service}/{name} weight {weight}")
+                if out.strip():  # silence is success
+                    raise RouterError(f"haproxy: set weight of {name}: {out.strip()}")
             if name not in servers or servers[name][1]:
                 await self.cmd(f"set server be_{service}/{name} state ready")
             servers[name] = (b, False)

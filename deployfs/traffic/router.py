@@ -8,7 +8,8 @@ directory.  A restarted server finds the router by its pidfile, re-adopts it
 and sends it the full table again; the listeners never close.
 
 Control protocol: one JSON object per connection, one JSON reply.
-  {"op": "set", "service": S, "port": P, "backends": [[host, port], ...]}
+  {"op": "set", "service": S, "port": P, "backends": [[host, port], ...], "weights": [w, ...]}
+      -> "weights" is optional (one per backend; a canary_weight sets them): without it each counts the same
   {"op": "drain", "service": S, "backend": [host, port], "timeout": T}
       -> replies once the backend has no open connection, or at T
   {"op": "limits", "max_conns": N, "idle_timeout": T}
@@ -25,7 +26,9 @@ Both states are in ``stats``, which the server polls (its liveness check) and
 turns into one event each.
 
 Forwarding: each accepted connection goes to the next backend (round-robin,
-or least-connections).  If a backend refuses the connect, nothing has been
+or least-connections; with weights, smooth weighted round-robin, so a backend
+of weight 10 in 100 gets every tenth connection, not merely one in ten on
+average, or the fewest connections per unit of weight).  If a backend refuses the connect, nothing has been
 sent yet, so the next backend is tried.  With no backend at all the client
 is reset at once rather than left hanging.  Once connected, the pair of
 sockets is handed to the relay thread (_relay.py), which copies the bytes;
@@ -82,6 +85,8 @@ class Route:
     service: str
     port: int
     backends: list[Backend] = field(default_factory=list)
+    weights: dict[Backend, int] | None = None  # None: every backend the same
+    _credit: dict[Backend, int] = field(default_factory=dict)  # smooth weighted round-robin's running credit
     active: dict[Backend, int] = field(default_factory=dict)
     served: int = 0
     refused: int = 0
@@ -98,6 +103,18 @@ class Route:
         b = list(self.backends)
         if not b:
             return []
+        w = self.weights
+        if w is not None:
+            # A backend of weight 0 is tried only when every other one refused.
+            if policy == "leastconn":
+                return sorted(b, key=lambda x: (w[x] == 0, (self.active.get(x, 0) + 1) / (w[x] or 1)))
+            total = sum(w.values())
+            for x in b:
+                self._credit[x] = self._credit.get(x, 0) + w[x]
+            first = max(b, key=lambda x: (self._credit[x], -b.index(x)))
+            self._credit[first] -= total
+            rest = [x for x in b if x != first]
+            return [first] + sorted(rest, key=lambda x: w[x] == 0)
         if policy == "leastconn":
             return sorted(b, key=lambda x: self.active.get(x, 0))
         start = next(self._rr) % len(b)
@@ -129,7 +146,11 @@ class Router:
         self.relay.idle_timeout = idle_timeout or None
         return {"ok": True, "max_conns": self.max_conns, "idle_timeout": idle_timeout}
 
-    async def set(self, service: str, port: int | None, backends: list[Backend]) -> dict:
+    async def set(self, service: str, port: int | None, backends: list[Backend],
+                  weights: list[int] | None = None) -> dict:
+        if weights is not None and (len(weights) != len(backends) or any(
+                not isinstance(x, int) or x < 0 for x in weights) or not sum(weights)):
+            return {"error": f"bad weights {weights!r}: one whole number >= 0 per backend, not all 0"}
         route = self.routes.get(service)
         if route is not None and (port is None or route.port != port):
             assert route.scope is not None
@@ -150,6 +171,8 @@ class Router:
             self.routes[service] = route
             self.nursery.start_soon(self._serve, route, listeners)
         route.backends = [tuple(b) for b in backends]  # type: ignore[misc]
+        route.weights = None if weights is None else dict(zip(route.backends, weights))
+        route._credit = {}
         route.poke()
         return {"ok": True}
 
@@ -269,6 +292,7 @@ class Router:
                 "idle_timeout": self.relay.idle_timeout or 0, "out_of_fds": self.out_of_fds,
                 "fds_short": self._fds_short, "routes": {
             s: {"port": r.port, "backends": [list(b) for b in r.backends], "served": r.served, "refused": r.refused,
+                "weights": None if r.weights is None else [r.weights[b] for b in r.backends],
                 "open": r.open, "rejected": r.rejected, "saturated": r.saturated,
                 "active": {f"{h}:{p}": n for (h, p), n in r.active.items() if n}} for s, r in self.routes.items()}}
 
@@ -326,7 +350,8 @@ async def serve(state_dir: str, bind: str, policy: str) -> None:
                 req = json.loads(buf)
                 op = req["op"]
                 if op == "set":
-                    reply = await router.set(req["service"], req.get("port"), req.get("backends", []))
+                    reply = await router.set(req["service"], req.get("port"), req.get("backends", []),
+                                             req.get("weights"))
                 elif op == "drain":
                     reply = await router.drain(req["service"], tuple(req["backend"]), float(req["timeout"]))
                 elif op == "stats":

@@ -56,7 +56,8 @@ class TableFeeder:
         # Per service: connections held at once (0: from the router's descriptor limit), idle seconds (0: none).
         self.max_conns, self.idle_timeout = max_conns, idle_timeout
         self.on_error = on_error or (lambda service, msg: log.warning("%s: %s", service, msg))
-        self.table: dict[str, tuple[int | None, list[Backend]]] = {}
+        # Per service: its port, backends, and their weights (None: even; canary_weight sets them).
+        self.table: dict[str, tuple[int | None, list[Backend], list[int] | None]] = {}
         # Why the router refused a service's last table (it could not listen): a
         # rollout must not be reported done on a port that does not serve it.
         self.errors: dict[str, str] = {}
@@ -71,11 +72,13 @@ class TableFeeder:
 
     # -- what the engine calls ----------------------------------------------------------
 
-    def set_backends(self, service: str, port: int | None, backends: list[Backend]) -> None:
+    def set_backends(self, service: str, port: int | None, backends: list[Backend],
+                     weights: list[int] | None = None) -> None:
         # A table the router refused is sent again even if unchanged: the port may be free now.
-        if self.table.get(service) == (port, backends) and service not in self._dirty | self.errors.keys():
+        entry = (port, list(backends), None if weights is None else list(weights))
+        if self.table.get(service) == entry and service not in self._dirty | self.errors.keys():
             return
-        self.table[service] = (port, list(backends))
+        self.table[service] = entry
         self._dirty.add(service)
         if self._flushed.is_set():
             self._flushed = trio.Event()
@@ -118,7 +121,8 @@ class TableFeeder:
     async def _ensure(self) -> None:
         raise NotImplementedError
 
-    async def _apply(self, service: str, port: int | None, backends: list[Backend]) -> None:
+    async def _apply(self, service: str, port: int | None, backends: list[Backend],
+                     weights: list[int] | None) -> None:
         raise NotImplementedError
 
     async def _drain(self, service: str, backend: Backend, timeout: float) -> None:
@@ -160,9 +164,9 @@ class TableFeeder:
             self._wake = trio.Event()
             while self._dirty:
                 service = self._dirty.pop()
-                port, backends = self.table[service]
+                port, backends, weights = self.table[service]
                 try:
-                    await self._apply(service, port, backends)
+                    await self._apply(service, port, backends, weights)
                     self.errors.pop(service, None)
                     if port is None and service not in self._dirty:  # deleted: nothing to resend
                         self.table.pop(service, None)
@@ -288,8 +292,12 @@ class RouterClient(TableFeeder):
             raise RouterError(reply["error"])
         return reply
 
-    async def _apply(self, service: str, port: int | None, backends: list[Backend]) -> None:
-        await self.request({"op": "set", "service": service, "port": port, "backends": backends})
+    async def _apply(self, service: str, port: int | None, backends: list[Backend],
+                     weights: list[int] | None) -> None:
+        req: dict = {"op": "set", "service": service, "port": port, "backends": backends}
+        if weights is not None:
+            req["weights"] = weights
+        await self.request(req)
 
     async def _ping(self) -> dict:
         return await self.request({"op": "stats"}, timeout=PING_TIMEOUT)

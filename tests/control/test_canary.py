@@ -1,0 +1,157 @@
+"""Canary rollouts through the engine (fake runtime, MockClock): the phase, promote, abort,
+auto_promote, auto_rollback, and the weights handed to the router (DESIGN.md §4, issue 20)."""
+
+import pytest
+import trio
+
+from deployfs.control.engine import Engine, NullRouter
+from deployfs.model.errors import CommandError, Kind
+from tests.control.harness import Harness, deploy_v1, manifest, watch
+
+
+def canary(image: str = "/bin/v2", **kw: object) -> bytes:
+    return manifest(image=image, update="canary", **kw)
+
+
+def pids(h: Harness, version: str) -> set[int]:
+    return {p.pid for p in h.rt.running("web") if p.version == version}
+
+
+async def test_canary_starts_beside_the_old_set_and_holds_until_promote(h, autojump_clock):
+    v1 = await deploy_v1(h)
+    old = pids(h, v1)
+    seen = watch(h)
+    v2 = h.write(canary(canary=2))
+    assert h.cmd("apply") == f"ok canary {v1}->{v2}"
+    assert h.svc.rec.update_status == "canary"
+    assert await h.settle() == "canary"
+    await trio.sleep(30)  # it holds: nothing more moves without a person
+    assert h.svc.outcome() == "canary" and pids(h, v1) == old and len(pids(h, v2)) == 2
+    assert all(not h.rt.procs[p].signals for p in old)
+    assert h.svc.rec.previous_version == v1
+    assert any(e.startswith(f"canary update started {v1}→{v2} strategy=canary canary=2") for e in h.events())
+    assert h.cmd("promote") == "ok"
+    assert any(e == "canary promoted by uid=0: rolling out the rest" for e in h.events())
+    assert await h.settle() == f"done {v2}"
+    assert [(i.rec.slot, i.rec.version) for i in h.svc.by_slot()] == [(0, v2), (1, v2), (2, v2)]
+    assert seen["max_running"] == 5  # replicas + canary
+    assert seen["min_ready"] >= 3
+    assert h.svc.rec.previous_version == v1 and not h.svc.rec.canary_phase
+
+
+@pytest.mark.parametrize("verb", ["rollback", "abort"])
+async def test_rollback_or_abort_stops_the_canaries_and_leaves_the_old_set(h, autojump_clock, verb):
+    v1 = await deploy_v1(h)
+    old = pids(h, v1)
+    before = [(i.rec.id, i.rec.slot, i.rec.pid) for i in h.svc.by_slot()]
+    h.write(canary())
+    h.cmd("apply")
+    assert await h.settle() == "canary"
+    h.cmd(verb)
+    assert await h.settle() == f"done {v1}"
+    assert pids(h, v1) == old and [(i.rec.id, i.rec.slot, i.rec.pid) for i in h.svc.by_slot()] == before
+    assert all(not h.rt.procs[p].signals for p in old)
+    assert len(h.rt.running("web")) == 3
+    assert h.svc.rec.version == v1 and h.svc.rec.previous_version is None  # the canary never completed
+
+
+async def test_promote_and_abort_are_refused_without_a_canary(h, autojump_clock):
+    await deploy_v1(h)
+    for verb in ("promote", "abort"):
+        with pytest.raises(CommandError) as e:
+            h.cmd(verb)
+        assert e.value.kind is Kind.BUSY
+
+
+async def test_auto_promote_after_its_seconds_of_healthy_canaries(h, autojump_clock):
+    await deploy_v1(h)
+    v2 = h.write(canary(auto_promote=20))
+    h.cmd("apply")
+    assert await h.settle() == "canary"
+    t0 = trio.current_time()
+    while h.svc.rec.update_status == "canary":
+        await h.svc.wait_change()
+    assert 19.9 <= trio.current_time() - t0 <= 21
+    assert await h.settle() == f"done {v2}"
+    assert any("canary promoted by deployfs (auto_promote" in e for e in h.events())
+
+
+async def test_pause_in_the_canary_then_promote_moves_by_steps(h, autojump_clock):
+    await deploy_v1(h)
+    v2 = h.write(canary())
+    h.cmd("apply")
+    assert await h.settle() == "canary"
+    h.cmd("pause")
+    assert await h.settle() == "paused"
+    h.cmd("promote")
+    assert await h.settle() == "paused" and h.svc.rec.update_status == "paused"
+    h.cmd("step")
+    assert await h.settle() == "paused"
+    h.cmd("resume")
+    assert await h.settle() == f"done {v2}"
+
+
+async def test_bad_canary_with_auto_rollback_rolls_back_by_itself(h, autojump_clock):
+    v1 = await deploy_v1(h)
+    old = pids(h, v1)
+    v2 = h.write(canary(auto_rollback="yes"))
+    h.prober.behaviour[v2] = "exit"
+    h.cmd("apply")
+    out = await h.settle()
+    assert out.startswith(f"failed: instance 3 ({v2}) ") and out.endswith(f"(rolled back to {v1})"), out
+    assert h.svc.rec.update_status == "none" and h.svc.rec.version == v1
+    assert pids(h, v1) == old and all(not h.rt.procs[p].signals for p in old)
+    assert any("automatic rollback started" in e and "by deployfs (auto_rollback)" in e for e in h.events())
+    assert h.cmd("apply") == f"ok canary {v1}->{v2}"  # the broken release again: a new rollout, the note gone
+    assert h.svc.outcome() is None or not h.svc.outcome().endswith(f"(rolled back to {v1})")
+
+
+async def test_auto_rollback_after_old_instances_retired_restores_first(h, autojump_clock):
+    v1 = await deploy_v1(h)
+    h.prober.fail_after = 1.0
+    v2 = h.write(manifest(image="/bin/v2", auto_rollback="yes", update_pause=3))
+    h.prober.behaviour[v2] = "flaky-later"
+    h.cmd("apply")
+    out = await h.settle()
+    assert out.endswith(f"(rolled back to {v1})"), out
+    assert any("draining (replaced)" in e for e in h.events())  # it failed after retiring an old one
+    assert sorted(i.rec.slot for i in h.svc.by_slot()) == [0, 1, 2]
+    assert {i.rec.version for i in h.svc.by_slot()} == {v1} and h.svc.health() == "healthy"
+
+
+async def test_without_auto_rollback_a_failure_waits_for_a_person(h, autojump_clock):
+    await deploy_v1(h)
+    v2 = h.write(canary())
+    h.prober.behaviour[v2] = "exit"
+    h.cmd("apply")
+    out = await h.settle()
+    assert out.startswith("failed: ") and "rolled back" not in out and h.svc.rec.update_status == "failed"
+
+
+class WeightRouter(NullRouter):
+    def __init__(self) -> None:
+        self.tables: list[tuple[list[tuple[str, int]], list[int] | None]] = []
+
+    def set_backends(self, service, port, backends, weights=None) -> None:  # type: ignore[no-untyped-def]
+        self.tables.append((list(backends), weights))
+
+
+@pytest.mark.parametrize("weight, canaries, want", [(10, 1, [30, 30, 30, 10]), (10, 2, [30, 30, 30, 5, 5]),
+                                                    (None, 1, None)])
+async def test_canary_weight_reaches_the_router(tmp_path, autojump_clock, weight, canaries, want):
+    h = Harness(tmp_path)
+    router = WeightRouter()
+    h.engine = Engine(h.store, h.rt, h.prober, router=router)
+    async with trio.open_nursery() as n:
+        await n.start(h.engine.run)
+        await deploy_v1(h, port=8080)
+        kw = {"canary_weight": weight} if weight is not None else {}
+        h.write(canary(port=8080, canary=canaries, **kw))
+        h.cmd("apply")
+        assert await h.settle() == "canary"
+        backends, weights = router.tables[-1]
+        assert len(backends) == 3 + canaries and weights == want
+        h.cmd("promote")
+        await h.settle()
+        assert router.tables[-1][1] is None  # promoted: every instance counts the same
+        n.cancel_scope.cancel()
