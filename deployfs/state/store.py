@@ -27,7 +27,6 @@ nothing committed is ever lost.
 from __future__ import annotations
 
 import contextlib
-import errno
 import itertools
 import json
 import logging
@@ -38,18 +37,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Iterator, Protocol
 
 from . import statedir
+from .kv import StoreError, StoreFull
 
 log = logging.getLogger(__name__)
-
-
-class StoreError(RuntimeError):
-    pass
-
-
-class StoreFull(StoreError):
-    """The state disk has no room: the write was refused and changed nothing."""
-
-    errno = errno.ENOSPC
 
 
 @dataclass
