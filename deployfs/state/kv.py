@@ -24,9 +24,11 @@ Conditional writes
 
 Watches
     ``watch(prefix, start_revision)`` yields every change to a key under the
-    prefix with revision >= ``start_revision``, in revision order (changes of
-    one revision in the order the transaction made them), exactly once, and
-    only after the write is committed.  Listing a prefix at revision ``r`` and
+    prefix with revision >= ``start_revision``, exactly once, only after the
+    write is committed, a revision at a time: each item is the list of that
+    revision's changes under the prefix (in the order the transaction made
+    them), so a reader that applies items whole never shows half a
+    transaction.  Items come in revision order.  Listing a prefix at revision ``r`` and
     then watching from ``r + 1`` misses nothing and sees nothing twice.  A
     watch from a revision the store no longer keeps history for raises
     :class:`Compacted` (at the start or while iterating): list again and watch
@@ -171,10 +173,11 @@ class KVStore(Protocol):
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int: ...
     async def delete(self, key: str, *, prefix: bool = False) -> int: ...
 
-    def watch(self, prefix: str, start_revision: int) -> AbstractAsyncContextManager[AsyncIterator[Change]]:
-        """Changes under ``prefix`` from ``start_revision`` on (0: from the next write).
+    def watch(self, prefix: str, start_revision: int) -> AbstractAsyncContextManager[AsyncIterator[list[Change]]]:
+        """Changes under ``prefix`` from ``start_revision`` on (0: from the next write), one
+        revision's at a time.
 
-        ``async with store.watch(p, rev) as changes: async for c in changes: ...``
+        ``async with store.watch(p, rev) as revisions: async for changes in revisions: ...``
         """
         ...
 

@@ -44,8 +44,6 @@ HISTORY = 10_000
 WATCH_BUFFER = 10_000
 # Revisions a watcher catching up reads from history per query.
 CATCH_UP_REVISIONS = 500
-# The index within a revision that stands for "all of it" in a watcher's position.
-_ALL = 1 << 62
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, mod_revision INTEGER NOT NULL,
@@ -67,10 +65,10 @@ _FULL_CODES = {13, 4874}  # SQLITE_FULL, SQLITE_IOERR_SHMSIZE
 class _Watcher:
     prefix: str
     end: str | None
-    # The last change handed over, as (revision, index within its transaction; _ALL: all of it).
-    last: tuple[int, int]
-    # Changes told after commit and not yet handed over; None while reading history instead.
-    buffer: deque[tuple[int, int, Change]] | None = None
+    last: int  # the last revision handed over
+    # Revisions' changes told after commit, not yet handed over; None while reading history instead.
+    buffer: deque[list[Change]] | None = None
+    buffered: int = 0  # changes in the buffer
     wake: trio.Event = field(default_factory=trio.Event)
 
     def wants(self, key: str) -> bool:
@@ -129,7 +127,6 @@ class SqliteKV:
         for op in ops:
             if isinstance(op, Put) and op.lease:
                 self._live_lease(op.lease)
-        changes: list[tuple[int, int, Change]] = []
         with self._transaction():
             for c in compares:
                 row = self._exec("SELECT mod_revision FROM kv WHERE key = ?", (c.key,)).fetchone()
@@ -146,17 +143,17 @@ class SqliteKV:
     async def delete(self, key: str, *, prefix: bool = False) -> int:
         return await self.txn([], [Delete(key, prefix)])
 
-    def _apply(self, ops: Sequence[Op]) -> list[tuple[int, int, Change]]:
+    def _apply(self, ops: Sequence[Op]) -> list[Change]:
         """Inside a transaction: write ``ops`` at the next revision; the changes they made."""
         rev = self._revision + 1
-        changes: list[tuple[int, int, Change]] = []
+        changes: list[Change] = []
         for op in ops:
             if isinstance(op, Put):
                 row = self._exec("SELECT create_revision FROM kv WHERE key = ?", (op.key,)).fetchone()
                 kv = KeyValue(op.key, bytes(op.value), rev, row[0] if row else rev, op.lease)
                 self._exec("INSERT OR REPLACE INTO kv VALUES (?, ?, ?, ?, ?)",
                            (kv.key, kv.value, kv.mod_revision, kv.create_revision, kv.lease))
-                changes.append((rev, len(changes), Change("put", kv)))
+                changes.append(Change("put", kv))
             else:
                 if op.prefix:
                     where, args = _key_range(op.key)
@@ -164,32 +161,33 @@ class SqliteKV:
                     where, args = "key = ?", (op.key,)
                 gone = [r[0] for r in self._exec(f"SELECT key FROM kv WHERE {where} ORDER BY key", args)]
                 self._exec(f"DELETE FROM kv WHERE {where}", args)
-                changes += [(rev, len(changes) + i, Change("delete", KeyValue(k, b"", rev, 0))) for i, k in enumerate(gone)]
+                changes += [Change("delete", KeyValue(k, b"", rev, 0)) for k in gone]
         if changes:
             self._exec_many("INSERT INTO kv_history VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            [(r, n, c.kv.key, c.kind == "delete", c.kv.value, c.kv.create_revision, c.kv.lease)
-                             for r, n, c in changes])
+                            [(rev, n, c.kv.key, c.kind == "delete", c.kv.value, c.kv.create_revision, c.kv.lease)
+                             for n, c in enumerate(changes)])
             self._exec("UPDATE kv_meta SET value = ? WHERE name = 'revision'", (rev,))
             if rev - self._compacted > 2 * self.history:
                 self._compact(rev - self.history)
         return changes
 
-    def _committed(self, changes: list[tuple[int, int, Change]]) -> None:
+    def _committed(self, changes: list[Change]) -> None:
         """After commit (never before): the revision moves and watchers hear of it."""
         if not changes:
             return
-        self._revision = changes[0][0]
+        self._revision = changes[0].revision
         for w in self._watchers:
             if w.buffer is None:
                 w.wake.set()  # reading history: it will find these there
                 continue
-            mine = [c for c in changes if w.wants(c[2].kv.key) and c[:2] > w.last]
-            if not mine:
+            mine = [c for c in changes if w.wants(c.kv.key)]
+            if not mine or self._revision <= w.last:
                 continue
-            if len(w.buffer) + len(mine) > self.watch_buffer:
-                w.buffer = None  # too far behind: read history from w.last on
+            if w.buffered + len(mine) > self.watch_buffer:
+                w.buffer, w.buffered = None, 0  # too far behind: read history after w.last instead
             else:
-                w.buffer.extend(mine)
+                w.buffer.append(mine)
+                w.buffered += len(mine)
             w.wake.set()
 
     # -- history and watches --------------------------------------------------------------
@@ -208,16 +206,16 @@ class SqliteKV:
         self._exec("UPDATE kv_meta SET value = ? WHERE name = 'compacted'", (revision,))
         self._compacted = revision
 
-    def watch(self, prefix: str, start_revision: int) -> AbstractAsyncContextManager[AsyncIterator[Change]]:
+    def watch(self, prefix: str, start_revision: int) -> AbstractAsyncContextManager[AsyncIterator[list[Change]]]:
         return self._watch(prefix, start_revision)
 
     @asynccontextmanager
-    async def _watch(self, prefix: str, start_revision: int) -> AsyncIterator[AsyncIterator[Change]]:
+    async def _watch(self, prefix: str, start_revision: int) -> AsyncIterator[AsyncIterator[list[Change]]]:
         self._check_open()
         start = start_revision or self._revision + 1
         if start < self._compacted:
             raise Compacted(self._compacted)
-        w = _Watcher(prefix, prefix_end(prefix), (start - 1, _ALL))
+        w = _Watcher(prefix, prefix_end(prefix), start - 1)
         if start > self._revision:
             w.buffer = deque()  # nothing to replay: straight onto live changes
         self._watchers.add(w)
@@ -226,42 +224,47 @@ class SqliteKV:
         finally:
             self._watchers.discard(w)
 
-    async def _changes(self, w: _Watcher) -> AsyncIterator[Change]:
+    async def _changes(self, w: _Watcher) -> AsyncIterator[list[Change]]:
         while True:
             if w.buffer is None:
                 batch, upto = self._catch_up(w)
-                for rev, n, change in batch:
-                    w.last = (rev, n)
-                    yield change
-                w.last = max(w.last, (upto, _ALL))
+                for changes in batch:
+                    w.last = changes[0].revision
+                    yield changes
+                w.last = max(w.last, upto)
                 continue
             if not w.buffer:
                 self._check_open()
                 await w.wake.wait()
                 w.wake = trio.Event()
                 continue
-            rev, n, change = w.buffer.popleft()
-            w.last = (rev, n)
-            yield change
+            changes = w.buffer.popleft()
+            w.buffered -= len(changes)
+            w.last = changes[0].revision
+            yield changes
 
-    def _catch_up(self, w: _Watcher) -> tuple[list[tuple[int, int, Change]], int]:
-        """The history after ``w.last`` (up to a revision, returned too); once that reaches
-        the present, ``w`` switches to live changes.
+    def _catch_up(self, w: _Watcher) -> tuple[list[list[Change]], int]:
+        """The history after ``w.last``, a revision at a time, up to a revision (returned too);
+        once that reaches the present, ``w`` switches to live changes.
 
         No await between the read and the switch, so no change falls between the two."""
         self._check_open()
-        rev, n = w.last
-        if (rev + 1 if n == _ALL else rev) < self._compacted:
+        if w.last + 1 < self._compacted:
             raise Compacted(self._compacted)
-        upto = min(self._revision, rev + CATCH_UP_REVISIONS)
+        upto = min(self._revision, w.last + CATCH_UP_REVISIONS)
         where, args = _key_range(w.prefix)
         rows = self._db.execute(
             "SELECT revision, n, key, deleted, value, create_revision, lease FROM kv_history "
-            f"WHERE (revision > ? OR (revision = ? AND n > ?)) AND revision <= ? AND {where} ORDER BY revision, n",
-            (rev, rev, n, upto, *args)).fetchall()
+            f"WHERE revision > ? AND revision <= ? AND {where} ORDER BY revision, n",
+            (w.last, upto, *args)).fetchall()
         if upto == self._revision:
             w.buffer = deque()
-        return [(r[0], r[1], _change(r)) for r in rows], upto
+        batch: list[list[Change]] = []
+        for row in rows:
+            if not batch or batch[-1][0].revision != row[0]:
+                batch.append([])
+            batch[-1].append(_change(row))
+        return batch, upto
 
     # -- leases ---------------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ async def test_a_slow_watcher_reads_history_instead_of_buffering(tmp_path):
             for i in range(50):  # nobody reads meanwhile: far past the buffer
                 await s.txn([], [Put(f"w/{i}", b"a"), Put(f"w/{i}", b"b"), Put("other", b"")])
             got = await next_changes(changes, 100)
+            assert all(len({c.revision for c in r}) == 1 for r in [got[i:i + 2] for i in range(0, 100, 2)])
         assert [(c.kv.key, c.kv.value) for c in got] == [(f"w/{i}", v) for i in range(50) for v in (b"a", b"b")]
         assert [c.revision for c in got] == sorted(c.revision for c in got)
 
