@@ -15,7 +15,8 @@ import sys
 import time
 
 EXIT_FAILED, EXIT_USAGE, EXIT_PAUSED = 1, 2, 3
-VERBS = ("apply", "pause", "resume", "step", "rollback", "restart", "stop")
+VERBS = ("apply", "pause", "resume", "step", "promote", "abort", "rollback", "restart", "stop")
+FOLLOWED = ("apply", "rollback", "restart", "resume", "step", "promote", "abort")  # verbs that start or move a rollout
 
 
 class Fail(Exception):
@@ -107,6 +108,8 @@ def follow(c: Client, service: str, *, out=sys.stdout) -> int:
     while c.read("active", service, "update_status").strip() == "rolling":
         show()
         time.sleep(0.2)
+    if c.read("active", service, "update_status").strip() == "canary":
+        show()  # the canaries are starting: `wait` answers once they are up (or failed)
     # `wait` blocks until the batch in hand is done: a `step` (or a pause) still
     # moves while update_status already reads "paused", so show where it ended.
     outcome = c.read("active", service, "wait").strip()
@@ -114,9 +117,32 @@ def follow(c: Client, service: str, *, out=sys.stdout) -> int:
     if tty:
         out.write("\n")
     print(outcome, file=out)
+    if outcome == "canary":
+        print(canary_hint(c, service), file=out)
     if outcome.startswith("failed"):
         return EXIT_FAILED
     return EXIT_PAUSED if outcome == "paused" else 0
+
+
+def canary_hint(c: Client, service: str) -> str:
+    """What a held canary is, and the two ways on from it."""
+    version = c.read("active", service, "version").strip()
+    weight = ""
+    for line in c.read("active", service, "manifest").splitlines():
+        words = line.split("#", 1)[0].split()
+        if words[:1] == ["canary_weight"] and len(words) == 2:
+            weight = f", getting {words[1]}% of requests"
+    new = 0
+    for slot in os.listdir(c.path("active", service, "instances")):
+        try:
+            new += f"version={version} " in c.read("active", service, "instances", slot)
+        except Fail:
+            pass  # gone between the listing and the read
+    lines = [f"canary: {new} instance{'s' if new != 1 else ''} of {version} beside the old set{weight}.",
+             "Look at it (deploy logs, deploy events), then either:",
+             f"  deploy promote {service}     roll out the rest the rolling way",
+             f"  deploy rollback {service}    stop the canaries; the old set stays exactly as it is"]
+    return "\n".join(lines)
 
 
 def status_table(c: Client) -> str:
@@ -201,12 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--detach", action="store_true", help="return at once instead of following the rollout")
     for verb, text in [("pause", "hold a rollout at the next batch boundary"), ("resume", "continue a paused rollout"),
                        ("step", "while paused: advance one batch, then pause again"),
+                       ("promote", "during a canary: roll out the rest the rolling way"),
+                       ("abort", "stop a rollout in flight (a canary, say) and return to the last good version"),
                        ("rollback", "roll out the previous manifest (version and previous_version swap)"),
                        ("restart", "replace every instance with a fresh one of the same version, rolling"),
                        ("stop", "drain and stop every instance; the service stays listed")]:
         v = sub.add_parser(verb, help=text)
         v.add_argument("service")
-        if verb in ("rollback", "restart", "resume", "step"):
+        if verb in FOLLOWED:
             v.add_argument("--detach", action="store_true", help="return at once instead of following")
     s = sub.add_parser("status", help="one service's status, or a table of all")
     s.add_argument("service", nargs="?")
@@ -235,7 +263,7 @@ def run(argv: list[str] | None = None) -> int:
     verb = a.verb
     if verb in VERBS:
         reply = c.ctl(a.service, verb)
-        if verb in ("apply", "rollback", "restart", "resume", "step") and not a.detach:
+        if verb in FOLLOWED and not a.detach:
             if reply.startswith("ok unchanged"):
                 print(reply)
                 return 0

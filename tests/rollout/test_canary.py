@@ -1,0 +1,154 @@
+"""Canary releases with real processes and real traffic (issue 20): the canary's share of
+requests under canary_weight (built-in router and haproxy), promote and abort under wrk
+with no failed request, and a bad canary that rolls itself back."""
+
+import http.client
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests import mount as _mount
+from tests.load import Load
+from tests.mount import SERVICE
+
+PORT = 20700
+REQUESTS = 2100
+
+
+def manifest(version: str = "v1", extra: str = "", canary: str = "") -> str:
+    return (f"image {sys.executable}\nargs {SERVICE} --port $PORT --version {version} {extra}\n"
+            f"replicas 3\nport {PORT}\nhealth http://127.0.0.1:$PORT/healthz\n"
+            "health_interval 0.2\nhealth_timeout 0.5\nhealth_retries 2\nupdate_deadline 5\n"
+            f"drain_timeout 1\nstop_timeout 5\n{canary}")
+
+
+CANARY = "update canary\ncanary 1\n"
+DEPLOY = [sys.executable, "-c", "from deployfs.cli.deploy import main; main()"]
+
+
+def deploy(m, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*DEPLOY, *args], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, DEPLOYFS_MOUNT=m.path))
+
+
+def serve(tmp_path, *extra: str):
+    m = _mount.start(str(tmp_path), *extra)
+    try:
+        m.write_manifest("web", manifest())
+        assert m.ctl("apply web").returncode == 0
+        assert m.sh("cat active/web/wait", timeout=30).stdout.startswith("done")
+        m.until(lambda: len(m.read("active/web/endpoints").split()) == 3, what="three endpoints")
+    except BaseException:
+        _mount.stop(m)
+        raise
+    return m
+
+
+@pytest.fixture
+def served(tmp_path):
+    m = serve(tmp_path)
+    yield m
+    _mount.stop(m)
+
+
+def instances(m) -> dict[str, tuple[str, str]]:
+    """slot -> (version, pid)."""
+    out = {}
+    for line in m.sh("cd active/web/instances && for f in *; do echo \"$f $(cat $f)\"; done", check=True).stdout.splitlines():
+        slot = line.split()[0]
+        out[slot] = (re.search(r"version=(\S+)", line).group(1), re.search(r"pid=(\S+)", line).group(1))
+    return out
+
+
+def start_canary(m, version: str = "v2", extra: str = "", canary: str = CANARY) -> None:
+    m.write_manifest("web", manifest(version, extra, canary))
+    r = m.sh("echo apply > active/web/ctl && cat active/web/wait", timeout=30)
+    assert r.stdout == "canary\n", (r.stdout, r.stderr, m.read("active/web/events"))
+    assert m.read("active/web/update_status") == "canary\n"
+
+
+def get_one(_: int) -> str:
+    """One request on a connection of its own: the router picks per connection (tcp) or request."""
+    c = http.client.HTTPConnection("127.0.0.1", PORT, timeout=5)
+    try:
+        c.request("GET", "/", headers={"Connection": "close"})
+        return c.getresponse().read().decode().split()[0]
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("router", ["builtin", "haproxy"])
+def test_canary_weight_gives_the_canary_its_percent(tmp_path, router):
+    m = serve(tmp_path, *(("--router", "haproxy") if router == "haproxy" else ()))
+    try:
+        start_canary(m, canary=CANARY + "canary_weight 10\n")
+        m.until(lambda: len(m.read("active/web/endpoints").split()) == 4, what="the canary routed")
+        time.sleep(0.3)  # haproxy: the weights follow the server add on the same admin socket, in order
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(get_one, range(REQUESTS)))
+        share = answers.count("v2") / len(answers)
+        print(f"\n{router}: canary share {share:.1%} of {len(answers)} requests (canary_weight 10)")
+        assert answers.count("v1") + answers.count("v2") == REQUESTS
+        assert 0.07 <= share <= 0.13
+    finally:
+        _mount.stop(m)
+
+
+def test_promote_under_load_fails_nothing(served):
+    m = served
+    m.write_manifest("web", manifest("v2", "", CANARY + "canary_weight 20\n"))
+    r = deploy(m, "apply", "web")  # shows the canary and the two ways on
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    assert "web: canary" in r.stdout and out[out.index("canary") + 1].startswith("canary: 1 instance of "), r.stdout
+    assert "getting 20% of requests" in r.stdout
+    assert "deploy promote web" in r.stdout and "deploy rollback web" in r.stdout
+    load = Load(f"http://127.0.0.1:{PORT}/")
+    time.sleep(0.5)
+    r = deploy(m, "promote", "web")
+    time.sleep(0.5)
+    result = load.stop()
+    print(f"\npromote: {result}; deploy promote said {r.stdout!r}")
+    assert r.returncode == 0, r.stderr
+    assert m.read("active/web/wait") == f"done {m.read('active/web/version').strip()}\n"
+    assert result.requests > 200 and result.failed == 0, result.output
+    assert {v for v, _ in instances(m).values()} == {m.read("active/web/version").strip()}
+    assert sorted(instances(m)) == ["0", "1", "2"]
+
+
+def test_abort_under_load_fails_nothing_and_keeps_the_old_set(served):
+    m = served
+    before = instances(m)
+    start_canary(m)
+    assert len(instances(m)) == 4
+    load = Load(f"http://127.0.0.1:{PORT}/")
+    time.sleep(0.5)
+    assert m.ctl("abort", "web").returncode == 0
+    out = m.sh("cat active/web/wait", timeout=30).stdout
+    time.sleep(0.5)
+    result = load.stop()
+    print(f"\nabort: {result}; wait said {out!r}")
+    assert out.startswith("done")
+    assert result.requests > 200 and result.failed == 0, result.output
+    assert instances(m) == before  # the same processes on the same slots
+
+
+def test_bad_canary_with_auto_rollback_rolls_back_by_itself(served):
+    m = served
+    before = instances(m)
+    v1 = m.read("active/web/version").strip()
+    m.write_manifest("web", manifest("v3", "--fail-health-after 0.5", CANARY + "auto_rollback yes\n"))
+    r = m.sh("echo apply > active/web/ctl && cat active/web/wait", timeout=30)
+    assert r.stdout == "canary\n", r.stdout  # healthy at first: it goes bad half a second in
+    m.until(lambda: m.read("active/web/update_status") != "canary\n", what="the canary to fail")
+    r = m.sh("cat active/web/wait", timeout=30)
+    assert r.stdout.startswith("failed: instance 3 (") and r.stdout.endswith(f"(rolled back to {v1})\n"), r.stdout
+    assert m.read("active/web/version") == f"{v1}\n" and m.read("active/web/update_status") == "none\n"
+    assert instances(m) == before  # untouched: the same processes on the same slots
+    events = m.read("active/web/events")
+    assert "automatic rollback started" in events and "by deployfs (auto_rollback)" in events
