@@ -257,10 +257,14 @@ class Service:
         return (rec.update_status == "failed" and self.manifest.auto_rollback and rec.good_version is not None
                 and rec.version != rec.good_version)
 
-    def restored(self) -> bool:
-        """After a failure: the good version serves ``replicas`` again and the failed release is gone."""
+    def restored(self) -> bool | None:
+        """After a failure: the good version serves ``replicas`` again and the failed release is gone.
+        None: it cannot be, the good version went bad itself (the rollback then fails, and says why)."""
         good = (self.rec.good_version, self.rec.good_generation)
         insts = list(self.instances.values())
+        if any((i.rec.version, i.rec.generation) == good and i.phase in (Phase.UNHEALTHY, Phase.EXITED, Phase.FAILED)
+               for i in insts):
+            return None
         ready = sum(1 for i in insts if (i.rec.version, i.rec.generation) == good and i.phase is Phase.READY)
         return ready >= self.rec.replicas and all(
             (i.rec.version, i.rec.generation) == good and not i.leaving and not i.busy for i in insts)
@@ -321,7 +325,7 @@ class Service:
             if (self.rec.update_status, self.rec.steps) != (p.state.status, p.state.steps):
                 self.rec.update_status, self.rec.steps = p.state.status, p.state.steps
                 self.save()
-            if self.rolling_back_by_itself() and self.restored() and not self.engine.stopping:
+            if self.rolling_back_by_itself() and self.restored() is not False and not self.engine.stopping:
                 self.engine.auto_rollback(self)
                 continue
             if any(changed):

@@ -30,7 +30,7 @@ only when nothing is draining and at most ``replicas`` run.
 
 Canary (``update canary``), one more rule while ``Target.canary`` is set (the
 canary phase, until promotion): the old set is supervised as in steady state
-and never stopped; ``canary`` target instances start beside it (one batch,
+and never stopped (what a superseded release left beside it goes first); ``canary`` target instances start beside it (one batch,
 ``replicas + canary`` running) and then the rollout holds, status ``canary``,
 until a person promotes (the engine clears ``Target.canary`` and the rolling
 rules carry on) or rolls back.  With ``auto_promote`` the plan itself says
@@ -225,6 +225,13 @@ def _canary(t: Target, insts: list[Inst], new: list[Inst], old: list[Inst], st: 
     actions: list[Action] = list(p.actions)
     wake = [p.wake_at] if p.wake_at is not None else []
     want = min(t.canary, t.replicas)
+    surplus = len(old) - t.replicas
+    if surplus > 0:
+        # An apply during a rollout or a canary: what the superseded release started beside the old
+        # set leaves first (never the good version while another will do), so the canaries fit the surge.
+        order = sorted(old, key=lambda i: (i.key == t.good, i.phase is Phase.READY, -i.slot))
+        return Plan(actions + [Stop(i.id, "superseded") for i in order[:surplus]],
+                    replace(st, status=status, boundary=None), wake_at=min(wake, default=None))
     if len(new) > want:  # `canary` was lowered by an apply of the same version
         extra = sorted(new, key=lambda i: -i.slot)[: len(new) - want]
         return Plan(actions + [Stop(i.id, "more canaries than canary") for i in extra],

@@ -149,3 +149,115 @@ def test_random_operations_keep_the_invariants(tmp_path_factory, script, batch, 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert problems == []
     assert start_budget["paused_starts"] <= 0, "instances started while paused without a step"
+
+
+# -- canary (issue 20) -------------------------------------------------------------------------
+
+canary_ops = st.one_of(
+    st.tuples(st.just("apply"), st.sampled_from(VERSIONS), st.sampled_from(["ok", "ok", "fail", "exit", "flaky-later"])),
+    st.tuples(st.sampled_from(["promote", "abort", "rollback", "pause", "resume", "step"]), st.none(), st.none()),
+    st.tuples(st.just("wait"), st.floats(0, 3), st.none()),
+)
+
+
+class WeightRouter:
+    """Records every weighted table the engine hands the router."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+
+    def set_backends(self, service, port, backends, weights=None) -> None:
+        if weights is not None and (len(weights) != len(backends) or sum(weights) != 100):
+            self.problems.append(f"weights {weights} for {len(backends)} backends do not sum to 100")
+
+    def routed(self) -> bool:
+        return True
+
+    async def wait_routed(self) -> None:
+        pass
+
+    async def drain(self, service, backend, timeout) -> None:
+        pass
+
+    def failure(self, service):
+        return None
+
+    def port_problem(self, port):
+        return None
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(script=st.lists(canary_ops, min_size=1, max_size=8), canaries=st.integers(1, 3), replicas=st.integers(1, 4),
+       weight=st.sampled_from([None, 0, 10, 33, 100]), auto=st.booleans())
+@example(script=[("apply", "/bin/b", "ok"), ("abort", None, None)], canaries=1, replicas=3, weight=10, auto=False)
+@example(script=[("apply", "/bin/b", "ok"), ("pause", None, None), ("promote", None, None), ("step", None, None),
+                 ("abort", None, None)], canaries=2, replicas=3, weight=None, auto=False)
+@example(script=[("apply", "/bin/b", "flaky-later"), ("wait", 3.0, None), ("promote", None, None)],
+         canaries=1, replicas=2, weight=10, auto=True)
+# The good version itself goes bad while a failed canary with auto_rollback waits to restore it:
+# the rollback goes ahead (and fails, saying why) instead of waiting for ever.
+@example(script=[("apply", "/bin/a", "fail"), ("apply", "/bin/b", "fail")], canaries=1, replicas=1, weight=None, auto=True)
+def test_canary_operations_keep_the_invariants(tmp_path_factory, script, canaries, replicas, weight, auto):
+    """Never an old instance stopped before promotion (unless it went bad itself); after an abort
+    (or rollback) of a canary exactly the old set remains; weights always sum to 100; never more
+    than replicas + max(update_batch, canary) run."""
+    from deployfs.control.engine import Engine
+
+    h = Harness(tmp_path_factory.mktemp("c"))
+    problems: list[str] = []
+    h.engine = Engine(h.store, h.rt, h.prober, router=WeightRouter(problems))  # type: ignore[arg-type]
+    extra: dict[str, object] = {"update": "canary", "canary": canaries, "port": 8080}
+    if weight is not None:
+        extra["canary_weight"] = weight
+    if auto:
+        extra["auto_rollback"] = "yes"
+
+    def on_start(proc) -> None:
+        running = len(h.rt.running("web"))
+        if running > replicas + max(1, canaries):
+            problems.append(f"{running} running > {replicas} + max(1, {canaries})")
+
+    def on_change(name: str) -> None:
+        # Before promotion nothing old is asked to stop: only what went bad itself is restarted.
+        svc = h.engine.services.get("web")
+        if svc is None or not svc.rec.canary_phase:
+            return
+        good = (svc.rec.good_version, svc.rec.good_generation)
+        for i in svc.instances.values():
+            if i.leaving and (i.rec.version, i.rec.generation) == good and i.phase.value == "ready":
+                problems.append(f"old instance {i.rec.slot} stopped during the canary phase")
+
+    h.rt.on_start = on_start
+    h.engine.listeners.append(on_change)
+
+    async def main():
+        async with trio.open_nursery() as n:
+            await n.start(h.engine.run)
+            h.write(manifest(replicas=replicas, image="/bin/a", **extra))
+            h.cmd("apply")
+            await h.settle()
+            for verb, arg, how in script:
+                svc = h.svc
+                if verb == "wait":
+                    await trio.sleep(arg)
+                    continue
+                in_canary = svc.rec.canary_phase
+                old = {p.pid for p in h.rt.running("web") if p.version != svc.rec.version}
+                try:
+                    if verb == "apply":
+                        v = h.write(manifest(replicas=replicas, image=arg, **extra))
+                        h.prober.behaviour.setdefault(v, how)
+                    h.cmd(verb)
+                except CommandError as e:
+                    assert e.kind in (Kind.BUSY, Kind.INVALID, Kind.NOT_FOUND), e
+                    continue
+                out = await h.settle()
+                if verb in ("abort", "rollback") and in_canary and out.startswith("done"):
+                    now = {p.pid for p in h.rt.running("web")}
+                    went_bad = {p.pid for p in h.rt.procs.values() if p.went_bad_at}
+                    if not (old & went_bad) and now != old:
+                        problems.append(f"after {verb} of a canary: running {sorted(now)}, the old set {sorted(old)}")
+            n.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert problems == []
