@@ -45,7 +45,8 @@ def steps(block):
 def norm(line):
     line = re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", "T", line)
     line = re.sub(r"\b[0-9a-f]{12}\b", "H", line)
-    line = re.sub(r"(pid|port)=\d+", r"\1=N", line)
+    line = re.sub(r"(pid|port|rss)=\d+", r"\1=N", line)
+    line = re.sub(r"cpu=\d+\.\d+", "cpu=N", line)
     line = re.sub(r"\d+\.\d+s\b", "Xs", line)
     line = re.sub(r"node=\S+", "node=N", line)
     line = re.sub(r"\S*/examples/web.py", "examples/web.py", line)

@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="close a routed connection with no traffic either way for this long (default 300; 0: never)")
     s.add_argument("--events-max-bytes", type=int, default=1024 * 1024,
                    help="rotate a service's events file into events.1 at this size (default 1 MiB)")
+    s.add_argument("--metrics", type=_address, metavar="HOST:PORT",
+                   help="also serve /deploy/metrics (Prometheus text) at http://HOST:PORT/metrics")
     s.add_argument("--debug", action="store_true", help="log one line per FUSE operation")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="deployfs: %(message)s", stream=sys.stderr)
@@ -78,6 +80,14 @@ def _ports(text: str) -> tuple[int, int]:
     if not 1 <= ports[0] <= ports[1] <= 65535:
         raise argparse.ArgumentTypeError(f"wants LOW-HIGH with 1 <= LOW <= HIGH <= 65535, got {text!r}")
     return ports
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")  # [::1]:9464
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"wants HOST:PORT (e.g. 127.0.0.1:9464), got {text!r}")
+    return host, int(port)
 
 
 def _group(name: str) -> int:
@@ -149,6 +159,13 @@ async def serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None
                           on_error=lambda service, msg: events.emit(service, f"router: {msg}"))
     engine = Engine(store, LocalRuntime(a.state, ports=ports), probes, events=events, router=router, state_dir=a.state)
     ops = DeployFS(engine, access=Access(group=group), debug=a.debug)
+    stop_metrics = None  # before the router starts: a refused address must leave nothing running
+    if a.metrics:
+        try:
+            stop_metrics = ops.ns.metrics.serve(*a.metrics)
+        except OSError as e:
+            raise SetupError(f"--metrics {a.metrics[0]}:{a.metrics[1]}: {e.strerror or e}") from None
+        log.info("metrics at http://%s:%d/metrics", *a.metrics)
     try:
         await router.start()
     except RouterError as e:
@@ -185,6 +202,8 @@ async def serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None
             nursery.cancel_scope.cancel()
     finally:
         ops.mounted = False
+        if stop_metrics is not None:
+            stop_metrics()
         pyfuse3.close(unmount=True)
         await probes.aclose()
         store.close()

@@ -34,6 +34,7 @@ from ..node.runtime import MARKER, LaunchSpec, Process, Runtime, StartError, fin
 from ..state.events import CLUSTER, EventLog
 from ..state.store import InstanceRecord, ServiceRecord, Store, StoreFull
 from ._ticker import Ticker
+from .stats import ServiceStats
 
 log = logging.getLogger(__name__)
 NODE = socket.gethostname() or "local"
@@ -133,6 +134,7 @@ class Service:
         self._awaiting_router = False
         self.commands = 0  # bumped by every command: a plan made before one is stale
         self.deleted = False  # `delete` finished: the service is gone from the engine
+        self.stats = ServiceStats()  # counted for the metrics, from this server's start
 
     @property
     def name(self) -> str:
@@ -369,6 +371,7 @@ class Service:
             now = trio.current_time()
             inst.restart_times = [t for t in inst.restart_times if now - t < rollout.RESTART_WINDOW] + [now]
             inst.rec.restarts += 1
+            self.stats.restarts += 1
             recent = sum(1 for t in inst.restart_times if trio.current_time() - t < rollout.RESTART_WINDOW)
             self.event(f"instance {inst.rec.slot} {a.reason}, restarting ({recent}/{inst.manifest.max_restarts})")
             e.nursery.start_soon(self._restart, inst)
@@ -382,6 +385,7 @@ class Service:
         elif isinstance(a, rollout.Fail):
             self.rec.failure = a.reason + self._detection()
             self.rec.update_status = "failed"
+            self.stats.rollouts_failed += 1
             self.keep_logs("failed", lambda i: (i.rec.version, i.rec.generation) == self.target().key)
             self.save()
             self.event(f"rolling update failed: {self.rec.failure}")
@@ -402,6 +406,8 @@ class Service:
                 self.save()
             took = time.time() - (self.rec.rollout_started or time.time())
             what = "rolling update" if self.rec.rollout_from else "deploy"
+            self.stats.rollouts_completed += 1
+            self.stats.rollout_seconds.observe(max(took, 0.0))
             self.event(f"{what} complete: {self.rec.version} in {max(took, 0.0):.1f}s")
             self.rec.rollout_from, self.rec.rollout_started = None, None
             self.save()
@@ -504,7 +510,10 @@ class Service:
                     await trio.sleep(m.min_healthy)
                     self._observe(inst, True, "")
                 await trio.sleep_forever()
+            t0 = trio.current_time()
             verdict = await self.engine.prober.probe(check, m.health_timeout, env=probe_env)
+            self.stats.probe_seconds.observe(trio.current_time() - t0)
+            self.stats.probe_failures += not verdict.ok
             self._observe(inst, verdict.ok, verdict.detail)
             period = m.health_interval
             if inst.phase is Phase.STARTING:
@@ -967,6 +976,7 @@ class Engine:
                 self.store.put_service(rec)
                 svc = Service(self, rec)
                 svc.state = rollout.State("rolling", 0, float("-inf"))
+                svc.stats.rollouts_started += 1
                 self.services[name] = svc
                 _warn(svc, parsed.warnings)
                 svc.event(f"deployed {m.version} replicas={m.replicas} by {who}")
@@ -986,6 +996,7 @@ class Engine:
                 rec.kept_logs = {}
                 svc.state = rollout.State("rolling", 0, float("-inf"))
                 rec.update_status, rec.rollout_started = "rolling", time.time()
+                svc.stats.rollouts_started += 1
             svc.save()
             if not changed:
                 return f"ok unchanged {m.version}"
@@ -1031,6 +1042,7 @@ class Engine:
             rec.rolled_back = ""
             rec.kept_logs = {}
             rec.rollout_started = time.time()
+            svc.stats.rollouts_started += 1
             svc.set_previous()  # only a version that completed can be the rollback target
             svc.manifest = m
             svc.state = rollout.State(rec.update_status, 0, float("-inf"))

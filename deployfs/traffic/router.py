@@ -47,6 +47,7 @@ import resource
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 
 import trio
@@ -88,6 +89,10 @@ class Route:
     weights: dict[Backend, int] | None = None  # None: every backend the same
     _credit: dict[Backend, int] = field(default_factory=dict)  # smooth weighted round-robin's running credit
     active: dict[Backend, int] = field(default_factory=dict)
+    # Per backend, for the metrics: connections forwarded, and connects that failed.
+    # Kept here, in the router process, so they outlive a server restart.
+    total: dict[Backend, int] = field(default_factory=dict)
+    failed: dict[Backend, int] = field(default_factory=dict)
     served: int = 0
     refused: int = 0
     open: int = 0  # client connections held now
@@ -133,6 +138,7 @@ class Router:
     def __init__(self, bind: str, policy: str = "roundrobin", *, nofile: int | None = None) -> None:
         self.bind, self.policy = bind, policy
         self.routes: dict[str, Route] = {}
+        self.started = time.time()  # its counters count from here (metrics: a reset is explained)
         self.nursery: trio.Nursery
         self.relay: Relay
         self.nofile = nofile or resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -173,6 +179,9 @@ class Router:
         route.backends = [tuple(b) for b in backends]  # type: ignore[misc]
         route.weights = None if weights is None else dict(zip(route.backends, weights))
         route._credit = {}
+        for counts in (route.total, route.failed):  # a backend gone for good: its series ends
+            for b in [b for b in counts if b not in route.backends and not route.active.get(b)]:
+                del counts[b]
         route.poke()
         return {"ok": True}
 
@@ -253,6 +262,7 @@ class Router:
                     break
                 except OSError:
                     pass  # nothing was sent yet: try the next one
+            route.failed[backend] = route.failed.get(backend, 0) + 1  # refused, or no answer in time
             route.release(backend)
         if upstream is None or chosen is None:
             route.refused += 1
@@ -260,6 +270,7 @@ class Router:
             await client.aclose()
             return
         route.served += 1
+        route.total[chosen] = route.total.get(chosen, 0) + 1
         finished, pair = trio.Event(), None
         try:
             label = f"{_peer(client)} -> {chosen[0]}:{chosen[1]}"
@@ -288,13 +299,15 @@ class Router:
         return {"ok": True, "left": left}
 
     def stats(self) -> dict:
-        return {"pid": os.getpid(), "nofile": self.nofile, "max_conns": self.max_conns,
+        return {"pid": os.getpid(), "started": self.started, "nofile": self.nofile, "max_conns": self.max_conns,
                 "idle_timeout": self.relay.idle_timeout or 0, "out_of_fds": self.out_of_fds,
                 "fds_short": self._fds_short, "routes": {
             s: {"port": r.port, "backends": [list(b) for b in r.backends], "served": r.served, "refused": r.refused,
                 "weights": None if r.weights is None else [r.weights[b] for b in r.backends],
                 "open": r.open, "rejected": r.rejected, "saturated": r.saturated,
-                "active": {f"{h}:{p}": n for (h, p), n in r.active.items() if n}} for s, r in self.routes.items()}}
+                "active": {f"{h}:{p}": n for (h, p), n in r.active.items() if n},
+                "total": {f"{h}:{p}": n for (h, p), n in r.total.items()},
+                "failed": {f"{h}:{p}": n for (h, p), n in r.failed.items()}} for s, r in self.routes.items()}}
 
 
 def _peer(stream: trio.SocketStream) -> str:

@@ -69,6 +69,9 @@ class TableFeeder:
         self._proc: subprocess.Popen[bytes] | None = None  # a router we started (not adopted)
         self.stopping = False
         self.bind = "127.0.0.1"  # the address service ports listen on
+        # The router's last answer to the liveness ping (its counters, for the metrics): at most
+        # PING_EVERY old, and no extra round trip per scrape. {} until it answers (and for haproxy).
+        self.last_stats: dict = {}
 
     # -- what the engine calls ----------------------------------------------------------
 
@@ -231,6 +234,7 @@ class TableFeeder:
                             await trio.sleep(0.05)
                     silent_since = None
                 continue
+            self.last_stats = stats
             if silent_since is not None:
                 self.on_error(CLUSTER, f"pid {pid} answers again")
                 silent_since = None

@@ -13,12 +13,15 @@ from __future__ import annotations
 import os
 import re
 import stat
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 from ..control.engine import NODE, Engine, Instance, Service
 from ..state import statedir
+from ..node.usage import Cost
 from ..state.events import CLUSTER, EventLog, rfc3339
+from .metrics import Metrics, render_cost
 
 Path = tuple[str, ...]
 # Names a manifests/ entry may have: editors' temp and swap files included
@@ -150,11 +153,12 @@ def _text(fn: Callable[[Service], str]) -> Callable[["Namespace", Service], Node
     return lambda ns, s: Text(lambda: render(s), lambda: s.mtime)
 
 
-def render_instance(i: Instance) -> str:
+def render_instance(i: Instance, cost: Cost | None = None) -> str:
     r = i.rec
     state = "draining" if i.leaving else r.state
     return (f"node={NODE} slot={r.slot} version={r.version} state={state} health={r.health} "
-            f"pid={r.pid or '-'} port={r.port or '-'} restarts={r.restarts} started={rfc3339(r.started)}\n")
+            f"pid={r.pid or '-'} port={r.port or '-'} restarts={r.restarts} started={rfc3339(r.started)} "
+            f"{render_cost(cost)}\n")
 
 
 def render_status(s: Service) -> str:
@@ -182,7 +186,7 @@ SERVICE_FILES: dict[str, Callable[["Namespace", Service], Node]] = {
     "health": _line(lambda s: s.health()),
     "status": _text(render_status),
     "endpoints": _text(lambda s: "".join(f"{h}:{p}\n" for h, p in s.endpoints())),
-    "instances": lambda ns, s: ns.slots_dir(s, lambda i: render_instance(i).encode()),
+    "instances": lambda ns, s: ns.slots_dir(s, lambda i: render_instance(i, ns.cost(i)).encode()),
     "logs": lambda ns, s: ns.logs_dir(s),
     "events": lambda ns, s: Events(s.name, None),
     "events.1": lambda ns, s: Events(s.name, -1),
@@ -195,13 +199,19 @@ ROOT_FILES: dict[str, Callable[["Namespace"], Node]] = {
     "events.1": lambda ns: Events(CLUSTER, -1),
     "manifests": lambda ns: Dir(ns.engine.store.list_files, ns.manifest_file, writable=True),
     "active": lambda ns: Dir(lambda: sorted(ns.engine.services), ns.service_dir),
+    "metrics": lambda ns: Text(ns.metrics.render, time.time),  # Prometheus text (DESIGN §12)
 }
 
 
 class Namespace:
     def __init__(self, engine: Engine) -> None:
         self.engine: Engine = engine  # annotated: the module-level ROOT_FILES lambdas use it before inference
+        self.metrics: Metrics = Metrics(engine)
         self.root = Dir(lambda: [f for f in ROOT_FILES if f != "events.1" or self._rotated(CLUSTER)], self.root_child)
+
+    def cost(self, i: Instance) -> Cost | None:
+        """An instance's CPU and memory (from the metrics' pass over /proc), None unless running."""
+        return self.metrics.usage.of(i.rec.pid) if i.proc is not None and not i.proc.exited else None
 
     def _rotated(self, service: str) -> bool:  # `events.1` exists once a rotation happened, as with logrotate
         return self.engine.events.segment(service) > 0

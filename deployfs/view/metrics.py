@@ -1,0 +1,249 @@
+"""The metrics (DESIGN §12): the engine, the router and /proc as Prometheus families.
+
+One collector builds every family at scrape time from what is already in
+memory: the engine's services and instances with their counters
+(control/stats.py), the router's counters from its last liveness answer
+(no extra round trip per scrape) and each instance's CPU and memory from
+node/usage.py (one pass over /proc per ``max_age``, however often scraped).
+``prometheus_client`` writes the text, so the format is the reference one.
+
+Two ways out, the same text: ``/deploy/metrics`` (rendered in the FUSE loop's
+thread) and ``--metrics HOST:PORT`` (prometheus_client's HTTP server, in its
+own threads: they ask the trio thread for the families and format them
+themselves).  docs/operations.md lists every name and what it means.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, TypeVar
+
+import trio
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ..control.engine import Engine, Instance
+from ..control.stats import Histogram
+from ..node.usage import Cost, Usage
+
+STATES = ("starting", "running", "draining", "exited", "failed")
+HEALTHS = ("starting", "healthy", "unhealthy", "stopped", "failed")
+UPDATE_STATUSES = ("none", "rolling", "paused", "canary", "failed")
+SERVICE_HEALTHS = ("healthy", "degraded", "unhealthy", "stopped")
+F = TypeVar("F", bound=Metric)
+
+
+def instance_state(i: Instance) -> str:
+    return "draining" if i.leaving else i.rec.state
+
+
+def render_cost(cost: Cost | None) -> str:
+    """`cpu=` (seconds) and `rss=` (bytes) for instances/N; `-` when the instance is not running."""
+    return "cpu=- rss=-" if cost is None else f"cpu={cost.cpu:.2f} rss={cost.rss}"
+
+
+def _histogram(name: str, doc: str, service: str, h: Histogram) -> HistogramMetricFamily:
+    f = HistogramMetricFamily(name, doc, labels=["service"])
+    f.add_metric([service], h.cumulative(), h.sum)
+    return f
+
+
+def families(engine: Engine, usage: Usage, router_stats: dict) -> list[Metric]:
+    """Every deployfs family, now.  Runs in the trio thread: it reads the engine's live objects."""
+    def gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
+        return GaugeMetricFamily(name, doc, labels=labels)
+
+    def counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
+        return CounterMetricFamily(name, doc, labels=labels)
+
+    svc_l, inst_l = ["service"], ["service", "slot"]
+    out: dict[str, Metric] = {}
+
+    def fam(f: F) -> F:
+        out[f.name] = f
+        return f
+
+    services = fam(gauge("deployfs_services", "Services deployed (listed under active/).", []))
+    services.add_metric([], len(engine.services))
+    info = fam(gauge("deployfs_service_info", "1 per service: the version in force and the previous one.",
+                     ["service", "version", "previous_version"]))
+    replicas = fam(gauge("deployfs_service_replicas", "Desired instance count (the replicas file).", svc_l))
+    status = fam(gauge("deployfs_update_status", "1 for the service's update_status, 0 for the others.",
+                       ["service", "status"]))
+    health = fam(gauge("deployfs_service_health", "1 for the service's aggregate health, 0 for the others.",
+                       ["service", "health"]))
+    p_up = fam(gauge("deployfs_update_progress_ready",
+                     "Instances of the target version that are up (update_progress, before the slash).", svc_l))
+    p_want = fam(gauge("deployfs_update_progress_desired",
+                       "The desired count update_progress compares with (after the slash).", svc_l))
+    by_state = fam(gauge("deployfs_instances", "Instances by state (as in instances/N).", ["service", "state"]))
+    by_health = fam(gauge("deployfs_instances_health", "Instances by health (as in instances/N).",
+                          ["service", "health"]))
+    started = fam(counter("deployfs_rollouts_started", "Rollouts started (deploy, apply of a new version, "
+                          "rollback, restart) since this server started.", svc_l))
+    completed = fam(counter("deployfs_rollouts_completed", "Rollouts that completed since this server started.",
+                            svc_l))
+    failed = fam(counter("deployfs_rollouts_failed", "Rollouts that failed since this server started.", svc_l))
+    restarts = fam(counter("deployfs_restarts", "Instance restarts (by the restart policy) since this server "
+                           "started.", svc_l))
+    probe_failures = fam(counter("deployfs_probe_failures", "Health checks that failed since this server "
+                                 "started.", svc_l))
+    i_info = fam(gauge("deployfs_instance_info", "1 per instance: its version, state and health.",
+                       ["service", "slot", "version", "state", "health"]))
+    i_restarts = fam(counter("deployfs_instance_restarts", "Restarts of this instance (restarts= in instances/N).",
+                             inst_l))
+    i_cpu = fam(counter("deployfs_instance_cpu_seconds", "CPU seconds (user+system) of the instance's processes "
+                        "(its session), cpu= in instances/N.", inst_l))
+    i_rss = fam(gauge("deployfs_instance_resident_memory_bytes", "Resident memory of the instance's processes "
+                      "(its session), rss= in instances/N.", inst_l))
+    i_procs = fam(gauge("deployfs_instance_processes", "Processes in the instance's session.", inst_l))
+    histograms: list[Metric] = []
+
+    for name, s in sorted(engine.services.items()):
+        rec = s.rec
+        info.add_metric([name, rec.version or "", rec.previous_version or ""], 1)
+        replicas.add_metric([name], rec.replicas)
+        for st in UPDATE_STATUSES:
+            status.add_metric([name, st], float(rec.update_status == st))
+        h = s.health()
+        for st in SERVICE_HEALTHS:
+            health.add_metric([name, st], float(h == st))
+        up, want = s.progress()
+        p_up.add_metric([name], up)
+        p_want.add_metric([name], want)
+        insts = s.by_slot()
+        for st in STATES:
+            by_state.add_metric([name, st], sum(1 for i in insts if instance_state(i) == st))
+        for st in HEALTHS:
+            by_health.add_metric([name, st], sum(1 for i in insts if i.rec.health == st))
+        stats = s.stats
+        started.add_metric([name], stats.rollouts_started)
+        completed.add_metric([name], stats.rollouts_completed)
+        failed.add_metric([name], stats.rollouts_failed)
+        restarts.add_metric([name], stats.restarts)
+        probe_failures.add_metric([name], stats.probe_failures)
+        histograms.append(_histogram("deployfs_rollout_duration_seconds",
+                                     "How long completed rollouts took, apply to done.", name, stats.rollout_seconds))
+        histograms.append(_histogram("deployfs_probe_duration_seconds", "How long health checks took.", name,
+                                     stats.probe_seconds))
+        for i in insts:
+            slot = str(i.rec.slot)
+            i_info.add_metric([name, slot, i.rec.version, instance_state(i), i.rec.health], 1)
+            i_restarts.add_metric([name, slot], i.rec.restarts)
+            running = i.proc is not None and not i.proc.exited
+            cost = usage.of(i.rec.pid) if running else None
+            if cost is not None:
+                i_cpu.add_metric([name, slot], cost.cpu)
+                i_rss.add_metric([name, slot], cost.rss)
+                i_procs.add_metric([name, slot], cost.processes)
+
+    merged = _merge(histograms)
+    return [*out.values(), *merged, *router_families(router_stats)]
+
+
+def _merge(histograms: list[Metric]) -> list[Metric]:
+    """One family per histogram name, the samples of every service in it."""
+    by_name: dict[str, Metric] = {}
+    for h in histograms:
+        if h.name in by_name:
+            by_name[h.name].samples.extend(h.samples)
+        else:
+            by_name[h.name] = h
+    return list(by_name.values())
+
+
+def router_families(stats: dict) -> list[Metric]:
+    """The router's counters, per service and backend, as the router process keeps them.
+
+    They live in the router, which outlives the server: a restarted server adopts it
+    and reads the same counters on, so they do not reset.  They reset when the
+    router itself is replaced (deployfs_router_start_time_seconds moves), and a
+    backend's series ends once it is out of routing with no connection left.
+    """
+    up = GaugeMetricFamily("deployfs_router_up", "1 while the router answers its liveness ping.", labels=[])
+    up.add_metric([], float(bool(stats)))
+    if not stats:
+        return [up]
+    start = GaugeMetricFamily("deployfs_router_start_time_seconds",
+                              "When the router process started (its counters count from here).", labels=[])
+    start.add_metric([], float(stats.get("started", 0)))
+    b_l = ["service", "backend"]
+    active = GaugeMetricFamily("deployfs_router_connections_active", "Connections open to a backend now.",
+                               labels=b_l)
+    total = CounterMetricFamily("deployfs_router_connections", "Connections forwarded to a backend.", labels=b_l)
+    failed = CounterMetricFamily("deployfs_router_connections_failed",
+                                 "Connects to a backend that failed (refused or timed out; the next one was tried).",
+                                 labels=b_l)
+    refused = CounterMetricFamily("deployfs_router_connections_refused",
+                                  "Client connections reset because no backend took them.", labels=["service"])
+    rejected = CounterMetricFamily("deployfs_router_connections_rejected",
+                                   "Client connections reset at the per-service cap (--max-conns).",
+                                   labels=["service"])
+    clients = GaugeMetricFamily("deployfs_router_client_connections", "Client connections held now.",
+                                labels=["service"])
+    for service, r in sorted(stats.get("routes", {}).items()):
+        backends = {f"{h}:{p}" for h, p in r.get("backends", [])}
+        for kind, fam in (("active", active), ("total", total), ("failed", failed)):
+            counts = r.get(kind, {})
+            for b in sorted(backends | counts.keys()):
+                fam.add_metric([service, b], counts.get(b, 0))
+        refused.add_metric([service], r.get("refused", 0))
+        rejected.add_metric([service], r.get("rejected", 0))
+        clients.add_metric([service], r.get("open", 0))
+    return [up, start, active, total, failed, refused, rejected, clients]
+
+
+class _Collector(Collector):
+    def __init__(self, get: Callable[[], list[Metric]]) -> None:
+        self.get = get
+
+    def collect(self) -> Iterable[Metric]:
+        return self.get()
+
+
+class Metrics:
+    """The exposition of one engine: ``render()`` for the file, ``serve()`` for --metrics."""
+
+    def __init__(self, engine: Engine, usage: Usage | None = None) -> None:
+        self.engine = engine
+        self.usage = usage or Usage()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(self._families))
+        ProcessCollector(registry=self.registry)  # the server's own process_cpu_seconds_total, RSS, fds
+
+    def _router_stats(self) -> dict:
+        return getattr(self.engine.router, "last_stats", None) or {}
+
+    def _families(self) -> list[Metric]:
+        return families(self.engine, self.usage, self._router_stats())
+
+    def render(self) -> bytes:
+        """The text, from the trio thread (the /deploy/metrics file)."""
+        return generate_latest(self.registry)
+
+    def serve(self, host: str, port: int) -> Callable[[], None]:
+        """Serve the same text at http://HOST:PORT/metrics; returns the function that stops it.
+
+        Call from the trio thread.  Scrapes run in the server's threads: they do the
+        /proc pass there, then ask the trio thread for the families (it alone may
+        read the engine), and format the text themselves.
+        """
+        token = trio.lowlevel.current_trio_token()
+
+        def from_trio() -> list[Metric]:
+            self.usage.costs()  # the pass over /proc, if due, here: not in the FUSE loop
+            try:
+                return trio.from_thread.run_sync(self._families, trio_token=token)
+            except trio.RunFinishedError:
+                return []  # shutting down
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Collector(from_trio))
+        ProcessCollector(registry=registry)
+        server, thread = start_http_server(port, addr=host, registry=registry)
+
+        def stop() -> None:
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+        return stop

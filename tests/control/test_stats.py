@@ -1,0 +1,63 @@
+"""What the engine counts for the metrics: rollouts, their durations, restarts, probes."""
+
+import trio
+
+from deployfs.control.stats import Histogram
+from tests.control.harness import deploy_v1, manifest
+
+
+def test_histogram_is_cumulative_with_inf():
+    h = Histogram((1.0, 5.0))
+    for v in (0.5, 1.0, 3.0, 9.0):
+        h.observe(v)
+    assert h.cumulative() == [("1.0", 2), ("5.0", 3), ("+Inf", 4)]
+    assert h.sum == 13.5
+
+
+async def test_rollouts_counted_with_their_outcome(h, autojump_clock):
+    await deploy_v1(h)
+    s = h.svc.stats
+    assert (s.rollouts_started, s.rollouts_completed, s.rollouts_failed) == (1, 1, 0)
+    h.write(manifest(image="/bin/v2"))
+    h.cmd("apply")
+    await h.settle()
+    h.prober.behaviour[h.write(manifest(image="/bin/v3"))] = "fail"
+    h.cmd("apply")
+    assert (await h.settle()).startswith("failed:")
+    assert (s.rollouts_started, s.rollouts_completed, s.rollouts_failed) == (3, 2, 1)
+    assert sum(s.rollout_seconds.counts) == 2 and s.rollout_seconds.sum > 0  # completed ones only
+    assert s.probe_failures > 0 and sum(s.probe_seconds.counts) > s.probe_failures
+
+
+async def test_restarts_counted(h, autojump_clock):
+    await deploy_v1(h, replicas=1)
+    [victim] = h.svc.by_slot()
+    h.rt.procs[victim.rec.pid].exit(1)
+    await trio.sleep(1)
+    assert victim.rec.restarts == 1 and h.svc.stats.restarts == 1
+
+
+async def test_the_exposition_passes_promtool(h, autojump_clock):
+    """Every family from an engine with a rollout behind it, and the router's counters, is valid text."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    from deployfs.view.metrics import Metrics
+    if not shutil.which("promtool"):
+        pytest.skip("promtool (Debian: prometheus) not installed")
+    await deploy_v1(h)
+    h.engine.router.last_stats = {"started": 1.0, "routes": {"web": {  # type: ignore[attr-defined]
+        "port": 8080, "backends": [["127.0.0.1", 24001]], "open": 1, "refused": 2, "rejected": 0,
+        "active": {"127.0.0.1:24001": 1}, "total": {"127.0.0.1:24001": 7, "127.0.0.1:24000": 3},
+        "failed": {"127.0.0.1:24000": 1}}}}
+    text = Metrics(h.engine).render().decode()
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=10)
+    assert r.returncode == 0, r.stdout + r.stderr + text
+    assert 'deployfs_rollouts_completed_total{service="web"} 1.0' in text
+    assert 'deployfs_instances{service="web",state="running"} 3.0' in text
+    # A backend leaving routing keeps its counters until the router drops them.
+    assert 'deployfs_router_connections_total{backend="127.0.0.1:24000",service="web"} 3.0' in text
+    assert 'deployfs_router_connections_failed_total{backend="127.0.0.1:24001",service="web"} 0.0' in text
+    assert "deployfs_router_up 1.0" in text and "process_cpu_seconds_total" in text
