@@ -57,6 +57,18 @@ def norm(line):
 def test_readme_walkthrough_runs_verbatim(tmp_path):
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read().replace("8080", PORT)
+    assert walk(readme, tmp_path) >= 20
+
+
+def test_tutorial_console_blocks_run_verbatim(tmp_path):
+    """docs/tutorial.md's ```console blocks (the canary walkthrough), on a port of their own."""
+    with open(os.path.join(ROOT, "docs", "tutorial.md")) as f:
+        tutorial = f.read().replace("8081", "20790")
+    assert walk(tutorial, tmp_path) >= 10
+
+
+def walk(readme: str, tmp_path) -> int:
+    """Run every ```console block of ``readme`` against a fresh mount; return how many commands ran."""
     os.symlink(os.path.join(ROOT, "examples"), tmp_path / "examples")
     os.makedirs(tmp_path / ".venv" / "bin")
     os.symlink(os.path.join(os.path.dirname(sys.executable), "deploy"), tmp_path / ".venv" / "bin" / "deploy")
@@ -80,4 +92,4 @@ def test_readme_walkthrough_runs_verbatim(tmp_path):
                 ran += 1
     finally:
         _mount.stop(m)
-    assert ran >= 20
+    return ran
