@@ -49,6 +49,15 @@ log = logging.getLogger(__name__)
 # healthy member answers in milliseconds; a leader election on loopback takes
 # well under a second with the flags docs/cluster.md recommends, 2-3 s with defaults.
 DEFAULT_TIMEOUT = 3.0
+# One try on one member gets at least this long (a leader election on a loaded machine);
+# otherwise an equal share of the call's timeout, so a frozen member (SIGSTOP, a hung
+# machine: it accepts connections, answers nothing) leaves time to try the others.
+MIN_TRY = 0.5
+# A watch that hears nothing from its member for this long moves to another.  A healthy
+# member is silent while nothing changes, unless run with
+# --experimental-watch-progress-notify-interval (docs/cluster.md: 5s), so this only
+# bounds how long a frozen member can hold a watch; a needless resume costs one request.
+WATCH_IDLE = 30.0
 # Waiting between rounds over every endpoint (doubles up to the cap).
 RETRY_FIRST, RETRY_CAP = 0.05, 1.0
 # gRPC status codes the gateway answers with.
@@ -211,11 +220,14 @@ class EtcdClient:
     Use as ``async with EtcdClient(urls) as c:`` (or call :meth:`aclose`).
     """
 
-    def __init__(self, endpoints: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, endpoints: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT,
+                 watch_idle: float = WATCH_IDLE) -> None:
         if not endpoints:
             raise ValueError("etcd: no endpoints given")
         self.endpoints = [e.rstrip("/") for e in endpoints]
         self.timeout = timeout
+        self.watch_idle = watch_idle
+        self._try = max(MIN_TRY, timeout / len(self.endpoints))
         self._current = 0  # the endpoint that answered last: tried first
         # trust_env=False: an HTTP(S)_PROXY in the environment must not reroute cluster traffic.
         self._http = httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(timeout),
@@ -223,6 +235,11 @@ class EtcdClient:
 
     async def __aenter__(self) -> EtcdClient:
         return self
+
+    @property
+    def current_endpoint(self) -> str:
+        """The member tried first (the one that answered last)."""
+        return self.endpoints[self._current]
 
     async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         await self.aclose()
@@ -244,7 +261,7 @@ class EtcdClient:
                 if left <= 0:
                     raise Unavailable(last)
                 try:
-                    r = await self._http.post(url + path, json=body, timeout=left)
+                    r = await self._http.post(url + path, json=body, timeout=min(left, self._try))
                     answer = self._decode(r)
                 except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:
                     last = f"{url}: {type(e).__name__}: {e}"  # never sent: any request may go elsewhere
@@ -444,8 +461,12 @@ class Watch:
         return self._lines is not None
 
     async def __aenter__(self) -> Watch:
-        """Establishes the watch (so every write after this returns is seen), within the
-        client's timeout, or raises :class:`Unavailable`."""
+        """A watch from a given revision connects at the first read (it can miss nothing, so it
+        also starts while etcd is unreachable, and catches up once it returns).  A watch
+        "from now" must learn which revision that is: it connects here, within the client's
+        timeout, or raises :class:`Unavailable`."""
+        if self._next:
+            return self
         with trio.move_on_after(self._client.timeout):
             await self._connect()
             return self
@@ -469,7 +490,12 @@ class Watch:
                 await self._connect()
             assert self._lines is not None
             try:
-                line = await self._lines.__anext__()
+                line = None
+                with trio.move_on_after(self._client.watch_idle):
+                    line = await self._lines.__anext__()
+                if line is None:
+                    await self._lost(f"nothing heard for {self._client.watch_idle:g}s")
+                    continue
                 self._handle(line)
             except StopAsyncIteration:
                 await self._lost("the stream ended")
