@@ -327,6 +327,8 @@ class Service:
             if (self.rec.update_status, self.rec.steps) != (p.state.status, p.state.steps):
                 self.rec.update_status, self.rec.steps = p.state.status, p.state.steps
                 self.save()
+                if p.state.status == "canary" and not any(changed):
+                    self.poke()  # (resume in a canary phase: the status is all that moved, and `wait` answers on it)
             if self.rolling_back_by_itself() and self.restored() is not False and not self.engine.stopping:
                 self.engine.auto_rollback(self)
                 continue
@@ -886,6 +888,12 @@ class Engine:
         elif verb == "step":
             if status != "paused":
                 raise CommandError(Kind.BUSY, f"{name}: step works while paused (update_status {status})")
+            key = svc.target().key
+            if svc.canaries() and sum(1 for i in svc.instances.values()
+                                      if (i.rec.version, i.rec.generation) == key) >= svc.canaries():
+                # The canary is the only batch before a decision: nothing to step to.
+                raise CommandError(Kind.BUSY, f"{name}: the canaries are started; promote (then step), "
+                                              "or rollback")
             svc.state = rollout.State("paused", svc.state.steps + 1, svc.state.boundary)
             rec.steps = svc.state.steps
             svc.save()
@@ -912,7 +920,7 @@ class Engine:
             self._check_port(name, m.port)
             self._begin(svc, m, text, "rollback", who)
         elif verb == "restart":
-            if status in ("rolling", "paused"):
+            if status in ("rolling", "paused", "canary"):
                 raise CommandError(Kind.BUSY, f"{name}: a rollout is in flight (update_status {status})")
             rec.generation += 1
             self._begin(svc, svc.manifest, rec.manifest, "rolling restart", who)
@@ -936,6 +944,7 @@ class Engine:
                 return "ok already deleting"
             svc.keep_logs("stopped", lambda i: not i.leaving)
             rec.stopped, rec.deleting = True, verb == "delete"
+            rec.canary_phase = False  # a stop ends a canary as it ends a rollout
             svc.state = rollout.State()
             rec.update_status, rec.steps, rec.rollout_from, rec.rollout_started = "none", 0, None, None
             with self.store.transaction():

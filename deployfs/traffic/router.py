@@ -81,6 +81,18 @@ def default_max_conns(nofile: int) -> int:
     return max(16, (nofile - RESERVED_FDS) // 2 // 4)
 
 
+def smooth_weighted(backends: list[Backend], weights: dict[Backend, int], credit: dict[Backend, int]) -> Backend:
+    """Smooth weighted round-robin (nginx's): each pick adds every backend's weight to its credit
+    and takes the one with the most, which pays the total back.  Over any run of sum(weights)
+    picks each backend is chosen exactly its weight's times, spread out, not in bursts."""
+    total = sum(weights.values())
+    for x in backends:
+        credit[x] = credit.get(x, 0) + weights[x]
+    first = max(backends, key=lambda x: (credit[x], -backends.index(x)))
+    credit[first] -= total
+    return first
+
+
 @dataclass
 class Route:
     service: str
@@ -113,11 +125,7 @@ class Route:
             # A backend of weight 0 is tried only when every other one refused.
             if policy == "leastconn":
                 return sorted(b, key=lambda x: (w[x] == 0, (self.active.get(x, 0) + 1) / (w[x] or 1)))
-            total = sum(w.values())
-            for x in b:
-                self._credit[x] = self._credit.get(x, 0) + w[x]
-            first = max(b, key=lambda x: (self._credit[x], -b.index(x)))
-            self._credit[first] -= total
+            first = smooth_weighted(b, w, self._credit)
             rest = [x for x in b if x != first]
             return [first] + sorted(rest, key=lambda x: w[x] == 0)
         if policy == "leastconn":

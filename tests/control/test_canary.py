@@ -91,6 +91,26 @@ async def test_pause_in_the_canary_then_promote_moves_by_steps(h, autojump_clock
     assert await h.settle() == f"done {v2}"
 
 
+async def test_step_restart_during_a_canary_are_refused_and_stop_ends_it(h, autojump_clock):
+    await deploy_v1(h)
+    v2 = h.write(canary())
+    h.cmd("apply")
+    assert await h.settle() == "canary"
+    for verb in ("restart",):
+        with pytest.raises(CommandError) as e:
+            h.cmd(verb)
+        assert e.value.kind is Kind.BUSY
+    h.cmd("pause")
+    with pytest.raises(CommandError) as e:
+        h.cmd("step")  # the canary is the only batch before a decision
+    assert e.value.kind is Kind.BUSY and "promote" in e.value.message
+    h.cmd("stop")
+    await h.settle()
+    assert not h.svc.rec.canary_phase and not h.rt.running("web")
+    h.cmd("restart")  # back with the version in force, all at once: no canary phase without an old set
+    assert await h.settle() == f"done {v2}"
+
+
 async def test_bad_canary_with_auto_rollback_rolls_back_by_itself(h, autojump_clock):
     v1 = await deploy_v1(h)
     old = pids(h, v1)

@@ -197,6 +197,9 @@ class WeightRouter:
 # The good version itself goes bad while a failed canary with auto_rollback waits to restore it:
 # the rollback goes ahead (and fails, saying why) instead of waiting for ever.
 @example(script=[("apply", "/bin/a", "fail"), ("apply", "/bin/b", "fail")], canaries=1, replicas=1, weight=None, auto=True)
+# A step while paused in a canary whose canaries are up: refused, not a step that never ends.
+@example(script=[("apply", "/bin/b", "ok"), ("pause", None, None), ("step", None, None), ("resume", None, None)],
+         canaries=1, replicas=2, weight=None, auto=False)
 def test_canary_operations_keep_the_invariants(tmp_path_factory, script, canaries, replicas, weight, auto):
     """Never an old instance stopped before promotion (unless it went bad itself); after an abort
     (or rollback) of a canary exactly the old set remains; weights always sum to 100; never more
