@@ -28,8 +28,9 @@ def start():
             time.sleep(0.02)
 
 
-def keepalive_client(results, stop):
-    """Request on one connection until told to stop or the server says close."""
+def keepalive_client(results, stop, served=None):
+    """Request on one connection until told to stop or the server says close.
+    `served` (a semaphore) is released once, after the first response."""
     s = socket.create_connection(("127.0.0.1", PORT), timeout=5)
     n = 0
     try:
@@ -40,6 +41,8 @@ def keepalive_client(results, stop):
                 results.append(("eof without a response", n))
                 return
             n += 1
+            if n == 1 and served is not None:
+                served.release()
             if b"Connection: close" in data:
                 results.append(("closed" if s.recv(10) == b"" else "data after close", n))
                 return
@@ -77,11 +80,14 @@ def test_sigterm_is_blocked_in_every_thread_and_taken_by_sigwait():
 
 def test_sigterm_under_load_closes_every_connection_cleanly_and_exits():
     p = start()
-    results, stop = [], threading.Event()
-    clients = [threading.Thread(target=keepalive_client, args=(results, stop)) for _ in range(8)]
+    results, stop, served = [], threading.Event(), threading.Semaphore(0)
+    clients = [threading.Thread(target=keepalive_client, args=(results, stop, served)) for _ in range(8)]
     for t in clients:
         t.start()
-    time.sleep(0.3)  # let every connection carry requests
+    # Every connection has carried a request before the signal (a fixed sleep
+    # was not enough on a loaded machine: a late client found no listener).
+    for _ in clients:
+        assert served.acquire(timeout=10), "a client got no first response"
     t0 = time.monotonic()
     p.send_signal(signal.SIGTERM)
     try:
