@@ -19,7 +19,7 @@ VERBS = ("apply", "pause", "resume", "step", "promote", "abort", "rollback", "re
 FOLLOWED = ("apply", "rollback", "restart", "resume", "step", "promote", "abort")  # verbs that start or move a rollout
 
 
-class Fail(Exception):
+class DeployError(Exception):
     pass
 
 
@@ -46,7 +46,7 @@ class Client:
         self.mount = mount
         if not os.path.isfile(os.path.join(mount, "ctl")):
             looked = "" if mount != "/deploy" else " (nor at ./deploy)"
-            raise Fail(f"no deployfs mounted at {mount}{looked}: start one (make run), or pass --mount DIR / "
+            raise DeployError(f"no deployfs mounted at {mount}{looked}: start one (make run), or pass --mount DIR / "
                        "set DEPLOYFS_MOUNT")
 
     def path(self, *parts: str) -> str:
@@ -57,7 +57,7 @@ class Client:
             with open(self.path(*parts)) as f:
                 return f.read()
         except FileNotFoundError:
-            raise Fail(self._no_such(parts)) from None
+            raise DeployError(self._no_such(parts)) from None
 
     def _no_such(self, parts: tuple[str, ...]) -> str:
         if len(parts) >= 2 and parts[0] == "active":
@@ -81,7 +81,7 @@ class Client:
                 os.write(fd, (command + "\n").encode())
             except OSError as e:
                 reply = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-                raise Fail(reply.removeprefix("error: ") or os.strerror(e.errno or errno.EIO)) from None
+                raise DeployError(reply.removeprefix("error: ") or os.strerror(e.errno or errno.EIO)) from None
             return os.pread(fd, 4096, 0).decode(errors="replace").strip()
         finally:
             os.close(fd)
@@ -136,7 +136,7 @@ def canary_hint(c: Client, service: str) -> str:
     for slot in os.listdir(c.path("active", service, "instances")):
         try:
             new += f"version={version} " in c.read("active", service, "instances", slot)
-        except Fail:
+        except DeployError:
             pass  # gone between the listing and the read
     lines = [f"canary: {new} instance{'s' if new != 1 else ''} of {version} beside the old set{weight}.",
              "Look at it (deploy logs, deploy events), then either:",
@@ -150,7 +150,7 @@ def status_table(c: Client) -> str:
     for name in sorted(os.listdir(c.path("active"))):
         try:
             text = c.read("active", name, "status")
-        except Fail:
+        except DeployError:
             continue  # deleted since the listing
         s = {k: v for k, _, v in (l.partition(" ") for l in text.splitlines())}
         rows.append((name, s.get("version", ""), s.get("update_status", ""), s.get("update_progress", ""),
@@ -174,7 +174,7 @@ def log_names(c: Client, service: str) -> list[str]:
     try:
         names = os.listdir(c.path("active", service, "logs"))
     except FileNotFoundError:
-        raise Fail(f"no service {service!r} is deployed") from None
+        raise DeployError(f"no service {service!r} is deployed") from None
     return sorted(names, key=lambda n: (0, int(n), "") if n.isdigit() else (1, 0, n))
 
 
@@ -204,7 +204,7 @@ def follow_logs(c: Client, target: str, interval: float = 0.5, out=sys.stdout) -
                 now = now[: now.rfind("\n") + 1]  # whole lines only: the rest comes next time
             except FileNotFoundError:
                 if slot:
-                    raise Fail(f"no log {service}/{slot}") from None
+                    raise DeployError(f"no log {service}/{slot}") from None
                 continue  # gone between the listing and the open
             fresh = fresh_text(seen.get(ino, ""), now)
             prefix = "" if slot else f"[{service}/{name}] "
@@ -282,7 +282,7 @@ def run(argv: list[str] | None = None) -> int:
     elif verb == "events":
         parts = ("active", a.service, "events") if a.service else ("events",)
         if not os.path.exists(c.path(*parts)):
-            raise Fail(f"no service {a.service!r} is deployed")
+            raise DeployError(f"no service {a.service!r} is deployed")
         if a.follow:
             os.execvp("tail", ["tail", "-n", "+1", "-F", c.path(*parts)])
         sys.stdout.write(c.read(*parts))
@@ -299,7 +299,7 @@ def run(argv: list[str] | None = None) -> int:
             return rc
         after = _contents(path)
         if after is None:
-            raise Fail(f"nothing saved: there is no {path} (the editor wrote no file)")
+            raise DeployError(f"nothing saved: there is no {path} (the editor wrote no file)")
         if after == before:
             print(f"no change to {path}")
         else:
@@ -318,7 +318,7 @@ def _contents(path: str) -> bytes | None:
 def main(argv: list[str] | None = None) -> None:
     try:
         sys.exit(run(argv))
-    except Fail as e:
+    except DeployError as e:
         print(f"deploy: {e}", file=sys.stderr)
         sys.exit(EXIT_FAILED)
     except KeyboardInterrupt:

@@ -138,6 +138,7 @@ async def serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None
 
     from ..control.engine import Engine
     from ..state.events import EventLog
+    from ..control.facade import EngineFacade
     from ..serve.fuse import Access, DeployFS
     from ..traffic.haproxy import HAProxyRouter
     from ..node.health import Probes
@@ -158,11 +159,12 @@ async def serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None
     router = router_class(a.state, bind=a.bind, balance=a.balance, max_conns=a.max_conns, idle_timeout=a.idle_timeout,
                           on_error=lambda service, msg: events.emit(service, f"router: {msg}"))
     engine = Engine(store, LocalRuntime(a.state, ports=ports), probes, events=events, router=router, state_dir=a.state)
-    ops = DeployFS(engine, access=Access(group=group), debug=a.debug)
+    facade = EngineFacade(engine)  # what the view (every front end) reads and commands through
+    ops = DeployFS(facade, access=Access(group=group), debug=a.debug)
     stop_metrics = None  # before the router starts: a refused address must leave nothing running
     if a.metrics:
         try:
-            stop_metrics = ops.ns.metrics.serve(*a.metrics)
+            stop_metrics = facade.metrics.serve(*a.metrics)
         except OSError as e:
             raise SetupError(f"--metrics {a.metrics[0]}:{a.metrics[1]}: {e.strerror or e}") from None
         log.info("metrics at http://%s:%d/metrics", *a.metrics)

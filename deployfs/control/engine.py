@@ -7,8 +7,8 @@ turns what it sees into a :class:`Phase` and pokes the loop.  Slow actions
 (drain + stop, restart) run as their own tasks so the loop never blocks.
 
 Commands (``apply``, ``pause``, ...) only change the service record; the loop
-does the rest.  The engine knows nothing of FUSE: the filesystem is a view
-over :attr:`Engine.services` plus :meth:`Engine.command`.
+does the rest.  The engine knows nothing of FUSE: the view sees it only
+through control/facade.py (snapshots of services, and :meth:`Engine.command`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ START_PROBE_FIRST = 0.02  # seconds from a starting instance's first probe to it
 START_PROBE_CAP = 0.5  # a starting instance is probed at least this often (or every health_interval if shorter)
 
 
-class Router(Protocol):
+class Routing(Protocol):
+    """Where the engine sends routing tables (traffic/: the built-in router or HAProxy)."""
+
     def set_backends(self, service: str, port: int | None, backends: list[tuple[str, int]],
                      weights: list[int] | None = None) -> None:
         """``weights``: one per backend, the share of connections (requests) each gets; None: even."""
@@ -662,7 +664,7 @@ class Service:
 
 class Engine:
     def __init__(self, store: Store, runtime: Runtime, prober: Prober, *, events: EventLog | None = None,
-                 router: Router | None = None, state_dir: str | None = None,
+                 router: Routing | None = None, state_dir: str | None = None,
                  max_services: int = MAX_SERVICES, max_instances: int = MAX_INSTANCES,
                  log_check_every: float = 0.05) -> None:
         self.store, self.runtime, self.prober = store, runtime, prober

@@ -44,7 +44,7 @@ async def test_the_exposition_passes_promtool(h, autojump_clock):
 
     import pytest
 
-    from deployfs.view.metrics import Metrics
+    from deployfs.control.metrics import Metrics
     if not shutil.which("promtool"):
         pytest.skip("promtool (Debian: prometheus) not installed")
     await deploy_v1(h)

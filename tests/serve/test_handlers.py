@@ -105,3 +105,9 @@ async def test_inodes_are_dropped_when_the_kernel_forgets(fs):
     assert len(fs._paths) == before and len(fs._inos) == before
     await fs.forget([(ROOT, 1), (12345, 1)])  # never the root; unknown inodes are no error
     assert (await fs.getattr(ROOT, ctx())).st_ino == ROOT
+
+
+def test_every_error_kind_has_its_errno():
+    from deployfs.model.errors import Kind
+    from deployfs.serve.fuse import ERRNO
+    assert set(ERRNO) == set(Kind) and len(set(ERRNO.values())) == len(Kind)

@@ -39,7 +39,7 @@ def until(pred, timeout=10.0, what="condition"):
         time.sleep(0.02)
 
 
-class Backend:
+class ThreadBackend:
     """A backend on a thread: ``answer`` replies to each connection and closes it; else it holds it, silent."""
 
     def __init__(self, answer: bytes | None) -> None:
@@ -94,7 +94,7 @@ def get(port):
 
 def test_an_idle_flood_on_one_service_leaves_the_others_served(router, tmp_path):
     state, _ = router
-    idle, good = Backend(None), Backend(b"HTTP/1.0 200 OK\r\n\r\nok")
+    idle, good = ThreadBackend(None), ThreadBackend(b"HTTP/1.0 200 OK\r\n\r\nok")
     flood: list[socket.socket] = []
     try:
         assert control(state, {"op": "set", "service": "idle", "port": IDLE_PORT,
@@ -133,7 +133,7 @@ def test_an_idle_flood_on_one_service_leaves_the_others_served(router, tmp_path)
 
 def test_idle_connections_are_closed_after_the_idle_timeout(router):
     state, _ = router
-    idle = Backend(None)
+    idle = ThreadBackend(None)
     try:
         control(state, {"op": "set", "service": "idle", "port": IDLE_PORT, "backends": [["127.0.0.1", idle.port]]})
         assert control(state, {"op": "limits", "max_conns": 0, "idle_timeout": 0.5})["ok"]

@@ -22,9 +22,9 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..control.engine import Engine, Instance
-from ..control.stats import Histogram
-from ..node.usage import Cost, Usage
+from ..node.usage import Usage
+from .engine import Engine, Instance
+from .stats import Histogram
 
 STATES = ("starting", "running", "draining", "exited", "failed")
 HEALTHS = ("starting", "healthy", "unhealthy", "stopped", "failed")
@@ -35,11 +35,6 @@ F = TypeVar("F", bound=Metric)
 
 def instance_state(i: Instance) -> str:
     return "draining" if i.leaving else i.rec.state
-
-
-def render_cost(cost: Cost | None) -> str:
-    """`cpu=` (seconds) and `rss=` (bytes) for instances/N; `-` when the instance is not running."""
-    return "cpu=- rss=-" if cost is None else f"cpu={cost.cpu:.2f} rss={cost.rss}"
 
 
 def _histogram(name: str, doc: str, service: str, h: Histogram) -> HistogramMetricFamily:

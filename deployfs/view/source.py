@@ -1,0 +1,65 @@
+"""The one narrow interface the view reads and commands through.
+
+The view knows services only as :class:`~deployfs.model.status.ServiceStatus`
+snapshots, manifests as stored files, events as segments of bytes and logs as
+files on disk, and acts only by :meth:`Source.command`.  The engine satisfies
+it today through ``control/facade.py``; a cache fed by the store's watch can
+satisfy the reading half without the view changing.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+from ..model.status import ServiceStatus
+from ..state.store import ManifestFile
+
+
+class Source(Protocol):
+    # -- services -------------------------------------------------------------------------
+    def service_names(self) -> list[str]: ...
+    def service(self, name: str) -> ServiceStatus | None: ...
+    def has_service(self, name: str) -> bool: ...
+
+    async def changed(self, name: str) -> None:
+        """Return once anything about the service changed (at once if there is no such service)."""
+        ...
+
+    def subscribe(self, on_change: Callable[[str], None], on_event: Callable[[str], None]) -> None:
+        """Call ``on_change(service)`` when a service changes (or goes), ``on_event(service)``
+        once an event is committed and readable ("" is the cluster-wide log)."""
+        ...
+
+    # -- manifests/: the editable files -------------------------------------------------------
+    def manifest_names(self) -> list[str]: ...
+    def manifest_file(self, name: str) -> ManifestFile | None: ...
+    def put_manifest(self, name: str, data: bytes) -> None: ...
+    def delete_manifest(self, name: str) -> None: ...
+    def rename_manifest(self, old: str, new: str) -> None:
+        """At once: the new name has the old one's bytes and the old name is gone."""
+        ...
+
+    # -- events: segments of an append-only log (segment None: the current one; -1: the one before)
+    def events_segment(self, service: str) -> int: ...
+    def events_bytes(self, service: str, segment: int | None) -> bytes | bytearray:
+        """The segment without a copy: slice or measure it at once, never keep it."""
+        ...
+    def events_mtime(self, service: str, segment: int | None) -> float: ...
+
+    # -- logs --------------------------------------------------------------------------------
+    def log_parts(self, service: str, instance_id: int) -> list[str]:
+        """The files holding an instance's output, oldest first."""
+        ...
+
+    def metrics_text(self) -> bytes:
+        """The Prometheus text exposition (DESIGN §12)."""
+        ...
+
+    # -- commands ----------------------------------------------------------------------------
+    def command(self, service: str, verb: str, arg: str | None, who: str) -> str:
+        """Carry out a ctl verb; the reply, or CommandError."""
+        ...
+
+    def refused(self, service: str | None, who: str, reason: str) -> None:
+        """Keep a refused command in the events log it belongs to."""
+        ...

@@ -1,0 +1,129 @@
+"""The view driven directly, as a front end would: paths, handles, bytes, callers and error kinds."""
+
+import pytest
+import trio
+
+from deployfs.model.errors import CommandError, Error, Kind
+from deployfs.view.access import Who
+from deployfs.view.files import OpenMode
+from deployfs.view.namespace import MAX_WAITERS_PER_UID
+from tests.control.harness import manifest
+
+OWNER = Who(1000, 1000)
+OTHER = Who(2000, 2000)
+READ, WRITE = OpenMode(), OpenMode(write=True)
+
+
+def kind(fn, *args, **kw) -> Kind:
+    with pytest.raises(Error) as e:
+        fn(*args, **kw)
+    return e.value.kind
+
+
+async def cat(ns, *path: str) -> bytes:
+    h = ns.resolve(path).open(OWNER, READ)
+    try:
+        return await h.read(0, 65536)
+    finally:
+        h.release()
+
+
+async def deploy(h, ns, text=None) -> str:
+    h.write(text or manifest(replicas=1))
+    ctl = ns.resolve(("ctl",)).open(OWNER, WRITE)
+    assert ctl.write(0, b"apply web\n") == 10
+    assert (await ctl.read(10, 100)).startswith(b"ok deployed ")
+    return (await cat(ns, "active", "web", "wait")).decode()
+
+
+async def test_ctl_wait_and_state_files(h, ns, autojump_clock):
+    assert (await deploy(h, ns)).startswith("done ")
+    version = h.svc.rec.version
+    assert await cat(ns, "active", "web", "version") == f"{version}\n".encode()
+    assert ns.resolve(("active", "web", "version")).stat().size == len(version) + 1
+    assert (await cat(ns, "active", "web", "instances", "0")).startswith(b"node=")
+    assert ns.resolve(("active",)).names() == ["web"]
+
+
+async def test_a_refused_command_is_a_kind_with_its_reply_and_event(h, ns, autojump_clock):
+    await deploy(h, ns)
+    ctl = ns.resolve(("active", "web", "ctl")).open(OWNER, WRITE)
+    with pytest.raises(CommandError) as e:
+        ctl.write(0, b"pause\n")
+    assert e.value.kind is Kind.BUSY
+    assert await ctl.read(0, 100) == b"error: web: no rollout in flight to pause (update_status none)\n"
+    assert any("command refused (uid=1000)" in line for line in h.events())
+    assert kind(ctl.write, 0, b"frobnicate\n") is Kind.INVALID
+    assert kind(ns.resolve(("ctl",)).open(OWNER, WRITE).write, 0, b"apply nosuch\n") is Kind.NOT_FOUND
+
+
+async def test_a_blocked_wait_is_cancelled_by_its_front_end(h, ns, autojump_clock):
+    await deploy(h, ns, manifest(replicas=2))
+    h.write(manifest(replicas=2, image="/bin/v2", update_pause=600))  # stays in flight: a long pause after batch 1
+    h.cmd("apply")
+    w = ns.resolve(("active", "web", "wait")).open(OWNER, READ)
+    assert ns.waits.total == 1
+    assert not w.readable()
+    with trio.move_on_after(5) as scope:  # what FUSE's interrupt or 9P's Tflush does
+        await w.read(0, 100)
+    assert scope.cancelled_caught
+    nb = ns.resolve(("active", "web", "wait")).open(OWNER, OpenMode(nonblock=True))
+    with pytest.raises(Error) as e:
+        await nb.read(0, 100)
+    assert e.value.kind is Kind.WOULD_BLOCK
+    nb.release()
+    async with trio.open_nursery() as n:  # the cancelled read left the handle usable: one blocked read at a time
+        n.start_soon(w.read, 0, 100)
+        await trio.sleep(1)
+        with pytest.raises(Error) as e:
+            await w.read(0, 100)
+        assert e.value.kind is Kind.BUSY
+        h.cmd("pause")
+        h.cmd("rollback")
+    w.release()
+    w.release()  # twice is once
+    assert ns.waits.total == 0
+
+
+async def test_wait_readers_are_capped_per_uid_for_readers_only(h, ns, autojump_clock):
+    await deploy(h, ns)
+    wait = ns.resolve(("active", "web", "wait"))
+    held = [wait.open(OTHER, READ) for _ in range(MAX_WAITERS_PER_UID)]
+    assert kind(wait.open, OTHER, READ) is Kind.BUSY
+    more = wait.open(OWNER, READ)  # one who may write answers to the total only
+    for x in (*held, more):
+        x.release()
+    assert ns.waits.total == 0 and ns.waits.by_uid == {}
+
+
+async def test_who_may_write(h, ns, autojump_clock):
+    await deploy(h, ns)
+    assert kind(ns.resolve(("ctl",)).open, OTHER, READ) is Kind.PERMISSION
+    assert kind(ns.resolve(("manifests", "web")).open, OTHER, WRITE) is Kind.PERMISSION
+    assert kind(ns.resolve(("manifests",)).create, OTHER, b"x", False, False) is Kind.PERMISSION
+    assert kind(ns.resolve(("active", "web", "version")).open, OWNER, WRITE) is Kind.PERMISSION
+    assert kind(ns.resolve(("active", "web", "version")).setattr, OWNER, 0, False) is Kind.NOT_PERMITTED
+    assert kind(ns.resolve(("manifests", "web")).setattr, OTHER, None, False) is Kind.NOT_PERMITTED
+    assert (await ns.resolve(("manifests", "web")).open(OTHER, READ).read(0, 5)) == b"image"
+    assert kind(ns.resolve(("manifests", "web")).open(OWNER, READ).write, 0, b"x") is Kind.BAD_HANDLE
+
+
+async def test_names_and_manifests(h, ns, autojump_clock):
+    await deploy(h, ns)
+    root, mdir = ns.resolve(()), ns.resolve(("manifests",))
+    assert kind(root.lookup, b"a" * 256) is Kind.NAME_TOO_LONG
+    assert kind(root.lookup, b"nope") is Kind.NOT_FOUND
+    assert kind(ns.resolve(("active", "web")).lookup, b"events@0") is Kind.NOT_FOUND  # an inode's own name
+    assert kind(ns.resolve(("active", "web", "version")).lookup, b"x") is Kind.NOT_A_DIRECTORY
+    assert kind(mdir.create, OWNER, b"web", True, False) is Kind.EXISTS
+    assert kind(mdir.create, OWNER, b"a/b", False, False) is Kind.INVALID
+    name, entry, fh = mdir.create(OWNER, b"api", False, False)
+    assert name == "api" and entry.stat().size == 0
+    assert kind(fh.write, 1 << 20, b"x") is Kind.TOO_BIG
+    assert fh.write(0, b"image x\n") == 8
+    assert kind(mdir.rename, OWNER, b"api", b"web", noreplace=True) is Kind.EXISTS
+    assert kind(mdir.rename, OWNER, b"api", b"web", elsewhere=True) is Kind.CROSS_DIRECTORY
+    assert mdir.rename(OWNER, b"api", b"api2") == ("api", "api2")
+    assert await ns.resolve(("manifests", "api2")).open(OWNER, READ).read(0, 100) == b"image x\n"
+    assert mdir.unlink(OWNER, b"api2") == "api2"
+    assert kind(mdir.unlink, OWNER, b"api2") is Kind.NOT_FOUND

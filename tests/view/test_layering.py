@@ -1,0 +1,40 @@
+"""Imports point down only, and nothing below serve/ knows FUSE or an errno (DESIGN §9)."""
+
+import ast
+import pathlib
+
+import deployfs
+
+PKG = pathlib.Path(deployfs.__file__).parent
+BELOW_SERVE = ("model", "state", "control", "node", "traffic", "view")
+
+
+def imports(layer: str) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for f in sorted((PKG / layer).glob("*.py")):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                names.add("." * node.level + (node.module or ""))
+        out[f"{layer}/{f.name}"] = names
+    return out
+
+
+def test_nothing_below_serve_knows_fuse():
+    for layer in BELOW_SERVE:
+        for f, names in imports(layer).items():
+            assert not {n for n in names if "pyfuse3" in n or n.endswith("serve") or ".serve." in n}, f
+
+
+def test_the_view_reads_through_its_source_only():
+    for f, names in imports("view").items():
+        assert not {n for n in names if "control" in n or "node" in n or "traffic" in n}, (f, names)
+        assert "errno" not in names, f  # kinds only: the front end maps them
+
+
+def test_errors_carry_kinds_not_errnos():
+    for layer in ("model", "control", "view"):
+        for f, names in imports(layer).items():
+            assert "errno" not in names, f
