@@ -675,7 +675,6 @@ class Engine:
         self.log_check_every = log_check_every
         self.services: dict[str, Service] = {}
         self.listeners: list = []  # called with a service name when anything about it changes
-        self._next_id = 1
         self.ticker = Ticker()
         self.stopping = False  # set by shutdown: nothing starts after it
         self.nursery: trio.Nursery
@@ -685,8 +684,7 @@ class Engine:
             listener(name)
 
     def next_instance_id(self) -> int:
-        self._next_id += 1
-        return self._next_id - 1
+        return self.store.next_instance_id()  # from the records: a restart never reuses an id
 
     def instance_count(self) -> int:
         return sum(len(s.instances) for s in self.services.values())
@@ -716,7 +714,6 @@ class Engine:
             draining = []
             for irec in irecs:
                 key = (svc.name, irec.id)
-                self._next_id = max(self._next_id, irec.id + 1)
                 text = self.store.get_version(svc.name, irec.version) or svc.rec.manifest
                 inst = Instance(irec, parse(text, name=svc.name).manifest)
                 svc.instances[irec.id] = inst

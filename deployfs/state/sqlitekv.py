@@ -45,7 +45,7 @@ WATCH_BUFFER = 10_000
 # Revisions a watcher catching up reads from history per query.
 CATCH_UP_REVISIONS = 500
 
-_SCHEMA = """
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, mod_revision INTEGER NOT NULL,
                                create_revision INTEGER NOT NULL, lease INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS kv_by_lease ON kv (lease) WHERE lease != 0;
@@ -78,30 +78,39 @@ class _Watcher:
 class SqliteKV:
     """Open with :func:`open_sqlite` (it runs the lease reaper)."""
 
-    def __init__(self, path: str, *, history: int = HISTORY, watch_buffer: int = WATCH_BUFFER) -> None:
+    def __init__(self, path: str, *, history: int = HISTORY, watch_buffer: int = WATCH_BUFFER,
+                 db: sqlite3.Connection | None = None) -> None:
+        """``db``: a connection that already has the tables (:data:`SCHEMA`), shared with its owner."""
         self.path = path
         self.history = history
         self.watch_buffer = watch_buffer
-        if not os.path.exists(path):
-            statedir.open_file(path, "ab").close()  # owner-only; SQLite gives -wal/-shm its mode
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._closed = False
-        try:
-            self._db.execute("PRAGMA busy_timeout = 5000")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = NORMAL")
-            with self._transaction():
-                for stmt in filter(str.strip, _SCHEMA.split(";")):
-                    self._exec(stmt)
-        except BaseException:
-            self._db.close()
-            raise
+        if db is not None:
+            self._db = db
+        else:
+            self._db = self._open(path)
         self._revision = self._meta("revision")
         self._compacted = self._meta("compacted")
         self._watchers: set[_Watcher] = set()
         self._deadlines: dict[int, float] = {}  # lease id -> trio time it expires
         self._ttls: dict[int, float] = dict(self._db.execute("SELECT id, ttl FROM kv_leases").fetchall())
         self._reaper_wake = trio.Event()
+
+    def _open(self, path: str) -> sqlite3.Connection:
+        if not os.path.exists(path):
+            statedir.open_file(path, "ab").close()  # owner-only; SQLite gives -wal/-shm its mode
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            self._db.execute("PRAGMA busy_timeout = 5000")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            with self._transaction():
+                for stmt in filter(str.strip, SCHEMA.split(";")):
+                    self._exec(stmt)
+        except BaseException:
+            self._db.close()
+            raise
+        return self._db
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -143,8 +152,11 @@ class SqliteKV:
     async def delete(self, key: str, *, prefix: bool = False) -> int:
         return await self.txn([], [Delete(key, prefix)])
 
-    def _apply(self, ops: Sequence[Op]) -> list[Change]:
-        """Inside a transaction: write ``ops`` at the next revision; the changes they made."""
+    def _apply(self, ops: Sequence[Op], first: int = 0) -> list[Change]:
+        """Inside a transaction: write ``ops`` at the next revision; the changes they made.
+
+        Several calls in one transaction share its revision; ``first`` is how many changes
+        the earlier ones made.  The caller commits, then passes every change to :meth:`_committed`."""
         rev = self._revision + 1
         changes: list[Change] = []
         for op in ops:
@@ -165,7 +177,7 @@ class SqliteKV:
         if changes:
             self._exec_many("INSERT INTO kv_history VALUES (?, ?, ?, ?, ?, ?, ?)",
                             [(rev, n, c.kv.key, c.kind == "delete", c.kv.value, c.kv.create_revision, c.kv.lease)
-                             for n, c in enumerate(changes)])
+                             for n, c in enumerate(changes, first)])
             self._exec("UPDATE kv_meta SET value = ? WHERE name = 'revision'", (rev,))
             if rev - self._compacted > 2 * self.history:
                 self._compact(rev - self.history)
@@ -314,7 +326,8 @@ class SqliteKV:
         self._deadlines.pop(lease, None)
         self._committed(changes)
 
-    async def _reap_leases(self) -> None:
+    async def run_leases(self) -> None:
+        """Expire leases on time (for ever): :func:`open_sqlite` runs it."""
         now = trio.current_time()
         for id, ttl in self._ttls.items():
             self._deadlines.setdefault(id, now + ttl)  # leases from before a restart: a full TTL again
@@ -392,7 +405,7 @@ async def open_sqlite(path: str, *, history: int = HISTORY, watch_buffer: int = 
     store = SqliteKV(path, history=history, watch_buffer=watch_buffer)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(store._reap_leases)
+            nursery.start_soon(store.run_leases)
             try:
                 yield store
             finally:

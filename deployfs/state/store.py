@@ -1,17 +1,20 @@
-"""Durable state: manifests, services, instances, events.
+"""Durable state: manifests, services, instances, events -- the engine's synchronous view
+of the store.
 
-The interface (:class:`Store`) is deliberately key-value shaped: records go in
-and out whole, as JSON, keyed by name or (service, id).  A second
-implementation on a distributed key-value store (etcd, Consul, FoundationDB)
-can replace :class:`SqliteStore` without touching the engine.  Events are the
-one append-only stream; they carry a per-service ``segment`` number so the
-filesystem can rotate ``events`` into ``events.1`` like logrotate does.
+The records are JSON values under keys (:mod:`.records` has the layout) in the
+revisioned store of :mod:`.sqlitekv`, which shares this connection: every
+transaction here is one revision there, and its watchers (the cache the view
+reads) hear of it after commit.  Events are the one append-only stream; they
+carry a per-service ``segment`` number so the filesystem can rotate
+``events`` into ``events.1`` like logrotate does.
 
 SQLite runs in WAL mode with ``synchronous=NORMAL``: a committed transaction
 survives the death of the process that wrote it (kill -9), which is the crash
 deployfs promises to survive; power loss may lose the last few commits.
 Schema changes are numbered migrations tracked in ``PRAGMA user_version``; a
-database from a newer deployfs is refused, never "upgraded down".
+database from a newer deployfs is refused, never "upgraded down".  Schema 2
+moved the records of schema 1 (a table per kind) into the key-value tables,
+once, at open.
 
 A full state disk must not stop supervision (issue 18.5).  Writes are of two
 kinds.  What people ask for (manifest files, commands: a transaction opened
@@ -27,80 +30,24 @@ nothing committed is ever lost.
 from __future__ import annotations
 
 import contextlib
-import itertools
-import json
 import logging
 import os
 import sqlite3
 import time
-from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Iterator, Protocol
 
 from . import statedir
-from .kv import StoreError, StoreFull
+from .kv import Delete, Op, Put, StoreError, StoreFull, prefix_end
+from .records import (NEXT_INSTANCE_ID, Event, InstanceRecord, ManifestFile, ServiceRecord, decode,
+                      decode_event, decode_file, encode, encode_event, encode_file, event_key, events_prefix,
+                      instance_key, instances_prefix, manifest_key, service_key, version_key)
+from .sqlitekv import SCHEMA as KV_SCHEMA
+from .sqlitekv import SqliteKV
+
+__all__ = ["Event", "InstanceRecord", "ManifestFile", "ServiceRecord", "SqliteStore", "Store", "StoreError",
+           "StoreFull", "SCHEMA_VERSION"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ServiceRecord:
-    name: str
-    version: str | None = None  # the version in force (the rollout target)
-    previous_version: str | None = None  # the rollback target (see Service.set_previous)
-    manifest: str = ""  # the manifest text in force
-    previous_manifest: str = ""  # kept for rollback
-    # The last version that completed a rollout, and the one that completed before it:
-    # only these may become a rollback target, never a release that failed or was abandoned.
-    good_version: str | None = None
-    good_manifest: str = ""
-    good_generation: int = 0
-    before_good_version: str | None = None
-    before_good_manifest: str = ""
-    generation: int = 0  # bumped by `restart`: same version, fresh instances
-    replicas: int = 0
-    update_status: str = "none"  # none | rolling | paused | canary | failed
-    steps: int = 0  # batches `step` may still start while paused
-    failure: str = ""
-    stopped: bool = False
-    rollout_from: str | None = None
-    deleting: bool = False  # `delete`: stopping everything, then the records go
-    # logs/<name> -> instance id: the output of instances gone that is worth
-    # reading (`failed-3` of the last failed rollout, `stopped-0` after stop)
-    kept_logs: dict[str, int] = field(default_factory=dict)
-    rollout_started: float | None = None  # wall clock: a rollout's duration survives a restart of deployfs
-    canary_phase: bool = False  # an `update canary` rollout not yet promoted (or rolled back)
-    rolled_back: str = ""  # auto_rollback: why the last rollout failed, once it rolled back by itself
-
-
-@dataclass
-class InstanceRecord:
-    service: str
-    id: int
-    slot: int
-    version: str
-    generation: int = 0
-    pid: int | None = None
-    start_time: int | None = None  # /proc/<pid>/stat field 22: tells a reused pid apart
-    port: int | None = None
-    state: str = "starting"  # starting | running | draining | stopped | exited | failed
-    health: str = "starting"  # starting | healthy | unhealthy | stopped | failed
-    restarts: int = 0
-    started: float = field(default_factory=time.time)
-
-
-@dataclass(frozen=True)
-class Event:
-    seq: int
-    segment: int
-    ts: float
-    text: str
-
-
-@dataclass(frozen=True)
-class ManifestFile:
-    name: str
-    data: bytes
-    mtime: float
 
 
 class Store(Protocol):
@@ -130,6 +77,9 @@ class Store(Protocol):
     def list_instances(self, service: str) -> list[InstanceRecord]: ...
     def put_instance(self, rec: InstanceRecord) -> None: ...
     def delete_instance(self, service: str, id: int) -> None: ...
+    def next_instance_id(self) -> int:
+        """A new instance id, never one used before, kept in the records."""
+        ...
 
     def append_event(self, service: str, segment: int, ts: float, text: str) -> Event: ...
     def events(self, service: str, segment: int) -> list[Event]: ...
@@ -137,7 +87,7 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _MIGRATIONS: list[str] = [
     # 0 -> 1
     """
@@ -151,9 +101,13 @@ _MIGRATIONS: list[str] = [
                          segment INTEGER NOT NULL, ts REAL NOT NULL, text TEXT NOT NULL);
     CREATE INDEX events_by_segment ON events (service, segment, seq);
     """,
+    # 1 -> 2: the key-value tables; _move_records_to_kv moves the rows, then the old tables go
+    KV_SCHEMA,
 ]
 # Events kept per service in the database (the files show the last two segments).
 EVENTS_KEPT = 100_000
+# Every this many events of a service, the ones past EVENTS_KEPT are deleted.
+EVENTS_TRIM_EVERY = 1000
 
 
 # While full: how often a write retries the disk, and the room it wants first
@@ -164,8 +118,6 @@ ROOM_NEEDED = 512 * 1024
 # (the -shm file) that cannot grow.
 _FULL_CODES = {13, 4874}  # SQLITE_FULL, SQLITE_IOERR_SHMSIZE
 
-_Op = tuple[Callable[..., Any], tuple[Any, ...]]
-
 
 class SqliteStore:
     def __init__(self, state_dir: str, *, events_kept: int = EVENTS_KEPT) -> None:
@@ -174,13 +126,16 @@ class SqliteStore:
         self.state_dir = state_dir
         self.events_kept = events_kept
         self.full: str | None = None
-        self._pending: dict[tuple[Any, ...], _Op] = {}  # waiting for room, in order
-        self._event_keys = itertools.count()
+        # Writes waiting for room, in order: by key (a prefix delete by "\0" + its prefix),
+        # the newest write of a key replacing an older one.
+        self._pending: dict[str, Op] = {}
         self._last_try = 0.0
-        self._ops: list[tuple[tuple[Any, ...], _Op]] | None = None  # the open transaction's, or None
+        self._ops: list[Op] | None = None  # the open transaction's, or None
+        self._changes: list[Any] = []  # what the open transaction changed in SQLite
         self._deferring = False  # the open transaction is kept in memory, not in SQLite
         self._refusing = False
         self._after: list[Callable[[], None]] = []
+        self._seqs: dict[str, int] = {}  # service -> its last event's seq
         statedir.open_file(self.path, "ab").close()  # created owner-only; SQLite gives -wal/-shm its mode
         try:
             self._db = self._connect()
@@ -199,6 +154,8 @@ class SqliteStore:
             self._note_full(str(e))
             log.warning("%s: started in exclusive locking mode: other programs (sqlite3 .backup) "
                         "cannot open the database until deployfs restarts with room on the disk", self.path)
+        # The revisioned store on the same connection: what a cache of the records watches.
+        self.kv = SqliteKV(self.path, db=self._db)
         if self.full is None and not self._room():  # found out now, not at the first write
             self._note_full(f"less than {ROOM_NEEDED // 1024} KiB free")
 
@@ -224,16 +181,41 @@ class SqliteStore:
                 f"{self.path} was written by a newer deployfs (schema {have}; this one knows up to "
                 f"{SCHEMA_VERSION}): upgrade deployfs, or point --state at another directory")
         for n in range(have, SCHEMA_VERSION):
-            with self.transaction(refuse_when_full=True):
+            with self._raw_transaction():
                 for stmt in filter(str.strip, _MIGRATIONS[n].split(";")):
                     self._exec(stmt)
+                if n == 1:
+                    moved = self._move_records_to_kv()
+                    log.info("%s: %d records of the previous version moved into the key-value store", self.path, moved)
                 self._exec(f"PRAGMA user_version = {n + 1}")
+
+    def _move_records_to_kv(self) -> int:
+        """Schema 1 -> 2: every row of the old tables becomes a record under its key, then the tables go."""
+        kv = SqliteKV(self.path, db=self._db)
+        ops: list[Op] = []
+        for name, data, mtime in self._exec("SELECT name, data, mtime FROM manifest_files"):
+            ops.append(Put(manifest_key(name), encode_file(bytes(data), mtime)))
+        for service, version, text in self._exec("SELECT service, version, text FROM versions"):
+            ops.append(Put(version_key(service, version), text.encode()))
+        for name, data in self._exec("SELECT name, data FROM services"):
+            ops.append(Put(service_key(name), data.encode()))
+        top = 0
+        for service, id, data in self._exec("SELECT service, id, data FROM instances"):
+            ops.append(Put(instance_key(service, id), data.encode()))
+            top = max(top, id)
+        for seq, service, segment, ts, text in self._exec("SELECT seq, service, segment, ts, text FROM events"):
+            ops.append(Put(event_key(service, segment, seq), encode_event(ts, text)))
+        ops.append(Put(NEXT_INSTANCE_ID, str(top + 1).encode()))
+        kv._apply(ops)
+        for table in ("manifest_files", "versions", "services", "instances", "events"):
+            self._exec(f"DROP TABLE {table}")
+        return len(ops) - 1
 
     # -- transactions and a full disk ---------------------------------------------------
 
     @contextlib.contextmanager
     def transaction(self, *, refuse_when_full: bool = False) -> Iterator[None]:
-        """Group writes atomically; nests (inner blocks join the outer one).
+        """Group writes atomically (one revision of the store); nests (inner blocks join the outer one).
 
         With ``refuse_when_full`` a full disk raises :class:`StoreFull` and
         nothing is written; without, the engine's records wait in memory.
@@ -244,7 +226,7 @@ class SqliteStore:
         deferring = not self._ready(force=refuse_when_full)
         if deferring and refuse_when_full:
             raise StoreFull(self._refusal())
-        self._ops, self._deferring, self._refusing, self._after = [], deferring, refuse_when_full, []
+        self._ops, self._changes, self._deferring, self._refusing, self._after = [], [], deferring, refuse_when_full, []
         try:
             if not deferring:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -263,11 +245,13 @@ class SqliteStore:
                     self._deferring = True
             if self._deferring:  # SQLite has none of it: it all waits for room, in order
                 self._rollback()
-                for key, op in self._ops:
-                    self._defer(key, op)
+                for op in self._ops:
+                    self._defer(op)
+            else:
+                self.kv._committed(self._changes)  # watchers hear of it once it is committed
             after = self._after
         finally:
-            self._ops, self._deferring, self._refusing, self._after = None, False, False, []
+            self._ops, self._changes, self._deferring, self._refusing, self._after = None, [], False, False, []
         for fn in after:
             fn()
 
@@ -292,39 +276,51 @@ class SqliteStore:
             self._note_full(str(e))
             raise StoreFull(self._refusal()) from None
 
-    def _write(self, sql: str, args: tuple[Any, ...]) -> None:
+    def _write(self, *ops: Op) -> None:
         """A write people asked for (a manifest file, a command): refused on a full disk."""
-        if self._ops is None and not self._ready(force=True):
+        if self._ops is None:
+            with self.transaction(refuse_when_full=True):
+                self._write(*ops)
+            return
+        self._refusing = True  # a transaction holding one is refused whole, never half kept
+        if self._deferring:
             raise StoreFull(self._refusal())
-        if self._ops is not None:
-            self._refusing = True  # a transaction holding one is refused whole, never half kept
-            if self._deferring:
-                raise StoreFull(self._refusal())
-        self._exec(sql, args)
+        self._ops.extend(ops)
+        self._apply(ops)
 
-    def _record_write(self, key: tuple[Any, ...], fn: Callable[..., Any], *args: Any) -> Any:
+    def _record_write(self, *ops: Op) -> None:
         """A record of what happened (service, instance, event): kept in memory on a full disk."""
-        op = (fn, args)
-        if self._ops is not None:
-            self._ops.append((key, op))
-            if self._deferring:
-                return None
-            try:
-                return fn(*args)
-            except StoreFull:
-                if self._refusing:
-                    raise
-                self._deferring = True
-                return None
-        if self._ready(force=False):
-            try:
-                return fn(*args)
-            except StoreFull:
-                pass
-        self._defer(key, op)
-        return None
+        if self._ops is None:
+            with self.transaction():
+                self._record_write(*ops)
+            return
+        self._ops.extend(ops)
+        if self._deferring:
+            return
+        try:
+            self._apply(ops)
+        except StoreFull:
+            if self._refusing:
+                raise
+            self._deferring = True
 
-    def _defer(self, key: tuple[Any, ...], op: _Op) -> None:
+    def _apply(self, ops: tuple[Op, ...]) -> None:
+        try:
+            self._changes += self.kv._apply(ops, len(self._changes))
+        except sqlite3.OperationalError as e:
+            if not _is_full(e):
+                raise
+            self._note_full(str(e))
+            raise StoreFull(self._refusal()) from None
+        except StoreFull as e:
+            self._note_full(str(e))
+            raise StoreFull(self._refusal()) from None
+
+    def _defer(self, op: Op) -> None:
+        key = "\0" + op.key if isinstance(op, Delete) and op.prefix else op.key
+        if key.startswith("\0"):  # what waited under the prefix is gone with it
+            for k in [k for k in self._pending if k.lstrip("\0").startswith(op.key)]:
+                del self._pending[k]
         self._pending.pop(key, None)  # the newest write of a record wins; it goes last
         self._pending[key] = op
 
@@ -343,10 +339,10 @@ class SqliteStore:
         saved = len(self._pending)
         try:
             with self._raw_transaction():
-                for fn, args in list(self._pending.values()):
-                    fn(*args)
+                changes = self.kv._apply(list(self._pending.values()))
         except StoreFull:
             return False
+        self.kv._committed(changes)
         self._pending.clear()
         log.warning("%s: the state disk has room again; %d writes kept in memory meanwhile are saved",
                     self.path, saved)
@@ -355,7 +351,7 @@ class SqliteStore:
 
     @contextlib.contextmanager
     def _raw_transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
+        self._exec("BEGIN IMMEDIATE")
         try:
             yield
             self._exec("COMMIT")
@@ -389,124 +385,139 @@ class SqliteStore:
         if self._pending and not self.flush():
             log.error("%s: the state disk is still full: %d writes kept in memory are lost "
                       "(the services' records and events since it filled)", self.path, len(self._pending))
-        self._db.close()
+        self.kv.close()
+
+    # -- reads: SQLite, then what waits for room on top (it is newer) -------------------------
+
+    def _read(self, prefix: str, *, exact: bool = False) -> dict[str, bytes]:
+        """The values under ``prefix`` (or of that one key), sorted by key."""
+        if exact:
+            rows = self._db.execute("SELECT key, value FROM kv WHERE key = ?", (prefix,))
+        else:
+            end = prefix_end(prefix)
+            rows = self._db.execute("SELECT key, value FROM kv WHERE key >= ? AND key < ? ORDER BY key",
+                                    (prefix, end)) if end else self._db.execute(
+                "SELECT key, value FROM kv WHERE key >= ? ORDER BY key", (prefix,))
+        out = {k: bytes(v) for k, v in rows}
+        if self._pending:
+            def mine(key: str) -> bool:
+                return key == prefix if exact else key.startswith(prefix)
+            for op in self._pending.values():
+                if isinstance(op, Put):
+                    if mine(op.key):
+                        out[op.key] = op.value
+                elif op.prefix:
+                    for k in [k for k in out if k.startswith(op.key)]:
+                        del out[k]
+                else:
+                    out.pop(op.key, None)
+            out = dict(sorted(out.items()))
+        return out
+
+    def _get(self, key: str) -> bytes | None:
+        return self._read(key, exact=True).get(key)
 
     # -- manifest files (what users write under manifests/) ---------------------
 
     def get_file(self, name: str) -> ManifestFile | None:
-        row = self._db.execute("SELECT data, mtime FROM manifest_files WHERE name = ?", (name,)).fetchone()
-        return ManifestFile(name, bytes(row[0]), row[1]) if row else None
+        value = self._get(manifest_key(name))
+        return None if value is None else decode_file(name, value)
 
     def put_file(self, name: str, data: bytes) -> None:
-        self._write("INSERT OR REPLACE INTO manifest_files VALUES (?, ?, ?)", (name, data, time.time()))
+        self._write(Put(manifest_key(name), encode_file(data, time.time())))
 
     def delete_file(self, name: str) -> None:
-        self._write("DELETE FROM manifest_files WHERE name = ?", (name,))
+        if self._get(manifest_key(name)) is not None:
+            self._write(Delete(manifest_key(name)))
 
     def list_files(self) -> list[str]:
-        return [r[0] for r in self._db.execute("SELECT name FROM manifest_files ORDER BY name")]
+        return [k.split("/", 1)[1] for k in self._read(manifest_key(""))]
 
     # -- versions (every manifest ever applied, by hash) -----------------------
 
     def put_version(self, service: str, version: str, text: str) -> None:
-        self._write("INSERT OR IGNORE INTO versions VALUES (?, ?, ?, ?)", (service, version, text, time.time()))
+        if self._get(version_key(service, version)) is None:  # a version's text never changes
+            self._write(Put(version_key(service, version), text.encode()))
 
     def get_version(self, service: str, version: str) -> str | None:
-        row = self._db.execute("SELECT text FROM versions WHERE service = ? AND version = ?", (service, version)).fetchone()
-        return row[0] if row else None
+        value = self._get(version_key(service, version))
+        return None if value is None else value.decode()
 
     # -- services and instances ----------------------------------------------------
-    # Reads look at what waits for room first: it is newer than SQLite.
 
     def get_service(self, name: str) -> ServiceRecord | None:
-        waiting = self._pending.get(("service", name))
-        if waiting is not None:
-            data = waiting[1][1]
-            return None if data is None else _record(ServiceRecord, data)
-        row = self._db.execute("SELECT data FROM services WHERE name = ?", (name,)).fetchone()
-        return _record(ServiceRecord, row[0]) if row else None
+        value = self._get(service_key(name))
+        return None if value is None else decode(ServiceRecord, value)
 
     def put_service(self, rec: ServiceRecord) -> None:
-        self._record_write(("service", rec.name), self._put_service, rec.name, json.dumps(asdict(rec)))
+        self._record_write(Put(service_key(rec.name), encode(rec)))
 
     def list_services(self) -> list[ServiceRecord]:
-        data: dict[str, str | None] = {r[0]: r[1] for r in self._db.execute("SELECT name, data FROM services")}
-        data.update({k[1]: op[1][1] for k, op in self._pending.items() if k[0] == "service"})
-        return [_record(ServiceRecord, d) for _, d in sorted(data.items()) if d is not None]
+        return [decode(ServiceRecord, v) for v in self._read(service_key("")).values()]
 
     def delete_service(self, name: str) -> None:
         # The instances are gone already: a record of that, kept like any other on a full disk.
-        for key in [k for k, op in self._pending.items() if k[1] == name or (k[0] == "event" and op[1][0] == name)]:
-            del self._pending[key]
-        self._record_write(("service", name), self._put_service, name, None)
-
-    def _put_service(self, name: str, data: str | None) -> None:
-        if data is not None:
-            self._exec("INSERT OR REPLACE INTO services VALUES (?, ?)", (name, data))
-            return
-        for table, key in (("services", "name"), ("instances", "service"), ("versions", "service"),
-                           ("events", "service")):
-            self._exec(f"DELETE FROM {table} WHERE {key} = ?", (name,))
+        self._record_write(Delete(service_key(name)), Delete(instances_prefix(name), prefix=True),
+                           Delete(version_key(name, ""), prefix=True), Delete(events_prefix(name), prefix=True))
+        self._seqs.pop(name, None)
 
     def list_instances(self, service: str) -> list[InstanceRecord]:
-        rows = self._db.execute("SELECT id, data FROM instances WHERE service = ?", (service,))
-        data: dict[int, str | None] = dict(rows.fetchall())
-        data.update({k[2]: op[1][2] for k, op in self._pending.items() if k[:2] == ("instance", service)})
-        return [_record(InstanceRecord, d) for _, d in sorted(data.items()) if d is not None]
+        return [decode(InstanceRecord, v) for v in self._read(instances_prefix(service)).values()]
 
     def put_instance(self, rec: InstanceRecord) -> None:
-        self._record_write(("instance", rec.service, rec.id), self._put_instance,
-                           rec.service, rec.id, json.dumps(asdict(rec)))
+        self._record_write(Put(instance_key(rec.service, rec.id), encode(rec)))
 
     def delete_instance(self, service: str, id: int) -> None:
-        self._record_write(("instance", service, id), self._put_instance, service, id, None)
+        self._record_write(Delete(instance_key(service, id)))
 
-    def _put_instance(self, service: str, id: int, data: str | None) -> None:
-        if data is None:
-            self._exec("DELETE FROM instances WHERE service = ? AND id = ?", (service, id))
-        else:
-            self._exec("INSERT OR REPLACE INTO instances VALUES (?, ?, ?)", (service, id, data))
+    def next_instance_id(self) -> int:
+        """A new instance id, never one used before (kept in the records, so a restart goes on from it)."""
+        value = self._get(NEXT_INSTANCE_ID)
+        id = int(value) if value else 1
+        self._record_write(Put(NEXT_INSTANCE_ID, str(id + 1).encode()))
+        return id
 
     # -- events ------------------------------------------------------------------
 
     def append_event(self, service: str, segment: int, ts: float, text: str) -> Event:
-        key = ("event", next(self._event_keys))
-        seq = self._record_write(key, self._append_event, service, segment, ts, text)
-        return Event(seq or 0, segment, ts, text)  # seq 0: waiting for room
+        seq = self._last_seq(service) + 1
+        self._seqs[service] = seq
+        ops: list[Op] = [Put(event_key(service, segment, seq), encode_event(ts, text))]
+        if seq % EVENTS_TRIM_EVERY == 0:
+            ops += [Delete(k) for k in self._events_past_kept(service)]
+        self._record_write(*ops)
+        return Event(seq, segment, ts, text)
 
-    def _append_event(self, service: str, segment: int, ts: float, text: str) -> int:
-        cur = self._exec("INSERT INTO events (service, segment, ts, text) VALUES (?, ?, ?, ?)",
-                         (service, segment, ts, text))
-        seq = int(cur.lastrowid or 0)
-        if seq % 1000 == 0:
-            self._exec(
-                "DELETE FROM events WHERE service = ? AND seq <= (SELECT seq FROM events WHERE service = ? "
-                "ORDER BY seq DESC LIMIT 1 OFFSET ?)", (service, service, self.events_kept))
-        return seq
+    def _last_seq(self, service: str) -> int:
+        if service not in self._seqs:
+            last = self.last_event(service)
+            self._seqs[service] = last.seq if last else 0
+        return self._seqs[service]
 
-    def _waiting_events(self, service: str) -> list[Event]:
-        return [Event(0, *op[1][1:]) for k, op in self._pending.items() if k[0] == "event" and op[1][0] == service]
+    def _events_past_kept(self, service: str) -> list[str]:
+        prefix = events_prefix(service)
+        row = self._db.execute("SELECT key FROM kv WHERE key >= ? AND key < ? ORDER BY key DESC LIMIT 1 OFFSET ?",
+                               (prefix, prefix_end(prefix), self.events_kept)).fetchone()
+        if row is None:
+            return []
+        return [k for (k,) in self._db.execute("SELECT key FROM kv WHERE key >= ? AND key <= ?", (prefix, row[0]))]
 
     def events(self, service: str, segment: int) -> list[Event]:
-        rows = self._db.execute("SELECT seq, segment, ts, text FROM events WHERE service = ? AND segment = ? ORDER BY seq",
-                                (service, segment))
-        return [Event(*r) for r in rows] + [e for e in self._waiting_events(service) if e.segment == segment]
+        return [decode_event(k, v) for k, v in self._read(events_prefix(service, segment)).items()]
 
     def last_event(self, service: str) -> Event | None:
-        waiting = self._waiting_events(service)
+        prefix = events_prefix(service)
+        waiting = [k for k, op in self._pending.items() if isinstance(op, Put) and k.startswith(prefix)]
         if waiting:
-            return waiting[-1]
-        row = self._db.execute("SELECT seq, segment, ts, text FROM events WHERE service = ? ORDER BY seq DESC LIMIT 1",
-                               (service,)).fetchone()
-        return Event(*row) if row else None
+            key = max(waiting)
+            value = self._pending[key]
+            assert isinstance(value, Put)
+            return decode_event(key, value.value)
+        row = self._db.execute("SELECT key, value FROM kv WHERE key >= ? AND key < ? ORDER BY key DESC LIMIT 1",
+                               (prefix, prefix_end(prefix))).fetchone()
+        return decode_event(row[0], bytes(row[1])) if row else None
 
 
 def _is_full(e: sqlite3.OperationalError) -> bool:
     return getattr(e, "sqlite_errorcode", None) in _FULL_CODES
 
-
-def _record(cls, data: str):  # type: ignore[no-untyped-def]
-    """A record from its JSON; keys this version does not know are ignored, so a
-    field can be dropped (or added by a newer writer) without breaking a read."""
-    known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in json.loads(data).items() if k in known})

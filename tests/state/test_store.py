@@ -127,7 +127,7 @@ def test_concurrent_readers_while_a_writer_appends(tmp_path):
 def test_records_with_unknown_keys_still_load(tmp_path):
     # a field dropped by this version, or added by a newer writer, must not break a read
     s = SqliteStore(str(tmp_path))
-    s._db.execute("INSERT INTO services VALUES ('web', ?)", ('{"name": "web", "replicas": 2, "outcome": "done x"}',))
+    s._db.execute("INSERT INTO kv VALUES ('services/web', ?, 2, 2, 0)", (b'{"name": "web", "replicas": 2, "outcome": "done x"}',))
     assert s.get_service("web") == ServiceRecord("web", replicas=2)
     assert [r.name for r in s.list_services()] == ["web"]
 
@@ -248,3 +248,37 @@ def test_a_new_database_on_a_full_disk_is_a_clear_refusal(disk):
     fill(disk)
     with pytest.raises(StoreFull, match="the state disk is full"):
         SqliteStore(os.path.join(disk, "state"))
+
+
+def test_a_database_of_the_previous_version_is_moved_into_the_records_once(tmp_path):
+    from dataclasses import asdict
+    import json
+
+    from deployfs.state.store import _MIGRATIONS
+    db = sqlite3.connect(tmp_path / "deployfs.db")  # what schema 1 (the previous deployfs) left
+    db.executescript(_MIGRATIONS[0])
+    db.execute("INSERT INTO manifest_files VALUES ('web', ?, 12.5)", (b"image /bin/true\n\xff",))
+    db.execute("INSERT INTO versions VALUES ('web', 'abc', 'image /bin/true\n', 1.0)")
+    db.execute("INSERT INTO services VALUES ('web', ?)",
+               (json.dumps(asdict(ServiceRecord("web", version="abc", replicas=2))),))
+    for id in (7, 41):
+        db.execute("INSERT INTO instances VALUES ('web', ?, ?)",
+                   (id, json.dumps(asdict(InstanceRecord("web", id, slot=id % 2, version="abc", pid=100 + id)))))
+    for seq, segment, text in ((1, 0, "deployed"), (5, 1, "later"), (9, 1, "last"), (10, 0, "other")):
+        db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?)", (seq, "" if text == "other" else "web", segment, 2.0, text))
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    s = SqliteStore(str(tmp_path))
+    assert s.get_file("web").data == b"image /bin/true\n\xff" and s.get_file("web").mtime == 12.5
+    assert s.get_version("web", "abc") == "image /bin/true\n"
+    assert s.get_service("web") == ServiceRecord("web", version="abc", replicas=2)
+    assert [(i.id, i.pid) for i in s.list_instances("web")] == [(7, 107), (41, 141)]
+    assert [e.text for e in s.events("web", 1)] == ["later", "last"] and s.last_event("web").text == "last"
+    assert [e.text for e in s.events("", 0)] == ["other"]
+    assert s.next_instance_id() == 42  # never an id the old database used
+    tables = {r[0] for r in s._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert not tables & {"manifest_files", "versions", "services", "instances", "events"}
+    s.close()
+    s = SqliteStore(str(tmp_path))  # once: a second open changes nothing
+    assert [(i.id, i.pid) for i in s.list_instances("web")] == [(7, 107), (41, 141)] and s.next_instance_id() == 43

@@ -1,0 +1,158 @@
+"""The records deployfs keeps, and where each lives in the store.
+
+Every record is a JSON value under a key (DESIGN §9): a store of any kind --
+SQLite here, etcd in a cluster -- holds them the same way, and a reader of
+the store's watch (:mod:`.cache`) decodes them with the functions below.
+
+=====================================  ==========================================
+``services/<svc>``                     :class:`ServiceRecord`
+``instances/<svc>/<id, 12 digits>``    :class:`InstanceRecord` (ids sort as numbers)
+``versions/<svc>/<version>``           the manifest text of every version applied
+``manifests/<name>``                   a file under ``manifests/``: ``{"mtime", "data"}``
+                                       (data in base64: a file may hold any bytes)
+``events/<svc>/<segment>/<seq>``       ``{"ts", "text"}``, both numbers zero-padded;
+                                       the cluster's own log is the service ``""``
+``meta/next-instance-id``              the next instance id: ids are never reused
+=====================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+@dataclass
+class ServiceRecord:
+    name: str
+    version: str | None = None  # the version in force (the rollout target)
+    previous_version: str | None = None  # the rollback target (see Service.set_previous)
+    manifest: str = ""  # the manifest text in force
+    previous_manifest: str = ""  # kept for rollback
+    # The last version that completed a rollout, and the one that completed before it:
+    # only these may become a rollback target, never a release that failed or was abandoned.
+    good_version: str | None = None
+    good_manifest: str = ""
+    good_generation: int = 0
+    before_good_version: str | None = None
+    before_good_manifest: str = ""
+    generation: int = 0  # bumped by `restart`: same version, fresh instances
+    replicas: int = 0
+    update_status: str = "none"  # none | rolling | paused | canary | failed
+    steps: int = 0  # batches `step` may still start while paused
+    failure: str = ""
+    stopped: bool = False
+    rollout_from: str | None = None
+    deleting: bool = False  # `delete`: stopping everything, then the records go
+    # logs/<name> -> instance id: the output of instances gone that is worth
+    # reading (`failed-3` of the last failed rollout, `stopped-0` after stop)
+    kept_logs: dict[str, int] = field(default_factory=dict)
+    rollout_started: float | None = None  # wall clock: a rollout's duration survives a restart of deployfs
+    canary_phase: bool = False  # an `update canary` rollout not yet promoted (or rolled back)
+    rolled_back: str = ""  # auto_rollback: why the last rollout failed, once it rolled back by itself
+
+
+@dataclass
+class InstanceRecord:
+    service: str
+    id: int
+    slot: int
+    version: str
+    generation: int = 0
+    pid: int | None = None
+    start_time: int | None = None  # /proc/<pid>/stat field 22: tells a reused pid apart
+    port: int | None = None
+    state: str = "starting"  # starting | running | draining | stopped | exited | failed
+    health: str = "starting"  # starting | healthy | unhealthy | stopped | failed
+    restarts: int = 0
+    started: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class Event:
+    seq: int
+    segment: int
+    ts: float
+    text: str
+
+
+@dataclass(frozen=True)
+class ManifestFile:
+    name: str
+    data: bytes
+    mtime: float
+
+
+# -- where records live -------------------------------------------------------------------
+
+SERVICES = "services/"
+INSTANCES = "instances/"
+VERSIONS = "versions/"
+MANIFESTS = "manifests/"
+EVENTS = "events/"
+NEXT_INSTANCE_ID = "meta/next-instance-id"
+
+
+def service_key(name: str) -> str:
+    return SERVICES + name
+
+
+def instances_prefix(service: str) -> str:
+    return f"{INSTANCES}{service}/"
+
+
+def instance_key(service: str, id: int) -> str:
+    return f"{INSTANCES}{service}/{id:012d}"
+
+
+def version_key(service: str, version: str) -> str:
+    return f"{VERSIONS}{service}/{version}"
+
+
+def manifest_key(name: str) -> str:
+    return MANIFESTS + name
+
+
+def events_prefix(service: str, segment: int | None = None) -> str:
+    return f"{EVENTS}{service}/" if segment is None else f"{EVENTS}{service}/{segment:010d}/"
+
+
+def event_key(service: str, segment: int, seq: int) -> str:
+    return f"{events_prefix(service, segment)}{seq:012d}"
+
+
+# -- values ---------------------------------------------------------------------------------
+
+
+def encode(rec: ServiceRecord | InstanceRecord) -> bytes:
+    return json.dumps(asdict(rec)).encode()
+
+
+def decode(cls: type[T], data: bytes | str) -> T:
+    """A record from its JSON; keys this version does not know are ignored, so a
+    field can be dropped (or added by a newer writer) without breaking a read."""
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in json.loads(data).items() if k in known})
+
+
+def encode_file(data: bytes, mtime: float) -> bytes:
+    return json.dumps({"mtime": mtime, "data": base64.b64encode(data).decode()}).encode()
+
+
+def decode_file(name: str, value: bytes) -> ManifestFile:
+    d = json.loads(value)
+    return ManifestFile(name, base64.b64decode(d["data"]), float(d["mtime"]))
+
+
+def encode_event(ts: float, text: str) -> bytes:
+    return json.dumps({"ts": ts, "text": text}).encode()
+
+
+def decode_event(key: str, value: bytes) -> Event:
+    segment, seq = key.rsplit("/", 2)[1:]
+    d = json.loads(value)
+    return Event(int(seq), int(segment), float(d["ts"]), d["text"])
