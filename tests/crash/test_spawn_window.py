@@ -45,8 +45,9 @@ def test_sigkill_inside_a_spawn_batch_leaves_one_process_per_instance(tmp_path):
                     timeout=30, what="spawning")
             _mount.kill9(m)
             db = sqlite3.connect(f"{m.state}/deployfs.db")
-            windows += db.execute("select count(*) from instances where json_extract(data, '$.pid') is null"
-                                  " and json_extract(data, '$.state') = 'starting'").fetchone()[0]
+            windows += db.execute("select count(*) from kv where key like 'instances/%'"
+                                  " and json_extract(cast(value as text), '$.pid') is null"
+                                  " and json_extract(cast(value as text), '$.state') = 'starting'").fetchone()[0]
             db.close()
             m2 = _mount.start(str(tmp_path), state=m.state, mnt=m.path)
             m.proc, m.log = m2.proc, m2.log
