@@ -136,6 +136,8 @@ class SqliteStore:
         self._refusing = False
         self._after: list[Callable[[], None]] = []
         self._seqs: dict[str, int] = {}  # service -> its last event's seq
+        self._next_id: int | None = None  # meta/next-instance-id as the records have it
+        self._handed = 0  # the next id after the last one next_instance_id handed out
         statedir.open_file(self.path, "ab").close()  # created owner-only; SQLite gives -wal/-shm its mode
         try:
             self._db = self._connect()
@@ -465,17 +467,30 @@ class SqliteStore:
         return [decode(InstanceRecord, v) for v in self._read(instances_prefix(service)).values()]
 
     def put_instance(self, rec: InstanceRecord) -> None:
-        self._record_write(Put(instance_key(rec.service, rec.id), encode(rec)))
+        ops: list[Op] = [Put(instance_key(rec.service, rec.id), encode(rec))]
+        if rec.id >= self._id_counter():  # the first record of a new id moves the counter past it, in one write
+            self._next_id = rec.id + 1
+            ops.append(Put(NEXT_INSTANCE_ID, str(self._next_id).encode()))
+        self._record_write(*ops)
 
     def delete_instance(self, service: str, id: int) -> None:
         self._record_write(Delete(instance_key(service, id)))
 
     def next_instance_id(self) -> int:
-        """A new instance id, never one used before (kept in the records, so a restart goes on from it)."""
-        value = self._get(NEXT_INSTANCE_ID)
-        id = int(value) if value else 1
-        self._record_write(Put(NEXT_INSTANCE_ID, str(id + 1).encode()))
+        """A new instance id, never one a record used before.
+
+        An id is used once an instance record has it, and that record's write moves the
+        counter in the records past it (:meth:`put_instance`): no write of its own, and an
+        id handed out but never recorded (a crash in between) may be handed out again."""
+        id = max(self._id_counter(), self._handed)
+        self._handed = id + 1
         return id
+
+    def _id_counter(self) -> int:
+        if self._next_id is None:
+            value = self._get(NEXT_INSTANCE_ID)
+            self._next_id = int(value) if value else 1
+        return self._next_id
 
     # -- events ------------------------------------------------------------------
 

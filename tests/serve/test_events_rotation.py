@@ -41,6 +41,7 @@ def test_rotation_and_tail_F(tmp_path):
         assert "scaled to 7" not in out_f  # -f keeps the old file, as with logrotate
         # the store keeps the whole history, beyond the two files
         db = sqlite3.connect(os.path.join(m.state, "deployfs.db"))
-        assert db.execute("SELECT count(*) FROM events WHERE text LIKE 'scaled to%'").fetchone()[0] == 31
+        assert db.execute("SELECT count(*) FROM kv WHERE key LIKE 'events/web/%' "
+                          "AND json_extract(cast(value AS text), '$.text') LIKE 'scaled to%'").fetchone()[0] == 31
     finally:
         _mount.stop(m)

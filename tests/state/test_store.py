@@ -277,8 +277,21 @@ def test_a_database_of_the_previous_version_is_moved_into_the_records_once(tmp_p
     assert [e.text for e in s.events("web", 1)] == ["later", "last"] and s.last_event("web").text == "last"
     assert [e.text for e in s.events("", 0)] == ["other"]
     assert s.next_instance_id() == 42  # never an id the old database used
+    s.put_instance(InstanceRecord("web", 42, slot=0, version="abc"))
     tables = {r[0] for r in s._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert not tables & {"manifest_files", "versions", "services", "instances", "events"}
     s.close()
     s = SqliteStore(str(tmp_path))  # once: a second open changes nothing
-    assert [(i.id, i.pid) for i in s.list_instances("web")] == [(7, 107), (41, 141)] and s.next_instance_id() == 43
+    assert [i.id for i in s.list_instances("web")] == [7, 41, 42] and s.next_instance_id() == 43
+
+
+def test_instance_ids_are_never_reused(tmp_path):
+    s = SqliteStore(str(tmp_path))
+    a, b = s.next_instance_id(), s.next_instance_id()
+    assert a < b
+    s.put_instance(InstanceRecord("web", b, slot=0, version="v"))
+    s.delete_instance("web", b)
+    s.delete_service("web")
+    s.close()
+    s = SqliteStore(str(tmp_path))  # the record is gone, the counter stays past it
+    assert s.next_instance_id() == b + 1
