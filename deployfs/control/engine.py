@@ -117,7 +117,9 @@ class Service:
         self.rec = rec
         self.manifest = parse(rec.manifest, name=rec.name).manifest
         self.instances: dict[int, Instance] = {}
-        self.state = rollout.State(status=rec.update_status, steps=rec.steps)
+        # The pause boundary is in the record (wall clock): a restarted server waits out the same pause.
+        self.state = rollout.State(status=rec.update_status, steps=rec.steps, boundary=_boundary_from(rec.batch_ended))
+        self._saved_boundary = self.state.boundary
         self._wakeup = trio.Event()
         self._changed = trio.Event()
         self._parsed: dict[str, Manifest] = {}  # manifest text -> parsed, for instances of the good version
@@ -326,7 +328,8 @@ class Service:
                 # A command landed between spawns: the rest of this plan (starts for the
                 # old target, its status) is stale, and what the command set stands.
                 continue
-            if (self.rec.update_status, self.rec.steps) != (p.state.status, p.state.steps):
+            if (self.rec.update_status, self.rec.steps, self._saved_boundary) != (
+                    p.state.status, p.state.steps, p.state.boundary):
                 self.rec.update_status, self.rec.steps = p.state.status, p.state.steps
                 self.save()
                 if p.state.status == "canary" and not any(changed):
@@ -653,10 +656,17 @@ class Service:
         self.rec.kept_logs = {f"{why}-{i.rec.slot}": i.rec.id for i in self.instances.values() if which(i)}
 
     def save(self) -> None:
+        self.rec.batch_ended = _boundary_to(self.state.boundary)
+        self._saved_boundary = self.state.boundary
         self.engine.store.put_service(self.rec)
 
     def save_instance(self, inst: Instance) -> None:
-        self.engine.store.put_instance(inst.rec)
+        """Record what a server restarted on the same state needs to carry on, times as wall clock."""
+        rec = inst.rec
+        rec.phase, rec.why, rec.exit_ok = inst.phase.value, inst.why, inst.exit_ok
+        rec.last_exit = None if inst.last_exit is None else _to_wall(inst.last_exit)
+        rec.restart_times = [_to_wall(t) for t in inst.restart_times]
+        self.engine.store.put_instance(rec)
 
     def event(self, text: str) -> None:
         self.engine.events.emit(self.name, text)
@@ -716,6 +726,10 @@ class Engine:
                 key = (svc.name, irec.id)
                 text = self.store.get_version(svc.name, irec.version) or svc.rec.manifest
                 inst = Instance(irec, parse(text, name=svc.name).manifest)
+                # The restart budget and the last exit carry on (max_restarts counts across a restart of deployfs).
+                inst.restart_times = [_from_wall(t) for t in irec.restart_times]
+                inst.last_exit = None if irec.last_exit is None else _from_wall(irec.last_exit)
+                inst.exit_ok, inst.why = irec.exit_ok, irec.why
                 svc.instances[irec.id] = inst
                 if irec.port:
                     self.runtime.claim_port(irec.port)
@@ -1080,6 +1094,28 @@ class Engine:
         svc.rec.update_status, svc.rec.steps = status, 0
         svc.save()
         svc.event(event)
+
+
+def _to_wall(t: float) -> float:
+    """A trio-clock time as wall-clock seconds: what the records keep."""
+    return time.time() - (trio.current_time() - t)
+
+
+def _from_wall(w: float) -> float:
+    return trio.current_time() - (time.time() - w)
+
+
+def _boundary_to(boundary: float | None) -> float | None:
+    """rollout.State.boundary for the record: None mid-batch, 0 for "long ago" (-inf)."""
+    if boundary is None:
+        return None
+    return 0.0 if boundary == float("-inf") else _to_wall(boundary)
+
+
+def _boundary_from(batch_ended: float | None) -> float | None:
+    if batch_ended is None:
+        return None
+    return float("-inf") if batch_ended == 0.0 else _from_wall(batch_ended)
 
 
 MAX_WARNINGS = 10  # events per apply; a manifest of 1,500 unknown lines is one mistake, not 1,500

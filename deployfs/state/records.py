@@ -54,6 +54,9 @@ class ServiceRecord:
     rollout_started: float | None = None  # wall clock: a rollout's duration survives a restart of deployfs
     canary_phase: bool = False  # an `update canary` rollout not yet promoted (or rolled back)
     rolled_back: str = ""  # auto_rollback: why the last rollout failed, once it rolled back by itself
+    # When the last batch of the rollout ended (wall clock; the update_pause runs from it):
+    # None mid-batch, 0 long ago.
+    batch_ended: float | None = 0.0
 
 
 @dataclass
@@ -70,6 +73,13 @@ class InstanceRecord:
     health: str = "starting"  # starting | healthy | unhealthy | stopped | failed
     restarts: int = 0
     started: float = field(default_factory=time.time)
+    # What the supervisor saw last, so a server started on the same state carries on
+    # (times are wall clock): the planner's phase, why, how it last exited, its recent restarts.
+    phase: str = "starting"
+    why: str = ""
+    exit_ok: bool = False
+    last_exit: float | None = None
+    restart_times: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
