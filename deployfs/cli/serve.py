@@ -140,6 +140,7 @@ async def serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None
     from ..state.events import EventLog
     from ..control.facade import EngineFacade
     from ..serve.fuse import Access, DeployFS
+    from ..view.namespace import Namespace
     from ..traffic.haproxy import HAProxyRouter
     from ..node.health import Probes
     from ..traffic.router_client import RouterClient, RouterError
@@ -159,8 +160,9 @@ async def serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None
     router = router_class(a.state, bind=a.bind, balance=a.balance, max_conns=a.max_conns, idle_timeout=a.idle_timeout,
                           on_error=lambda service, msg: events.emit(service, f"router: {msg}"))
     engine = Engine(store, LocalRuntime(a.state, ports=ports), probes, events=events, router=router, state_dir=a.state)
-    facade = EngineFacade(engine)  # what the view (every front end) reads and commands through
-    ops = DeployFS(facade, access=Access(group=group), debug=a.debug)
+    facade = EngineFacade(engine)
+    view = Namespace(facade, Access(group=group))  # one view, whichever front ends serve it
+    ops = DeployFS(view, debug=a.debug)
     stop_metrics = None  # before the router starts: a refused address must leave nothing running
     if a.metrics:
         try:

@@ -117,12 +117,16 @@ class DeployFS(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, source: Source | Engine, *, access: Access | None = None, debug: bool = False) -> None:
+    def __init__(self, view: Namespace | Source | Engine, *, access: Access | None = None, debug: bool = False) -> None:
+        """Serve ``view``: a Namespace another front end (9P) may share, or a source (an engine) to build one on."""
         super().__init__()
-        self.source: Source = EngineFacade(source) if isinstance(source, Engine) else source
+        if isinstance(view, Namespace):
+            self.ns = view
+        else:
+            self.ns = Namespace(EngineFacade(view) if isinstance(view, Engine) else view, access or Access())
+        self.source: Source = self.ns.source
         # Not `self.access`: that would shadow pyfuse3.Operations.access (unused under default_permissions).
-        self.perms = access or Access()
-        self.ns = Namespace(self.source, self.perms)
+        self.perms = self.ns.access
         self.debug = debug
         self._paths: dict[int, Path] = {pyfuse3.ROOT_INODE: ()}
         self._inos: dict[Path, int] = {(): pyfuse3.ROOT_INODE}
