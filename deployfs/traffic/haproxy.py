@@ -170,7 +170,7 @@ class HAProxyRouter(TableFeeder):
                 return
             except RouterError:
                 pass
-        self.live = {}
+        self.live, self.weights = {}, {}
         self._write()
         env = self._marked_env()
         log_file = statedir.open_file(os.path.join(self.state_dir, "haproxy.log"), "ab")
@@ -193,7 +193,7 @@ class HAProxyRouter(TableFeeder):
 
     async def _read_live(self) -> None:
         """After adopting haproxy, learn what it serves from its configuration and state."""
-        self.live = {}
+        self.live, self.weights = {}, {}
         service = None
         with statedir.open_file(self.cfg, "r") as cfg:
             for line in cfg:
@@ -202,6 +202,11 @@ class HAProxyRouter(TableFeeder):
                     service = words[1].removeprefix("fe_")
                 elif words[:1] == ["bind"] and service:
                     self.live[service] = (int(words[1].rsplit(":", 1)[1]), {})
+                elif words[:1] == ["backend"]:
+                    service = words[1].removeprefix("be_")
+                elif words[:1] == ["server"] and "weight" in words[:-1] and service:
+                    # A canary's weights, so that a later table without them puts each back to 1.
+                    self.weights.setdefault(service, {})[words[1]] = int(words[words.index("weight") + 1])
         for service, (port, servers) in self.live.items():
             out = await self.cmd(f"show servers state be_{service}")
             for row in out.splitlines()[2:]:

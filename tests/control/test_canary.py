@@ -175,3 +175,26 @@ async def test_canary_weight_reaches_the_router(tmp_path, autojump_clock, weight
         await h.settle()
         assert router.tables[-1][1] is None  # promoted: every instance counts the same
         n.cancel_scope.cancel()
+
+
+async def test_a_restarted_server_carries_on_with_the_canary(tmp_path, autojump_clock):
+    # The phase lives in the service record: a new engine on the same store adopts the
+    # instances and holds the canary (nothing old stops), then promote works as before.
+    h = Harness(tmp_path)
+    async with trio.open_nursery() as n:
+        await n.start(h.engine.run)
+        v1 = await deploy_v1(h)
+        v2 = h.write(canary())
+        h.cmd("apply")
+        assert await h.settle() == "canary"
+        n.cancel_scope.cancel()  # "killed": the instances go on
+    old = pids(h, v1)
+    h.engine = Engine(h.store, h.rt, h.prober)
+    async with trio.open_nursery() as n:
+        await n.start(h.engine.run)
+        assert h.svc.rec.update_status == "canary" and h.svc.rec.canary_phase
+        await trio.sleep(10)
+        assert await h.settle() == "canary" and pids(h, v1) == old and len(pids(h, v2)) == 1
+        h.cmd("promote")
+        assert await h.settle() == f"done {v2}"
+        n.cancel_scope.cancel()

@@ -152,3 +152,38 @@ def test_bad_canary_with_auto_rollback_rolls_back_by_itself(served):
     assert instances(m) == before  # untouched: the same processes on the same slots
     events = m.read("active/web/events")
     assert "automatic rollback started" in events and "by deployfs (auto_rollback)" in events
+
+
+def haproxy_weights(m) -> dict[str, int]:
+    """server name -> its weight now, from haproxy's own stats (through the admin socket)."""
+    import socket
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(os.path.join(m.state, "haproxy.sock"))
+    s.sendall(b"show stat\n")
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    s.close()
+    rows = [r.split(",") for r in out.decode().splitlines()]
+    col = rows[0].index("weight")
+    return {r[1]: int(r[col]) for r in rows[1:] if len(r) > col and r[0] == "be_web" and r[1] not in ("BACKEND", "")}
+
+
+def test_a_restart_of_deployfs_mid_canary_carries_on_through_haproxy(tmp_path):
+    # Killed mid-canary and started again, deployfs adopts haproxy with the canary's weights
+    # in force and holds the canary; a promote then puts every server back to the same weight.
+    # (What haproxy.py reads back from its configuration on adoption: tests/traffic/test_weights.py.)
+    m = serve(tmp_path, "--router", "haproxy")
+    try:
+        start_canary(m, canary=CANARY + "canary_weight 10\n")
+        m.until(lambda: sorted(haproxy_weights(m).values()) == [10, 30, 30, 30], what="canary weights in haproxy")
+        _mount.kill9(m)
+        m2 = _mount.start(str(tmp_path), "--router", "haproxy", state=m.state, mnt=m.path)
+        m.proc, m.log = m2.proc, m2.log
+        assert m.read("active/web/update_status") == "canary\n"
+        assert m.ctl("promote", "web").returncode == 0
+        assert m.sh("cat active/web/wait", timeout=60).stdout.startswith("done")
+        m.until(lambda: set(haproxy_weights(m).values()) == {1} and len(haproxy_weights(m)) >= 3,
+                what="every server back to weight 1")
+    finally:
+        _mount.stop(m)

@@ -27,3 +27,22 @@ def test_route_candidates_weighted_first_then_the_rest_for_failover():
     r.active = {B: 9, C: 0}
     assert r.candidates("leastconn")[0] == C  # fewest connections per unit of weight
     assert Route("web", 8080, backends=[A, B]).candidates("roundrobin") in ([A, B], [B, A])  # no weights: as before
+
+
+async def test_haproxy_learns_the_weights_in_force_when_it_adopts_haproxy(tmp_path):
+    # Adopted mid-canary, the weights haproxy runs with come from its configuration: a table
+    # without weights later must know to put them back to 1.
+    from deployfs.traffic.haproxy import HAProxyRouter
+
+    before = HAProxyRouter(str(tmp_path))
+    before.live = {"web": (8080, {"s127_0_0_1_1": (A, False), "s127_0_0_1_2": (B, False)})}
+    before.weights = {"web": {"s127_0_0_1_1": 90, "s127_0_0_1_2": 10}}
+    before._write()
+    after = HAProxyRouter(str(tmp_path))
+
+    async def cmd(line: str, **kw: object) -> str:
+        return "1\n# be_id be_name srv_id srv_name ...\n"  # no server state rows: the config is what counts here
+    after.cmd = cmd  # type: ignore[method-assign]
+    await after._read_live()
+    assert after.weights == {"web": {"s127_0_0_1_1": 90, "s127_0_0_1_2": 10}}
+    assert set(after.live) == {"web"}
