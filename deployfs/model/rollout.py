@@ -245,7 +245,7 @@ def _canary(t: Target, insts: list[Inst], new: list[Inst], old: list[Inst], st: 
         return Plan(actions, replace(st, status=status, steps=steps, boundary=None), wake_at=min(wake, default=None))
     if any(i.phase is not Phase.READY for i in new):
         return Plan(actions, replace(st, status=status, boundary=None), wake_at=min(wake, default=None))
-    # Every canary is ready: from when this was first seen (a restarted deployfs starts the count again).
+    # Every canary is ready: from when this was first seen (-inf: not seen yet in this phase).
     since = now if st.boundary is None or st.boundary == float("-inf") else st.boundary
     st = replace(st, status=status, boundary=since)
     if t.auto_promote is not None and status == "canary":

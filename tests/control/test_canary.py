@@ -198,3 +198,27 @@ async def test_a_restarted_server_carries_on_with_the_canary(tmp_path, autojump_
         h.cmd("promote")
         assert await h.settle() == f"done {v2}"
         n.cancel_scope.cancel()
+
+
+async def test_auto_promote_counts_across_a_restart_of_the_server(tmp_path, autojump_clock, monkeypatch):
+    import deployfs.control.engine as engine_module
+    # The record keeps wall-clock time: let the wall clock run with the mock one.
+    monkeypatch.setattr(engine_module.time, "time", lambda: 1.9e9 + trio.current_time())
+    h = Harness(tmp_path)
+    async with trio.open_nursery() as n:
+        await n.start(h.engine.run)
+        await deploy_v1(h)
+        v2 = h.write(canary(auto_promote=60))
+        h.cmd("apply")
+        assert await h.settle() == "canary"
+        await trio.sleep(40)
+        n.cancel_scope.cancel()
+    h.engine = Engine(h.store, h.rt, h.prober)
+    async with trio.open_nursery() as n:
+        await n.start(h.engine.run)
+        t0 = trio.current_time()
+        while h.svc.rec.update_status == "canary":
+            await h.svc.wait_change()
+        assert trio.current_time() - t0 <= 21  # the 20 s left, not a fresh 60
+        assert await h.settle() == f"done {v2}"
+        n.cancel_scope.cancel()
