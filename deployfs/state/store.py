@@ -37,7 +37,7 @@ import time
 from typing import Any, Callable, Iterator, Protocol
 
 from . import statedir
-from .kv import Delete, Op, Put, StoreError, StoreFull, prefix_end
+from .kv import Delete, KVStore, Op, Put, StoreError, StoreFull, prefix_end
 from .records import (NEXT_INSTANCE_ID, Event, InstanceRecord, ManifestFile, ServiceRecord, decode,
                       decode_event, decode_file, encode, encode_event, encode_file, event_key, events_prefix,
                       instance_key, instances_prefix, manifest_key, service_key, version_key)
@@ -86,6 +86,11 @@ class Store(Protocol):
     def last_event(self, service: str) -> Event | None: ...
     def close(self) -> None: ...
 
+    @property
+    def kv(self) -> KVStore:
+        """The same records, revisioned: what a cache (state/cache.py) watches."""
+        ...
+
 
 SCHEMA_VERSION = 2
 _MIGRATIONS: list[str] = [
@@ -106,6 +111,8 @@ _MIGRATIONS: list[str] = [
 ]
 # Events kept per service in the database (the files show the last two segments).
 EVENTS_KEPT = 100_000
+# Revisions of change history the records keep for watches (each holds whole records).
+KV_HISTORY = 1000
 # Every this many events of a service, the ones past EVENTS_KEPT are deleted.
 EVENTS_TRIM_EVERY = 1000
 
@@ -157,7 +164,9 @@ class SqliteStore:
             log.warning("%s: started in exclusive locking mode: other programs (sqlite3 .backup) "
                         "cannot open the database until deployfs restarts with room on the disk", self.path)
         # The revisioned store on the same connection: what a cache of the records watches.
-        self.kv = SqliteKV(self.path, db=self._db)
+        # A cache in this process hears of changes in memory; history is only for one that fell
+        # behind (it re-lists past it), so a little is enough and the database stays small.
+        self.kv = SqliteKV(self.path, db=self._db, history=KV_HISTORY)
         if self.full is None and not self._room():  # found out now, not at the first write
             self._note_full(f"less than {ROOM_NEEDED // 1024} KiB free")
 

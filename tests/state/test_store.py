@@ -295,3 +295,36 @@ def test_instance_ids_are_never_reused(tmp_path):
     s.close()
     s = SqliteStore(str(tmp_path))  # the record is gone, the counter stays past it
     assert s.next_instance_id() == b + 1
+
+
+async def test_a_cache_sees_what_the_store_commits_and_nothing_else(tmp_path):
+    from deployfs.state.cache import Cache
+    from deployfs.state.records import ServiceRecord as Rec, decode
+    import trio
+
+    s = SqliteStore(str(tmp_path))
+    s.put_service(Rec("web", replicas=1))
+    cache = Cache(s.kv, "services/")
+    seen = []
+    async with trio.open_nursery() as n:
+        await n.start(cache.run)
+        cache.subscribe(lambda changes: seen.append([c.kv.key for c in changes]))
+        assert decode(Rec, cache.get("services/web").value).replicas == 1
+        with s.transaction():  # one transaction, one revision, told once it is committed
+            s.put_service(Rec("web", replicas=2))
+            s.put_service(Rec("api"))
+            s.append_event("web", 0, 1.0, "not under services/")
+            await trio.sleep(0.05)
+            assert decode(Rec, cache.get("services/web").value).replicas == 1
+        await cache.wait_for(s.kv.revision)
+        assert seen == [["services/web", "services/api"]]
+        assert decode(Rec, cache.get("services/web").value).replicas == 2
+        with pytest.raises(ZeroDivisionError):  # rolled back: nobody hears of it
+            with s.transaction():
+                s.put_service(Rec("web", replicas=3))
+                1 / 0
+        s.delete_service("api")
+        await cache.wait_for(s.kv.revision)
+        assert seen[1:] == [["services/api"]] and cache.get("services/api") is None
+        assert decode(Rec, cache.get("services/web").value).replicas == 2
+        n.cancel_scope.cancel()
