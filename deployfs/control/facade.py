@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterator
 
+import trio
+
 from ..model.errors import Error, Kind
 from ..model.status import Derived, InstanceStatus, ServiceStatus
 from ..state.store import ManifestFile, StoreFull
@@ -31,6 +33,13 @@ class EngineFacade:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self.metrics = Metrics(engine)  # cli/serve.py serves the same text at --metrics
+        self._appended: dict[str, trio.Event] = {}  # followers of a service's events, woken by the next one
+        engine.events.listeners.append(self._on_event)
+
+    def _on_event(self, service: str) -> None:
+        woken = self._appended.pop(service, None)
+        if woken is not None:
+            woken.set()
 
     # -- services ---------------------------------------------------------------------------
 
@@ -94,6 +103,9 @@ class EngineFacade:
 
     def metrics_text(self) -> bytes:
         return self.metrics.render()
+
+    async def events_appended(self, service: str) -> None:
+        await self._appended.setdefault(service, trio.Event()).wait()
 
     def log_parts(self, service: str, instance_id: int) -> list[str]:
         return self._engine.runtime.log_parts(service, instance_id)

@@ -292,6 +292,15 @@ class EventsHandle(Handle):
     async def read(self, off: int, size: int) -> bytes:
         return bytes(self.ns.source.events_bytes(self.service, self.segment)[off: off + size])
 
+    async def follow(self, off: int, size: int) -> bytes:
+        """Like read, but at the end of the current segment wait for the next event (``tail -f``
+        for a front end the kernel does not tell of growth: cancel it as a blocked read).  A
+        segment rotated away has no more to come: its end is the end."""
+        src = self.ns.source
+        while not (data := await self.read(off, size)) and src.events_segment(self.service) == self.segment:
+            await src.events_appended(self.service)
+        return data
+
 
 @dataclass(frozen=True)
 class LogFile(File):

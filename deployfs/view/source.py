@@ -46,6 +46,10 @@ class Source(Protocol):
         ...
     def events_mtime(self, service: str, segment: int | None) -> float: ...
 
+    async def events_appended(self, service: str) -> None:
+        """Return once the next event of ``service`` is committed and readable."""
+        ...
+
     # -- logs --------------------------------------------------------------------------------
     def log_parts(self, service: str, instance_id: int) -> list[str]:
         """The files holding an instance's output, oldest first."""

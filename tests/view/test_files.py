@@ -127,3 +127,23 @@ async def test_names_and_manifests(h, ns, autojump_clock):
     assert await ns.resolve(("manifests", "api2")).open(OWNER, READ).read(0, 100) == b"image x\n"
     assert mdir.unlink(OWNER, b"api2") == "api2"
     assert kind(mdir.unlink, OWNER, b"api2") is Kind.NOT_FOUND
+
+
+async def test_events_follow_waits_for_the_next_event_and_is_cancellable(h, ns, autojump_clock):
+    await deploy(h, ns)
+    events = ns.resolve(("active", "web", "events")).open(OWNER, READ)
+    end = ns.resolve(("active", "web", "events")).stat().size
+    assert (await events.follow(0, 10)) == (await events.read(0, 10))  # bytes there: at once
+    with trio.move_on_after(5) as scope:  # nothing new: it waits until its front end gives up
+        await events.follow(end, 4096)
+    assert scope.cancelled_caught
+    got = []
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: _follow(events, end, got))
+        await trio.sleep(1)
+        h.cmd("scale", "2")
+    assert got[-1].split(b"\n")[0].endswith(b" scaled to 2 by uid=0"), got  # (and whatever came with it)
+
+
+async def _follow(handle, off, out):
+    out.append(await handle.follow(off, 4096))
