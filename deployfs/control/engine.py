@@ -38,6 +38,7 @@ from .stats import ServiceStats
 
 log = logging.getLogger(__name__)
 NODE = socket.gethostname() or "local"
+LOOPBACK = "127.0.0.1"  # where this node's instances listen (a cluster gives each node its --address)
 MAX_SERVICES = 500
 MAX_INSTANCES = 5000
 LOG_CHECK = 0.25  # seconds between looks at a quiet instance's log size
@@ -108,7 +109,7 @@ class Instance:
 
     @property
     def backend(self) -> tuple[str, int] | None:
-        return ("127.0.0.1", self.rec.port) if self.rec.port else None
+        return (self.rec.address, self.rec.port) if self.rec.port else None
 
 
 class Service:
@@ -364,7 +365,8 @@ class Service:
             version, generation = a.key or self.target().key
             m = self.manifest_for((version, generation))
             port = e.runtime.allocate_port() if m.port else None
-            rec = InstanceRecord(self.name, e.next_instance_id(), a.slot, version, generation, port=port)
+            rec = InstanceRecord(self.name, e.next_instance_id(), a.slot, version, generation, port=port,
+                                 node=NODE, address=LOOPBACK)
             inst = Instance(rec, m)
             self.instances[rec.id] = inst
             self.spawn(inst)

@@ -69,6 +69,8 @@ class InstanceRecord:
     pid: int | None = None
     start_time: int | None = None  # /proc/<pid>/stat field 22: tells a reused pid apart
     port: int | None = None
+    node: str = ""  # the node that runs it ("" in a record from before nodes were recorded)
+    address: str = "127.0.0.1"  # where it listens, with ``port``
     state: str = "starting"  # starting | running | draining | stopped | exited | failed
     health: str = "starting"  # starting | healthy | unhealthy | stopped | failed
     restarts: int = 0

@@ -67,3 +67,10 @@ async def test_a_pause_between_batches_carries_on_across_a_restart_of_deployfs(t
     # The second batch waited out the pause from when the first ended, not from the restart
     # (and not "no pause" either, which is what a server that forgot the boundary did).
     assert ended + 29 <= second <= ended + 31, (ended, second)
+
+
+async def test_an_instance_record_says_where_it_runs(h, autojump_clock):
+    await deploy_v1(h, replicas=2, port=18999)
+    recs = h.store.list_instances("web")
+    assert [(r.node, r.address) for r in recs] == [(engine_module.NODE, "127.0.0.1")] * 2
+    assert sorted(h.svc.endpoints()) == sorted(("127.0.0.1", r.port) for r in recs)

@@ -328,3 +328,17 @@ async def test_a_cache_sees_what_the_store_commits_and_nothing_else(tmp_path):
         assert seen[1:] == [["services/api"]] and cache.get("services/api") is None
         assert decode(Rec, cache.get("services/web").value).replicas == 2
         n.cancel_scope.cancel()
+
+
+def test_old_events_are_trimmed_past_the_kept_number(tmp_path):
+    from deployfs.state.store import EVENTS_TRIM_EVERY
+    s = SqliteStore(str(tmp_path), events_kept=5)
+    with s.transaction():
+        for i in range(EVENTS_TRIM_EVERY - 1):
+            s.append_event("web", i // 500, float(i), f"e{i}")
+    s.append_event("api", 0, 0.0, "another service's")
+    assert len(s.events("web", 0)) + len(s.events("web", 1)) == EVENTS_TRIM_EVERY - 1
+    s.append_event("web", 1, 0.0, "the thousandth")
+    kept = s.events("web", 0) + s.events("web", 1)
+    assert [e.text for e in kept] == [f"e{i}" for i in range(EVENTS_TRIM_EVERY - 6, EVENTS_TRIM_EVERY - 1)] + ["the thousandth"]
+    assert s.last_event("web").text == "the thousandth" and [e.text for e in s.events("api", 0)] == ["another service's"]
