@@ -222,3 +222,18 @@ async def test_auto_promote_counts_across_a_restart_of_the_server(tmp_path, auto
         assert trio.current_time() - t0 <= 21  # the 20 s left, not a fresh 60
         assert await h.settle() == f"done {v2}"
         n.cancel_scope.cancel()
+
+
+async def test_abort_of_a_rolling_update_returns_to_the_good_version(h, autojump_clock):
+    v1 = await deploy_v1(h)
+    h.write(manifest(image="/bin/v2", update_pause=5))
+    h.cmd("apply")
+    while not any(i.rec.version != v1 and i.phase.value == "ready" for i in h.svc.instances.values()):
+        await h.svc.wait_change()
+    h.cmd("abort")
+    assert await h.settle() == f"done {v1}"
+    assert {i.rec.version for i in h.svc.by_slot()} == {v1} and len(h.svc.by_slot()) == 3
+    assert any(e.startswith("rollout aborted: rollback started") and e.endswith("by uid=0") for e in h.events())
+    with pytest.raises(CommandError) as e:
+        h.cmd("abort")  # nothing in flight
+    assert e.value.kind is Kind.BUSY
