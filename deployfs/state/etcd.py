@@ -270,13 +270,13 @@ class EtcdClient:
                     if not idempotent:
                         raise Unavailable(f"{last}; the write may or may not have been applied") from None
                 except _GatewayError as e:
-                    if e.code == _UNAVAILABLE or e.code == _RESOURCE_EXHAUSTED:
-                        # "no leader", "request timed out", "leader changed", "too many requests"
-                        last = f"{url}: {e.message}"
-                        if not idempotent and "timed out" in e.message:
-                            raise Unavailable(f"{last}; the write may or may not have been applied") from None
-                    else:
+                    if e.code not in (_UNAVAILABLE, _RESOURCE_EXHAUSTED):
                         raise self._error(e) from None
+                    # "no leader" and "too many requests" refuse before anything is proposed;
+                    # "request timed out" and "leader changed" may come after
+                    last = f"{url}: {e.message}"
+                    if not idempotent and not ("no leader" in e.message or e.code == _RESOURCE_EXHAUSTED):
+                        raise Unavailable(f"{last}; the write may or may not have been applied") from None
                 else:
                     return answer
                 self._current = (self._current + 1) % len(self.endpoints)
@@ -520,16 +520,21 @@ class Watch:
         while True:
             self._url = c.endpoints[c._current]
             try:
-                r = await c._watch_stream(self._url, self._key, self._prefix, self._next)
-                if r.status_code >= 400:
-                    await r.aread()
-                    await r.aclose()
-                    EtcdClient._decode(r)
-                    raise _GatewayError(_UNAVAILABLE, f"HTTP {r.status_code}")
-                self._response, self._lines = r, r.aiter_lines()
-                # The first answer says the watch exists (or why not): once past it, no write is missed.
-                self._handle(await self._lines.__anext__())
+                # The first answer says the watch exists (or why not): once past it, no write is
+                # missed.  A member that accepts the request but says nothing is as good as down.
+                with trio.fail_after(min(c.timeout, c.watch_idle)):
+                    r = await c._watch_stream(self._url, self._key, self._prefix, self._next)
+                    if r.status_code >= 400:
+                        await r.aread()
+                        await r.aclose()
+                        EtcdClient._decode(r)
+                        raise _GatewayError(_UNAVAILABLE, f"HTTP {r.status_code}")
+                    self._response, self._lines = r, r.aiter_lines()
+                    self._handle(await self._lines.__anext__())
                 return
+            except trio.TooSlowError:
+                await self.aclose()
+                self._last_error = f"{self._url}: no answer to a new watch"
             except Compacted:
                 await self.aclose()
                 raise

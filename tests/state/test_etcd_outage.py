@@ -12,6 +12,7 @@ import trio
 
 from deployfs.model.errors import Kind
 from deployfs.state.etcdkv import EtcdKV, Unavailable, open_etcd
+from deployfs.state.cache import Cache
 from deployfs.state.kv import Change, Compare, Put
 from tests.etcd import Cluster, Member, cluster, etcd3  # noqa: F401  (fixture)
 
@@ -86,9 +87,11 @@ async def test_quorum_lost_is_unavailable_then_everything_resumes(etcd3: Cluster
     async with open_etcd(etcd3.urls, timeout=TIMEOUT) as s:
         lease = await s.grant(1)
         r = await s.put("nodes/n1", b"alive", lease=lease.id)
+        cache = Cache(s, "svc/")  # what readers (the view) read
         async with s.watch("svc/", r + 1) as changes, trio.open_nursery() as n:
             n.start_soon(s.client.keep_alive, lease.id, lease.ttl)
-            await s.put("svc/before", b"1")
+            await n.start(cache.run)
+            await cache.wait_for(await s.put("svc/before", b"1"))
             seen = await collect(changes, "svc/before")
             lost = etcd3.members[:2]
             for m in lost:
@@ -100,12 +103,13 @@ async def test_quorum_lost_is_unavailable_then_everything_resumes(etcd3: Cluster
                     await attempt
                 assert trio.current_time() - t0 < TIMEOUT + 0.5
                 assert e.value.kind is Kind.UNAVAILABLE and e.value.message == "cluster store unreachable"
+            assert cache.get("svc/before").value == b"1"  # reads show the last known state
             # A watch opened now (from a known revision) waits for etcd instead of failing.
             async with s.watch("svc/", seen[-1].revision + 1) as late:
                 await trio.sleep(lease.ttl * 1.5)  # out longer than the lease's TTL
                 for m in lost:
                     etcd3.start(m)
-                _, took = await until_writable(s, "svc/after", b"2")
+                after, took = await until_writable(s, "svc/after", b"2")
                 print(f"\nwrites again {took:.2f}s after the members' restart")
                 seen += await collect(changes, "svc/after")
                 late_seen = await collect(late, "svc/after")
@@ -113,6 +117,9 @@ async def test_quorum_lost_is_unavailable_then_everything_resumes(etcd3: Cluster
             # either way the watches show exactly what the store holds.
             await history_is_whole(s, seen, "svc/")
             assert late_seen == seen[1:]
+            with trio.fail_after(5):
+                await cache.wait_for(after)  # and the copy catches up
+            assert [kv.key for kv in cache.range("svc/")] == [kv.key for kv in (await s.range("svc/")).kvs]
             assert (await s.get("nodes/n1")).kv is not None  # no leader, no lease expiry
             n.cancel_scope.cancel()
 
