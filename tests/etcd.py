@@ -11,6 +11,7 @@ Use the fixtures by importing them into a test module:
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import os
@@ -118,6 +119,19 @@ class Member:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+    def get(self, key: str) -> dict | None:
+        """A key as etcd holds it (value decoded, lease as an int), or None; for tests that
+        look from outside at what a `deployfs serve` process wrote."""
+        r = httpx.post(self.url + "/v3/kv/range", json={"key": base64.b64encode(key.encode()).decode()},
+                       timeout=5, trust_env=False)
+        r.raise_for_status()
+        kvs = r.json().get("kvs", [])
+        if not kvs:
+            return None
+        kv = kvs[0]
+        return {"value": base64.b64decode(kv.get("value", "")).decode(), "lease": int(kv.get("lease", 0)),
+                "mod_revision": int(kv["mod_revision"])}
 
     def log(self) -> str:
         try:

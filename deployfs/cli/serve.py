@@ -5,17 +5,27 @@ from __future__ import annotations
 import argparse
 import errno
 import grp
+import ipaddress
 import logging
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
+import urllib.parse
+from typing import TYPE_CHECKING
 
 import trio
 
 from .. import __version__
 
+if TYPE_CHECKING:
+    from ..node.membership import Membership
+
 log = logging.getLogger("deployfs")
+
+DEFAULT_NODE_TTL = 10
 
 
 class SetupError(Exception):
@@ -49,6 +59,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="rotate a service's events file into events.1 at this size (default 1 MiB)")
     s.add_argument("--metrics", type=_address, metavar="HOST:PORT",
                    help="also serve /deploy/metrics (Prometheus text) at http://HOST:PORT/metrics")
+    s.add_argument("--cluster", type=_cluster_urls, metavar="URLS",
+                   help="join a cluster: its etcd members' client URLs, comma-separated (http://H1:2379,...); "
+                        "docs/cluster.md says what works yet")
+    s.add_argument("--node", metavar="NAME", help="this node's name in the cluster, unique (default: the host name)")
+    s.add_argument("--address", metavar="IP",
+                   help="where this node's instances and router are reached (default: the host name's address)")
+    s.add_argument("--node-ttl", type=_node_ttl, metavar="SECONDS",
+                   help="how long a silent node keeps its name and lease (whole seconds, >= 2; default 10)")
     s.add_argument("--debug", action="store_true", help="log one line per FUSE operation")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="deployfs: %(message)s", stream=sys.stderr)
@@ -59,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SetupError("--max-conns and --idle-timeout want a number >= 0")
         ports = a.ports
         group = None if a.group is None else _group(a.group)
+        check_cluster(a)
         check_mountpoint(a.mountpoint)
         a.state = check_state(a.state)  # resolved: never walk a link in its path again
         from ..node.runtime import ephemeral_overlap
@@ -88,6 +107,62 @@ def _address(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"wants HOST:PORT (e.g. 127.0.0.1:9464), got {text!r}")
     return host, int(port)
+
+
+def _cluster_urls(text: str) -> list[str]:
+    urls = [u.strip() for u in text.split(",") if u.strip()]
+    if not urls:
+        raise argparse.ArgumentTypeError("wants the etcd members' client URLs, e.g. http://10.0.0.1:2379,http://10.0.0.2:2379")
+    for url in urls:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{url!r}: {e}") from None
+        if parts.scheme != "http" or not parts.hostname or port is None or parts.path not in ("", "/") \
+                or parts.query or parts.fragment or parts.username:
+            raise argparse.ArgumentTypeError(
+                f"{url!r} is not an etcd client URL of the form http://HOST:PORT (TLS is not supported yet)")
+    return urls
+
+
+def _node_ttl(text: str) -> int:
+    try:
+        ttl = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants whole seconds, got {text!r}") from None
+    if ttl < 2:
+        raise argparse.ArgumentTypeError(f"wants at least 2 seconds (etcd's shortest lease), got {ttl}")
+    return ttl
+
+
+# A node's name is a file name under /deploy/nodes/ and a key in etcd: a host-name-like label.
+_NODE_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
+
+
+def check_cluster(a: argparse.Namespace) -> None:
+    """Validate --cluster and the flags that go with it, filling in their defaults."""
+    if not a.cluster:
+        given = [f for f, v in (("--node", a.node), ("--address", a.address), ("--node-ttl", a.node_ttl)) if v is not None]
+        if given:
+            raise SetupError(f"{', '.join(given)} only make sense with --cluster (the etcd members' URLs)")
+        return
+    if a.node is None:
+        a.node = socket.gethostname().split(".")[0]
+    if not _NODE_NAME.fullmatch(a.node):
+        raise SetupError(f"--node {a.node!r}: a node name is 1-63 letters, digits, '.', '_' or '-', "
+                         "starting and ending with a letter or digit")
+    if a.address is None:
+        try:
+            a.address = socket.gethostbyname(socket.gethostname())
+        except OSError as e:
+            raise SetupError(f"cannot find this host's address ({socket.gethostname()}: {e}): give --address IP") from None
+    try:
+        ipaddress.ip_address(a.address)
+    except ValueError:
+        raise SetupError(f"--address {a.address!r} is not an IP address (where this node's instances are reached)") from None
+    if a.node_ttl is None:
+        a.node_ttl = DEFAULT_NODE_TTL
 
 
 def _group(name: str) -> int:
@@ -134,6 +209,36 @@ def _dead_mount(mnt: str) -> bool:
 
 
 async def serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None) -> None:
+    if not a.cluster:
+        await _serve(a, ports, group, None)
+        return
+    from ..node.membership import Membership, NameTaken
+    from ..state.etcdkv import Unavailable, open_etcd
+    from ..state.kv import StoreError
+
+    async with open_etcd(a.cluster) as kv:
+        member = Membership(kv, a.node, a.address, a.node_ttl, lease_file=os.path.join(a.state, "cluster-lease"))
+        try:
+            await member.join()
+        except NameTaken as e:
+            raise SetupError(e.message) from None
+        except Unavailable as e:
+            raise SetupError(f"--cluster {','.join(a.cluster)}: {e}") from None
+        log.info("node %s (%s) %s the cluster at %s (lease TTL %d s)", a.node, a.address,
+                 "is back in" if member.adopted else "joined", ",".join(a.cluster), a.node_ttl)
+        try:
+            await _serve(a, ports, group, member)
+        finally:
+            if not a.keep_instances:  # kept instances still run here: keep the name (a restart takes it back)
+                with trio.CancelScope(shield=True), trio.move_on_after(3):
+                    try:
+                        await member.leave()
+                    except StoreError as e:
+                        log.warning("node %s: could not leave the cluster (its lease runs out by itself): %s",
+                                    a.node, e)
+
+
+async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None, member: Membership | None) -> None:
     import pyfuse3
 
     from ..control.engine import Engine
@@ -188,6 +293,8 @@ async def serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None
         async with trio.open_nursery() as nursery:
             await nursery.start(router.run)
             await nursery.start(engine.run)
+            if member is not None:
+                nursery.start_soon(member.run)  # keeps the lease alive
 
             async def on_signal() -> None:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
