@@ -146,7 +146,8 @@ class HeldRouter:
         self._delivered = trio.Event()
         self._delivered.set()
 
-    def set_backends(self, service: str, port: int | None, backends: list[tuple[str, int]]) -> None:
+    def set_backends(self, service: str, port: int | None, backends: list[tuple[str, int]],
+                     weights: list[int] | None = None, *, protocol: str = "tcp") -> None:
         self.table[service] = (port, list(backends))
         if self._delivered.is_set():
             self._delivered = trio.Event()

@@ -45,3 +45,14 @@ def parse(out: str) -> Result:
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     return Result(int(m.group(1)), sum(map(int, errors.groups())) if errors else 0,
                   int(non2xx.group(1)) if non2xx else 0, float(rps.group(1)) if rps else 0.0, out)
+
+
+def probe(url: str) -> bool:
+    """One GET answered with 2xx (a fresh connection): the port serves."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return 200 <= r.status < 300
+    except OSError:
+        return False
+

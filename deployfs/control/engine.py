@@ -51,8 +51,9 @@ class Routing(Protocol):
     """Where the engine sends routing tables (traffic/: the built-in router or HAProxy)."""
 
     def set_backends(self, service: str, port: int | None, backends: list[tuple[str, int]],
-                     weights: list[int] | None = None) -> None:
-        """``weights``: one per backend, the share of connections (requests) each gets; None: even."""
+                     weights: list[int] | None = None, *, protocol: str = "tcp") -> None:
+        """``weights``: one per backend, the share of connections (requests) each gets; None: even.
+        ``protocol``: tcp (bytes) or http (per request), DESIGN §6."""
         ...
     async def drain(self, service: str, backend: tuple[str, int], timeout: float) -> None: ...
     def routed(self) -> bool:
@@ -69,7 +70,7 @@ class Routing(Protocol):
 
 class NullRouter:
     def set_backends(self, service: str, port: int | None, backends: list[tuple[str, int]],
-                     weights: list[int] | None = None) -> None:
+                     weights: list[int] | None = None, *, protocol: str = "tcp") -> None:
         pass
 
     def routed(self) -> bool:
@@ -641,10 +642,11 @@ class Service:
     def routing_changed(self) -> None:
         endpoints = self.endpoints()
         weights = self.weights(endpoints)
+        protocol = self.manifest.traffic_protocol
         if weights is None:  # (as before weights existed: a router or fake that knows none is fed as it was)
-            self.engine.router.set_backends(self.name, self.manifest.port, endpoints)
+            self.engine.router.set_backends(self.name, self.manifest.port, endpoints, protocol=protocol)
         else:
-            self.engine.router.set_backends(self.name, self.manifest.port, endpoints, weights)
+            self.engine.router.set_backends(self.name, self.manifest.port, endpoints, weights, protocol=protocol)
         empty = self.manifest.port is not None and not endpoints
         if self._unrouted is not None and empty != self._unrouted:
             if empty:

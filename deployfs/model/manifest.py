@@ -76,6 +76,7 @@ class Manifest:
     dir: str | None = None
     replicas: int = 1
     port: int | None = None
+    protocol: str | None = None  # http | tcp; None: http when the health check is an http:// URL (DESIGN §6)
     restart: str = "always"
     max_restarts: int = 5
     drain_timeout: float = 10.0
@@ -109,6 +110,13 @@ class Manifest:
         template = {k: _jsonable(getattr(self, k)) for k in self.TEMPLATE_FIELDS}
         blob = json.dumps(template, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def traffic_protocol(self) -> str:
+        """How the router forwards this service's connections: ``http`` (per request) or ``tcp`` (bytes)."""
+        if self.protocol is not None:
+            return self.protocol
+        return "http" if self.health is not None and self.health.kind == "http" else "tcp"
 
     @property
     def stop_signum(self) -> int:
@@ -379,6 +387,7 @@ _DIRECTIVES: dict[str, Callable[[list[str]], object]] = {
     "dir": _dir,
     "replicas": _whole(0, MAX_REPLICAS),
     "port": _whole(1, 65535),
+    "protocol": _choice("http", "tcp"),
     "restart": _choice("always", "on-failure", "never"),
     "max_restarts": _whole(0, 10_000),
     "drain_timeout": _seconds(),

@@ -33,7 +33,10 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ._http import HttpRoute
 
 log = logging.getLogger("deployfs.router")
 
@@ -80,6 +83,8 @@ class Relay:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._ep.register(self._wake_r, select.EPOLLIN)
         self._aborts: list[Pair] = []
+        self._posts: list[Callable[[], None]] = []  # to run in the relay thread
+        self._http_routes: set[HttpRoute] = set()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="relay", daemon=True)
         self._thread.start()
@@ -95,6 +100,75 @@ class Relay:
         for s in pair.socks:  # registering reports what is already readable: nothing is missed
             self._ep.register(s.fileno(), _MASK)
         return pair
+
+    def add_http(self, sock: socket.socket, route: HttpRoute, peer: str, label: str,
+                 done: Callable[[], None]) -> Any:
+        """Serve one client connection as HTTP (``protocol http``): requests go to the route's
+        instances one at a time, each to the instance the route picks for it."""
+        from ._http import HttpConn
+        sock.setblocking(False)
+        conn = HttpConn(self, route, sock, peer, label, done)
+        self._pairs.add(conn)  # type: ignore[arg-type]
+        self.register(conn.fd, conn)
+        return conn
+
+    def http_route(self, policy: str, poke: Callable[[], None]) -> HttpRoute:
+        """A service's request balancing state; ``poke`` runs in the owner's thread when a drain may be over."""
+        from ._http import HttpRoute
+        route = HttpRoute(self, policy, poke)
+        self._http_routes.add(route)
+        return route
+
+    def drop_http_route(self, route: HttpRoute) -> None:
+        def drop() -> None:
+            route.close_all()
+            self._http_routes.discard(route)
+        self.post(drop)
+
+    def post(self, fn: Callable[[], None], then: Callable[[], None] | None = None) -> None:
+        """Run ``fn`` in the relay thread, then ``then`` in the owner's."""
+        def both() -> None:
+            fn()
+            if then is not None:
+                self.call_owner(then)
+        self._posts.append(both)
+        self._wake()
+
+    # -- for the http connections, in the relay thread -----------------------------------
+
+    def register(self, fd: int, obj: object) -> None:
+        self._fds[fd] = (obj, 0)  # type: ignore[assignment]
+        self._ep.register(fd, _MASK)
+
+    def unregister(self, fd: int) -> None:
+        self._fds.pop(fd, None)
+        try:
+            self._ep.unregister(fd)
+        except (OSError, ValueError):
+            pass
+
+    def forget(self, conn: object) -> None:
+        self._pairs.discard(conn)  # type: ignore[arg-type]
+
+    def call_owner(self, fn: Callable[[], None]) -> None:
+        try:
+            self._call(fn)
+        except RuntimeError:
+            pass  # the owner's loop has ended: nobody waits any more
+
+    def tunnel(self, a: socket.socket, b: socket.socket, label: str, done: Callable[[], None], *,
+               to_up: bytes, to_client: bytes) -> None:
+        """Turn an upgraded HTTP connection (client ``a``, instance ``b``) into a byte pipe."""
+        pair = Pair(a, b, label, done)
+        self._pairs.add(pair)
+        for i, s in enumerate(pair.socks):
+            self._fds[s.fileno()] = (pair, i)
+            self._ep.register(s.fileno(), _MASK)
+        for flow, data in zip(pair.flows, (to_up, to_client)):
+            if data:
+                flow.pending = memoryview(data)
+        for flow in pair.flows:  # their edges may have passed while they were HTTP: look now
+            self._flow(pair, flow, rdhup=False)
 
     def abort(self, pair: Pair) -> None:
         """Reset both ends (the route was removed); done is still called."""
@@ -126,8 +200,11 @@ class Relay:
     def _loop(self) -> None:
         while not self._stopping:
             idle = self.idle_timeout
-            events = self._ep.poll(min(1.0, idle / 4) if idle else -1)
-            if idle and time.monotonic() - self._swept >= min(1.0, idle / 4):
+            every = min(1.0, idle / 4) if idle else -1.0
+            if self._http_routes:
+                every = min(every, 0.25) if every > 0 else 0.25  # pooled connections expire
+            events = self._ep.poll(every)
+            if every > 0 and time.monotonic() - self._swept >= every:
                 self._sweep(idle)
             for fd, ev in events:
                 if fd == self._wake_r:
@@ -137,6 +214,13 @@ class Relay:
                 if entry is None:
                     continue
                 pair, i = entry
+                if pair.__class__ is not Pair:  # an http connection or one of its upstreams
+                    try:
+                        pair.event(ev)  # type: ignore[attr-defined]
+                    except Exception:
+                        log.exception("http connection failed")
+                        self._finish(pair, rst=True)
+                    continue
                 try:
                     if ev & select.EPOLLERR:  # reset or unreachable: nothing more will pass either way
                         err = pair.socks[i].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -157,8 +241,12 @@ class Relay:
         os.close(self._wake_r)
         os.close(self._wake_w)
 
-    def _sweep(self, idle: float) -> None:
+    def _sweep(self, idle: float | None) -> None:
         now = self._swept = time.monotonic()
+        for route in list(self._http_routes):
+            route.sweep(now)
+        if not idle:
+            return
         pairs = list(self._pairs)  # one C-level copy: the owner's thread adds pairs meanwhile
         idle_pairs = [p for p in pairs if now - p.last > idle]
         for pair in idle_pairs:
@@ -175,6 +263,8 @@ class Relay:
             pass
         while self._aborts:
             self._finish(self._aborts.pop(), rst=True)
+        while self._posts:
+            self._posts.pop(0)()
 
     def _flow(self, pair: Pair, f: _Flow, rdhup: bool) -> None:
         """Move bytes src -> dst until src has none or dst takes no more."""
@@ -208,6 +298,15 @@ class Relay:
             self._finish(pair, rst=True)
 
     def _finish(self, pair: Pair, rst: bool) -> None:
+        if pair.__class__ is not Pair:
+            from ._http import Upstream
+            if isinstance(pair, Upstream):
+                if pair.owner is not None:
+                    pair.owner.finish(rst=True)
+                pair.route.close(pair)
+            else:
+                pair.finish(rst)  # type: ignore[attr-defined]
+            return
         if pair.closed:
             return
         pair.closed = True

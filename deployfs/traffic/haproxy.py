@@ -12,8 +12,15 @@ Why this shape (measured on haproxy 2.6.12):
   configuration is rewritten and the master reloads (listeners are kept, the
   old worker finishes its connections).  Run-time changes vanish on reload,
   so every change is also written to the configuration file.
-* Frontends are TCP (mode tcp), the same layer-4 semantics as the built-in
-  router, so the two modes drain and fail over alike.
+* A ``protocol tcp`` service gets mode tcp, the same layer-4 semantics as
+  the built-in router's.  A ``protocol http`` one gets mode http with what
+  gives the built-in router's guarantees: a server is chosen per request
+  (haproxy's default in keep-alive mode), a draining server gets no new
+  request, a connection failure or an empty answer is retried (``retry-on
+  conn-failure empty-response``: haproxy retries L7 failures of idempotent
+  requests only) on another server (``option redispatch 1``), and
+  ``option forwardfor`` adds X-Forwarded-For.  Switching a service's mode
+  rewrites its sections and reloads, like a new frontend.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ class HAProxyRouter(TableFeeder):
         self.live: dict[str, tuple[int, dict[str, tuple[Backend, bool]]]] = {}
         # Server weights a canary_weight set (service -> server name -> weight); absent: haproxy's default, 1.
         self.weights: dict[str, dict[str, int]] = {}
+        self.modes: dict[str, str] = {}  # service -> its frontend's mode (tcp | http)
 
     # -- the admin and master sockets -------------------------------------------------------
 
@@ -114,9 +122,15 @@ class HAProxyRouter(TableFeeder):
             "    timeout client-fin 5s",
         ]
         for service, (port, servers) in sorted(self.live.items()):
-            lines += [f"frontend fe_{service}", f"    bind {self.bind}:{port}", f"    maxconn {per_service}",
-                      f"    default_backend be_{service}",
+            http = self.modes.get(service) == "http"
+            lines += [f"frontend fe_{service}", f"    bind {self.bind}:{port}", f"    maxconn {per_service}"]
+            if http:
+                lines += ["    mode http", "    option forwardfor"]
+            lines += [f"    default_backend be_{service}",
                       f"backend be_{service}", f"    balance {self.balance}"]
+            if http:
+                lines += ["    mode http", "    retries 3", "    option redispatch 1",
+                          "    retry-on conn-failure empty-response response-timeout"]
             weights = self.weights.get(service, {})
             for name, (b, draining) in sorted(servers.items()):
                 if not draining:
@@ -170,7 +184,7 @@ class HAProxyRouter(TableFeeder):
                 return
             except RouterError:
                 pass
-        self.live, self.weights = {}, {}
+        self.live, self.weights, self.modes = {}, {}, {}
         self._write()
         env = self._marked_env()
         log_file = statedir.open_file(os.path.join(self.state_dir, "haproxy.log"), "ab")
@@ -193,13 +207,15 @@ class HAProxyRouter(TableFeeder):
 
     async def _read_live(self) -> None:
         """After adopting haproxy, learn what it serves from its configuration and state."""
-        self.live, self.weights = {}, {}
+        self.live, self.weights, self.modes = {}, {}, {}
         service = None
         with statedir.open_file(self.cfg, "r") as cfg:
             for line in cfg:
                 words = line.split()
                 if words[:1] == ["frontend"]:
                     service = words[1].removeprefix("fe_")
+                elif words == ["mode", "http"] and service:
+                    self.modes[service] = "http"
                 elif words[:1] == ["bind"] and service:
                     self.live[service] = (int(words[1].rsplit(":", 1)[1]), {})
                 elif words[:1] == ["backend"]:
@@ -215,28 +231,32 @@ class HAProxyRouter(TableFeeder):
                     servers[f[3]] = ((f[4], int(f[18])), f[6] != "0")
 
     async def _apply(self, service: str, port: int | None, backends: list[Backend],
-                     weights: list[int] | None) -> None:
+                     weights: list[int] | None, protocol: str = "tcp") -> None:
         if port is None:
             self.weights.pop(service, None)
             if service in self.live:
                 del self.live[service]
+                self.modes.pop(service, None)
                 await self._reload()
             return
         want = {_name(b): b for b in backends}
         had = self.weights.pop(service, {})
         if weights is not None:
             self.weights[service] = {_name(b): w for b, w in zip(backends, weights)}
-        if service not in self.live or self.live[service][0] != port:
-            before = self.live.get(service)
+        if service not in self.live or self.live[service][0] != port or self.modes.get(service, "tcp") != protocol:
+            before, mode_before = self.live.get(service), self.modes.get(service)
             self.live[service] = (port, {n: (b, False) for n, b in want.items()})
+            self.modes[service] = protocol
             try:
                 await self._reload()
             except RouterError:
                 # A frontend that cannot bind fails every later reload too: take it out again.
                 if before is None:
                     del self.live[service]
+                    self.modes.pop(service, None)
                 else:
                     self.live[service] = before
+                    self.modes[service] = mode_before or "tcp"
                 self._write()
                 raise
             return

@@ -8,8 +8,10 @@ directory.  A restarted server finds the router by its pidfile, re-adopts it
 and sends it the full table again; the listeners never close.
 
 Control protocol: one JSON object per connection, one JSON reply.
-  {"op": "set", "service": S, "port": P, "backends": [[host, port], ...], "weights": [w, ...]}
-      -> "weights" is optional (one per backend; a canary_weight sets them): without it each counts the same
+  {"op": "set", "service": S, "port": P, "backends": [[host, port], ...], "weights": [w, ...],
+   "protocol": "tcp"|"http"}
+      -> "weights" is optional (one per backend; a canary_weight sets them): without it each counts the same;
+         "protocol" too (default tcp): http balances each request, not each connection
   {"op": "drain", "service": S, "backend": [host, port], "timeout": T}
       -> replies once the backend has no open connection, or at T
   {"op": "limits", "max_conns": N, "idle_timeout": T}
@@ -33,6 +35,9 @@ sent yet, so the next backend is tried.  With no backend at all the client
 is reset at once rather than left hanging.  Once connected, the pair of
 sockets is handed to the relay thread (_relay.py), which copies the bytes;
 the connection's task waits for it to finish, so counts and drains stay here.
+With ``protocol http`` the client socket alone goes to the relay thread,
+which picks an instance per request (_http.py); a drain then waits for the
+router's own connections to the instance, which it closes once idle.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ from dataclasses import dataclass, field
 import trio
 
 from ..state import statedir
+from ._balance import smooth_weighted
+from ._http import HttpRoute
 from ._relay import Relay, reset
 
 log = logging.getLogger("deployfs.router")
@@ -81,18 +88,6 @@ def default_max_conns(nofile: int) -> int:
     return max(16, (nofile - RESERVED_FDS) // 2 // 4)
 
 
-def smooth_weighted(backends: list[Backend], weights: dict[Backend, int], credit: dict[Backend, int]) -> Backend:
-    """Smooth weighted round-robin (nginx's): each pick adds every backend's weight to its credit
-    and takes the one with the most, which pays the total back.  Over any run of sum(weights)
-    picks each backend is chosen exactly its weight's times, spread out, not in bursts."""
-    total = sum(weights.values())
-    for x in backends:
-        credit[x] = credit.get(x, 0) + weights[x]
-    first = max(backends, key=lambda x: (credit[x], -backends.index(x)))
-    credit[first] -= total
-    return first
-
-
 @dataclass
 class Route:
     service: str
@@ -110,6 +105,8 @@ class Route:
     open: int = 0  # client connections held now
     rejected: int = 0  # turned away at the connection cap
     saturated: bool = False  # at the cap now
+    protocol: str = "tcp"  # how new connections are served: tcp (bytes) or http (requests)
+    http: HttpRoute | None = None  # the relay's per-request balancing, once the route has served http
     scope: trio.CancelScope | None = None
     closed: trio.Event = field(default_factory=trio.Event)  # its listeners are closed
     changed: trio.Event = field(default_factory=trio.Event)
@@ -132,6 +129,10 @@ class Route:
             return sorted(b, key=lambda x: self.active.get(x, 0))
         start = next(self._rr) % len(b)
         return b[start:] + b[:start]
+
+    def busy(self, backend: Backend) -> int:
+        """Connections a drain of ``backend`` waits for: TCP pairs, and in http mode our upstream connections."""
+        return self.active.get(backend, 0) + (self.http.conns.get(backend, 0) if self.http else 0)
 
     def release(self, backend: Backend) -> None:
         self.active[backend] -= 1
@@ -161,15 +162,19 @@ class Router:
         return {"ok": True, "max_conns": self.max_conns, "idle_timeout": idle_timeout}
 
     async def set(self, service: str, port: int | None, backends: list[Backend],
-                  weights: list[int] | None = None) -> dict:
+                  weights: list[int] | None = None, protocol: str = "tcp") -> dict:
         if weights is not None and (len(weights) != len(backends) or any(
                 not isinstance(x, int) or x < 0 for x in weights) or not sum(weights)):
             return {"error": f"bad weights {weights!r}: one whole number >= 0 per backend, not all 0"}
+        if protocol not in ("tcp", "http"):
+            return {"error": f"unknown protocol {protocol!r}: tcp or http"}
         route = self.routes.get(service)
         if route is not None and (port is None or route.port != port):
             assert route.scope is not None
             route.scope.cancel()
             del self.routes[service]
+            if route.http is not None:
+                self.relay.drop_http_route(route.http)
             # Reply only once the port is free: a service applied next may bind it at once.
             await route.closed.wait()
             route = None
@@ -190,6 +195,15 @@ class Router:
         for counts in (route.total, route.failed):  # a backend gone for good: its series ends
             for b in [b for b in counts if b not in route.backends and not route.active.get(b)]:
                 del counts[b]
+        route.protocol = protocol
+        if protocol == "http" and route.http is None:
+            route.http = self.relay.http_route(self.policy, lambda: route.poke())
+        if route.http is not None:
+            # Kept in step even after a switch to tcp: its open client connections still use it.
+            # Replied only once the relay thread has the list: a drain that follows counts from it.
+            http, table, w, applied = route.http, list(route.backends), route.weights, trio.Event()
+            self.relay.post(lambda: http.update(table, w), applied.set)
+            await applied.wait()
         route.poke()
         return {"ok": True}
 
@@ -258,6 +272,9 @@ class Router:
             self._freed = trio.Event()
 
     async def _forward_one(self, route: Route, client: trio.SocketStream) -> None:
+        if route.protocol == "http" and route.http is not None:
+            await self._serve_http(route, route.http, client)
+            return
         upstream, chosen = None, None
         for backend in route.candidates(self.policy):
             # Counted from the connect on: a drain must also wait for a
@@ -298,12 +315,31 @@ class Router:
                 self.relay.abort(pair)  # the route is going away: reset both ends
             route.release(chosen)
 
+    async def _serve_http(self, route: Route, http: HttpRoute, client: trio.SocketStream) -> None:
+        """Hand the client to the relay thread, which parses its requests and picks an instance for each."""
+        route.served += 1
+        finished, conn = trio.Event(), None
+        try:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = _peer(client)
+            sock = socket.socket(fileno=client.socket.detach())
+            conn = self.relay.add_http(sock, http, peer.rsplit(":", 1)[0], f"{peer} -> {route.service}",
+                                       finished.set)
+            await finished.wait()
+        except OSError:
+            pass  # the client left before the hand-over
+        finally:
+            if conn is None:
+                await client.aclose()
+            elif not finished.is_set():
+                self.relay.abort(conn)  # the route is going away
+
     async def drain(self, service: str, backend: Backend, timeout: float) -> dict:
         route = self.routes.get(service)
         with trio.move_on_after(timeout):
-            while route is not None and route.active.get(backend, 0) > 0:
+            while route is not None and route.busy(backend) > 0:
                 await route.changed.wait()
-        left = route.active.get(backend, 0) if route else 0
+        left = route.busy(backend) if route else 0
         return {"ok": True, "left": left}
 
     def stats(self) -> dict:
@@ -313,9 +349,22 @@ class Router:
             s: {"port": r.port, "backends": [list(b) for b in r.backends], "served": r.served, "refused": r.refused,
                 "weights": None if r.weights is None else [r.weights[b] for b in r.backends],
                 "open": r.open, "rejected": r.rejected, "saturated": r.saturated,
-                "active": {f"{h}:{p}": n for (h, p), n in r.active.items() if n},
-                "total": {f"{h}:{p}": n for (h, p), n in r.total.items()},
-                "failed": {f"{h}:{p}": n for (h, p), n in r.failed.items()}} for s, r in self.routes.items()}}
+                "protocol": r.protocol,
+                **({"requests": r.http.requests, "retried": r.http.retried, "answered_by_router": r.http.failed}
+                   if r.http else {}),
+                "active": {f"{h}:{p}": r.busy((h, p)) for (h, p) in {*r.active, *(r.http.conns if r.http else ())}
+                           if r.busy((h, p))},
+                # In http mode a backend's total counts requests sent to it, failed its connects that failed.
+                "total": _merged(r.total, r.http.sent if r.http else {}),
+                "failed": _merged(r.failed, r.http.refused if r.http else {})} for s, r in self.routes.items()}}
+
+
+def _merged(*counts: dict[Backend, int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in counts:
+        for (h, p), n in list(c.items()):  # the relay thread may add a key meanwhile: copy first
+            out[f"{h}:{p}"] = out.get(f"{h}:{p}", 0) + n
+    return out
 
 
 def _peer(stream: trio.SocketStream) -> str:
@@ -372,7 +421,7 @@ async def serve(state_dir: str, bind: str, policy: str) -> None:
                 op = req["op"]
                 if op == "set":
                     reply = await router.set(req["service"], req.get("port"), req.get("backends", []),
-                                             req.get("weights"))
+                                             req.get("weights"), req.get("protocol", "tcp"))
                 elif op == "drain":
                     reply = await router.drain(req["service"], tuple(req["backend"]), float(req["timeout"]))
                 elif op == "stats":

@@ -58,6 +58,7 @@ class TableFeeder:
         self.on_error = on_error or (lambda service, msg: log.warning("%s: %s", service, msg))
         # Per service: its port, backends, and their weights (None: even; canary_weight sets them).
         self.table: dict[str, tuple[int | None, list[Backend], list[int] | None]] = {}
+        self.protocols: dict[str, str] = {}  # per service: tcp | http (DESIGN §6)
         # Why the router refused a service's last table (it could not listen): a
         # rollout must not be reported done on a port that does not serve it.
         self.errors: dict[str, str] = {}
@@ -76,12 +77,14 @@ class TableFeeder:
     # -- what the engine calls ----------------------------------------------------------
 
     def set_backends(self, service: str, port: int | None, backends: list[Backend],
-                     weights: list[int] | None = None) -> None:
+                     weights: list[int] | None = None, *, protocol: str = "tcp") -> None:
         # A table the router refused is sent again even if unchanged: the port may be free now.
         entry = (port, list(backends), None if weights is None else list(weights))
-        if self.table.get(service) == entry and service not in self._dirty | self.errors.keys():
+        if (self.table.get(service) == entry and self.protocols.get(service, "tcp") == protocol
+                and service not in self._dirty | self.errors.keys()):
             return
         self.table[service] = entry
+        self.protocols[service] = protocol
         self._dirty.add(service)
         if self._flushed.is_set():
             self._flushed = trio.Event()
@@ -125,7 +128,7 @@ class TableFeeder:
         raise NotImplementedError
 
     async def _apply(self, service: str, port: int | None, backends: list[Backend],
-                     weights: list[int] | None) -> None:
+                     weights: list[int] | None, protocol: str = "tcp") -> None:
         raise NotImplementedError
 
     async def _drain(self, service: str, backend: Backend, timeout: float) -> None:
@@ -169,10 +172,12 @@ class TableFeeder:
                 service = self._dirty.pop()
                 port, backends, weights = self.table[service]
                 try:
-                    await self._apply(service, port, backends, weights)
+                    await self._apply(service, port, backends, weights, self.protocols.get(service, "tcp"))
                     self.errors.pop(service, None)
                     if port is None and service not in self._dirty:  # deleted: nothing to resend
                         self.table.pop(service, None)
+                        self.protocols.pop(service, None)
+                        self.protocols.pop(service, None)
                 except RouterError as e:
                     self.errors[service] = str(e)
                     self.on_error(service, str(e))
@@ -297,8 +302,8 @@ class RouterClient(TableFeeder):
         return reply
 
     async def _apply(self, service: str, port: int | None, backends: list[Backend],
-                     weights: list[int] | None) -> None:
-        req: dict = {"op": "set", "service": service, "port": port, "backends": backends}
+                     weights: list[int] | None, protocol: str = "tcp") -> None:
+        req: dict = {"op": "set", "service": service, "port": port, "backends": backends, "protocol": protocol}
         if weights is not None:
             req["weights"] = weights
         await self.request(req)

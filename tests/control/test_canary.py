@@ -152,7 +152,7 @@ class WeightRouter(NullRouter):
     def __init__(self) -> None:
         self.tables: list[tuple[list[tuple[str, int]], list[int] | None]] = []
 
-    def set_backends(self, service, port, backends, weights=None) -> None:  # type: ignore[no-untyped-def]
+    def set_backends(self, service, port, backends, weights=None, *, protocol="tcp") -> None:  # type: ignore[no-untyped-def]
         self.tables.append((list(backends), weights))
 
 

@@ -166,7 +166,7 @@ class WeightRouter:
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
 
-    def set_backends(self, service, port, backends, weights=None) -> None:
+    def set_backends(self, service, port, backends, weights=None, *, protocol="tcp") -> None:
         if weights is not None and (len(weights) != len(backends) or sum(weights) != 100):
             self.problems.append(f"weights {weights} for {len(backends)} backends do not sum to 100")
 

@@ -42,6 +42,25 @@ def test_every_design_directive_parses():
     assert len(m.version) == 12 and int(m.version, 16) >= 0
 
 
+@pytest.mark.parametrize("lines, protocol", [
+    (b"health http://127.0.0.1:$PORT/healthz\n", "http"),  # the default for an http:// check (DESIGN section 6)
+    (b"health tcp 127.0.0.1:$PORT\n", "tcp"),
+    (b"", "tcp"),
+    (b"health http://127.0.0.1:$PORT/\nprotocol tcp\n", "tcp"),
+    (b"health tcp 127.0.0.1:$PORT\nprotocol http\n", "http"),
+])
+def test_protocol_defaults_to_http_with_an_http_health_check(lines, protocol):
+    m = parse(b"image /bin/true\nport 8080\n" + lines, name="web").manifest
+    assert m.traffic_protocol == protocol
+    assert parse(m.render(), name="web").manifest == m  # round-trips; the default is not written out
+
+
+def test_protocol_is_not_part_of_the_version():
+    # how the router forwards does not change what an instance is: no rollout for it
+    base = b"image /bin/true\nport 8080\n"
+    assert parse(base, name="web").manifest.version == parse(base + b"protocol http\n", name="web").manifest.version
+
+
 def test_error_names_file_line_and_reason():
     with pytest.raises(ManifestError) as e:
         parse(b"image /bin/true\n\n\nreplicas three\n", name="web")
@@ -61,6 +80,7 @@ def test_error_names_file_line_and_reason():
     (b"image /bin/true\nstop_signal 99\n", "no signal number 99"),
     (b"image ''\n", "line 1: image: expected a program .*got an empty value"),
     (b"image /bin/true\nhealth ftp://x\n", "expected http://"),
+    (b"image /bin/true\nprotocol udp\n", "protocol: expected one of http | tcp, got \"udp\""),
     (b"image /bin/true\nenv NOEQUALS\n", "env: expected KEY=VALUE"),
     (b"image /bin/true\nenv A=1\nenv A=2\n", "A is set twice"),
     (b"image /bin/true\nargs 'unterminated\n", "cannot split value"),

@@ -1,0 +1,8 @@
+"""A tiny ASGI app for uvicorn, with nothing deployfs-specific in it."""
+
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"hello\n"})
