@@ -143,12 +143,14 @@ class HeldRouter:
     def __init__(self) -> None:
         self.table: dict[str, tuple[int | None, list[tuple[str, int]]]] = {}
         self.refused: dict[str, str] = {}  # service -> why the router "could not listen"
+        self.protocols: dict[str, str] = {}  # service -> tcp | http, as last given
         self._delivered = trio.Event()
         self._delivered.set()
 
     def set_backends(self, service: str, port: int | None, backends: list[tuple[str, int]],
                      weights: list[int] | None = None, *, protocol: str = "tcp") -> None:
         self.table[service] = (port, list(backends))
+        self.protocols[service] = protocol
         if self._delivered.is_set():
             self._delivered = trio.Event()
 

@@ -1017,7 +1017,10 @@ class Engine:
             was_stopped = rec.stopped
             changed = was_stopped or m.replicas != rec.replicas or m != svc.manifest
             rec.stopped, rec.replicas, rec.manifest = False, m.replicas, text
+            reroute = m.traffic_protocol != svc.manifest.traffic_protocol
             svc.manifest = m
+            if reroute:  # how the router forwards is no part of an instance: no rollout, new connections use it
+                svc.routing_changed()
             if was_stopped:  # starting again is a deploy: `wait` follows it
                 rec.kept_logs = {}
                 svc.state = rollout.State("rolling", 0, float("-inf"))

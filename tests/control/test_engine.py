@@ -262,6 +262,27 @@ async def test_done_waits_until_the_router_has_the_ready_instances(tmp_path, aut
         n.cancel_scope.cancel()
 
 
+async def test_changing_only_the_protocol_reroutes_without_a_rollout(tmp_path, autojump_clock):
+    h, router = held_router_harness(tmp_path)
+    async with trio.open_nursery() as n:
+        await n.start(h.engine.run)
+        h.write(manifest(port=8080))
+        h.cmd("apply")
+        with trio.move_on_after(30):
+            while len(h.svc.endpoints()) < 3:
+                await h.svc.wait_change()
+        router.deliver()
+        with trio.fail_after(5):
+            await h.settle()
+        assert router.protocols["web"] == "tcp"  # an exec health check: bytes
+        before = {id(p) for p in h.rt.running("web")}
+        h.write(manifest(port=8080, protocol="http"))
+        assert h.cmd("apply").startswith("ok ")
+        assert router.protocols["web"] == "http"
+        assert {id(p) for p in h.rt.running("web")} == before  # nothing restarted
+        n.cancel_scope.cancel()
+
+
 async def test_a_router_that_cannot_listen_fails_the_rollout(tmp_path, autojump_clock):
     # The port was free when checked at apply, then taken before the router bound
     # it: `done` would promise a port that serves another program.
