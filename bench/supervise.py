@@ -1,16 +1,21 @@
 """Supervision cost: 200 services x 5 instances of a cheap process, health checks at 1 s.
 
 Reports the server's steady-state CPU share (of one core) and RSS, in total and
-per instance.  Target: 1,000 instances under 5% of a core and 200 MB.
+per instance, then the same with Prometheus scraping --metrics every SCRAPE
+seconds (default 1: five times Prometheus' usual 5 s floor).  Target: 1,000
+instances under 5% of a core and 200 MB, scraped or not.
 """
 
 import os
 import tempfile
 import time
+import urllib.request
 
 from common import machine, mount, wait_for
 
 SERVICES, REPLICAS, SECONDS = int(os.environ.get("SERVICES", 200)), 5, float(os.environ.get("SECONDS", 30))
+SCRAPE = float(os.environ.get("SCRAPE", 1))
+METRICS = "127.0.0.1:20590"
 HZ = os.sysconf("SC_CLK_TCK")
 
 
@@ -33,7 +38,7 @@ def main() -> None:
     ready = os.path.join(tmp, "ready")
     with open(ready, "w") as f:
         f.write("ok\n")
-    m = mount.start(tmp)
+    m = mount.start(tmp, "--metrics", METRICS)
     try:
         t0 = time.monotonic()
         for i in range(SERVICES):
@@ -54,6 +59,19 @@ def main() -> None:
         share = (c1 - c0) / (w1 - w0)
         rss = rss_mb(pid)
         n = SERVICES * REPLICAS
+        # The same, scraped: each scrape costs formatting, and at most every 5 s a pass over /proc.
+        scrapes, took, size = 0, 0.0, 0
+        c0, w0 = cpu_seconds(pid), time.monotonic()
+        while time.monotonic() - w0 < SECONDS:
+            t = time.monotonic()
+            with urllib.request.urlopen(f"http://{METRICS}/metrics", timeout=10) as r:
+                size = len(r.read())
+            took += time.monotonic() - t
+            scrapes += 1
+            time.sleep(max(0.0, t + SCRAPE - time.monotonic()))
+        c1, w1 = cpu_seconds(pid), time.monotonic()
+        scraped = (c1 - c0) / (w1 - w0)
+        rss_scraped = rss_mb(pid)
     finally:
         t = time.monotonic()
         mount.stop(m, timeout=300)
@@ -63,7 +81,11 @@ def main() -> None:
     print(f"deployed and healthy in {started:.1f} s; stopped in {stopped:.1f} s")
     print(f"server CPU at steady state: {share * 100:.2f}% of one core ({share / n * 1e6:.1f} µs/s per instance)")
     print(f"server RSS: {rss:.0f} MB ({rss * 1024 / n:.0f} KB per instance)")
-    print(f"targets: < 5% of a core: {'met' if share < 0.05 else 'MISSED'}; < 200 MB: {'met' if rss < 200 else 'MISSED'}")
+    print(f"scraped every {SCRAPE:g} s ({scrapes} scrapes of {size / 1024:.0f} KiB, {took / scrapes * 1000:.0f} ms "
+          f"each): {scraped * 100:.2f}% of one core, RSS {rss_scraped:.0f} MB")
+    worst = max(share, scraped)
+    print(f"targets: < 5% of a core: {'met' if worst < 0.05 else 'MISSED'}; "
+          f"< 200 MB: {'met' if max(rss, rss_scraped) < 200 else 'MISSED'}")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def _histogram(name: str, doc: str, service: str, h: Histogram) -> HistogramMetr
     return f
 
 
-def families(engine: Engine, usage: Usage, router_stats: dict) -> list[Metric]:
+def families(engine: Engine, usage: Usage, router_stats: dict | None) -> list[Metric]:
     """Every deployfs family, now.  Runs in the trio thread: it reads the engine's live objects."""
     def gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
         return GaugeMetricFamily(name, doc, labels=labels)
@@ -147,7 +147,7 @@ def _merge(histograms: list[Metric]) -> list[Metric]:
     return list(by_name.values())
 
 
-def router_families(stats: dict) -> list[Metric]:
+def router_families(stats: dict | None) -> list[Metric]:
     """The router's counters, per service and backend, as the router process keeps them.
 
     They live in the router, which outlives the server: a restarted server adopts it
@@ -156,9 +156,9 @@ def router_families(stats: dict) -> list[Metric]:
     backend's series ends once it is out of routing with no connection left.
     """
     up = GaugeMetricFamily("deployfs_router_up", "1 while the router answers its liveness ping.", labels=[])
-    up.add_metric([], float(bool(stats)))
-    if not stats:
-        return [up]
+    up.add_metric([], float(stats is not None))
+    if not stats or "routes" not in stats:
+        return [up]  # down, or haproxy (whose own exporter has its counters)
     start = GaugeMetricFamily("deployfs_router_start_time_seconds",
                               "When the router process started (its counters count from here).", labels=[])
     start.add_metric([], float(stats.get("started", 0)))
@@ -206,8 +206,8 @@ class Metrics:
         self.registry.register(_Collector(self._families))
         ProcessCollector(registry=self.registry)  # the server's own process_cpu_seconds_total, RSS, fds
 
-    def _router_stats(self) -> dict:
-        return getattr(self.engine.router, "last_stats", None) or {}
+    def _router_stats(self) -> dict | None:
+        return getattr(self.engine.router, "last_stats", None)
 
     def _families(self) -> list[Metric]:
         return families(self.engine, self.usage, self._router_stats())

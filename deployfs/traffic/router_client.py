@@ -71,8 +71,9 @@ class TableFeeder:
         self.stopping = False
         self.bind = "127.0.0.1"  # the address service ports listen on
         # The router's last answer to the liveness ping (its counters, for the metrics): at most
-        # PING_EVERY old, and no extra round trip per scrape. {} until it answers (and for haproxy).
-        self.last_stats: dict = {}
+        # PING_EVERY old, and no extra round trip per scrape. None while it does not answer
+        # ({} from haproxy, which keeps its own counters).
+        self.last_stats: dict | None = None
 
     # -- what the engine calls ----------------------------------------------------------
 
@@ -221,6 +222,7 @@ class TableFeeder:
             try:
                 stats = await self._ping()
             except RouterError as e:
+                self.last_stats = None
                 if self.stopping or pid != self.pid:
                     continue  # being replaced
                 now = trio.current_time()

@@ -61,3 +61,24 @@ async def test_the_exposition_passes_promtool(h, autojump_clock):
     assert 'deployfs_router_connections_total{backend="127.0.0.1:24000",service="web"} 3.0' in text
     assert 'deployfs_router_connections_failed_total{backend="127.0.0.1:24001",service="web"} 0.0' in text
     assert "deployfs_router_up 1.0" in text and "process_cpu_seconds_total" in text
+    # What the docs list, the dashboard draws and deployfs writes are the same names.
+    import json
+    import re
+    root = __file__.rsplit("/tests/", 1)[0]
+    typed = set(re.findall(r"^# TYPE (\S+)", text, re.M))
+    documented = set(re.findall(r"^\| `(deployfs_\w+)`", open(f"{root}/docs/operations.md").read(), re.M))
+    assert documented == {n for n in typed if n.startswith("deployfs_")}
+    dashboard = json.load(open(f"{root}/contrib/grafana-dashboard.json"))
+    drawn = {re.sub(r"_bucket$", "", n) for p in dashboard["panels"] for t in p["targets"]
+             for n in re.findall(r"deployfs_\w+", t["expr"])}
+    assert drawn <= typed, drawn - typed
+    r = subprocess.run(["promtool", "check", "config", f"{root}/contrib/prometheus.yml"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_router_series_without_an_answering_router():
+    from deployfs.view.metrics import router_families
+    [down] = router_families(None)  # not answering its ping: only the up gauge, at 0
+    assert down.name == "deployfs_router_up" and down.samples[0].value == 0
+    [up] = router_families({})  # haproxy answers, and keeps its counters itself
+    assert up.samples[0].value == 1
