@@ -15,6 +15,8 @@ themselves).  docs/operations.md lists every name and what it means.
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from typing import Callable, Iterable, TypeVar
 
 import trio
@@ -26,11 +28,8 @@ from ..node.usage import Usage
 from .engine import Engine, Instance
 from .stats import Histogram
 
-STATES = ("starting", "running", "draining", "exited", "failed")
-HEALTHS = ("starting", "healthy", "unhealthy", "stopped", "failed")
-UPDATE_STATUSES = ("none", "rolling", "paused", "canary", "failed")
-SERVICE_HEALTHS = ("healthy", "degraded", "unhealthy", "stopped")
 F = TypeVar("F", bound=Metric)
+RENDER_REUSE = 0.5  # seconds the file's text is reused (getattr, then open, of one read)
 
 
 def instance_state(i: Instance) -> str:
@@ -63,16 +62,19 @@ def families(engine: Engine, usage: Usage, router_stats: dict | None) -> list[Me
     info = fam(gauge("deployfs_service_info", "1 per service: the version in force and the previous one.",
                      ["service", "version", "previous_version"]))
     replicas = fam(gauge("deployfs_service_replicas", "Desired instance count (the replicas file).", svc_l))
-    status = fam(gauge("deployfs_update_status", "1 for the service's update_status, 0 for the others.",
+    # Only the value in force, and only the states some instance is in: every line is paid
+    # for in every scrape (a thousand instances), and an absent series reads as none.
+    status = fam(gauge("deployfs_update_status", "1, labelled with the service's update_status.",
                        ["service", "status"]))
-    health = fam(gauge("deployfs_service_health", "1 for the service's aggregate health, 0 for the others.",
+    health = fam(gauge("deployfs_service_health", "1, labelled with the service's aggregate health.",
                        ["service", "health"]))
     p_up = fam(gauge("deployfs_update_progress_ready",
                      "Instances of the target version that are up (update_progress, before the slash).", svc_l))
     p_want = fam(gauge("deployfs_update_progress_desired",
                        "The desired count update_progress compares with (after the slash).", svc_l))
-    by_state = fam(gauge("deployfs_instances", "Instances by state (as in instances/N).", ["service", "state"]))
-    by_health = fam(gauge("deployfs_instances_health", "Instances by health (as in instances/N).",
+    by_state = fam(gauge("deployfs_instances", "Instances by state (as in instances/N); absent: none.",
+                         ["service", "state"]))
+    by_health = fam(gauge("deployfs_instances_health", "Instances by health (as in instances/N); absent: none.",
                           ["service", "health"]))
     started = fam(counter("deployfs_rollouts_started", "Rollouts started (deploy, apply of a new version, "
                           "rollback, restart) since this server started.", svc_l))
@@ -91,26 +93,22 @@ def families(engine: Engine, usage: Usage, router_stats: dict | None) -> list[Me
                         "(its session), cpu= in instances/N.", inst_l))
     i_rss = fam(gauge("deployfs_instance_resident_memory_bytes", "Resident memory of the instance's processes "
                       "(its session), rss= in instances/N.", inst_l))
-    i_procs = fam(gauge("deployfs_instance_processes", "Processes in the instance's session.", inst_l))
     histograms: list[Metric] = []
 
     for name, s in sorted(engine.services.items()):
         rec = s.rec
         info.add_metric([name, rec.version or "", rec.previous_version or ""], 1)
         replicas.add_metric([name], rec.replicas)
-        for st in UPDATE_STATUSES:
-            status.add_metric([name, st], float(rec.update_status == st))
-        h = s.health()
-        for st in SERVICE_HEALTHS:
-            health.add_metric([name, st], float(h == st))
+        status.add_metric([name, rec.update_status], 1)
+        health.add_metric([name, s.health()], 1)
         up, want = s.progress()
         p_up.add_metric([name], up)
         p_want.add_metric([name], want)
         insts = s.by_slot()
-        for st in STATES:
-            by_state.add_metric([name, st], sum(1 for i in insts if instance_state(i) == st))
-        for st in HEALTHS:
-            by_health.add_metric([name, st], sum(1 for i in insts if i.rec.health == st))
+        for st, n in sorted(Counter(instance_state(i) for i in insts).items()):
+            by_state.add_metric([name, st], n)
+        for st, n in sorted(Counter(i.rec.health for i in insts).items()):
+            by_health.add_metric([name, st], n)
         stats = s.stats
         started.add_metric([name], stats.rollouts_started)
         completed.add_metric([name], stats.rollouts_completed)
@@ -130,7 +128,6 @@ def families(engine: Engine, usage: Usage, router_stats: dict | None) -> list[Me
             if cost is not None:
                 i_cpu.add_metric([name, slot], cost.cpu)
                 i_rss.add_metric([name, slot], cost.rss)
-                i_procs.add_metric([name, slot], cost.processes)
 
     merged = _merge(histograms)
     return [*out.values(), *merged, *router_families(router_stats)]
@@ -158,10 +155,11 @@ def router_families(stats: dict | None) -> list[Metric]:
     up = GaugeMetricFamily("deployfs_router_up", "1 while the router answers its liveness ping.", labels=[])
     up.add_metric([], float(stats is not None))
     if not stats or "routes" not in stats:
-        return [up]  # down, or haproxy (whose own exporter has its counters)
+        return [up]
     start = GaugeMetricFamily("deployfs_router_start_time_seconds",
                               "When the router process started (its counters count from here).", labels=[])
-    start.add_metric([], float(stats.get("started", 0)))
+    if "started" in stats:  # the built-in router's; haproxy's counters restart with each worker
+        start.add_metric([], float(stats["started"]))
     b_l = ["service", "backend"]
     active = GaugeMetricFamily("deployfs_router_connections_active", "Connections open to a backend now.",
                                labels=b_l)
@@ -182,9 +180,9 @@ def router_families(stats: dict | None) -> list[Metric]:
             counts = r.get(kind, {})
             for b in sorted(backends | counts.keys()):
                 fam.add_metric([service, b], counts.get(b, 0))
-        refused.add_metric([service], r.get("refused", 0))
-        rejected.add_metric([service], r.get("rejected", 0))
-        clients.add_metric([service], r.get("open", 0))
+        for key, f in (("refused", refused), ("rejected", rejected), ("open", clients)):
+            if key in r:  # haproxy counts neither refusals nor the cap's resets this way
+                f.add_metric([service], r[key])
     return [up, start, active, total, failed, refused, rejected, clients]
 
 
@@ -204,17 +202,25 @@ class Metrics:
         self.usage = usage or Usage()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self._families))
+        self._rendered: tuple[float, bytes] | None = None
         ProcessCollector(registry=self.registry)  # the server's own process_cpu_seconds_total, RSS, fds
 
-    def _router_stats(self) -> dict | None:
+    def _router_stats(self) -> dict | None:  # a TableFeeder's; other routers have none
         return getattr(self.engine.router, "last_stats", None)
 
     def _families(self) -> list[Metric]:
         return families(self.engine, self.usage, self._router_stats())
 
     def render(self) -> bytes:
-        """The text, from the trio thread (the /deploy/metrics file)."""
-        return generate_latest(self.registry)
+        """The text, from the trio thread (the /deploy/metrics file).
+
+        One `cat` asks twice (the size at getattr, the text at open), and `ls -l` once
+        more: within RENDER_REUSE seconds the same text serves them all.
+        """
+        now = time.monotonic()
+        if self._rendered is None or now - self._rendered[0] >= RENDER_REUSE:
+            self._rendered = (now, generate_latest(self.registry))
+        return self._rendered[1]
 
     def serve(self, host: str, port: int) -> Callable[[], None]:
         """Serve the same text at http://HOST:PORT/metrics; returns the function that stops it.

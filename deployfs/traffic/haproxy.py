@@ -331,7 +331,34 @@ class HAProxyRouter(TableFeeder):
 
     async def _ping(self) -> dict:
         await self.cmd("show proc", master=True, timeout=PING_TIMEOUT)
+        # The newest worker's counters, in the built-in router's shape, for the metrics.
+        return {"routes": _routes(await self.cmd("show stat", timeout=PING_TIMEOUT), self.live)}
+
+
+def _routes(stat: str, live: dict[str, tuple[int, dict[str, tuple[Backend, bool]]]]) -> dict:
+    """`show stat` (CSV) as per-backend connection counts: scur, stot and econ of each server
+    (by its address, so a draining server still counts), the frontend's scur as `open`."""
+    lines = stat.splitlines()
+    if not lines or not lines[0].startswith("# "):
         return {}
+    header = lines[0][2:].split(",")
+    routes: dict[str, dict] = {service: {"port": port, "backends": [list(b) for b, draining in servers.values()
+                                                                    if not draining],
+                                         "active": {}, "total": {}, "failed": {}}
+                               for service, (port, servers) in live.items()}
+    for line in lines[1:]:
+        f = dict(zip(header, line.split(",")))
+        kind, _, service = f.get("pxname", "").partition("_")
+        r = routes.get(service)
+        if r is None:
+            continue
+        if kind == "fe" and f.get("svname") == "FRONTEND":
+            r["open"] = int(f.get("scur") or 0)
+        elif kind == "be" and f.get("svname") != "BACKEND" and f.get("addr"):
+            addr = f["addr"]
+            r["active"][addr], r["total"][addr] = int(f.get("scur") or 0), int(f.get("stot") or 0)
+            r["failed"][addr] = int(f.get("econ") or 0)
+    return routes
 
 
 async def _until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 20.0) -> None:

@@ -80,5 +80,5 @@ def test_router_series_without_an_answering_router():
     from deployfs.view.metrics import router_families
     [down] = router_families(None)  # not answering its ping: only the up gauge, at 0
     assert down.name == "deployfs_router_up" and down.samples[0].value == 0
-    [up] = router_families({})  # haproxy answers, and keeps its counters itself
+    [up] = router_families({})  # answering, with nothing routed yet
     assert up.samples[0].value == 1

@@ -27,3 +27,36 @@ def test_connections_counted_per_backend_and_dropped_with_it(router):  # noqa: F
         assert r["failed"] == {} and r["total"] == {f"127.0.0.1:{good.port}": 6}
     finally:
         good.close()
+
+
+def test_haproxy_counts_per_backend_too(tmp_path):
+    """With --router haproxy the same series come from its `show stat` (scur, stot, econ)."""
+    import sys
+    import urllib.request
+
+    from tests import mount as _mount
+    from tests.mount import SERVICE
+    from tests.serve.test_metrics import series
+    port = PORT + 1
+    with _mount.running(str(tmp_path), "--router", "haproxy") as m:
+        m.write_manifest("web", f"image {sys.executable}\nargs {SERVICE} --port $PORT\nreplicas 2\nport {port}\n"
+                                "health http://127.0.0.1:$PORT/healthz\nhealth_interval 0.2\n")
+        assert m.ctl("apply web").returncode == 0
+        assert m.sh("cat active/web/wait", timeout=30).stdout.startswith("done")
+        def served() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+        m.until(served, timeout=10, what="haproxy frontend")
+        for _ in range(5):
+            assert served()
+        def total() -> float:
+            return sum(v for l, v in series(m.read("metrics"), "deployfs_router_connections_total")
+                       if l["service"] == "web")
+        m.until(lambda: total() >= 6, timeout=10, what="haproxy's counters in metrics")
+        text = m.read("metrics")
+        backends = {l["backend"] for l, _ in series(text, "deployfs_router_connections_total")}
+        assert backends == {e for e in m.read("active/web/endpoints").split()}
+        assert series(text, "deployfs_router_connections_failed_total") and series(text, "deployfs_router_up")[0][1] == 1
