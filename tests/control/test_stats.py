@@ -77,7 +77,7 @@ async def test_the_exposition_passes_promtool(h, autojump_clock):
 
 
 def test_router_series_without_an_answering_router():
-    from deployfs.view.metrics import router_families
+    from deployfs.control.metrics import router_families
     [down] = router_families(None)  # not answering its ping: only the up gauge, at 0
     assert down.name == "deployfs_router_up" and down.samples[0].value == 0
     [up] = router_families({})  # answering, with nothing routed yet
