@@ -2,7 +2,7 @@
 
 import socket
 
-from tests.traffic.test_router_limits import Backend, control, get, router  # noqa: F401  (the fixture)
+from tests.traffic.test_router_limits import ThreadBackend as Backend, control, get, router  # noqa: F401  (the fixture)
 
 PORT = 20504
 
