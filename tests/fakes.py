@@ -22,6 +22,7 @@ class FakeProcess:
         self.rt, self.pid, self.start_time, self.spec = rt, pid, pid, spec
         self.version = spec.env["VERSION"]
         self.exit_status: int | None = None
+        self.oom_kills = 0
         self.signals: list[int] = []
         self.signalled_at: list[float] = []
         self.went_bad_at: list[float] = []  # failed a probe by its version's behaviour (fail, flaky-later)

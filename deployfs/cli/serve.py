@@ -22,6 +22,7 @@ from .. import __version__
 
 if TYPE_CHECKING:
     from ..node.membership import Membership
+    from ..node.identity import UserPolicy
 
 log = logging.getLogger("deployfs")
 
@@ -67,6 +68,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="where this node's instances and router are reached (default: the host name's address)")
     s.add_argument("--node-ttl", type=_node_ttl, metavar="SECONDS",
                    help="how long a silent node keeps its name and lease (whole seconds, >= 2; default 10)")
+    s.add_argument("--default-user", metavar="NAME",
+                   help="run instances whose manifest names no user as this user (default: as deployfs itself, "
+                        "which only root may then deploy)")
+    s.add_argument("--allow-users", metavar="A,B", default="",
+                   help="users a deployer who is not root may name in `user` (besides itself); never root")
     s.add_argument("--debug", action="store_true", help="log one line per FUSE operation")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="deployfs: %(message)s", stream=sys.stderr)
@@ -78,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         ports = a.ports
         group = None if a.group is None else _group(a.group)
         check_cluster(a)
+        a.users = user_policy(a.default_user, a.allow_users)
         check_mountpoint(a.mountpoint)
         a.state = check_state(a.state)  # resolved: never walk a link in its path again
         from ..node.runtime import ephemeral_overlap
@@ -172,6 +179,22 @@ def _group(name: str) -> int:
         raise SetupError(f"no group named {name!r}") from None
 
 
+def user_policy(default_user: str | None, allow_users: str) -> "UserPolicy":
+    """--default-user and --allow-users, checked now: a typo must not surface at the first deploy."""
+    from ..node.identity import IdentityError, UserPolicy, resolve
+    allowed = frozenset(u for u in allow_users.split(",") if u)
+    try:
+        for name in ([default_user] if default_user else []) + sorted(allowed):
+            ident = resolve(name)
+            if name in allowed and ident.uid == 0:
+                raise SetupError(f"--allow-users: {name} is root; only root may deploy instances that run as root")
+            if os.geteuid() != 0 and ident.uid != os.geteuid():
+                raise SetupError(f"{name}: deployfs is not running as root, so it can run instances only as itself")
+    except IdentityError as e:
+        raise SetupError(f"--default-user/--allow-users: {e.reason}") from None
+    return UserPolicy(default_user, allowed)
+
+
 def check_mountpoint(mnt: str) -> None:
     if not os.path.exists("/dev/fuse"):
         raise SetupError("/dev/fuse is missing: load the fuse module (modprobe fuse) or run where FUSE is available")
@@ -264,7 +287,9 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
     router_class = HAProxyRouter if a.router == "haproxy" else RouterClient
     router = router_class(a.state, bind=a.bind, balance=a.balance, max_conns=a.max_conns, idle_timeout=a.idle_timeout,
                           on_error=lambda service, msg: events.emit(service, f"router: {msg}"))
-    engine = Engine(store, LocalRuntime(a.state, ports=ports), probes, events=events, router=router, state_dir=a.state)
+    runtime = LocalRuntime(a.state, ports=ports)
+    log.info("cgroups: %s", runtime.cgroups.layout.describe())
+    engine = Engine(store, runtime, probes, events=events, router=router, state_dir=a.state, users=a.users)
     facade = EngineFacade(engine)
     view = Namespace(facade, Access(group=group))  # one view, whichever front ends serve it
     ops = DeployFS(view, debug=a.debug)

@@ -27,9 +27,12 @@ import trio
 
 from ..model import rollout
 from ..model.errors import CommandError, Kind
-from ..model.manifest import MAX_REPLICAS, Manifest, ManifestError, format_seconds, parse, set_replicas_line, valid_name
+from ..model.manifest import (MAX_REPLICAS, Manifest, ManifestError, Parsed, format_seconds, format_size, parse,
+                              set_replicas_line, valid_name)
 from ..model.rollout import Phase
+from ..node.cgroups import Limits
 from ..node.health import Prober
+from ..node.identity import UserPolicy, deployer_uid
 from ..node.runtime import MARKER, LaunchSpec, Process, Runtime, StartError, find_strays
 from ..state.events import CLUSTER, EventLog
 from ..state.store import InstanceRecord, ServiceRecord, Store, StoreFull
@@ -459,7 +462,10 @@ class Service:
         self.save_instance(inst)  # recorded before it exists: a crash in between leaves a findable stray
         argv = m.instance_argv(port=rec.port, instance=rec.slot, version=rec.version)
         env = m.instance_env(port=rec.port, instance=rec.slot, version=rec.version)
-        spec = LaunchSpec(self.name, rec.id, argv, env, m.dir, m.log_lines)
+        users = e.users
+        spec = LaunchSpec(self.name, rec.id, argv, env, m.dir, m.log_lines,
+                          user=users.run_as(m) if users else m.user, group=m.group,
+                          limits=Limits(m.memory, m.cpus, m.pids), nofile=m.nofile)
         try:
             proc = e.runtime.start(spec)
         except StartError as err:
@@ -496,6 +502,11 @@ class Service:
             inst.phase, inst.exit_ok, inst.last_exit = Phase.EXITED, status == 0, now
             inst.first_bad = inst.first_bad or now
             inst.why = "exited" if status is None else f"exited with status {status}"
+            if proc.oom_kills:
+                limit = f" (limit {format_size(inst.manifest.memory)})" if inst.manifest.memory else ""
+                inst.rec.oom_kills += 1
+                inst.why = f"killed: out of memory{limit}" if status in (None, 128 + signal.SIGKILL) else \
+                    f"{inst.why} after a process of it was killed: out of memory{limit}"
             inst.rec.state, inst.rec.health = "exited", "stopped"
             self.save_instance(inst)
             self.event(f"instance {inst.rec.slot} {inst.why}")
@@ -680,13 +691,14 @@ class Engine:
     def __init__(self, store: Store, runtime: Runtime, prober: Prober, *, events: EventLog | None = None,
                  router: Routing | None = None, state_dir: str | None = None,
                  max_services: int = MAX_SERVICES, max_instances: int = MAX_INSTANCES,
-                 log_check_every: float = 0.05) -> None:
+                 log_check_every: float = 0.05, users: UserPolicy | None = None) -> None:
         self.store, self.runtime, self.prober = store, runtime, prober
         self.events = events or EventLog(store)
         self.router = router or NullRouter()
         self.state_dir = state_dir
         self.max_services, self.max_instances = max_services, max_instances
         self.log_check_every = log_check_every
+        self.users = users  # who instances run as, and who may say so (None: as deployfs, no check)
         self.services: dict[str, Service] = {}
         self.listeners: list = []  # called with a service name when anything about it changes
         self.ticker = Ticker()
@@ -933,7 +945,9 @@ class Engine:
                 raise CommandError(Kind.BUSY, f"{name}: no previous version to roll back to")
             # The replica count is not part of a version: a rollback keeps the one set now (as apply does after scale).
             text = set_replicas_line(rec.previous_manifest.encode(), rec.replicas).decode()
-            m = parse(text, name=name).manifest
+            parsed = parse(text, name=name)
+            m = parsed.manifest
+            self._check_users(parsed, name, who)
             self._check_port(name, m.port)
             self._begin(svc, m, text, "rollback", who)
         elif verb == "restart":
@@ -987,6 +1001,7 @@ class Engine:
                 self.services[name].event(f"apply refused: {e}")
             raise CommandError(Kind.INVALID, str(e)) from None
         m, text = parsed.manifest, f.data.decode()
+        self._check_users(parsed, name, who)
         svc = self.services.get(name)
         if svc is not None and svc.rec.deleting:
             raise CommandError(Kind.BUSY, f"{name} is being deleted: apply it again once it is gone "
@@ -1037,6 +1052,17 @@ class Engine:
         if svc.rec.canary_phase:
             return f"ok canary {frm}->{m.version}"
         return f"ok rolling {frm}->{m.version}"
+
+    def _check_users(self, parsed: Parsed, name: str, who: str) -> None:
+        """Refuse a user or group this host does not have, or one the deployer may not run as."""
+        if self.users is None:
+            return
+        try:
+            self.users.check(parsed, f"manifests/{name}", deployer_uid(who))
+        except ManifestError as e:
+            if name in self.services:
+                self.services[name].event(f"apply refused: {e}")
+            raise CommandError(Kind.INVALID, str(e)) from None
 
     def _check_port(self, name: str, port: int | None) -> None:
         """Refuse a public port that another service has, or another program holds (EADDRINUSE)."""

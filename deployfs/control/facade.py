@@ -128,7 +128,8 @@ def snapshot(s: Service, usage: Usage) -> ServiceStatus:
             return None if c is None else (c.cpu, c.rss)
         return InstanceStatus(id=i.rec.id, slot=i.rec.slot, version=i.rec.version, state=instance_state(i),
                               health=i.rec.health, pid=i.rec.pid, port=i.rec.port, restarts=i.rec.restarts,
-                              started=i.rec.started, node=NODE, cost=cost)
+                              started=i.rec.started, node=NODE, cost=cost,
+                              oom_kills=i.rec.oom_kills)
 
     def derive() -> Derived:
         instances = tuple(instance(i) for i in s.by_slot())

@@ -23,7 +23,7 @@ import re
 import shlex
 import signal
 from dataclasses import dataclass, field, fields, replace
-from typing import Callable
+from typing import Callable, Mapping
 
 MAX_MANIFEST_BYTES = 64 * 1024
 MAX_LINE_BYTES = 4 * 1024
@@ -96,6 +96,13 @@ class Manifest:
     canary_weight: int | None = None  # percent of requests the canaries get (None: their share of instances)
     auto_promote: float | None = None  # seconds of healthy canaries before promoting by itself (None: never)
     auto_rollback: bool = False  # a failed rollout rolls back by itself
+    # Who the instance runs as and what it may use (None: deployfs's default user; no limit).
+    user: str | None = None
+    group: str | None = None
+    memory: int | None = None  # bytes
+    cpus: float | None = None
+    pids: int | None = None
+    nofile: int | None = None
     # Unknown directives, kept verbatim (forward compatibility); never hashed.
     extra: tuple[tuple[str, tuple[str, ...]], ...] = field(default=(), compare=True)
 
@@ -104,10 +111,14 @@ class Manifest:
         "image", "args", "env", "dir", "port", "health", "health_interval",
         "health_timeout", "health_retries", "stop_signal", "stop_timeout",
     )
+    # Also the template, but hashed only when set: a manifest that names none of
+    # them keeps the version it had before they existed (no rollout on upgrade).
+    TENANT_FIELDS = ("user", "group", "memory", "cpus", "pids", "nofile")
 
     @property
     def version(self) -> str:
         template = {k: _jsonable(getattr(self, k)) for k in self.TEMPLATE_FIELDS}
+        template.update({k: getattr(self, k) for k in self.TENANT_FIELDS if getattr(self, k) is not None})
         blob = json.dumps(template, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -137,7 +148,7 @@ class Manifest:
             value = getattr(self, f.name)
             if value == f.default:
                 continue
-            lines.append(f"{f.name} {_render_value(value)}")
+            lines.append(f"{f.name} {_render_value(f.name, value)}")
         lines += [f"{d} {_join(v)}".rstrip() for d, v in self.extra]
         return "\n".join(lines) + "\n"
 
@@ -174,6 +185,7 @@ class Manifest:
 class Parsed:
     manifest: Manifest
     warnings: tuple[str, ...]
+    lines: Mapping[str, int] = field(default_factory=dict)  # directive -> its line, for checks made later (user)
 
 
 # -- parsing ---------------------------------------------------------------------
@@ -246,7 +258,7 @@ def parse(data: bytes | str, *, name: str, source: str | None = None) -> Parsed:
     values["name"] = name
     warnings += _reserved_env_warnings(source, env, env_lines, port="port" in values)
     m = Manifest(env=tuple(sorted(env.items())), extra=tuple(extra), **values)  # type: ignore[arg-type]
-    return Parsed(m, tuple(warnings))
+    return Parsed(m, tuple(warnings), seen_at)
 
 
 # Set by deployfs for every instance (PORT only when the service has a port);
@@ -380,6 +392,53 @@ def _yes_no(args: list[str]) -> bool:
     return v == "yes"
 
 
+_USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}\$?|[0-9]{1,10}", re.I)
+_SIZE_RE = re.compile(r"([0-9]{1,15})([KMGT]?)(i?B?)?", re.I)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+MIN_MEMORY = 1 << 20  # below this a program cannot even start: say so instead of OOM-looping
+MAX_CPUS = 4096
+
+
+def _account(what: str) -> Callable[[list[str]], str]:
+    """A user or group: a name as useradd allows it, or a number.  Whether it exists
+    on this host is checked where the instance runs (node/identity.py), not here."""
+    def conv(args: list[str]) -> str:
+        v = _one(args)
+        if not _USER_RE.fullmatch(v):
+            raise _Bad(f"expected a {what} name or number, got {v!r}")
+        return v
+    return conv
+
+
+def _size(args: list[str]) -> int:
+    v = _one(args)
+    m = _SIZE_RE.fullmatch(v)
+    if m is None:
+        raise _Bad(f'expected a size such as 256M, 1G or 65536 (bytes), got "{v}"')
+    n = int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+    if not MIN_MEMORY <= n <= 1 << 50:
+        raise _Bad(f"{v} is out of range (1M to 1024T)")
+    return n
+
+
+def _cpus(args: list[str]) -> float:
+    v = _one(args)
+    if not _SECONDS_RE.fullmatch(v):
+        raise _Bad(f'expected a number of cores such as 0.5 or 2, got "{v}"')
+    x = float(v)
+    if not 0.01 <= x <= MAX_CPUS:
+        raise _Bad(f"{v} is out of range (0.01 to {MAX_CPUS} cores)")
+    return x
+
+
+def format_size(n: int) -> str:
+    """Bytes as the manifest would say them: 64M, 1G, or a plain number."""
+    for unit in "TGMK":
+        if n % _SIZE_UNITS[unit] == 0:
+            return f"{n // _SIZE_UNITS[unit]}{unit}"
+    return str(n)
+
+
 _DIRECTIVES: dict[str, Callable[[list[str]], object]] = {
     "name": _name,
     "image": _image,
@@ -407,6 +466,12 @@ _DIRECTIVES: dict[str, Callable[[list[str]], object]] = {
     "canary_weight": _whole(0, 100),
     "auto_promote": _seconds(),
     "auto_rollback": _yes_no,
+    "user": _account("user"),
+    "group": _account("group"),
+    "memory": _size,
+    "cpus": _cpus,
+    "pids": _whole(1, 4_194_304),  # the kernel's pid_max ceiling
+    "nofile": _whole(16, 1 << 30),  # fewer than 16 cannot even hold stdio and a socket
 }
 DIRECTIVES = frozenset(_DIRECTIVES) | {"env"}
 
@@ -421,13 +486,15 @@ def format_seconds(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def _render_value(value: object) -> str:
+def _render_value(name: str, value: object) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, HealthCheck):
         return value.render()
     if isinstance(value, float):
         return format_seconds(value)
+    if name == "memory" and isinstance(value, int):
+        return format_size(value)
     if isinstance(value, str):
         return _join((value,))
     return str(value)

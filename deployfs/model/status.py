@@ -28,6 +28,7 @@ class InstanceStatus:
     restarts: int
     started: float  # wall clock
     node: str
+    oom_kills: int = 0  # times the kernel killed it for its memory limit
     # (CPU seconds, resident bytes) while running, else None; asked only by who shows it
     # (instances/N): the figures come from a pass over /proc
     cost: Callable[[], tuple[float, int] | None] = field(default=lambda: None, repr=False, compare=False)

@@ -12,6 +12,11 @@ Why it looks like this:
   exit status is unknown: ``None``).
 * A pid alone is not an identity (pids are reused); pid plus the start time
   from ``/proc/<pid>/stat`` is.
+* Each instance gets its own cgroup where the host has them (cgroups.py): its
+  memory/cpus/pids limits, a stop that reaches every process it started (even
+  one that left the session and cleared its environment), and how it died
+  (an OOM kill).  The child enters it, sets ``nofile`` and drops to its user
+  between fork and exec, so nothing it runs is ever outside or privileged.
 
 The :class:`Runtime` protocol is what the engine sees; a multi-node runtime
 would implement the same calls.
@@ -22,16 +27,19 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import IO, Iterable, Mapping, Protocol
+from typing import IO, Callable, Iterable, Mapping, Protocol
 
 import trio
 
 from ..state import statedir
+from .cgroups import CgroupError, Cgroups, InstanceCgroup, Limits
+from .identity import Identity, IdentityError, resolve
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +62,17 @@ class LaunchSpec:
     env: dict[str, str]
     cwd: str | None
     log_lines: int
+    user: str | None = None  # None: as deployfs itself
+    group: str | None = None
+    limits: Limits = Limits()
+    nofile: int | None = None
 
 
 class Process(Protocol):
     pid: int
     start_time: int
     exit_status: int | None  # None while running, or when unknown (adopted)
+    oom_kills: int  # processes of it the kernel killed for its memory limit (known once it exited)
 
     @property
     def exited(self) -> bool: ...
@@ -100,10 +113,12 @@ def proc_start_time(pid: int) -> int | None:
 
 class LocalProcess:
     def __init__(self, pid: int, start_time: int, pidfd: int, popen: subprocess.Popen[bytes] | None,
-                 marker: str, sweeper: "Sweeper") -> None:
+                 marker: str, sweeper: "Sweeper", cgroup: InstanceCgroup | None = None) -> None:
         self.pid, self.start_time = pid, start_time
         self.marker, self._sweeper = marker, sweeper
+        self.cgroup = cgroup
         self.exit_status: int | None = None
+        self.oom_kills = 0
         self._pidfd: int | None = pidfd
         self._popen = popen  # held so subprocess never reaps behind our back
         self._done = trio.Event()
@@ -136,6 +151,8 @@ class LocalProcess:
             self._popen.poll()
             rc = self._popen.returncode
             self.exit_status = None if rc is None else (rc if rc >= 0 else 128 - rc)
+        if self.cgroup is not None:
+            self.oom_kills = self.cgroup.oom_kills()  # before the stop removes the cgroup
         if self._pidfd is not None:
             trio.lowlevel.notify_closing(self._pidfd)
             os.close(self._pidfd)
@@ -160,8 +177,13 @@ class LocalProcess:
                 self._killpg(signal.SIGKILL)
                 await self.wait()
         # Grandchildren that outlived the leader are still in its group, unless
-        # they started a session of their own: those still carry the marker.
+        # they started a session of their own: those are still in its cgroup,
+        # and carry the marker (unless they cleared their environment).
         self._killpg(signal.SIGKILL)
+        if self.cgroup is not None:
+            cgroup = self.cgroup
+            await trio.to_thread.run_sync(cgroup.kill_all)
+            await trio.to_thread.run_sync(cgroup.remove)
         await self._sweeper.sweep([self.marker])
         return killed
 
@@ -220,7 +242,8 @@ def kill_marked(prefix: str, markers: frozenset[str]) -> list[int]:
 
 
 class LocalRuntime:
-    def __init__(self, state_dir: str, *, ports: tuple[int, int] = DEFAULT_PORTS, bind_host: str = "127.0.0.1") -> None:
+    def __init__(self, state_dir: str, *, ports: tuple[int, int] = DEFAULT_PORTS, bind_host: str = "127.0.0.1",
+                 cgroups: Cgroups | None = None) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.log_dir = os.path.join(self.state_dir, "logs")
         self.ports = ports
@@ -228,34 +251,78 @@ class LocalRuntime:
         self._ports_used: set[int] = set()
         self._next_port = ports[0]
         self.sweeper = Sweeper(self.state_dir)
+        self.cgroups = cgroups if cgroups is not None else Cgroups(self.state_dir)
 
     # -- processes -----------------------------------------------------------------
 
     def start(self, spec: LaunchSpec) -> LocalProcess:
         env = {k: os.environ[k] for k in BASE_ENV_KEYS if k in os.environ}
         env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+        ident = self._identity(spec)
+        if ident is not None:  # not root's HOME for www-data
+            env.update(HOME=ident.home, USER=ident.user, LOGNAME=ident.user)
         env.update(spec.env)
         env[MARKER] = marker = self.marker(spec.service, spec.instance_id)
+        self._check_nofile(spec.nofile)
         path = self.log_path(spec.service, spec.instance_id)
         try:
             statedir.makedirs(os.path.dirname(path))
+            # Opened here, by deployfs: the instance writes through the descriptor, so its log stays
+            # deployfs's (0600 in a 0700 directory), unreadable and unwritable by its own user.
             log = statedir.open_file(path, "ab")  # a link planted there is never followed
         except OSError as e:
             raise StartError(f"cannot open its log {path}: {e.strerror or e}") from None
+        try:
+            cgroup = self.cgroups.create(spec.service, spec.instance_id, spec.limits)
+            procs = cgroup.open_procs() if cgroup is not None else []
+        except CgroupError as e:
+            log.close()
+            raise StartError(str(e)) from None
         with log:
             try:
                 popen = subprocess.Popen(
                     spec.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    cwd=spec.cwd, env=env, start_new_session=True, close_fds=True)
+                    cwd=spec.cwd, env=env, start_new_session=True, close_fds=True,
+                    preexec_fn=_child_setup(procs, spec.nofile, ident) if procs or spec.nofile or ident else None)
             except OSError as e:
+                if cgroup is not None:
+                    cgroup.remove()
                 # The child reports a failed chdir with the directory as the filename.
                 if spec.cwd is not None and e.filename == spec.cwd:
                     raise StartError(f"cannot start {spec.argv[0]}: working directory (dir) {spec.cwd}: "
                                      f"{e.strerror or e}") from None
                 raise StartError(f"cannot start {spec.argv[0]}: {e.strerror or e}") from None
+            except subprocess.SubprocessError:
+                if cgroup is not None:
+                    cgroup.remove()
+                # _child_setup wrote the reason into the log before it failed.
+                raise StartError(f"cannot start {spec.argv[0]}: {_last_line(self.read_log(spec.service, spec.instance_id, 1))}") from None
+            finally:
+                for fd in procs:
+                    os.close(fd)
         pidfd = os.pidfd_open(popen.pid)
         start_time = proc_start_time(popen.pid) or 0
-        return LocalProcess(popen.pid, start_time, pidfd, popen, marker, self.sweeper)
+        return LocalProcess(popen.pid, start_time, pidfd, popen, marker, self.sweeper, cgroup)
+
+    def _identity(self, spec: LaunchSpec) -> Identity | None:
+        """Who the child becomes; None: stay as deployfs (no user named, or it is deployfs's own)."""
+        if spec.user is None and spec.group is None:
+            return None
+        try:
+            ident = resolve(spec.user if spec.user is not None else str(os.geteuid()), spec.group)
+        except IdentityError as e:
+            raise StartError(str(e)) from None
+        if os.geteuid() != 0 and (ident.uid, ident.gid) != (os.geteuid(), os.getegid()):
+            raise StartError(f"cannot run as {ident.user}: deployfs is not root")
+        return ident
+
+    def _check_nofile(self, nofile: int | None) -> None:
+        if nofile is None or os.geteuid() == 0:
+            return
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard != resource.RLIM_INFINITY and nofile > hard:
+            raise StartError(f"nofile {nofile} cannot be applied: above deployfs's own hard limit {hard} "
+                             "(raise LimitNOFILE= in its unit)")
 
     def marker(self, service: str, instance_id: int) -> str:
         """The value of MARKER in the environment of every process of this instance."""
@@ -272,7 +339,8 @@ class LocalRuntime:
         if proc_start_time(pid) != start_time:
             os.close(pidfd)
             return None
-        return LocalProcess(pid, start_time, pidfd, None, self.marker(service, instance_id), self.sweeper)
+        return LocalProcess(pid, start_time, pidfd, None, self.marker(service, instance_id), self.sweeper,
+                            self.cgroups.find(service, instance_id))
 
     def find_unrecorded(self, wanted: set[tuple[str, int]]) -> dict[tuple[str, int], LocalProcess]:
         """The running leader of each instance that was started but whose pid was never recorded.
@@ -301,6 +369,12 @@ class LocalRuntime:
 
     async def sweep(self, keys: Iterable[tuple[str, int]]) -> None:
         """Kill whatever is left of these instances (children of a leader that is gone)."""
+        keys = list(keys)
+        for service, ident in keys:
+            cgroup = self.cgroups.find(service, ident)
+            if cgroup is not None:
+                await trio.to_thread.run_sync(cgroup.kill_all)
+                await trio.to_thread.run_sync(cgroup.remove)
         await self.sweeper.sweep([self.marker(service, ident) for service, ident in keys])
 
     # -- ports -----------------------------------------------------------------------
@@ -479,6 +553,35 @@ def find_strays(state_dir: str, known: set[tuple[str, int]]) -> list[int]:
         if ident.isdigit() and (service, int(ident)) not in known:
             strays.append(pid)
     return strays
+
+
+def _child_setup(procs: list[int], nofile: int | None, ident: Identity | None) -> Callable[[], None]:
+    """What the child does between fork and exec, in this order: enter its cgroups (as root,
+    through descriptors deployfs opened), set its open-file limit (raising the hard limit
+    needs root), then drop to its user and groups.  Only simple system calls: the server
+    has threads, and a forked child may take no lock another thread held."""
+    def setup() -> None:
+        step = "enter its cgroup"
+        try:
+            for fd in procs:
+                os.write(fd, b"0")
+            if nofile is not None:
+                step = f"set nofile {nofile}"
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+            if ident is not None:
+                step = f"switch to user {ident.user} (uid {ident.uid}, gid {ident.gid})"
+                os.setgroups(list(ident.groups))
+                os.setgid(ident.gid)
+                os.setuid(ident.uid)
+        except OSError as e:
+            os.write(2, f"deployfs: cannot {step}: {e.strerror}\n".encode())
+            raise
+    return setup
+
+
+def _last_line(data: bytes) -> str:
+    lines = data.decode(errors="replace").strip().splitlines()
+    return lines[-1].removeprefix("deployfs: ") if lines else "the child failed before exec"
 
 
 def _is_session_leader(pid: int) -> bool:

@@ -82,6 +82,7 @@ class InstanceRecord:
     exit_ok: bool = False
     last_exit: float | None = None
     restart_times: list[float] = field(default_factory=list)
+    oom_kills: int = 0  # times the kernel killed it for its memory limit
 
 
 @dataclass(frozen=True)
