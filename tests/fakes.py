@@ -83,6 +83,9 @@ class FakeRuntime:
     async def sweep(self, keys) -> None:
         pass
 
+    async def prune(self, keep) -> None:
+        pass
+
     def allocate_port(self) -> int:
         return next(self._ports)
 

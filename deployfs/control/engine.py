@@ -784,6 +784,7 @@ class Engine:
         # holding its port, say) must go before anything takes its place.
         if gone:
             await self.runtime.sweep(gone)
+        await self.runtime.prune({(svc.name, i) for svc in self.services.values() for i in svc.instances})
         for svc, inst in never_started:
             svc.spawn(inst)
         for svc in self.services.values():

@@ -236,6 +236,20 @@ class Cgroups:
         paths = {b: p for b, p in self.instance_paths(service, instance_id).items() if os.path.isdir(p)}
         return InstanceCgroup(self.layout, paths) if paths else None
 
+    def instances(self) -> set[tuple[str, int]]:
+        """Every instance that has a cgroup of this state directory, in any hierarchy."""
+        found = set()
+        for base in self.layout.bases:
+            try:
+                names = os.listdir(self.group_dir(base))
+            except OSError:
+                continue
+            for name in names:
+                service, at, ident = name.rpartition("@")
+                if at and ident.isdigit():
+                    found.add((service, int(ident)))
+        return found
+
     def create(self, service: str, instance_id: int, limits: Limits) -> InstanceCgroup | None:
         """Make the instance's cgroups and set its limits; None if the host gives deployfs
         none and no limit is asked for.  A limit that cannot be set raises CgroupError."""

@@ -1,0 +1,68 @@
+"""Who may run what as whom, through a real mount (issue 16): the default user, a non-root
+deployer (a member of --group by a supplementary group given at run time) refused root and
+other users, allowed itself and --allow-users."""
+
+import os
+import subprocess
+import tempfile
+
+import pytest
+
+from tests import mount as _mount
+from tests.users import ALICE, BOB, EXTRA, extra_gid, made_users
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="useradd and switching users need root")
+
+
+def uid_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("Uid:")).split()[1])
+
+
+def test_who_may_run_what_as_whom(tmp_path):
+    mnt = tempfile.mkdtemp(prefix="deployfs-tenants-")
+    os.chmod(mnt, 0o755)  # pytest's temp root is 0700: BOB must reach the mount
+    with made_users() as users:
+        m = _mount.start(str(tmp_path), "--allow-other", "--group", EXTRA, "--default-user", BOB,
+                         "--allow-users", ALICE, mnt=mnt)
+        try:
+            # Root deploys a manifest that names no user: it runs as --default-user.
+            m.write_manifest("plain", "image /bin/sleep\nargs 300\n")
+            assert m.ctl("apply plain").returncode == 0
+            m.until(lambda: "pid=-" not in m.read("active/plain/instances/0"), what="plain running")
+            pid = int(m.read("active/plain/instances/0").split("pid=")[1].split()[0])
+            assert uid_of(pid) == users[BOB].pw_uid
+
+            def as_bob(cmd: str) -> subprocess.CompletedProcess:
+                # BOB is in EXTRA (--group) only by the groups setpriv gives him, not by /etc/group.
+                return subprocess.run(["setpriv", f"--reuid={BOB}", f"--regid={BOB}", f"--groups={extra_gid()}",
+                                       "bash", "-c", cmd], capture_output=True, text=True, timeout=15, cwd=mnt)
+
+            def bob_applies(name: str, text: str) -> subprocess.CompletedProcess:
+                w = as_bob(f"printf '%s' '{text}' > manifests/{name}")
+                assert w.returncode == 0, w.stderr
+                return as_bob(f"echo 'apply {name}' > ctl")
+
+            bob = users[BOB].pw_uid
+            for name, text, reason in [
+                ("asroot", "image /bin/sleep\nargs 300\nuser root\n", "user root: the instance would run as root"),
+                ("asuid0", "image /bin/sleep\nargs 300\nuser 0\n", "user 0: the instance would run as root"),
+                ("asother", "image /bin/sleep\nargs 300\nuser nobody\n",
+                 f"user nobody: uid={bob} may run instances only as itself or as one of --allow-users ({ALICE})"),
+                ("byroot", "image /bin/sleep\nargs 300\ngroup root\n", f"group root: {BOB} is not a member"),
+            ]:
+                r = bob_applies(name, text)
+                assert r.returncode == 1 and "Operation not permitted" in r.stderr, (name, r.stderr)
+                assert f"command refused (uid={bob}): {reason}" in m.read("events")
+                assert not os.path.exists(m.p("active", name))  # nothing runs
+
+            # As himself, and as a user --allow-users names: accepted.
+            for name, user in (("self", BOB), ("allowed", ALICE)):
+                assert bob_applies(name, f"image /bin/sleep\nargs 300\nuser {user}\n").returncode == 0
+                m.until(lambda: os.path.exists(m.p("active", name, "instances", "0"))
+                        and "pid=-" not in m.read(f"active/{name}/instances/0"), what=f"{name} running")
+                pid = int(m.read(f"active/{name}/instances/0").split("pid=")[1].split()[0])
+                assert uid_of(pid) == users[user].pw_uid
+        finally:
+            _mount.stop(m)
+            os.rmdir(mnt)
