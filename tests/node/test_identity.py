@@ -1,11 +1,10 @@
 """Who may run what as whom: the policy with real users from useradd (issue 16)."""
 
-import errno
 import os
 
 import pytest
 
-from deployfs.model.errors import CommandError
+from deployfs.model.errors import CommandError, Kind
 from deployfs.model.manifest import ManifestError, parse
 from deployfs.node.identity import UserPolicy, deployer_uid, resolve
 from tests.users import ALICE, BOB, EXTRA, extra_gid, made_users
@@ -26,7 +25,7 @@ def check(policy: UserPolicy, text: str, deployer: int | None) -> None:
 def refused(policy: UserPolicy, text: str, deployer: int | None) -> str:
     with pytest.raises(CommandError) as e:
         check(policy, text, deployer)
-    assert e.value.errno == errno.EPERM
+    assert e.value.kind is Kind.PERMISSION
     return e.value.message
 
 

@@ -52,7 +52,7 @@ def test_who_may_run_what_as_whom(tmp_path):
                 ("byroot", "image /bin/sleep\nargs 300\ngroup root\n", f"group root: {BOB} is not a member"),
             ]:
                 r = bob_applies(name, text)
-                assert r.returncode == 1 and "Operation not permitted" in r.stderr, (name, r.stderr)
+                assert r.returncode == 1 and "Permission denied" in r.stderr, (name, r.stderr)
                 assert f"command refused (uid={bob}): {reason}" in m.read("events")
                 assert not os.path.exists(m.p("active", name))  # nothing runs
 
