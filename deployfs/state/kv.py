@@ -50,7 +50,6 @@ bytes, and a prefix range is every key that starts with the prefix.
 
 from __future__ import annotations
 
-import errno
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import AsyncIterator, Literal, Protocol, Sequence
@@ -63,9 +62,7 @@ class StoreError(RuntimeError):
 
 
 class StoreFull(StoreError):
-    """The state disk has no room: the write was refused and changed nothing."""
-
-    errno = errno.ENOSPC
+    """The state disk has no room: the write was refused and changed nothing (the view calls it no_space)."""
 
 
 class Conflict(StoreError):

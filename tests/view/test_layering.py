@@ -35,6 +35,6 @@ def test_the_view_reads_through_its_source_only():
 
 
 def test_errors_carry_kinds_not_errnos():
-    for layer in ("model", "control", "view"):
+    for layer in ("model", "control", "view"):  # (state and node read OSError.errno, never carry one up)
         for f, names in imports(layer).items():
             assert "errno" not in names, f
