@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 
 import pytest
 import trio
 
 from deployfs.model.errors import Error, Kind
+from deployfs.serve.fuse import ERRNO
 from deployfs.state.etcd import Compare, Delete, EtcdClient, Get, Put, Unavailable, WatchEvent, prefix_end
 from deployfs.state.kv import Compacted, LeaseNotFound
 from tests.etcd import Cluster, etcd1  # noqa: F401  (fixture)
@@ -60,6 +62,7 @@ async def test_nobody_listening_is_unavailable_within_the_timeout():
             assert trio.current_time() - t0 < 1.5
     # The front end's kind: EIO and "error: cluster store unreachable".
     assert isinstance(e.value, Error) and e.value.kind is Kind.UNAVAILABLE
+    assert ERRNO[e.value.kind] == errno.EIO
     assert e.value.message == "cluster store unreachable"
     assert "ConnectError" in str(e.value)
 
