@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--version", action="version", version=f"deployfs {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="mount the namespace and run the engine (foreground)")
-    s.add_argument("mountpoint")
+    s.add_argument("mountpoint", nargs="?", help="where to mount the namespace (not with --no-mount)")
     s.add_argument("--state", required=True, help="state directory (SQLite database, instance logs)")
     s.add_argument("--allow-other", action="store_true", help="let other users read the mount")
     s.add_argument("--group", help="members of this group may also write ctl files and manifests")
@@ -73,7 +73,10 @@ def main(argv: list[str] | None = None) -> None:
                         "which only root may then deploy)")
     s.add_argument("--allow-users", metavar="A,B", default="",
                    help="users a deployer who is not root may name in `user` (besides itself); never root")
-    s.add_argument("--debug", action="store_true", help="log one line per FUSE operation")
+    s.add_argument("--9p", dest="ninep", metavar="tcp!HOST!PORT|unix!PATH",
+                   help="also serve the namespace over 9P2000.L there (docs/ninep.md)")
+    s.add_argument("--no-mount", action="store_true", help="serve over 9P only: no FUSE mount (needs --9p)")
+    s.add_argument("--debug", action="store_true", help="log one line per FUSE (and 9P) operation")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="deployfs: %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "httpcore"):  # one line per health probe otherwise
@@ -85,7 +88,21 @@ def main(argv: list[str] | None = None) -> None:
         group = None if a.group is None else _group(a.group)
         check_cluster(a)
         a.users = user_policy(a.default_user, a.allow_users)
-        check_mountpoint(a.mountpoint)
+        if a.ninep is not None:
+            from ..serve.ninep.server import Address, AddressError
+            try:
+                a.ninep = Address.parse(a.ninep)
+            except AddressError as e:
+                raise SetupError(str(e)) from None
+        if a.no_mount:
+            if a.ninep is None:
+                raise SetupError("--no-mount serves nothing without --9p tcp!HOST!PORT or --9p unix!PATH")
+            if a.mountpoint is not None:
+                raise SetupError("--no-mount takes no mountpoint")
+        elif a.mountpoint is None:
+            raise SetupError("a mountpoint is needed (or --no-mount with --9p)")
+        else:
+            check_mountpoint(a.mountpoint)
         a.state = check_state(a.state)  # resolved: never walk a link in its path again
         from ..node.runtime import ephemeral_overlap
         if overlap := ephemeral_overlap(ports):
@@ -293,6 +310,14 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
     facade = EngineFacade(engine)
     view = Namespace(facade, Access(group=group))  # one view, whichever front ends serve it
     ops = DeployFS(view, debug=a.debug)
+    ninep = None
+    if a.ninep is not None:  # bound before anything starts: a refused address leaves nothing running
+        from ..serve.ninep.server import AddressError, NinepServer
+        ninep = NinepServer(view, a.ninep, debug=a.debug)
+        try:
+            await ninep.listen()
+        except AddressError as e:
+            raise SetupError(str(e)) from None
     stop_metrics = None  # before the router starts: a refused address must leave nothing running
     if a.metrics:
         try:
@@ -307,19 +332,23 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
     options = set(pyfuse3.default_options) | {"fsname=deployfs", "subtype=deployfs"}
     if a.allow_other:
         options.add("allow_other")
-    try:
-        pyfuse3.init(ops, a.mountpoint, options)
-    except RuntimeError as e:
-        raise SetupError(f"cannot mount {a.mountpoint}: {e} (are you allowed to use FUSE? try as root, "
-                         "or add user_allow_other to /etc/fuse.conf for --allow-other)") from None
-    ops.mounted = True
-    log.info("deployfs %s serving %s (state in %s)", __version__, a.mountpoint, a.state)
+    if not a.no_mount:
+        try:
+            pyfuse3.init(ops, a.mountpoint, options)
+        except RuntimeError as e:
+            raise SetupError(f"cannot mount {a.mountpoint}: {e} (are you allowed to use FUSE? try as root, "
+                             "or add user_allow_other to /etc/fuse.conf for --allow-other)") from None
+        ops.mounted = True
+    where = ([] if a.no_mount else [a.mountpoint]) + ([] if ninep is None else [f"9P on {ninep.bound}"])
+    log.info("deployfs %s serving %s (state in %s)", __version__, " and ".join(where), a.state)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(router.run)
             await nursery.start(engine.run)
             if member is not None:
                 nursery.start_soon(member.run)  # keeps the lease alive
+            if ninep is not None:
+                await nursery.start(ninep.run)
 
             async def on_signal() -> None:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -330,17 +359,22 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
                         await engine.shutdown(keep_instances=a.keep_instances)
                         if not a.keep_instances:
                             await router.quit()  # kept instances stay routed
-                        pyfuse3.terminate()
+                        if a.no_mount:
+                            nursery.cancel_scope.cancel()
+                        else:
+                            pyfuse3.terminate()
                         return
 
             nursery.start_soon(on_signal)
-            await pyfuse3.main(min_tasks=1, max_tasks=1000)
-            nursery.cancel_scope.cancel()
+            if not a.no_mount:
+                await pyfuse3.main(min_tasks=1, max_tasks=1000)
+                nursery.cancel_scope.cancel()
     finally:
-        ops.mounted = False
         if stop_metrics is not None:
             stop_metrics()
-        pyfuse3.close(unmount=True)
+        if ops.mounted:
+            ops.mounted = False
+            pyfuse3.close(unmount=True)
         await probes.aclose()
         store.close()
-        log.info("unmounted %s", a.mountpoint)
+        log.info("stopped" if a.no_mount else f"unmounted {a.mountpoint}")

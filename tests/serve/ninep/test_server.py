@@ -1,0 +1,260 @@
+"""The namespace over 9P2000.L from a real `deployfs serve --9p`, read by diod's own clients
+(diodcat, diodls) and, for writes, flush and bounds, by the small client beside this file."""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from deployfs.serve.ninep import codec as c
+from tests import mount as _mount
+from tests.mount import Mount
+
+from .client import Client, NinepError, connect_when_up
+
+PORT = 20200
+ADDR = ("127.0.0.1", PORT)
+TCP = f"127.0.0.1:{PORT}"
+
+pytestmark = pytest.mark.skipif(shutil.which("diodcat") is None, reason="diod's clients are not installed (make test installs diod)")
+
+# Healthy after one interval without a health line; says one line, then holds still.
+SVC = "image sh\nargs -c 'echo hello from $INSTANCE; exec sleep 600'\nreplicas 1\nhealth_interval 0.2\n"
+
+
+@pytest.fixture
+def served(tmp_path):
+    with _mount.running(str(tmp_path), "--9p", f"tcp!127.0.0.1!{PORT}") as m:
+        yield m
+
+
+def deploy(m: Mount, name: str = "web", text: str = SVC) -> None:
+    m.write_manifest(name, text)
+    assert m.ctl(f"apply {name}").returncode == 0
+    m.until(lambda: m.read(f"active/{name}/wait").startswith("done"), what="deploy")
+
+
+def diod(tool: str, *args: str, server: str = TCP, **kw: object) -> subprocess.CompletedProcess:
+    return subprocess.run([tool, "-t", "10", "-s", server, "-a", "deploy", *args], capture_output=True,
+                          timeout=20, **kw)  # type: ignore[call-overload]
+
+
+def fuse_errno(m: Mount, path: str, data: bytes) -> tuple[int, str]:
+    """What a write of ``data`` to ``path`` does over FUSE: (errno or 0, the reply read back)."""
+    code = ("import os,sys\nfd=os.open(sys.argv[1],os.O_RDWR)\ntry:\n os.write(fd,sys.argv[2].encode()); e=0\n"
+            "except OSError as x:\n e=x.errno\nprint(e); print(os.pread(fd,4096,0).decode(),end='')")
+    r = subprocess.run([sys.executable, "-c", code, m.p(path), data.decode()], capture_output=True, text=True,
+                       timeout=15, check=True)
+    err, _, reply = r.stdout.partition("\n")
+    return int(err), reply
+
+
+def test_every_file_reads_the_same_over_9p_as_over_fuse(served):
+    m = served
+    deploy(m)
+    m.until(lambda: "hello" in m.read("active/web/logs/0"), what="the instance's output")
+    files, dirs = [], []
+    for root, dnames, fnames in os.walk(m.path):
+        rel = os.path.relpath(root, m.path)
+        dirs.append("" if rel == "." else rel)
+        files += [os.path.normpath(os.path.join(rel, f)) for f in fnames]
+    assert {"ctl", "events", "manifests/web", "active/web/version", "active/web/instances/0", "active/web/logs/0",
+            "active/web/wait", "active/web/ctl"} <= set(files)
+    for d in dirs:
+        r = diod("diodls", d or "/")
+        assert r.returncode == 0, r.stderr
+        assert sorted(r.stdout.decode().split()) == sorted(os.listdir(m.p(d))), d
+    r = diod("diodls", "-l", "active/web")
+    assert r.returncode == 0, r.stderr
+    modes = {line.split()[-1]: line.split()[0] for line in r.stdout.decode().splitlines()}
+    for name in os.listdir(m.p("active/web")):
+        assert modes[name].rstrip(".") == stat.filemode(os.stat(m.p("active/web", name)).st_mode), name
+    for f in files:
+        over_fuse = subprocess.run(["cat", m.p(f)], capture_output=True, timeout=15).stdout
+        r = diod("diodcat", f)
+        assert r.returncode == 0, (f, r.stderr)
+        assert r.stdout == over_fuse, f
+    with Client(ADDR) as cl:
+        for f in files:
+            a = cl.getattr(f)
+            st = os.stat(m.p(f))
+            assert (a.mode, a.size, a.uid, a.nlink) == (st.st_mode, st.st_size, st.st_uid, st.st_nlink), f
+
+
+def test_manifests_are_editable_and_ctl_answers_as_over_fuse(served):
+    m = served
+    deploy(m)
+    with Client(ADDR) as cl:
+        d = cl.walk("manifests")
+        cl.rpc(c.Tlcreate(d, "api", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, 0))
+        assert cl.write(d, SVC.encode() + b"# scratch that runs past the end\n") > len(SVC)
+        cl.clunk(d)
+        with pytest.raises(NinepError) as e:
+            cl.rpc(c.Tlcreate(cl.walk("manifests"), "api", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, 0))
+        assert e.value.errno == errno.EEXIST
+        f = cl.walk("manifests/api")
+        cl.rpc(c.Tsetattr(f, c.SETATTR_SIZE, 0, 0, 0, len(SVC), 0, 0, 0, 0))  # truncate
+        cl.clunk(f)
+        assert m.read("manifests/api") == SVC  # FUSE sees the edit
+        root = cl.walk("manifests")
+        cl.rpc(c.Trenameat(root, "api", root, "api.new"))
+        assert sorted(os.listdir(m.p("manifests"))) == ["api.new", "web"]
+        cl.rpc(c.Trenameat(root, "api.new", root, "api"))
+
+        # ctl: the reply is read back from the same fid; a refusal is an Rlerror with FUSE's errno.
+        ctl = cl.open("ctl", os.O_RDWR)
+        assert cl.write(ctl, b"apply api\n") == 10
+        assert cl.read(ctl, 10).startswith(b"ok")
+        for command in (b"frobnicate api\n", b"apply nosuch\n", b"resume web\n", b"scale web many\n"):
+            with pytest.raises(NinepError) as e:
+                cl.write(ctl, command)
+            reply = cl.read(ctl, 0).decode()
+            assert reply.startswith("error: ")
+            assert (e.value.errno, reply) == fuse_errno(m, "ctl", command), command
+        cl.clunk(ctl)
+        assert "command refused (uid=0): scale: expected a whole number" in m.read("active/web/events")
+        m.until(lambda: cl.cat("active/api/wait").startswith(b"done"), what="api deployed over 9P")
+
+        for path, flags in (("active/web/version", os.O_WRONLY), ("active/web/events", os.O_RDWR)):
+            with pytest.raises(NinepError) as e:
+                cl.open(path, flags)
+            assert e.value.errno == errno.EACCES
+        cl.rpc(c.Tunlinkat(root, "api", 0))
+        assert sorted(os.listdir(m.p("manifests"))) == ["web"]
+        with pytest.raises(NinepError) as e:
+            cl.rpc(c.Tunlinkat(root, "api", 0))
+        assert e.value.errno == errno.ENOENT
+
+
+def test_wait_is_a_deferred_reply_that_flush_cancels(served, tmp_path):
+    m = served
+    flag = tmp_path / "healthy"
+    deploy(m)
+    # The next version becomes healthy only once `flag` has content: the rollout is held in flight.
+    m.write_manifest("web", SVC + f"health {flag}\nhealth_timeout 0.2\n")
+    assert m.ctl("apply web").returncode == 0
+    with Client(ADDR) as cl:
+        wait = cl.open("active/web/wait")
+        cl.send(5, c.Tread(wait, 0, 4096))
+        assert cl.cat("active/web/update_status") == b"rolling\n"  # the connection goes on meanwhile
+        assert not select.select([cl.sock], [], [], 0.3)[0]  # tag 5 is still unanswered
+        cl.send(6, c.Tflush(5))
+        assert cl.recv() == c.Frame(6, c.Rflush())  # and tag 5 is never answered
+        second = cl.open("active/web/wait")
+        cl.send(5, c.Tread(second, 0, 4096))  # the tag is free again
+        flag.write_text("ok\n")
+        frame = cl.recv()
+        assert frame.tag == 5 and isinstance(frame.msg, c.Rread)
+        assert frame.msg.data == f"done {m.read('active/web/version').strip()}\n".encode()
+        assert frame.msg.data.decode() == m.read("active/web/wait")  # the same bytes as over FUSE
+        assert cl.read(second, len(frame.msg.data)) == b""
+
+
+def test_over_tcp_the_attach_uid_decides_what_may_be_written(served):
+    m = served
+    deploy(m)
+    with Client(ADDR, uid=12345) as cl:
+        assert cl.cat("active/web/replicas") == b"1\n"
+        for path in ("ctl", "active/web/ctl"):
+            with pytest.raises(NinepError) as e:
+                cl.open(path, os.O_RDWR)
+            assert e.value.errno == errno.EACCES
+        with pytest.raises(NinepError) as e:
+            cl.open("manifests/web", os.O_WRONLY)
+        assert e.value.errno == errno.EACCES
+        with pytest.raises(NinepError) as e:
+            cl.rpc(c.Tlcreate(cl.walk("manifests"), "x", os.O_WRONLY | os.O_CREAT, 0o644, 0))
+        assert e.value.errno == errno.EACCES
+        with pytest.raises(NinepError) as e:
+            cl.rpc(c.Tsetattr(cl.walk("manifests/web"), c.SETATTR_SIZE, 0, 0, 0, 0, 0, 0, 0, 0))
+        assert e.value.errno == errno.EPERM
+    assert m.read("manifests/web") == SVC
+
+
+def test_bounds_on_fids_requests_and_connections_and_garbage(served):
+    from deployfs.serve.ninep import server as srv
+    m = served
+    deploy(m)
+    with Client(ADDR) as cl:
+        # fids: walks that are never clunked run out, and clunking gives them back
+        fids = []
+        with pytest.raises(NinepError) as e:
+            for _ in range(srv.MAX_FIDS + 1):
+                fids.append(cl.walk("active/web/version"))
+        assert e.value.errno == errno.EMFILE and len(fids) == srv.MAX_FIDS - 1  # the root is one
+        for fid in fids:
+            cl.send(fid & 0x7FFF, c.Tclunk(fid))
+        for _ in fids:
+            assert isinstance(cl.recv().msg, c.Rclunk)
+        # requests in flight: blocked `wait` reads up to the bound, then EAGAIN, and a flush still gets through
+        m.write_manifest("web", SVC + "health /nonexistent\n")
+        assert m.ctl("apply web").returncode == 0
+        waits = [cl.open("active/web/wait") for _ in range(srv.MAX_OUTSTANDING + 1)]
+        for tag, fid in enumerate(waits[:-1]):
+            cl.send(tag, c.Tread(fid, 0, 100))
+        cl.send(1000, c.Tread(waits[-1], 0, 100))
+        assert cl.recv() == c.Frame(1000, c.Rlerror(errno.EAGAIN))
+        for tag in range(srv.MAX_OUTSTANDING):
+            cl.send(2000 + tag, c.Tflush(tag))
+            assert cl.recv() == c.Frame(2000 + tag, c.Rflush())
+    # connections: the one over the bound is closed at once; the others carry on
+    clients = [Client(ADDR) for _ in range(srv.MAX_CONNECTIONS)]
+    try:
+        extra = socket.create_connection(ADDR, timeout=10)
+        assert extra.recv(100) == b""
+        extra.close()
+    finally:
+        for cl in clients:
+            cl.close()
+    # garbage: the connection closes, the server keeps serving
+    for junk in (b"\xff" * 64, c.encode(1, c.Tclunk(0)) + b"\x03\x00\x00\x00\x64\x00\x00"):
+        s = socket.create_connection(ADDR, timeout=10)
+        s.sendall(c.encode(c.NOTAG, c.Tversion(8192, c.VERSION_L)) + junk)
+        while s.recv(4096):  # replies to what came before the junk, then the close
+            pass
+        s.close()
+    with connect_when_up(ADDR) as cl:
+        assert cl.cat("active/web/replicas") == b"1\n"
+
+
+def test_no_mount_over_a_unix_socket(tmp_path):
+    sock = str(tmp_path / "deployfs.9p")
+    state = str(tmp_path / "state")
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "deployfs", "serve", "--no-mount", "--state", state,
+                             "--9p", f"unix!{sock}"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with connect_when_up(sock) as cl:
+            assert sorted(cl.listdir("/")) == ["active", "ctl", "events", "manifests"]
+            d = cl.walk("manifests")
+            cl.rpc(c.Tlcreate(d, "web", os.O_WRONLY | os.O_CREAT, 0o644, 0))
+            cl.write(d, SVC.encode())
+            ctl = cl.open("ctl", os.O_RDWR)
+            cl.write(ctl, b"apply web\n")
+            deadline = time.monotonic() + 20
+            while not cl.cat("active/web/wait").startswith(b"done"):
+                assert time.monotonic() < deadline, open(tmp_path / "serve.log").read()
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600  # the socket's permissions are the door
+        r = diod("diodcat", "active/web/replicas", server=sock)
+        assert (r.returncode, r.stdout) == (0, b"1\n"), r.stderr
+        other = subprocess.run(["setpriv", "--reuid=12345", "--regid=12345", "--clear-groups", "diodcat", "-t", "5",
+                                "-s", sock, "-a", "deploy", "active/web/replicas"], capture_output=True, timeout=20)
+        assert other.returncode != 0 and b"ermission denied" in other.stderr
+        assert not any(line.split()[1].startswith(str(tmp_path)) for line in open("/proc/self/mounts"))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()
+        _mount.reap(state)
+    assert proc.returncode == 0
+    assert not os.path.exists(sock)  # removed on the way out
