@@ -306,8 +306,9 @@ class HttpRoute:
             return min(b, key=lambda x: (self.conns.get(x, 0) - len(self.idle.get(x, ())) + 1) / (w[x] if w else 1))
         if w is not None:
             return smooth_weighted(b, w, self.credit)
+        pick = b[self.rr % len(b)]  # the first request goes to the first backend, as over tcp
         self.rr += 1
-        return b[self.rr % len(b)]
+        return pick
 
     def get(self, backend: Backend) -> Upstream:
         pool = self.idle.get(backend)
