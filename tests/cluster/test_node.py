@@ -15,7 +15,7 @@ import pytest
 from deployfs.cli.serve import main
 from tests import mount as _mount
 from tests.cli.test_serve import serve
-from tests.etcd import Cluster, etcd1  # noqa: F401  (fixture)
+from tests.etcd import Cluster, cluster, etcd1  # noqa: F401  (fixture)
 
 NS = "/deployfs/"
 
@@ -89,3 +89,26 @@ def test_a_node_joins_holds_its_name_and_leaves(etcd1: Cluster, tmp_path):  # no
     finally:
         _mount.stop(second, signal.SIGTERM)
     assert alive(etcd1, "n1") is None
+
+
+def test_a_node_outlives_an_etcd_pause_longer_than_its_ttl(tmp_path):
+    """etcd frozen past the node's TTL expires the lease on resume (ETCD-NOTES): the server
+    keeps serving meanwhile, then claims its name again under a new lease."""
+    with cluster(1) as etcd:
+        m = _mount.start(str(tmp_path), "--cluster", etcd.endpoints, "--node", "n1", "--address", "127.0.1.1",
+                         "--node-ttl", "2")
+        try:
+            lease = alive(etcd, "n1")["lease"]
+            etcd.members[0].signal(signal.SIGSTOP)
+            try:
+                time.sleep(3.5)
+                assert "ctl" in m.sh("ls", check=True).stdout and m.proc.poll() is None  # the mount goes on
+            finally:
+                etcd.members[0].signal(signal.SIGCONT)
+            m.until(lambda: "joined again under a new lease" in m.server_log(), timeout=10, what="the node to rejoin")
+            held = alive(etcd, "n1")
+            assert held is not None and held["lease"] != lease
+            assert json.loads(held["value"])["pid"] == m.proc.pid
+        finally:
+            _mount.stop(m)
+        assert alive(etcd, "n1") is None
