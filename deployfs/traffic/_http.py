@@ -413,7 +413,8 @@ class HttpConn:
         except BadMessage as e:
             self._refuse(400, "Bad Request", str(e))
         except OSError as e:
-            log.info("http %s broke: %s", self.label, e)
+            # A client resetting between requests is routine (wrk at its end does); mid-request it is news.
+            log.log(logging.INFO if self.req is not None else logging.DEBUG, "http %s broke: %s", self.label, e)
             self.finish(rst=True)
 
     def _pump(self) -> None:
@@ -424,8 +425,8 @@ class HttpConn:
                 progress = True
             req, up = self.req, self.up
             if req is None:
-                if self.cout:
-                    pass  # a refusal still being written
+                if self.cout or self.close_after:
+                    pass  # an answer still being written; after `Connection: close` no request is read
                 elif self.eof and not self.cin:
                     self.finish(rst=False)
                     return

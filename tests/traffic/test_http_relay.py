@@ -326,3 +326,13 @@ def test_canary_weights_split_requests_on_one_connection(relay):
     conn = front.client()
     bodies = [get(conn)[1] for _ in range(40)]
     assert bodies.count(b"a") == 10 and bodies.count(b"b") == 30
+
+
+def test_nothing_after_connection_close_is_forwarded(relay):
+    b = Backend(ok())
+    front = Front(relay, [b])
+    s = front.raw()
+    s.sendall(b"GET /1 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\nGET /2 HTTP/1.1\r\nHost: h\r\n\r\n")
+    reply = s.makefile("rb").read()
+    assert reply.count(b"HTTP/1.1 200 OK") == 1 and b"Connection: close" in reply
+    assert len(b.requests) == 1
