@@ -124,6 +124,12 @@ def test_manifests_are_editable_and_ctl_answers_as_over_fuse(served):
             reply = cl.read(ctl, 0).decode()
             assert reply.startswith("error: ")
             assert (e.value.errno, reply) == fuse_errno(m, "ctl", command), command
+        # A state file is rendered at open; events grows under an open fid.
+        replicas, events = cl.open("active/web/replicas"), cl.open("active/web/events")
+        seen = cl.read_all(events)
+        cl.write(ctl, b"scale web 2\n")
+        assert cl.read(replicas) == b"1\n" and cl.cat("active/web/replicas") == b"2\n"
+        assert b"scaled to 2 by uid=0" in cl.read(events, len(seen))
         cl.clunk(ctl)
         assert "command refused (uid=0): scale: expected a whole number" in m.read("active/web/events")
         m.until(lambda: cl.cat("active/api/wait").startswith(b"done"), what="api deployed over 9P")
