@@ -86,6 +86,15 @@ def test_a_node_joins_holds_its_name_and_leaves(etcd1: Cluster, tmp_path):  # no
         assert "node n1 (127.0.1.2) is back in the cluster" in second.server_log()
         assert alive(etcd1, "n1")["lease"] == lease
         assert json.loads(alive(etcd1, "n1")["value"])["pid"] == second.proc.pid
+        # --keep-instances: its instances still run here, so the node keeps its name for the next start.
+        _mount.stop(second)
+        second = _mount.start(str(tmp_path / "b"), *flags, "--address", "127.0.1.2", "--keep-instances",
+                              mnt=second.path, state=second.state)
+        lease = alive(etcd1, "n1")["lease"]
+        _mount.stop(second, signal.SIGINT)  # the same shutdown; the router it leaves running is reaped
+        assert alive(etcd1, "n1")["lease"] == lease
+        second = _mount.start(str(tmp_path / "b"), *flags, "--address", "127.0.1.2", mnt=second.path, state=second.state)
+        assert "is back in the cluster" in second.server_log() and alive(etcd1, "n1")["lease"] == lease
     finally:
         _mount.stop(second, signal.SIGTERM)
     assert alive(etcd1, "n1") is None
