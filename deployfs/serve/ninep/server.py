@@ -166,9 +166,9 @@ class NinepServer:
     async def _serve(self, stream: trio.SocketStream) -> None:
         try:
             await Session(self, stream).run()
-        except trio.BrokenResourceError:
-            pass
-        except Exception:
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer went away (a reset, a read or write after its close)
+        except* Exception:
             log.exception("bug in a 9P connection; closed it")
         finally:
             self.connections -= 1

@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -232,8 +233,15 @@ def test_bounds_on_fids_requests_and_connections_and_garbage(served):
         while s.recv(4096):  # replies to what came before the junk, then the close
             pass
         s.close()
+    # a peer that resets the connection with a reply on its way
+    s = socket.create_connection(ADDR, timeout=10)
+    s.sendall(c.encode(c.NOTAG, c.Tversion(8192, c.VERSION_L)) + c.encode(0, c.Tattach(0, c.NOFID, "", "", 0))
+              + b"".join(c.encode(1 + i, c.Twalk(0, 1 + i, ("active", "web", "status"))) for i in range(200)))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
     with connect_when_up(ADDR) as cl:
         assert cl.cat("active/web/replicas") == b"1\n"
+    assert "bug in" not in m.server_log()
 
 
 def test_no_mount_over_a_unix_socket(tmp_path):
