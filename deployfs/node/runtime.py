@@ -313,8 +313,10 @@ class LocalRuntime:
             ident = resolve(spec.user if spec.user is not None else str(os.geteuid()), spec.group)
         except IdentityError as e:
             raise StartError(str(e)) from None
-        if os.geteuid() != 0 and (ident.uid, ident.gid) != (os.geteuid(), os.getegid()):
-            raise StartError(f"cannot run as {ident.user}: deployfs is not root")
+        if os.geteuid() != 0:
+            if (ident.uid, ident.gid) != (os.geteuid(), os.getegid()):
+                raise StartError(f"cannot run as {ident.user}: deployfs is not root")
+            return None  # itself already: setgroups would need root
         return ident
 
     def _check_nofile(self, nofile: int | None) -> None:
