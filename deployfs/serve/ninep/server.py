@@ -63,7 +63,7 @@ class AddressError(ValueError):
 
 @dataclass(frozen=True)
 class Address:
-    """``tcp!HOST!PORT`` or ``unix!PATH``, Plan 9's dial strings."""
+    """``tcp!HOST!PORT`` (``tcp!PORT``: loopback) or ``unix!PATH``, Plan 9's dial strings."""
     kind: str
     host: str = ""
     port: int = 0
@@ -76,8 +76,9 @@ class Address:
             return cls("unix", path=rest)
         if kind == "tcp":
             host, _, port = rest.rpartition("!")
-            if host and port.isdigit() and 0 < int(port) < 65536:
-                return cls("tcp", host=host.strip("[]"), port=int(port))
+            if port.isdigit() and 0 < int(port) < 65536:
+                # No host (tcp!5640): loopback, as the design asks unless told otherwise.
+                return cls("tcp", host=host.strip("[]") or "127.0.0.1", port=int(port))
         raise AddressError(f"--9p wants tcp!HOST!PORT or unix!PATH, got {text!r}")
 
     def __str__(self) -> str:

@@ -152,3 +152,14 @@ def test_any_byte_stream_gets_replies_or_a_clean_close(versioned: bool, parts: l
     _drain(conn)
     with pytest.raises(c.ProtocolError):
         conn.next_event()  # the end of the stream always ends the connection
+
+
+def test_addresses_are_dial_strings() -> None:
+    from deployfs.serve.ninep.server import Address, AddressError
+    assert Address.parse("tcp!127.0.0.1!5640") == Address("tcp", host="127.0.0.1", port=5640)
+    assert Address.parse("tcp!5640") == Address("tcp", host="127.0.0.1", port=5640)  # loopback unless told otherwise
+    assert Address.parse("tcp![::1]!5640") == Address("tcp", host="::1", port=5640)
+    assert Address.parse("unix!/run/deployfs.9p") == Address("unix", path="/run/deployfs.9p")
+    for bad in ("5640", "tcp!host!0", "tcp!host!http", "udp!h!1", "unix!", "tcp!h!70000"):
+        with pytest.raises(AddressError):
+            Address.parse(bad)

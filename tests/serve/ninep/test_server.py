@@ -275,3 +275,15 @@ def test_no_mount_over_a_unix_socket(tmp_path):
         _mount.reap(state)
     assert proc.returncode == 0
     assert not os.path.exists(sock)  # removed on the way out
+
+
+def test_bad_9p_flags_are_refused_before_anything_starts(tmp_path):
+    state = str(tmp_path / "state")
+    for args, why in (([str(tmp_path), "--9p", "tcp!host!http"], "--9p wants tcp!HOST!PORT or unix!PATH"),
+                      (["--no-mount"], "--no-mount serves nothing without --9p"),
+                      (["--no-mount", str(tmp_path), "--9p", "tcp!5640"], "--no-mount takes no mountpoint"),
+                      (["--9p", "tcp!5640"], "a mountpoint is needed")):
+        r = subprocess.run([sys.executable, "-m", "deployfs", "serve", "--state", state, *args], capture_output=True,
+                           text=True, timeout=30)
+        assert r.returncode == 2 and why in r.stderr, (args, r.stderr)
+    assert not os.path.exists(state)  # refused before the state directory was made
