@@ -30,10 +30,10 @@ from ..model.errors import CommandError, Kind
 from ..model.manifest import (MAX_REPLICAS, Manifest, ManifestError, Parsed, format_seconds, format_size, parse,
                               set_replicas_line, valid_name)
 from ..model.rollout import Phase
-from ..node.cgroups import Limits
 from ..node.health import Prober
 from ..node.identity import UserPolicy, deployer_uid
-from ..node.runtime import MARKER, LaunchSpec, Process, Runtime, StartError, find_strays
+from ..node.agent import launch_spec
+from ..node.runtime import MARKER, Process, Runtime, StartError, find_strays
 from ..state.events import CLUSTER, EventLog
 from ..state.store import InstanceRecord, ServiceRecord, Store, StoreFull
 from ._ticker import Ticker
@@ -460,14 +460,8 @@ class Service:
         inst.started_at = trio.current_time()
         rec.state, rec.health, rec.pid, rec.start_time, rec.started = "starting", "starting", None, None, time.time()
         self.save_instance(inst)  # recorded before it exists: a crash in between leaves a findable stray
-        argv = m.instance_argv(port=rec.port, instance=rec.slot, version=rec.version)
-        env = m.instance_env(port=rec.port, instance=rec.slot, version=rec.version)
-        users = e.users
-        spec = LaunchSpec(self.name, rec.id, argv, env, m.dir, m.log_lines,
-                          user=users.run_as(m) if users else m.user, group=m.group,
-                          limits=Limits(m.memory, m.cpus, m.pids), nofile=m.nofile)
         try:
-            proc = e.runtime.start(spec)
+            proc = e.runtime.start(launch_spec(m, rec, e.users))
         except StartError as err:
             inst.phase, inst.why, inst.exit_ok = Phase.EXITED, str(err), False
             inst.last_exit = inst.first_bad = trio.current_time()

@@ -83,6 +83,11 @@ class InstanceRecord:
     last_exit: float | None = None
     restart_times: list[float] = field(default_factory=list)
     oom_kills: int = 0  # times the kernel killed it for its memory limit
+    # The controller's intent for the node agent (node/agent.py): run | stop; "" the engine
+    # supervises it in-process. ``incarnation``: the ``restarts`` its process was started for,
+    # written by the agent (bumping ``restarts`` past it asks for a fresh process).
+    desired: str = ""
+    incarnation: int = -1
 
 
 @dataclass(frozen=True)

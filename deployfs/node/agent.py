@@ -1,0 +1,272 @@
+"""The node agent: runs the instances the store assigns to this node, and records what it sees.
+
+The controller and the agent meet only in the store (issue 12 item 3, DESIGN §9).  The
+controller writes an instance record naming a ``node`` and an intent, ``desired``:
+
+- ``run``: a process of this instance should be running.  Bumping ``restarts`` asks for a
+  fresh one (the agent stops the old process first); the agent notes in ``incarnation``
+  which ``restarts`` its process was started for, so the intent survives a restart of
+  either side.
+- ``stop``: no process should run; the agent stops it (``stop_signal``, SIGKILL after
+  ``stop_timeout``) and records ``state stopped``.  The controller deletes the record
+  afterwards; a record deleted while its process runs is stopped as well.
+
+``desired ""`` (every record written before the agent) is not the agent's: the engine
+still supervises those in-process.
+
+The agent decides nothing: an instance that exits is recorded as ``exited`` (its status
+and time in ``why``, ``exit_ok``, ``last_exit``) and stays down until the controller asks
+for a restart.  It follows ``instances/`` through a :class:`~deployfs.state.cache.Cache`
+(the store's watch) and writes back with conditional writes, retried on conflict, so it
+needs nothing of the controller but the records: on SQLite in one process today, on etcd
+with the controller elsewhere tomorrow.  Leaving the agent (cancelling :meth:`run`) leaves
+the processes running; the next agent on the same store adopts them by pid and
+``/proc`` start time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import trio
+
+from ..model.manifest import Manifest, ManifestError, parse
+from ..state.cache import Cache
+from ..state.kv import Change, Compare, Conflict, KVStore, Put
+from ..state.records import INSTANCES, InstanceRecord, decode, encode, version_key
+from .cgroups import Limits
+from .identity import UserPolicy
+from .runtime import LaunchSpec, Process, Runtime, StartError
+
+log = logging.getLogger(__name__)
+
+RUN, STOP = "run", "stop"
+
+
+def launch_spec(m: Manifest, rec: InstanceRecord, users: UserPolicy | None) -> LaunchSpec:
+    """How an instance of ``m`` is started: what the engine and the agent both run."""
+    argv = m.instance_argv(port=rec.port, instance=rec.slot, version=rec.version)
+    env = m.instance_env(port=rec.port, instance=rec.slot, version=rec.version)
+    return LaunchSpec(rec.service, rec.id, argv, env, m.dir, m.log_lines,
+                      user=users.run_as(m) if users else m.user, group=m.group,
+                      limits=Limits(m.memory, m.cpus, m.pids), nofile=m.nofile)
+
+
+@dataclass(eq=False)
+class _Held:
+    """One instance of this node, as the agent holds it."""
+    wake: trio.Event = field(default_factory=trio.Event)
+    proc: Process | None = None
+    manifest: Manifest | None = None
+    incarnation: int = -1  # the record's ``restarts`` the process was started for
+
+
+class NodeAgent:
+    def __init__(self, store: KVStore, runtime: Runtime, node: str, *, users: UserPolicy | None = None) -> None:
+        self.store, self.runtime, self.node, self.users = store, runtime, node, users
+        self.cache = Cache(store, INSTANCES)
+        self._held: dict[str, _Held] = {}  # instance key -> what runs for it here
+        self._nursery: trio.Nursery | None = None
+
+    def pid(self, service: str, id: int) -> int | None:
+        """The pid of the process the agent holds for an instance (tests, diagnostics)."""
+        for key, held in self._held.items():
+            if key.endswith(f"/{id:012d}") and key.startswith(f"{INSTANCES}{service}/") and held.proc:
+                return held.proc.pid
+        return None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Adopt what runs already, then act on every change of this node's records until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.cache.run)
+            await self._adopt()
+            self.cache.subscribe(self._changed)
+            for kv in self.cache.range(INSTANCES):
+                self._kick(kv.key)
+            task_status.started()
+
+    # -- following the records --------------------------------------------------------------
+
+    def _mine(self, key: str) -> InstanceRecord | None:
+        kv = self.cache.get(key)
+        if kv is None:
+            return None
+        try:
+            rec = decode(InstanceRecord, kv.value)
+        except (ValueError, TypeError) as e:  # a record this agent cannot read is nobody's to run here
+            log.warning("instance record %s unreadable: %s", key, e)
+            return None
+        return rec if rec.node == self.node and rec.desired in (RUN, STOP) else None
+
+    def _changed(self, changes: list[Change]) -> None:
+        for c in changes:
+            self._kick(c.kv.key)
+
+    def _kick(self, key: str) -> None:
+        held = self._held.get(key)
+        if held is not None:
+            held.wake.set()
+        elif self._mine(key) is not None:
+            held = self._held[key] = _Held()
+            assert self._nursery is not None
+            self._nursery.start_soon(self._work, key, held)
+
+    async def _adopt(self) -> None:
+        """Take over the processes a previous agent (or deployfs) left running for this node."""
+        unrecorded: set[tuple[str, int]] = set()
+        for kv in self.cache.range(INSTANCES):
+            rec = self._mine(kv.key)
+            if rec is None:
+                continue
+            held = self._held[kv.key] = _Held(incarnation=rec.incarnation)
+            if rec.pid and rec.start_time:
+                held.proc = self.runtime.adopt(rec.pid, rec.start_time, rec.service, rec.id)
+                if held.proc is None:
+                    await self._observe_gone(kv.key, "gone while the node agent was down")
+            elif rec.pid is None and rec.state == "starting":
+                unrecorded.add((rec.service, rec.id))
+        # Started, but the agent died before it wrote the pid: the marker finds it.
+        found = self.runtime.find_unrecorded(unrecorded) if unrecorded else {}
+        for (service, id), proc in found.items():
+            key = next(k for k in self._held if k.startswith(f"{INSTANCES}{service}/") and k.endswith(f"/{id:012d}"))
+            held = self._held[key]
+            held.proc = proc
+            rec = self._mine(key)
+            held.incarnation = rec.restarts if rec else -1
+            await self._record(key, self._running(proc, held.incarnation))
+        assert self._nursery is not None
+        for key, held in list(self._held.items()):
+            if held.proc is not None:
+                held.manifest = await self._manifest_or_none(key)
+                self._nursery.start_soon(self._watch_exit, held, held.proc)
+            self._nursery.start_soon(self._work, key, held)
+
+    # -- acting -------------------------------------------------------------------------------
+
+    async def _work(self, key: str, held: _Held) -> None:
+        """One instance, one task: its actions never overlap."""
+        try:
+            while True:
+                held.wake = trio.Event()
+                try:
+                    if not await self._step(key, held):
+                        return
+                except Exception:  # one instance's surprise must not take the node's others down
+                    log.exception("node agent: instance %s", key)
+                await held.wake.wait()
+        finally:
+            if self._held.get(key) is held:
+                del self._held[key]
+
+    async def _step(self, key: str, held: _Held) -> bool:
+        """Bring what runs for ``key`` to what its record asks; False once the record is gone."""
+        while True:
+            rec = self._mine(key)
+            if rec is None or rec.desired == STOP:
+                await self._stop(key, held, recorded=rec is not None)
+                if rec is None:
+                    self.runtime.remove_log(*_split(key))
+                return rec is not None
+            if held.proc is not None and held.incarnation != rec.restarts:
+                await self._stop(key, held, recorded=False)  # a restart: the new process is recorded next
+                continue
+            if held.proc is None and held.incarnation != rec.restarts:
+                await self._start(key, held, rec)
+            elif held.proc is not None and held.proc.exited:
+                await self._exited(key, held)
+            return True
+
+    async def _start(self, key: str, held: _Held, rec: InstanceRecord) -> None:
+        held.incarnation = rec.restarts
+        try:
+            m = await self._manifest(rec)
+            proc = self.runtime.start(launch_spec(m, rec, self.users))
+        except (StartError, ManifestError, KeyError) as e:
+            why = str(e) if not isinstance(e, KeyError) else f"no manifest for version {rec.version}"
+            await self._record(key, lambda r: _set(r, pid=None, start_time=None, state="exited", health="stopped",
+                                                   phase="exited", why=why, exit_ok=False, last_exit=time.time(),
+                                                   incarnation=held.incarnation))
+            return
+        held.proc, held.manifest = proc, m
+        await self._record(key, self._running(proc, held.incarnation))
+        assert self._nursery is not None
+        self._nursery.start_soon(self._watch_exit, held, proc)
+
+    async def _watch_exit(self, held: _Held, proc: Process) -> None:
+        await proc.wait()
+        held.wake.set()
+
+    async def _exited(self, key: str, held: _Held) -> None:
+        proc = held.proc
+        assert proc is not None
+        status = proc.exit_status
+        why = "exited" if status is None else f"exited with status {status}"
+        await self._record(key, lambda r: _set(r, state="exited", health="stopped", phase="exited", why=why,
+                                               exit_ok=status == 0, last_exit=time.time()))
+        # The instance is over: whatever its leader left running goes with it.
+        m = held.manifest
+        await proc.stop(m.stop_signum if m else 15, 0.0)
+        held.proc = None  # and nothing runs until the controller bumps ``restarts``
+
+    async def _stop(self, key: str, held: _Held, *, recorded: bool) -> None:
+        proc, held.proc = held.proc, None
+        if proc is not None:
+            m = held.manifest or await self._manifest_or_none(key)
+            signum, timeout = (m.stop_signum, m.stop_timeout) if m else (15, 10.0)
+            await proc.stop(signum, timeout)
+        if recorded:
+            await self._record(key, lambda r: _set(r, pid=None, start_time=None, state="stopped", health="stopped"))
+
+    async def _observe_gone(self, key: str, why: str) -> None:
+        await self._record(key, lambda r: _set(r, pid=None, start_time=None, state="exited", health="stopped",
+                                               phase="exited", why=why, exit_ok=False, last_exit=time.time()))
+
+    def _running(self, proc: Process, incarnation: int) -> Callable[[InstanceRecord], bool]:
+        return lambda r: _set(r, pid=proc.pid, start_time=proc.start_time, state="running", incarnation=incarnation)
+
+    async def _manifest(self, rec: InstanceRecord) -> Manifest:
+        read = await self.store.get(version_key(rec.service, rec.version))
+        if read.kv is None:
+            raise KeyError(rec.version)
+        return parse(read.kv.value, name=rec.service).manifest
+
+    async def _manifest_or_none(self, key: str) -> Manifest | None:
+        rec = self._mine(key)
+        try:
+            return None if rec is None else await self._manifest(rec)
+        except (KeyError, ManifestError):
+            return None
+
+    async def _record(self, key: str, change: Callable[[InstanceRecord], bool]) -> None:
+        """Write what was observed into the record, on condition it did not change meanwhile (else retry)."""
+        while True:
+            read = await self.store.get(key)
+            if read.kv is None:
+                return  # the controller dropped it: nothing left to tell
+            rec = decode(InstanceRecord, read.kv.value)
+            if not change(rec):
+                return
+            try:
+                await self.store.txn([Compare(key, read.kv.mod_revision)], [Put(key, encode(rec))])
+                return
+            except Conflict:
+                continue
+
+
+def _set(rec: InstanceRecord, **values: object) -> bool:
+    """Set fields; True if any changed (an unchanged record is not written again)."""
+    changed = False
+    for k, v in values.items():
+        if getattr(rec, k) != v:
+            setattr(rec, k, v)
+            changed = True
+    return changed
+
+
+def _split(key: str) -> tuple[str, int]:
+    service, id = key[len(INSTANCES):].rsplit("/", 1)
+    return service, int(id)

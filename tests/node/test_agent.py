@@ -1,0 +1,186 @@
+"""The node agent acts on instance records alone: a real SQLite store, real processes.
+
+Nothing here calls into the agent to make it act: each test writes a record (as the
+controller would) and polls the store for what the agent observed.
+"""
+
+import os
+import signal
+
+import pytest
+import trio
+
+from deployfs.node.agent import NodeAgent
+from deployfs.node.runtime import LocalRuntime, proc_start_time
+from deployfs.state.records import InstanceRecord, decode, encode, instance_key, version_key
+from deployfs.state.sqlitekv import open_sqlite
+
+NODE = "node-a"
+SLEEP = "image sleep\nargs 60\nstop_timeout 2\n"
+EXITS = "image sh\nargs -c 'exit 3'\n"
+
+
+def alive(pid):
+    return proc_start_time(pid) is not None
+
+
+@pytest.fixture
+async def kv(tmp_path):
+    async with open_sqlite(str(tmp_path / "kv.db")) as s:
+        yield s
+
+
+@pytest.fixture
+def runtime(tmp_path):
+    return LocalRuntime(str(tmp_path / "state"))
+
+
+async def desire(kv, id, desired="run", *, manifest=SLEEP, node=NODE, version="v1", restarts=None):
+    """Write an instance record as the controller does: read it, change the intent, write it back."""
+    await kv.put(version_key("web", version), manifest.encode())
+    read = await kv.get(instance_key("web", id))
+    rec = decode(InstanceRecord, read.kv.value) if read.kv else InstanceRecord("web", id, id, version, node=node)
+    rec.desired = desired
+    if restarts is not None:
+        rec.restarts = restarts
+    await kv.put(instance_key("web", id), encode(rec))
+
+
+async def until(kv, id, ok, timeout=10):
+    """Poll the record until ``ok(rec)`` holds; return it."""
+    with trio.fail_after(timeout):
+        while True:
+            read = await kv.get(instance_key("web", id))
+            rec = decode(InstanceRecord, read.kv.value) if read.kv else None
+            if ok(rec):
+                return rec
+            await trio.sleep(0.02)
+
+
+async def gone(pid, timeout=10):
+    with trio.fail_after(timeout):
+        while alive(pid):
+            await trio.sleep(0.02)
+
+
+async def start_agent(nursery, kv, runtime):
+    agent = NodeAgent(kv, runtime, NODE)
+    scope = trio.CancelScope()
+
+    async def run(task_status=trio.TASK_STATUS_IGNORED):
+        with scope:
+            await agent.run(task_status=task_status)
+
+    await nursery.start(run)
+    return agent, scope
+
+
+async def test_run_restart_stop_through_records(kv, runtime):
+    async with trio.open_nursery() as n:
+        _, scope = await start_agent(n, kv, runtime)
+        await desire(kv, 1)
+        rec = await until(kv, 1, lambda r: r.state == "running")
+        first = rec.pid
+        assert alive(first) and rec.start_time == proc_start_time(first) and rec.incarnation == 0
+        await desire(kv, 1, restarts=1)  # a fresh process, please
+        rec = await until(kv, 1, lambda r: r.state == "running" and r.incarnation == 1)
+        assert rec.pid != first and alive(rec.pid)
+        await gone(first)
+        second = rec.pid
+        await desire(kv, 1, "stop")
+        rec = await until(kv, 1, lambda r: r.state == "stopped")
+        assert rec.pid is None and not alive(second)
+        scope.cancel()
+
+
+async def test_an_exit_is_recorded_and_not_restarted_by_the_agent(kv, runtime):
+    async with trio.open_nursery() as n:
+        _, scope = await start_agent(n, kv, runtime)
+        await desire(kv, 2, manifest=EXITS)
+        rec = await until(kv, 2, lambda r: r.state == "exited")
+        assert (rec.why, rec.exit_ok, rec.phase) == ("exited with status 3", False, "exited")
+        assert rec.last_exit is not None and rec.incarnation == 0
+        # The controller decides restarts; until it asks, the instance stays down.
+        await trio.sleep(0.3)
+        assert (await until(kv, 2, lambda r: True)).state == "exited"
+        await desire(kv, 2, manifest=SLEEP, restarts=1)
+        rec = await until(kv, 2, lambda r: r.state == "running")
+        assert alive(rec.pid)
+        await desire(kv, 2, "stop")
+        await until(kv, 2, lambda r: r.state == "stopped")
+        scope.cancel()
+
+
+async def test_records_of_other_nodes_and_of_the_engine_are_left_alone(kv, runtime):
+    async with trio.open_nursery() as n:
+        _, scope = await start_agent(n, kv, runtime)
+        await desire(kv, 3, node="node-b")
+        await desire(kv, 4, "")  # no intent: the engine supervises it in-process
+        await desire(kv, 5)  # a record the agent does act on: once it runs, the others were seen too
+        await until(kv, 5, lambda r: r.state == "running")
+        for id in (3, 4):
+            rec = await until(kv, id, lambda r: True)
+            assert (rec.pid, rec.state, rec.incarnation) == (None, "starting", -1)
+        await desire(kv, 5, "stop")
+        await until(kv, 5, lambda r: r.state == "stopped")
+        scope.cancel()
+
+
+async def test_a_new_agent_adopts_what_the_last_one_left_running(kv, runtime, tmp_path):
+    async with trio.open_nursery() as n:
+        _, scope = await start_agent(n, kv, runtime)
+        await desire(kv, 6)
+        pid = (await until(kv, 6, lambda r: r.state == "running")).pid
+        scope.cancel()  # the agent goes; its instances stay
+    assert alive(pid)
+    async with trio.open_nursery() as n:
+        agent, scope = await start_agent(n, kv, LocalRuntime(str(tmp_path / "state")))
+        assert agent.pid("web", 6) == pid  # adopted, not started again
+        assert (await until(kv, 6, lambda r: True)).pid == pid
+        os.kill(pid, signal.SIGKILL)  # the adopted process is watched: its end is recorded
+        rec = await until(kv, 6, lambda r: r.state == "exited")
+        assert rec.why == "exited" and not rec.exit_ok
+        scope.cancel()
+
+
+async def test_an_instance_that_died_while_no_agent_ran_is_recorded_gone(kv, runtime, tmp_path):
+    async with trio.open_nursery() as n:
+        _, scope = await start_agent(n, kv, runtime)
+        await desire(kv, 7)
+        pid = (await until(kv, 7, lambda r: r.state == "running")).pid
+        scope.cancel()
+    os.killpg(pid, signal.SIGKILL)
+    await gone(pid)
+    async with trio.open_nursery() as n:
+        _, scope = await start_agent(n, kv, LocalRuntime(str(tmp_path / "state")))
+        rec = await until(kv, 7, lambda r: r.state == "exited")
+        assert rec.why == "gone while the node agent was down" and rec.pid is None
+        scope.cancel()
+
+
+async def test_a_deleted_record_stops_its_process(kv, runtime):
+    async with trio.open_nursery() as n:
+        _, scope = await start_agent(n, kv, runtime)
+        await desire(kv, 8)
+        pid = (await until(kv, 8, lambda r: r.state == "running")).pid
+        await kv.delete(instance_key("web", 8))
+        await gone(pid)
+        scope.cancel()
+
+
+async def test_what_cannot_start_is_recorded_and_the_agent_carries_on(kv, runtime):
+    async with trio.open_nursery() as n:
+        _, scope = await start_agent(n, kv, runtime)
+        await desire(kv, 9, manifest="image /nonexistent/prog\n")
+        rec = await until(kv, 9, lambda r: r.state == "exited")
+        assert "cannot start /nonexistent/prog" in rec.why
+        # A record naming a version with no manifest, and one whose manifest does not parse.
+        await kv.put(instance_key("web", 10), encode(InstanceRecord("web", 10, 0, "nosuch", node=NODE, desired="run")))
+        assert (await until(kv, 10, lambda r: r.state == "exited")).why == "no manifest for version nosuch"
+        await desire(kv, 11, manifest="replicas lots\n", version="v2")
+        assert (await until(kv, 11, lambda r: r.state == "exited")).why.startswith("manifests/web")
+        await desire(kv, 12)  # and the agent still runs what it can
+        rec = await until(kv, 12, lambda r: r.state == "running")
+        await desire(kv, 12, "stop")
+        await until(kv, 12, lambda r: r.state == "stopped")
+        scope.cancel()
