@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
+from deployfs.node.cgroups import Cgroups
 from deployfs.node.runtime import marked_processes, marker_prefix
 
 SERVICE = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "examples", "web.py"))
@@ -94,6 +95,12 @@ def reap(state: str) -> list[int]:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    cgroups = Cgroups(state)  # and the instances' cgroups, which a killed server leaves behind
+    for service, ident in cgroups.instances():
+        cg = cgroups.find(service, ident)
+        if cg is not None:
+            cg.kill_all()
+            cg.remove()
     return found
 
 

@@ -198,10 +198,11 @@ class InstanceCgroup:
             pass
         return 0
 
-    def remove(self) -> None:
-        """Remove the directories once empty (a process that is still exiting holds one a moment)."""
+    def remove(self, patient: bool = True) -> None:
+        """Remove the directories once empty (a process that is still exiting holds one a
+        moment: ``patient`` waits up to half a second for it, else one try each)."""
         for d in self.paths.values():
-            for attempt in range(50):
+            for attempt in range(50 if patient else 1):
                 try:
                     os.rmdir(d)
                     break
@@ -211,7 +212,8 @@ class InstanceCgroup:
                     if e.errno != errno.EBUSY:
                         log.warning("cannot remove cgroup %s: %s", d, e.strerror)
                         break
-                    time.sleep(0.01)
+                    if patient:
+                        time.sleep(0.01)
             try:  # the state dir's own cgroup too, once its last instance is gone (tests make many)
                 os.rmdir(os.path.dirname(d))
             except OSError:

@@ -154,6 +154,9 @@ class LocalProcess:
             self.exit_status = None if rc is None else (rc if rc >= 0 else 128 - rc)
         if self.cgroup is not None:
             self.oom_kills = self.cgroup.oom_kills()  # before the stop removes the cgroup
+            # Nothing else left in it (the usual case): gone now, even if no stop follows.
+            if not self.cgroup.pids():
+                self.cgroup.remove(patient=False)
         if self._pidfd is not None:
             trio.lowlevel.notify_closing(self._pidfd)
             os.close(self._pidfd)

@@ -171,3 +171,10 @@ async def test_an_oom_kill_is_counted(rt):
         status = await p.wait()
     assert status == 128 + signal.SIGKILL and p.oom_kills >= 1
     await p.stop(signal.SIGTERM, 1)
+
+
+async def test_an_instance_that_exits_alone_leaves_no_cgroup(rt):
+    p = rt.start(sh("exit 3"))
+    with trio.fail_after(10):
+        assert await p.wait() == 3
+    assert p.cgroup is not None and not any(os.path.exists(d) for d in p.cgroup.paths.values())
