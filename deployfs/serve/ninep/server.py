@@ -195,12 +195,13 @@ def _clear_stale_socket(path: str) -> None:
     raise AddressError(f"--9p unix!{path}: another server is listening there")
 
 
-def _peer_uid(stream: trio.SocketStream) -> int | None:
+def _peer(stream: trio.SocketStream) -> Who | None:
+    """A unix peer's credentials from the kernel (its pid lets the view see its supplementary groups, as over FUSE)."""
     if stream.socket.family != socket.AF_UNIX:
         return None
     creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    uid: int = struct.unpack("3i", creds)[1]
-    return uid
+    pid, uid, gid = struct.unpack("3i", creds)
+    return Who(uid, gid, pid)
 
 
 class Session:
@@ -211,7 +212,7 @@ class Session:
         self.conn = c.Connection(MAX_MSIZE, MAX_OUTSTANDING)
         self.fids: dict[int, Fid] = {}
         self.deferred: dict[int, tuple[trio.CancelScope, trio.Event]] = {}
-        self.peer_uid = _peer_uid(stream)
+        self.peer = _peer(stream)
         self._send_lock = trio.Lock()
         self.handlers: dict[type[c.Message], Callable[[Any], Awaitable[c.Message]]] = {
             c.Tauth: self.auth, c.Tattach: self.attach, c.Twalk: self.walk, c.Tclunk: self.clunk,
@@ -381,13 +382,15 @@ class Session:
         if m.afid != c.NOFID:
             raise _Refused(errno.EINVAL)
         # The aname is not checked: the namespace has one root, whatever the client calls it.
-        self._new_fid(m.fid, Fid((), _caller(self._attach_uid(m))))
+        if self.peer is not None and self.peer.uid != 0:
+            who = self.peer  # a unix peer is who the kernel says it is, whatever its attach claims
+        else:
+            who = _caller(self._attach_uid(m))
+        self._new_fid(m.fid, Fid((), who))
         root = self.ns.root
         return c.Rattach(self._qid(root, (), root.stat()))
 
     def _attach_uid(self, m: c.Tattach) -> int:
-        if self.peer_uid is not None and self.peer_uid != 0:
-            return self.peer_uid  # a unix peer is who the kernel says it is
         if m.n_uname != NONUNAME:
             return m.n_uname
         try:

@@ -14,6 +14,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -32,6 +33,15 @@ pytestmark = pytest.mark.skipif(shutil.which("diodcat") is None, reason="diod's 
 
 # Healthy after one interval without a health line; says one line, then holds still.
 SVC = "image sh\nargs -c 'echo hello from $INSTANCE; exec sleep 600'\nreplicas 1\nhealth_interval 0.2\n"
+
+
+@pytest.fixture
+def open_dir():
+    """A directory other uids may enter (pytest's tmp_path is owner-only): only the socket's own mode decides."""
+    d = tempfile.mkdtemp(prefix="deployfs-ninep-")
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
@@ -221,8 +231,7 @@ def test_bounds_on_fids_requests_and_connections_and_garbage(served):
     clients = [Client(ADDR) for _ in range(srv.MAX_CONNECTIONS)]
     try:
         extra = socket.create_connection(ADDR, timeout=10)
-        assert extra.recv(100) == b""
-        extra.close()
+        assert _closed(extra)
     finally:
         for cl in clients:
             cl.close()
@@ -230,9 +239,7 @@ def test_bounds_on_fids_requests_and_connections_and_garbage(served):
     for junk in (b"\xff" * 64, c.encode(1, c.Tclunk(0)) + b"\x03\x00\x00\x00\x64\x00\x00"):
         s = socket.create_connection(ADDR, timeout=10)
         s.sendall(c.encode(c.NOTAG, c.Tversion(8192, c.VERSION_L)) + junk)
-        while s.recv(4096):  # replies to what came before the junk, then the close
-            pass
-        s.close()
+        assert _closed(s)  # after the replies to what came before the junk
     # a peer that resets the connection with a reply on its way
     s = socket.create_connection(ADDR, timeout=10)
     s.sendall(c.encode(c.NOTAG, c.Tversion(8192, c.VERSION_L)) + c.encode(0, c.Tattach(0, c.NOFID, "", "", 0))
@@ -244,8 +251,19 @@ def test_bounds_on_fids_requests_and_connections_and_garbage(served):
     assert "bug in" not in m.server_log()
 
 
-def test_no_mount_over_a_unix_socket(tmp_path):
-    sock = str(tmp_path / "deployfs.9p")
+def _closed(s: socket.socket) -> bool:
+    """Read until the server closes (a FIN, or a reset when it closed with our bytes unread)."""
+    try:
+        while s.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+    s.close()
+    return True
+
+
+def test_no_mount_over_a_unix_socket(tmp_path, open_dir):
+    sock = os.path.join(open_dir, "deployfs.9p")
     state = str(tmp_path / "state")
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "deployfs", "serve", "--no-mount", "--state", state,
@@ -287,3 +305,43 @@ def test_bad_9p_flags_are_refused_before_anything_starts(tmp_path):
                            text=True, timeout=30)
         assert r.returncode == 2 and why in r.stderr, (args, r.stderr)
     assert not os.path.exists(state)  # refused before the state directory was made
+
+
+PEER = r"""
+import os, sys
+sys.path.insert(0, sys.argv[1])
+from tests.serve.ninep.client import Client, NinepError
+with Client(sys.argv[2], uid=0) as cl:  # claims root in its attach: the socket's credentials win
+    fid = cl.open("ctl", os.O_RDWR)
+    try:
+        cl.write(fid, b"apply nosuch\n")
+    except NinepError as e:
+        print(e.errno, cl.read(fid).decode().strip())
+"""
+
+
+def test_a_unix_peer_is_who_the_kernel_says(tmp_path, open_dir):
+    """--group: the socket is 0660 for that group; a member writes as itself, whatever uid its attach claims."""
+    sock, state = os.path.join(open_dir, "9p"), str(tmp_path / "state")
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "deployfs", "serve", "--no-mount", "--state", state,
+                             "--group", "nogroup", "--9p", f"unix!{sock}"], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        connect_when_up(sock).close()
+        st = os.stat(sock)
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, 65534)
+        as_member = ["setpriv", "--reuid=12345", "--regid=12345", "--groups=65534"]
+        r = subprocess.run([*as_member, sys.executable, "-c", PEER, os.getcwd(), sock], capture_output=True,
+                           text=True, timeout=20)
+        assert r.stdout.startswith(f"{errno.ENOENT} error: "), r.stderr  # allowed to write: the command was refused
+        with Client(sock) as cl:
+            assert b"command refused (uid=12345)" in cl.cat("events")
+        outsider = subprocess.run(["setpriv", "--reuid=12345", "--regid=12345", "--clear-groups", "diodcat", "-t", "5",
+                                   "-s", sock, "-a", "deploy", "events"], capture_output=True, timeout=20)
+        assert outsider.returncode != 0 and b"ermission denied" in outsider.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()
+        _mount.reap(state)
