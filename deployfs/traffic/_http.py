@@ -181,6 +181,18 @@ class Request:
         self.replay = method in IDEMPOTENT and self.body.done and not self.upgrade
 
 
+def _send(sock: socket.socket, buf: bytearray) -> bool:
+    """Send what the socket takes of ``buf`` now, dropping it from ``buf``; False once the socket
+    is full (its next EPOLLOUT edge says when to go on).  Other errors are the caller's."""
+    try:
+        n = sock.send(buf)
+    except BlockingIOError:
+        return False
+    full = n < len(buf)
+    del buf[:n]
+    return not full
+
+
 def _response(status: int, reason: str) -> bytes:
     body = f"{status} {reason}\n".encode()
     return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
@@ -253,17 +265,10 @@ class Upstream:
 
     def send(self) -> None:
         try:
-            n = self.sock.send(self.out)
-        except BlockingIOError:
-            self.wr = False
-            return
+            self.wr = _send(self.sock, self.out)
         except OSError:
             self.eof = True
             self.out.clear()
-            return
-        if n < len(self.out):
-            self.wr = False
-        del self.out[:n]
 
 
 class HttpRoute:
@@ -502,14 +507,7 @@ class HttpConn:
         self.rd = False
 
     def _write_client(self) -> None:
-        try:
-            n = self.sock.send(self.cout)
-        except BlockingIOError:
-            self.wr = False
-            return
-        if n < len(self.cout):
-            self.wr = False
-        del self.cout[:n]
+        self.wr = _send(self.sock, self.cout)
 
     def _dispatch(self) -> bool:
         """Send the current request to an instance; False if the connection ended instead."""
