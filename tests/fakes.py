@@ -57,6 +57,7 @@ class FakeRuntime:
         self._pids = itertools.count(1000)
         self._ports = itertools.count(41000)
         self.stop_delay = 0.05
+        self.limit_problems: dict = {}  # controller -> (directive, reason) this fake host cannot apply
         self.on_start = lambda proc: None
 
     def running(self, service: str | None = None) -> list[FakeProcess]:
@@ -85,6 +86,9 @@ class FakeRuntime:
 
     async def prune(self, keep) -> None:
         pass
+
+    def limit_problem(self, limits):
+        return self.limit_problems.get("memory") if limits.memory else None
 
     def allocate_port(self) -> int:
         return next(self._ports)

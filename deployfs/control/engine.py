@@ -30,6 +30,7 @@ from ..model.errors import CommandError, Kind
 from ..model.manifest import (MAX_REPLICAS, Manifest, ManifestError, Parsed, format_seconds, format_size, parse,
                               set_replicas_line, valid_name)
 from ..model.rollout import Phase
+from ..node.cgroups import Limits
 from ..node.health import Prober
 from ..node.identity import UserPolicy, deployer_uid
 from ..node.agent import launch_spec
@@ -1049,11 +1050,15 @@ class Engine:
         return f"ok rolling {frm}->{m.version}"
 
     def _check_users(self, parsed: Parsed, name: str, who: str) -> None:
-        """Refuse a user or group this host does not have, or one the deployer may not run as."""
-        if self.users is None:
-            return
+        """Refuse a user or group this host does not have, one the deployer may not run as,
+        or a limit this host has no cgroup controller for (it would only fail every start)."""
+        m, source = parsed.manifest, f"manifests/{name}"
         try:
-            self.users.check(parsed, f"manifests/{name}", deployer_uid(who))
+            if self.users is not None:
+                self.users.check(parsed, source, deployer_uid(who))
+            problem = self.runtime.limit_problem(Limits(m.memory, m.cpus, m.pids))
+            if problem is not None:
+                raise ManifestError(source, parsed.lines.get(problem[0]), problem[1])
         except ManifestError as e:
             if name in self.services:
                 self.services[name].event(f"apply refused: {e}")

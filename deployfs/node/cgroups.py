@@ -252,13 +252,19 @@ class Cgroups:
                     found.add((service, int(ident)))
         return found
 
+    def missing(self, limits: Limits) -> tuple[str, str] | None:
+        """(controller, reason) for the first limit asked for that this host has no controller for."""
+        for c in limits.asked():
+            if c not in self.layout.controllers:
+                return c, (f"{limits.describe(c)} cannot be applied: this host has no {c} cgroup "
+                           f"controller ({self.layout.describe()})")
+        return None
+
     def create(self, service: str, instance_id: int, limits: Limits) -> InstanceCgroup | None:
         """Make the instance's cgroups and set its limits; None if the host gives deployfs
         none and no limit is asked for.  A limit that cannot be set raises CgroupError."""
-        for c in limits.asked():
-            if c not in self.layout.controllers:
-                raise CgroupError(f"{limits.describe(c)} cannot be applied: this host has no {c} cgroup "
-                                  f"controller ({self.layout.describe()})")
+        if (missing := self.missing(limits)) is not None:
+            raise CgroupError(missing[1])
         paths: dict[str, str] = {}
         failures: dict[str, str] = {}
         for base, path in self.instance_paths(service, instance_id).items():

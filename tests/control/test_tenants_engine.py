@@ -56,3 +56,14 @@ async def test_a_refused_user_changes_nothing(h, autojump_clock):
         h.cmd("apply")
     assert e.value.kind is Kind.INVALID and e.value.message == "manifests/web line 9: no user 'dfst_nobody_here' on this host"
     assert h.svc.rec.version == v1
+
+
+async def test_a_limit_this_host_cannot_apply_refuses_the_manifest_with_its_line(h, autojump_clock):
+    v1 = await deploy_v1(h)
+    h.rt.limit_problems["memory"] = ("memory", "memory 64M cannot be applied: this host has no memory cgroup controller")
+    h.write(manifest(memory="64M"))
+    with pytest.raises(CommandError) as e:
+        h.cmd("apply")
+    assert e.value.kind is Kind.INVALID
+    assert e.value.message == "manifests/web line 9: memory 64M cannot be applied: this host has no memory cgroup controller"
+    assert h.svc.rec.version == v1 and "apply refused: " + e.value.message in h.events()

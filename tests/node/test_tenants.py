@@ -178,3 +178,10 @@ async def test_an_instance_that_exits_alone_leaves_no_cgroup(rt):
     with trio.fail_after(10):
         assert await p.wait() == 3
     assert p.cgroup is not None and not any(os.path.exists(d) for d in p.cgroup.paths.values())
+
+
+def test_the_runtime_names_the_directive_a_host_cannot_apply(tmp_path):
+    rt = LocalRuntime(str(tmp_path), cgroups=Cgroups(str(tmp_path), Layout({}, None)))
+    assert rt.limit_problem(Limits()) is None
+    directive, reason = rt.limit_problem(Limits(cpus=0.5))
+    assert directive == "cpus" and reason.startswith("cpus 0.5 cannot be applied: this host has no cpu cgroup controller")
