@@ -18,6 +18,8 @@ import tempfile
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from deployfs.serve.ninep import codec as c
 from tests import mount as _mount
@@ -345,3 +347,37 @@ def test_a_unix_peer_is_who_the_kernel_says(tmp_path, open_dir):
         proc.wait(timeout=60)
         log.close()
         _mount.reap(state)
+
+
+_names = st.sampled_from(["active", "web", "version", "ctl", "manifests", "events", "instances", "logs", "0", "..", ".",
+                          "x", "metrics", "status", "\udcff", "a" * 300])
+_fids = st.integers(0, 6)
+_requests = st.one_of(
+    st.builds(c.Twalk, _fids, _fids, st.lists(_names, max_size=4).map(tuple)),
+    st.builds(c.Tlopen, _fids, st.sampled_from([0, 1, 2, 0o1001, 0o4000, 0o200000])),
+    st.builds(c.Tread, _fids, st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1)),
+    st.builds(c.Treaddir, _fids, st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1)),
+    st.builds(c.Twrite, _fids, st.integers(0, 70000), st.binary(max_size=64)),
+    st.builds(c.Tgetattr, _fids, st.just(c.GETATTR_BASIC)),
+    st.builds(c.Tclunk, _fids), st.builds(c.Tremove, _fids), st.builds(c.Tstatfs, _fids),
+    st.builds(c.Tlcreate, _fids, _names, st.sampled_from([0o101, 0o301, 0o1101]), st.just(0o644), st.just(0)),
+    st.builds(c.Tsetattr, _fids, st.integers(0, 0x7F), st.just(0o644), st.just(0), st.just(0),
+              st.integers(0, 2**20), st.just(0), st.just(0), st.just(0), st.just(0)),
+    st.builds(c.Trenameat, _fids, _names, _fids, _names), st.builds(c.Tunlinkat, _fids, _names, st.just(0)),
+    st.builds(c.Tattach, _fids, st.just(c.NOFID), st.just(""), st.just(""), st.sampled_from([0, 12345])),
+    st.builds(c.Tflush, st.integers(0, 20)), st.builds(c.Tfsync, _fids, st.just(0)),
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(_requests, min_size=1, max_size=12))
+def test_any_sequence_of_requests_gets_one_answer_each(served, requests):
+    """No handler bug reaches a client: each request is answered under its tag, by its reply or an Rlerror."""
+    if not os.path.exists(served.p("active", "web")):  # once per run: the fixture outlives the examples
+        deploy(served)
+    with Client(ADDR) as cl:
+        for tag, req in enumerate(requests):
+            cl.send(tag, req)
+            frame = cl.recv()
+            assert frame.tag == tag and frame.msg.TYPE in (req.TYPE + 1, c.Rlerror.TYPE), (req, frame)
+    assert "bug in" not in served.server_log()
