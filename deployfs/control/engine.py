@@ -25,7 +25,7 @@ from typing import Callable, Protocol, Sequence
 
 import trio
 
-from ..model import rollout
+from ..model import probing, rollout
 from ..model.errors import CommandError, Kind
 from ..model.manifest import (MAX_REPLICAS, Manifest, ManifestError, Parsed, format_seconds, format_size, parse,
                               set_replicas_line, valid_name)
@@ -47,8 +47,6 @@ MAX_SERVICES = 500
 MAX_INSTANCES = 5000
 LOG_CHECK = 0.25  # seconds between looks at a quiet instance's log size
 STORE_RETRY = 1.0  # seconds between tries of a full state disk
-START_PROBE_FIRST = 0.02  # seconds from a starting instance's first probe to its second; doubles after each
-START_PROBE_CAP = 0.5  # a starting instance is probed at least this often (or every health_interval if shorter)
 
 
 class Routing(Protocol):
@@ -531,49 +529,20 @@ class Service:
             self.stats.probe_seconds.observe(trio.current_time() - t0)
             self.stats.probe_failures += not verdict.ok
             self._observe(inst, verdict.ok, verdict.detail)
-            period = m.health_interval
-            if inst.phase is Phase.STARTING:
-                # A starting instance is probed often at first, when it is most likely to have
-                # just come up, then less often: each batch of a rollout waits on this.
-                period = min(period, START_PROBE_CAP, START_PROBE_FIRST * 2 ** min(inst.probes, 20))
-                inst.probes += 1
-            wake = now + period
-            if inst.healthy_since is not None and inst.phase is Phase.STARTING:
-                wake = min(wake, inst.healthy_since + m.min_healthy)
+            wake, period = probing.next_probe(inst, m, now)
             # Shared ticks of at most 1/20 of the period: cheap for a thousand instances.
             await self.engine.ticker.sleep_until(wake, quantum=period / 20)
 
     def _observe(self, inst: Instance, ok: bool, detail: str) -> None:
         """Turn one probe verdict into health and phase transitions."""
-        m, rec, now = inst.manifest, inst.rec, trio.current_time()
         before = inst.phase
-        if ok:
-            inst.fails, inst.first_bad = 0, None
-            if rec.health != "healthy":
-                rec.health, inst.healthy_since = "healthy", now
-                self.event(f"instance {rec.slot} healthy")
-            if inst.phase is not Phase.READY and now - (inst.healthy_since or now) >= m.min_healthy:
-                inst.phase, inst.why = Phase.READY, ""
-        else:
-            inst.fails += 1
-            if rec.health == "healthy":  # refusals while starting up are not failures yet
-                inst.first_bad = inst.first_bad or now
-            if rec.health == "healthy" and inst.fails >= m.health_retries:
-                self._unhealthy(inst, f"{detail} ({inst.fails} checks failed)")
-            elif rec.health == "starting" and now - inst.started_at > m.update_deadline:
-                inst.first_bad = inst.started_at + m.update_deadline
-                self._unhealthy(inst, f"not healthy within update_deadline {format_seconds(m.update_deadline)}s: {detail}")
-            elif rec.health == "healthy" and inst.phase is Phase.STARTING:
-                inst.healthy_since = None  # a failure during the soak restarts the soak
-                rec.health = "starting"
+        inst.rec.health, said = probing.observe(inst, inst.rec.health, inst.manifest, ok, detail, trio.current_time())
+        for text in said:
+            self.event(f"instance {inst.rec.slot} {text}")
         if inst.phase is not before:
             self.save_instance(inst)
             self.routing_changed()
             self.poke()
-
-    def _unhealthy(self, inst: Instance, why: str) -> None:
-        inst.rec.health, inst.phase, inst.why = "unhealthy", Phase.UNHEALTHY, why
-        self.event(f"instance {inst.rec.slot} unhealthy: {why}")
 
     def stop_instance(self, inst: Instance, reason: str) -> None:
         inst.leaving = True

@@ -14,7 +14,9 @@ controller writes an instance record naming a ``node`` and an intent, ``desired`
 ``desired ""`` (every record written before the agent) is not the agent's: the engine
 still supervises those in-process.
 
-The agent decides nothing: an instance that exits is recorded as ``exited`` (its status
+It probes each process it runs (the manifest's ``health``) and writes ``health``, ``phase``
+and ``why`` as :mod:`deployfs.model.probing` turns the verdicts into them -- the rule the
+engine follows too.  The agent decides nothing: an instance that exits is recorded as ``exited`` (its status
 and time in ``why``, ``exit_ok``, ``last_exit``) and stays down until the controller asks
 for a restart.  It follows ``instances/`` through a :class:`~deployfs.state.cache.Cache`
 (the store's watch) and writes back with conditional writes, retried on conflict, so it
@@ -33,13 +35,16 @@ from typing import Callable
 
 import trio
 
+from ..model import probing
 from ..model.manifest import Manifest, ManifestError, parse
+from ..model.rollout import Phase
 from ..state.cache import Cache
 from ..state.kv import Change, Compare, Conflict, KVStore, Put
 from ..state.records import INSTANCES, InstanceRecord, decode, encode, version_key
 from .cgroups import Limits
+from .health import Prober, Probes
 from .identity import UserPolicy
-from .runtime import LaunchSpec, Process, Runtime, StartError
+from .runtime import MARKER, LaunchSpec, Process, Runtime, StartError
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +62,30 @@ def launch_spec(m: Manifest, rec: InstanceRecord, users: UserPolicy | None) -> L
 
 @dataclass(eq=False)
 class _Held:
-    """One instance of this node, as the agent holds it."""
+    """One instance of this node, as the agent holds it (and, for probing.observe, its probe state)."""
     wake: trio.Event = field(default_factory=trio.Event)
     proc: Process | None = None
     manifest: Manifest | None = None
     incarnation: int = -1  # the record's ``restarts`` the process was started for
+    probes_scope: trio.CancelScope | None = None  # the probe loop of the process held
+    health: str = "starting"
+    phase: Phase = Phase.STARTING
+    why: str = ""
+    started_at: float = 0.0  # trio clock
+    healthy_since: float | None = None
+    first_bad: float | None = None
+    fails: int = 0
+    probes: int = 0
 
 
 class NodeAgent:
-    def __init__(self, store: KVStore, runtime: Runtime, node: str, *, users: UserPolicy | None = None) -> None:
+    def __init__(self, store: KVStore, runtime: Runtime, node: str, *, prober: Prober | None = None,
+                 users: UserPolicy | None = None) -> None:
         self.store, self.runtime, self.node, self.users = store, runtime, node, users
+        self._own_prober: Probes | None = None  # made here, so closed with the agent
+        if prober is None:
+            prober = self._own_prober = Probes()
+        self.prober = prober
         self.cache = Cache(store, INSTANCES)
         self._held: dict[str, _Held] = {}  # instance key -> what runs for it here
         self._nursery: trio.Nursery | None = None
@@ -80,14 +99,19 @@ class NodeAgent:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Adopt what runs already, then act on every change of this node's records until cancelled."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            await nursery.start(self.cache.run)
-            await self._adopt()
-            self.cache.subscribe(self._changed)
-            for kv in self.cache.range(INSTANCES):
-                self._kick(kv.key)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(self.cache.run)
+                await self._adopt()
+                self.cache.subscribe(self._changed)
+                for kv in self.cache.range(INSTANCES):
+                    self._kick(kv.key)
+                task_status.started()
+        finally:
+            if self._own_prober is not None:
+                with trio.CancelScope(shield=True):
+                    await self._own_prober.aclose()
 
     # -- following the records --------------------------------------------------------------
 
@@ -143,6 +167,9 @@ class NodeAgent:
             if held.proc is not None:
                 held.manifest = await self._manifest_or_none(key)
                 self._nursery.start_soon(self._watch_exit, held, held.proc)
+                rec = self._mine(key)
+                if rec is not None and held.manifest is not None:
+                    self._begin_probes(key, held, rec, held.manifest, adopted=rec.health == "healthy")
             self._nursery.start_soon(self._work, key, held)
 
     # -- acting -------------------------------------------------------------------------------
@@ -195,6 +222,51 @@ class NodeAgent:
         await self._record(key, self._running(proc, held.incarnation))
         assert self._nursery is not None
         self._nursery.start_soon(self._watch_exit, held, proc)
+        self._begin_probes(key, held, rec, m, adopted=False)
+
+    # -- probing ----------------------------------------------------------------------------------
+
+    def _begin_probes(self, key: str, held: _Held, rec: InstanceRecord, m: Manifest, *, adopted: bool) -> None:
+        now = trio.current_time()
+        held.health, held.phase, held.why, held.started_at = "starting", Phase.STARTING, "", now
+        held.healthy_since, held.first_bad, held.fails, held.probes = None, None, 0, 0
+        if adopted:  # it was ready before this agent: it stays ready unless a probe says otherwise
+            held.health, held.phase, held.healthy_since = "healthy", Phase.READY, now - m.min_healthy
+        held.probes_scope = scope = trio.CancelScope()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._probe_loop, key, held, rec, m, scope)
+
+    def _end_probes(self, held: _Held) -> None:
+        if held.probes_scope is not None:
+            held.probes_scope.cancel()
+            held.probes_scope = None
+
+    async def _probe_loop(self, key: str, held: _Held, rec: InstanceRecord, m: Manifest,
+                          scope: trio.CancelScope) -> None:
+        with scope:
+            check = m.instance_health(port=rec.port, instance=rec.slot, version=rec.version)
+            # An exec probe carries the instance's marker: what it leaves behind goes with the instance.
+            env = {MARKER: self.runtime.marker(rec.service, rec.id)}
+            if check is None:  # no check: alive for one health_interval is healthy, then the soak
+                if held.health == "starting":
+                    await trio.sleep_until(held.started_at + m.health_interval)
+                    await self._verdict(key, held, m, True, "alive for one health_interval")
+                    await trio.sleep(m.min_healthy)
+                    await self._verdict(key, held, m, True, "")
+                return
+            while True:
+                now = trio.current_time()
+                verdict = await self.prober.probe(check, m.health_timeout, env=env)
+                await self._verdict(key, held, m, verdict.ok, verdict.detail)
+                wake, _ = probing.next_probe(held, m, now)
+                await trio.sleep_until(wake)
+
+    async def _verdict(self, key: str, held: _Held, m: Manifest, ok: bool, detail: str) -> None:
+        held.health, said = probing.observe(held, held.health, m, ok, detail, trio.current_time())
+        for text in said:
+            log.info("instance %s %s", key, text)
+        health, phase, why = held.health, held.phase.value, held.why
+        await self._record(key, lambda r: r.state == "running" and _set(r, health=health, phase=phase, why=why))
 
     async def _watch_exit(self, held: _Held, proc: Process) -> None:
         await proc.wait()
@@ -203,6 +275,7 @@ class NodeAgent:
     async def _exited(self, key: str, held: _Held) -> None:
         proc = held.proc
         assert proc is not None
+        self._end_probes(held)
         status = proc.exit_status
         why = "exited" if status is None else f"exited with status {status}"
         await self._record(key, lambda r: _set(r, state="exited", health="stopped", phase="exited", why=why,
@@ -213,6 +286,7 @@ class NodeAgent:
         held.proc = None  # and nothing runs until the controller bumps ``restarts``
 
     async def _stop(self, key: str, held: _Held, *, recorded: bool) -> None:
+        self._end_probes(held)
         proc, held.proc = held.proc, None
         if proc is not None:
             m = held.manifest or await self._manifest_or_none(key)
@@ -226,7 +300,8 @@ class NodeAgent:
                                                phase="exited", why=why, exit_ok=False, last_exit=time.time()))
 
     def _running(self, proc: Process, incarnation: int) -> Callable[[InstanceRecord], bool]:
-        return lambda r: _set(r, pid=proc.pid, start_time=proc.start_time, state="running", incarnation=incarnation)
+        return lambda r: _set(r, pid=proc.pid, start_time=proc.start_time, state="running", incarnation=incarnation,
+                              health="starting", phase="starting", why="")
 
     async def _manifest(self, rec: InstanceRecord) -> Manifest:
         read = await self.store.get(version_key(rec.service, rec.version))

@@ -6,6 +6,7 @@ controller would) and polls the store for what the agent observed.
 
 import os
 import signal
+import sys
 
 import pytest
 import trio
@@ -183,4 +184,30 @@ async def test_what_cannot_start_is_recorded_and_the_agent_carries_on(kv, runtim
         rec = await until(kv, 12, lambda r: r.state == "running")
         await desire(kv, 12, "stop")
         await until(kv, 12, lambda r: r.state == "stopped")
+        scope.cancel()
+
+
+WEB = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "web.py")
+
+
+async def test_the_agent_probes_and_records_health_and_phase(kv, runtime):
+    fails = (f"image {sys.executable}\nargs {WEB} --fail-health-after 1.5\nhealth http://127.0.0.1:$PORT/healthz\n"
+             "health_interval 0.1\nhealth_retries 2\nmin_healthy 0.2\nstop_timeout 2\n")
+    async with trio.open_nursery() as n:
+        _, scope = await start_agent(n, kv, runtime)
+        rec = InstanceRecord("web", 20, 0, "v3", port=20801, node=NODE, desired="run")
+        await kv.put(version_key("web", "v3"), fails.encode())
+        await kv.put(instance_key("web", 20), encode(rec))
+        rec = await until(kv, 20, lambda r: r.phase == "ready")
+        assert rec.health == "healthy" and rec.state == "running"
+        rec = await until(kv, 20, lambda r: r.phase == "unhealthy")
+        assert rec.health == "unhealthy" and rec.why == "http 503 from 127.0.0.1:20801/healthz (2 checks failed)"
+        assert rec.state == "running"  # unhealthy is reported, not acted on: stopping it is the controller's call
+        # No health check: alive for one health_interval, then the min_healthy soak.
+        await desire(kv, 21, manifest="image sleep\nargs 60\nhealth_interval 0.2\nmin_healthy 0.2\n")
+        rec = await until(kv, 21, lambda r: r.phase == "ready")
+        assert rec.health == "healthy"
+        for id in (20, 21):
+            await desire(kv, id, "stop")
+            await until(kv, id, lambda r: r.state == "stopped")
         scope.cancel()
