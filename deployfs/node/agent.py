@@ -40,7 +40,7 @@ from ..model.manifest import Manifest, ManifestError, parse
 from ..model.rollout import Phase
 from ..state.cache import Cache
 from ..state.kv import Change, Compare, Conflict, KVStore, Put
-from ..state.records import INSTANCES, InstanceRecord, decode, encode, version_key
+from ..state.records import INSTANCES, InstanceRecord, decode, encode, instance_key, version_key
 from .cgroups import Limits
 from .health import Prober, Probes
 from .identity import UserPolicy
@@ -92,10 +92,8 @@ class NodeAgent:
 
     def pid(self, service: str, id: int) -> int | None:
         """The pid of the process the agent holds for an instance (tests, diagnostics)."""
-        for key, held in self._held.items():
-            if key.endswith(f"/{id:012d}") and key.startswith(f"{INSTANCES}{service}/") and held.proc:
-                return held.proc.pid
-        return None
+        held = self._held.get(instance_key(service, id))
+        return held.proc.pid if held is not None and held.proc is not None else None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Adopt what runs already, then act on every change of this node's records until cancelled."""
@@ -147,7 +145,7 @@ class NodeAgent:
             if rec is None:
                 continue
             held = self._held[kv.key] = _Held(incarnation=rec.incarnation)
-            if rec.pid and rec.start_time:
+            if rec.pid and rec.start_time and rec.state not in ("exited", "stopped", "failed"):
                 held.proc = self.runtime.adopt(rec.pid, rec.start_time, rec.service, rec.id)
                 if held.proc is None:
                     await self._observe_gone(kv.key, "gone while the node agent was down")
@@ -156,7 +154,7 @@ class NodeAgent:
         # Started, but the agent died before it wrote the pid: the marker finds it.
         found = self.runtime.find_unrecorded(unrecorded) if unrecorded else {}
         for (service, id), proc in found.items():
-            key = next(k for k in self._held if k.startswith(f"{INSTANCES}{service}/") and k.endswith(f"/{id:012d}"))
+            key = instance_key(service, id)
             held = self._held[key]
             held.proc = proc
             rec = self._mine(key)

@@ -211,3 +211,19 @@ async def test_the_agent_probes_and_records_health_and_phase(kv, runtime):
             await desire(kv, id, "stop")
             await until(kv, id, lambda r: r.state == "stopped")
         scope.cancel()
+
+
+async def test_a_new_agent_keeps_how_an_instance_ended(kv, runtime, tmp_path):
+    async with trio.open_nursery() as n:
+        _, scope = await start_agent(n, kv, runtime)
+        await desire(kv, 22, manifest=EXITS)
+        await until(kv, 22, lambda r: r.state == "exited")
+        scope.cancel()
+    async with trio.open_nursery() as n:
+        _, scope = await start_agent(n, kv, LocalRuntime(str(tmp_path / "state")))
+        await desire(kv, 23)  # once this runs, the new agent has seen record 22 too
+        await until(kv, 23, lambda r: r.state == "running")
+        assert (await until(kv, 22, lambda r: True)).why == "exited with status 3"
+        await desire(kv, 23, "stop")
+        await until(kv, 23, lambda r: r.state == "stopped")
+        scope.cancel()
