@@ -227,3 +227,33 @@ async def test_a_new_agent_keeps_how_an_instance_ended(kv, runtime, tmp_path):
         await desire(kv, 23, "stop")
         await until(kv, 23, lambda r: r.state == "stopped")
         scope.cancel()
+
+
+async def test_the_engines_store_drives_the_agent(tmp_path, runtime):
+    """The controller's side as deployfs serve has it: the synchronous SQLite facade. Its commits
+    reach the agent through the same connection's after-commit watch, with no call in between."""
+    from deployfs.state.store import SqliteStore
+
+    store = SqliteStore(str(tmp_path / "db"))
+    try:
+        async with trio.open_nursery() as n:
+            _, scope = await start_agent(n, store.kv, runtime)
+
+            async def record(ok):
+                with trio.fail_after(10):
+                    while not ok(rec := store.list_instances("web")[0]):
+                        await trio.sleep(0.02)
+                return rec
+
+            with store.transaction():
+                store.put_version("web", "v1", SLEEP)
+                store.put_instance(InstanceRecord("web", store.next_instance_id(), 0, "v1", node=NODE, desired="run"))
+            rec = await record(lambda r: r.state == "running")
+            assert alive(rec.pid)
+            rec.desired = "stop"  # (read after the agent wrote: a blind write would undo what it observed)
+            store.put_instance(rec)
+            assert (await record(lambda r: r.state == "stopped")).pid is None
+            assert not alive(rec.pid)
+            scope.cancel()
+    finally:
+        store.close()
