@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             check_mountpoint(a.mountpoint)
         a.state = check_state(a.state)  # resolved: never walk a link in its path again
+        a.state_lock = lock_state(a.state)  # before the database, the router or the cluster is touched
         from ..node.runtime import ephemeral_overlap
         if overlap := ephemeral_overlap(ports):
             log.warning("--ports %d-%d overlaps the kernel's ephemeral ports (%d-%d): an outgoing connection may "
@@ -237,6 +238,16 @@ def check_state(state: str) -> str:
         raise SetupError(str(e)) from None
     except OSError as e:
         raise SetupError(f"--state {state}: {e.strerror or e}") from None
+
+
+def lock_state(state: str) -> int:
+    from ..state.statedir import StateDirError, lock
+    try:
+        return lock(state)
+    except StateDirError as e:
+        raise SetupError(str(e)) from None
+    except OSError as e:
+        raise SetupError(f"--state {state}: cannot lock {e.filename}: {e.strerror or e}") from None
 
 
 def _dead_mount(mnt: str) -> bool:

@@ -18,6 +18,7 @@ as not).  So:
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import logging
 import os
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 DB_NAME = "deployfs.db"
+LOCK_NAME = "serve.lock"
 
 
 class StateDirError(Exception):
@@ -94,7 +96,7 @@ def prepare(state_dir: str) -> str:
     if not stat.S_ISDIR(top.st_mode):
         raise StateDirError(f"--state {state_dir} is not a directory")
     names = os.listdir(real)
-    if names and DB_NAME not in names:
+    if set(names) - {LOCK_NAME} and DB_NAME not in names:
         # Never tighten (chmod) a directory deployfs did not make: --state /var/lib is a typo.
         raise StateDirError(f"--state {state_dir} is not empty and holds no {DB_NAME}: "
                             "point --state at a new or empty directory")
@@ -111,6 +113,31 @@ def prepare(state_dir: str) -> str:
                     "(0700 directories, 0600 files)", state_dir, tightened,
                     "entry" if tightened == 1 else "entries", "is" if tightened == 1 else "are")
     return real
+
+
+def lock(real: str) -> int:
+    """Hold the state directory for this process's life: its descriptor, which must stay open.
+
+    Two servers on one state directory adopt each other's router and instances and
+    write the same database (issue: the second one's SIGTERM stopped the first's
+    instances); so the second refuses before it touches anything.  A flock goes
+    with its holder, so a killed server leaves nothing to clean up.  The
+    descriptor is close-on-exec: an instance or router kept running must not
+    keep the directory locked after the server is gone.
+    """
+    path = os.path.join(real, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        who = f"pid {holder}" if holder.isdigit() else "another process"
+        raise StateDirError(f"state directory {real} is in use by {who} (another deployfs serve): "
+                            "stop that server first, or use another --state") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())  # only for the message a second server prints
+    return fd
 
 
 def _tree(top: str) -> Iterator[tuple[str, os.stat_result]]:

@@ -229,3 +229,37 @@ def test_an_error_from_inside_serve_is_not_blamed_on_ports(monkeypatch, tmp_path
     monkeypatch.setattr(serve_cli, "check_mountpoint", lambda mnt: None)
     with pytest.raises(ManifestError, match="no image"):
         serve_cli.main(["serve", str(tmp_path / "mnt"), "--state", str(tmp_path / "state")])
+
+
+def test_a_second_server_on_the_same_state_is_refused(tmp_path):
+    """Two servers on one state dir adopted each other's router and instances; the second must refuse at once."""
+    from tests import mount as _mount
+    m = _mount.start(str(tmp_path), "--9p", "tcp!127.0.0.1!20510")
+    try:
+        m.write_manifest("sleepy", SLEEPY)
+        assert m.ctl("apply sleepy").returncode == 0
+        assert m.read("active/sleepy/wait").startswith("done")
+        before = m.read("active/sleepy/instances/0")
+        r = serve("--no-mount", "--state", m.state, "--9p", "tcp!127.0.0.1!20511")
+        assert r.returncode == 2, r.stderr
+        assert f"is in use by pid {m.proc.pid} (another deployfs serve)" in r.stderr, r.stderr
+        assert m.proc.poll() is None and m.read("active/sleepy/instances/0") == before
+    finally:
+        _mount.stop(m)
+    # the lock goes with its holder, also with a killed one
+    m = _mount.start(str(tmp_path))
+    _mount.kill9(m)
+    _mount.stop(_mount.start(str(tmp_path)))
+
+
+def test_a_refused_start_creates_no_database(tmp_path):
+    from deployfs.state.statedir import lock, prepare
+    state = prepare(str(tmp_path / "s"))
+    fd = lock(state)  # as a running server holds it
+    try:
+        (tmp_path / "mnt").mkdir()
+        r = serve(str(tmp_path / "mnt"), "--state", state)
+        assert r.returncode == 2 and f"is in use by pid {os.getpid()}" in r.stderr, r.stderr
+        assert os.listdir(state) == ["serve.lock"] and not os.path.ismount(tmp_path / "mnt")
+    finally:
+        os.close(fd)
