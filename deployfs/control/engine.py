@@ -911,8 +911,9 @@ class Engine:
             # The replica count is not part of a version: a rollback keeps the one set now (as apply does after scale).
             text = set_replicas_line(rec.previous_manifest.encode(), rec.replicas).decode()
             parsed = parse(text, name=name)
-            m = parsed.manifest
             self._check_users(parsed, name, who)
+            parsed, text = self._recorded(parsed, text, name)
+            m = parsed.manifest
             self._check_port(name, m.port)
             self._begin(svc, m, text, "rollback", who)
         elif verb == "restart":
@@ -965,8 +966,9 @@ class Engine:
             if name in self.services:
                 self.services[name].event(f"apply refused: {e}")
             raise CommandError(Kind.INVALID, str(e)) from None
-        m, text = parsed.manifest, f.data.decode()
         self._check_users(parsed, name, who)
+        parsed, text = self._recorded(parsed, f.data.decode(), name)
+        m = parsed.manifest
         svc = self.services.get(name)
         if svc is not None and svc.rec.deleting:
             raise CommandError(Kind.BUSY, f"{name} is being deleted: apply it again once it is gone "
@@ -1017,6 +1019,10 @@ class Engine:
         if svc.rec.canary_phase:
             return f"ok canary {frm}->{m.version}"
         return f"ok rolling {frm}->{m.version}"
+
+    def _recorded(self, parsed: Parsed, text: str, name: str) -> tuple[Parsed, str]:
+        """What the version records: the user --default-user chose written in (identity.UserPolicy.record)."""
+        return (parsed, text) if self.users is None else self.users.record(parsed, text, name)
 
     def _check_users(self, parsed: Parsed, name: str, who: str) -> None:
         """Refuse a user or group this host does not have, one the deployer may not run as,

@@ -508,6 +508,12 @@ def _jsonable(value: object) -> object:
     return value
 
 
+def add_user_line(text: str, user: str, why: str) -> str:
+    """``text`` with a ``user`` line added (it must have none), commented with ``why``."""
+    body = text if text.endswith("\n") or not text else text + "\n"
+    return body + f"user {user}  # {why}\n"
+
+
 def set_replicas_line(text: bytes, n: int) -> bytes:
     """Rewrite (or add) the ``replicas`` line of a manifest's text, keeping the rest as written."""
     lines = text.split(b"\n")

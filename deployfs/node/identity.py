@@ -8,6 +8,10 @@ Why it looks like this:
 * The supplementary groups are the user's from the group database
   (``getgrouplist``), as login and ``su`` give them; ``group`` replaces only
   the primary group.
+* The user chosen at apply is recorded with the version (a ``user`` line added
+  to the version's text when ``--default-user`` chose it): every later start of
+  that version (restart, scale, a supervisor restart, after a server restart,
+  with another ``--default-user`` or none) runs as it, never as root by default.
 * The policy never lets an instance run with more privilege than its deployer
   had: a deployer who is not root may name only itself or one of
   ``--allow-users``, never root, and only a group the run-as user is already
@@ -22,7 +26,7 @@ import pwd
 from dataclasses import dataclass, field
 
 from ..model.errors import CommandError, Kind
-from ..model.manifest import Manifest, ManifestError, Parsed
+from ..model.manifest import Manifest, ManifestError, Parsed, add_user_line, parse
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,17 @@ class UserPolicy:
         """The user an instance of ``m`` runs as; None: as deployfs itself."""
         return m.user or self.default_user
 
+    def record(self, parsed: Parsed, text: str, name: str) -> tuple[Parsed, str]:
+        """The manifest as a version records it: with the user ``--default-user`` chose
+        written in, so that no later start depends on the flags of the server running then."""
+        if parsed.manifest.user is not None or self.default_user is None:
+            return parsed, text
+        text = add_user_line(text, self.default_user, "--default-user when applied")
+        return parse(text, name=name), text
+
+    def _may_name(self) -> frozenset[str]:
+        return self.allow_users | ({self.default_user} if self.default_user else set())
+
     def check(self, parsed: Parsed, source: str, deployer: int | None) -> None:
         """Refuse a manifest whose user or group does not exist (ManifestError, with
         its line) or that ``deployer`` (a uid; None: unknown) may not ask for (EPERM)."""
@@ -104,8 +119,9 @@ class UserPolicy:
             why = "the manifest names no user and deployfs has no --default-user" if name is None else f"user {name}"
             raise CommandError(Kind.PERMISSION, f"{why}: the instance would run as root, and {who} is not root "
                                             "(name an unprivileged user with `user NAME`)")
-        if m.user is not None and ident is not None and ident.uid != deployer and m.user not in self.allow_users \
-                and ident.user not in self.allow_users:
+        # The default user is allowed by name too: a version recorded with it (record) rolls back.
+        if m.user is not None and ident is not None and ident.uid != deployer \
+                and not {m.user, ident.user} & self._may_name():
             allowed = ", ".join(sorted(self.allow_users)) or "none"
             raise CommandError(Kind.PERMISSION, f"user {m.user}: {who} may run instances only as itself or as one of "
                                             f"--allow-users ({allowed})")

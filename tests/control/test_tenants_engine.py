@@ -24,7 +24,15 @@ async def test_user_and_limits_reach_the_runtime_and_a_limit_change_rolls(h, aut
 
 async def test_the_default_user_is_what_the_runtime_is_asked_for(h, autojump_clock):
     h.engine.users = UserPolicy(default_user="nobody")
-    await deploy_v1(h)
+    h.write(manifest())
+    assert h.cmd("apply").startswith("ok deployed")
+    assert (await h.settle()).startswith("done")
+    assert {p.spec.user for p in h.rt.running("web")} == {"nobody"}
+    # Recorded with the version: a server now without the default restarts it as nobody still.
+    assert "user nobody  # --default-user when applied" in h.svc.rec.manifest
+    h.engine.users = UserPolicy()
+    h.cmd("restart")
+    assert (await h.settle()).startswith("done")
     assert {p.spec.user for p in h.rt.running("web")} == {"nobody"}
 
 

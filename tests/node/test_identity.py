@@ -77,3 +77,17 @@ def test_a_non_root_deployer_may_pick_only_a_group_the_user_is_in(users):
 
 def test_deployer_uid_from_who():
     assert [deployer_uid(w) for w in ("uid=0", "uid=1000", "test", "uid=x")] == [0, 1000, None, None]
+
+
+def test_the_default_user_is_recorded_and_may_be_named_back_by_a_deployer(users):
+    """A version records the user --default-user chose; rolling back to it (a manifest that
+    names that user) is allowed to the non-root deployer who could have omitted it."""
+    policy = UserPolicy(default_user=BOB)
+    parsed, text = policy.record(parse("image /bin/sleep\n", name="web"), "image /bin/sleep\n", "web")
+    assert parsed.manifest.user == BOB and text.endswith(f"user {BOB}  # --default-user when applied\n")
+    alice = users[ALICE].pw_uid
+    policy.check(parsed, "manifests/web", alice)
+    assert "may run instances only as itself" in refused(UserPolicy(), f"user {BOB}\n", alice)
+    # A manifest that names its user is recorded as written.
+    named = parse(f"image /bin/sleep\nuser {ALICE}\n", name="web")
+    assert policy.record(named, "t", "web") == (named, "t")

@@ -66,3 +66,54 @@ def test_who_may_run_what_as_whom(tmp_path):
         finally:
             _mount.stop(m)
             os.rmdir(mnt)
+
+
+def pids_of(m, name: str) -> list[int]:
+    out = []
+    for n in sorted(os.listdir(m.p("active", name, "instances"))):
+        line = m.read(f"active/{name}/instances/{n}")
+        if "pid=-" not in line and "state=running" in line:
+            out.append(int(line.split("pid=")[1].split()[0]))
+    return out
+
+
+def test_the_user_chosen_at_apply_survives_a_restart_without_default_user(tmp_path):
+    """Issue 16 fix 1: --default-user chose the user at apply; a server restarted without it (or with
+    another) still starts that version, restarts and a later scale by the member, as that user."""
+    mnt = tempfile.mkdtemp(prefix="deployfs-tenants-")
+    os.chmod(mnt, 0o755)
+    state = str(tmp_path / "state")
+    with made_users() as users:
+        def as_alice(cmd: str) -> subprocess.CompletedProcess:
+            # ALICE is in EXTRA (--group) by /etc/group.
+            return subprocess.run(["setpriv", f"--reuid={ALICE}", f"--regid={ALICE}", "--init-groups",
+                                   "bash", "-c", cmd], capture_output=True, text=True, timeout=15, cwd=mnt)
+
+        bob = users[BOB].pw_uid
+        m = _mount.start(str(tmp_path), "--allow-other", "--group", EXTRA, "--default-user", BOB,
+                         state=state, mnt=mnt)
+        try:
+            w = as_alice("printf 'image /bin/sleep\\nargs 300\\nhealth_interval 0.2\\n' > manifests/dev && echo 'apply dev' > ctl")
+            assert w.returncode == 0, w.stderr
+            m.until(lambda: len(pids_of(m, "dev")) == 1, what="dev running")
+            assert [uid_of(p) for p in pids_of(m, "dev")] == [bob]
+            assert f"user {BOB}" in m.read("active/dev/manifest")  # the operator sees who it runs as
+        finally:
+            _mount.stop(m)
+        m = _mount.start(str(tmp_path), "--allow-other", "--group", EXTRA, state=state, mnt=mnt)
+        try:
+            m.until(lambda: len(pids_of(m, "dev")) == 1, what="dev running after the restart")
+            assert [uid_of(p) for p in pids_of(m, "dev")] == [bob]
+            s = as_alice("echo 'scale 2' > active/dev/ctl")
+            assert s.returncode == 0, s.stderr
+            m.until(lambda: len(pids_of(m, "dev")) == 2, what="dev scaled to 2")
+            assert [uid_of(p) for p in pids_of(m, "dev")] == [bob, bob]
+            assert m.read("active/dev/wait").startswith("done")
+            # A supervisor restart of a killed instance: still BOB.
+            first = pids_of(m, "dev")[0]
+            os.kill(first, 9)
+            m.until(lambda: len(pids_of(m, "dev")) == 2 and first not in pids_of(m, "dev"), what="restarted")
+            assert [uid_of(p) for p in pids_of(m, "dev")] == [bob, bob]
+        finally:
+            _mount.stop(m)
+            os.rmdir(mnt)
