@@ -299,7 +299,9 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
     from ..view.namespace import Namespace
     from ..traffic.haproxy import HAProxyRouter
     from ..node.health import Probes
+    from ..traffic.other_mode import stop_other_router
     from ..traffic.router_client import RouterClient, RouterError
+    from ..state.events import CLUSTER
     from ..node.runtime import LocalRuntime
     from ..state.store import SqliteStore, StoreError
 
@@ -336,6 +338,10 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
         except OSError as e:
             raise SetupError(f"--metrics {a.metrics[0]}:{a.metrics[1]}: {e.strerror or e}") from None
         log.info("metrics at http://%s:%d/metrics", *a.metrics)
+    # Before the router starts: the other mode's router, left by a killed server, holds the ports.
+    if note := await stop_other_router(a.state, a.router):
+        events.emit(CLUSTER, f"router: {note}")
+        log.warning("router: %s", note)
     try:
         await router.start()
     except RouterError as e:
