@@ -19,7 +19,9 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	@mkdir -p $(MOUNT)  # the state directory deployfs makes itself, owner-only
+	@# A dead mount left by a killed server fails even `mkdir -p` (ENOTCONN): deployfs
+	@# serve cleans it up itself, so only a missing directory is made here.
+	@mkdir -p $(MOUNT) 2>/dev/null || true  # the state directory deployfs makes itself, owner-only
 	$(VENV)/bin/deployfs serve $(MOUNT) --state $(STATE)
 
 test: export DEPLOYFS_TEST_DEPS=1

@@ -251,12 +251,32 @@ def lock_state(state: str) -> int:
 
 
 def _dead_mount(mnt: str) -> bool:
-    """A mount whose server died answers ENOTCONN (stat may still be served from cache: list it)."""
+    """A deployfs mount whose server died: it answers ENOTCONN (stat may still be served from
+    cache: list it).  Another file system's dead mount is not ours to unmount."""
     try:
         os.listdir(mnt)
     except OSError as e:
-        return e.errno == errno.ENOTCONN
+        return e.errno == errno.ENOTCONN and _mount_type(mnt) == "fuse.deployfs"
     return False
+
+
+def _mount_type(mnt: str) -> str | None:
+    path = os.path.realpath(mnt)  # realpath keeps the last component when it cannot be stat'ed
+    try:
+        with open("/proc/self/mounts") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):  # the topmost mount on a path is listed last
+        fields = line.split(" ")
+        if len(fields) > 2 and _unescape(fields[1]) == path:
+            return fields[2]
+    return None
+
+
+def _unescape(field: str) -> str:
+    """/proc/mounts writes space, tab, newline and backslash in a path as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 async def serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None) -> None:

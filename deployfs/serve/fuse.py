@@ -197,6 +197,10 @@ class DeployFS(pyfuse3.Operations):
         a.st_blocks = (st.size + 511) // 512
         a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = int((st.mtime or self.started) * 1e9)
         a.attr_timeout = 0.0 if st.changes is Changes.ALWAYS else STATIC_TIMEOUT
+        if a.st_ino == pyfuse3.ROOT_INODE:
+            # Never cached: once the server is gone, `stat deploy` (and `mkdir -p deploy`) must say
+            # "not connected" at once, not a minute later; a getattr of the root is cheap.
+            a.attr_timeout = 0.0
         # Only lookups set entry timeouts.
         cached = node.name_cached and not (parent is not None and parent.volatile)
         a.entry_timeout = STATIC_TIMEOUT if cached else 0.0

@@ -263,3 +263,54 @@ def test_a_refused_start_creates_no_database(tmp_path):
         assert os.listdir(state) == ["serve.lock"] and not os.path.ismount(tmp_path / "mnt")
     finally:
         os.close(fd)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_make_run_after_a_kill_9_cleans_the_dead_mount(tmp_path):
+    """`mkdir -p ./deploy` failed on the dead mount (ENOTCONN): make run must start again."""
+    import errno
+    import signal
+    import time
+
+    import pytest
+
+    from tests import mount as _mount
+    mnt, state = str(tmp_path / "deploy"), str(tmp_path / "state")
+
+    def make_run() -> subprocess.Popen:
+        # -o: never reinstall the venv from a test
+        argv = ["make", "-s", "-C", REPO, "-o", ".venv/.installed", "run", f"MOUNT={mnt}", f"STATE={state}"]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(os.path.join(mnt, "ctl")):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"make run did not mount: {proc.communicate(timeout=5)[0]}")
+            time.sleep(0.02)
+        return proc
+
+    def server_pid() -> int:
+        with open(os.path.join(state, "serve.lock")) as f:
+            return int(f.read())
+
+    proc = make_run()
+    try:
+        os.kill(server_pid(), signal.SIGKILL)  # the server, not make
+        proc.wait(timeout=20)
+        with pytest.raises(OSError) as dead:  # at once: the root's attributes are never cached
+            os.stat(mnt)
+        assert dead.value.errno == errno.ENOTCONN
+        assert subprocess.run(["mkdir", "-p", mnt], capture_output=True).returncode != 0  # what make run did
+        proc = make_run()
+        os.kill(server_pid(), signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+        assert "cleaning up the dead mount" in out and f"unmounted {mnt}" in out, out
+        assert not os.path.ismount(mnt)
+    finally:
+        if proc.poll() is None:
+            os.kill(server_pid(), signal.SIGTERM)
+            proc.wait(timeout=60)
+        subprocess.run(["fusermount3", "-u", "-z", mnt], check=False, capture_output=True)
+        _mount.reap(state)
