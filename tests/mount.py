@@ -61,7 +61,10 @@ class Mount:
 def start(tmp, *extra: str, state: str | None = None, mnt: str | None = None, argv: list[str] | None = None) -> Mount:
     mnt = mnt or os.path.join(tmp, "mnt")
     state = state or os.path.join(tmp, "state")
-    os.makedirs(mnt, exist_ok=True)
+    try:
+        os.makedirs(mnt, exist_ok=True)
+    except FileExistsError:
+        pass  # a dead mount left by kill9 (ENOTCONN at once): the server cleans it up
     log = os.path.join(tmp, f"serve-{time.monotonic_ns()}.log")
     cmd = argv or [sys.executable, "-m", "deployfs", "serve", mnt, "--state", state, *extra]
     with open(log, "w") as out:
