@@ -87,7 +87,7 @@ class FakeRuntime:
     async def prune(self, keep) -> None:
         pass
 
-    def limit_problem(self, limits):
+    def limit_problem(self, limits, nofile=None):
         return self.limit_problems.get("memory") if limits.memory else None
 
     def allocate_port(self) -> int:

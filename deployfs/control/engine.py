@@ -1031,7 +1031,7 @@ class Engine:
         try:
             if self.users is not None:
                 self.users.check(parsed, source, deployer_uid(who))
-            problem = self.runtime.limit_problem(Limits(m.memory, m.cpus, m.pids))
+            problem = self.runtime.limit_problem(Limits(m.memory, m.cpus, m.pids), m.nofile)
             if problem is not None:
                 raise ManifestError(source, parsed.lines.get(problem[0]), problem[1])
         except ManifestError as e:

@@ -185,3 +185,14 @@ def test_the_runtime_names_the_directive_a_host_cannot_apply(tmp_path):
     assert rt.limit_problem(Limits()) is None
     directive, reason = rt.limit_problem(Limits(cpus=0.5))
     assert directive == "cpus" and reason.startswith("cpus 0.5 cannot be applied: this host has no cpu cgroup controller")
+
+
+def test_nofile_above_the_kernels_nr_open_is_a_limit_problem_even_for_root(tmp_path):
+    rt = LocalRuntime(str(tmp_path), cgroups=Cgroups(str(tmp_path), Layout({}, None)))
+    with open("/proc/sys/fs/nr_open") as f:
+        nr_open = int(f.read())
+    assert rt.limit_problem(Limits(), nofile=64) is None
+    assert rt.limit_problem(Limits(), nofile=nr_open + 1) == (
+        "nofile", f"nofile {nr_open + 1} cannot be applied: above this host's fs.nr_open {nr_open}")
+    with pytest.raises(StartError, match="fs.nr_open"):
+        rt.start(sh("exit 0", nofile=nr_open + 1))

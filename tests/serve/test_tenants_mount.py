@@ -117,3 +117,30 @@ def test_the_user_chosen_at_apply_survives_a_restart_without_default_user(tmp_pa
         finally:
             _mount.stop(m)
             os.rmdir(mnt)
+
+
+def test_nofile_above_what_deployfs_may_raise_is_refused_at_apply_with_its_line(tmp_path):
+    """Issue 16 fix 2: root without CAP_SYS_RESOURCE (a container; setpriv drops it here) cannot
+    raise the hard limit: the manifest is refused with the line and the host's limit, nothing runs."""
+    import resource
+    import sys
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no hard open-file limit here")
+    mnt, state = str(tmp_path / "mnt"), str(tmp_path / "state")
+    os.makedirs(mnt)
+    argv = ["setpriv", "--bounding-set=-sys_resource", "--inh-caps=-sys_resource",
+            sys.executable, "-m", "deployfs", "serve", mnt, "--state", state]
+    m = _mount.start(str(tmp_path), argv=argv, mnt=mnt, state=state)
+    try:
+        m.write_manifest("many", f"image /bin/sleep\nargs 300\nnofile {hard + 1}\n")
+        r = m.ctl("apply many")
+        assert r.returncode == 1 and "Invalid argument" in r.stderr, r.stderr
+        assert (f"manifests/many line 3: nofile {hard + 1} cannot be applied: above deployfs's own hard limit "
+                f"{hard}, which only a process with CAP_SYS_RESOURCE may raise") in m.read("events")
+        assert not os.path.exists(m.p("active", "many"))
+        m.write_manifest("some", f"image /bin/sleep\nargs 300\nnofile {hard}\nhealth_interval 0.2\n")  # up to it: runs
+        assert m.ctl("apply some").returncode == 0
+        assert m.read("active/some/wait").startswith("done")
+    finally:
+        _mount.stop(m)
