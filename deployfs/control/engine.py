@@ -57,7 +57,10 @@ class Routing(Protocol):
         """``weights``: one per backend, the share of connections (requests) each gets; None: even.
         ``protocol``: tcp (bytes) or http (per request), DESIGN §6."""
         ...
-    async def drain(self, service: str, backend: tuple[str, int], timeout: float) -> None: ...
+    async def drain(self, service: str, backend: tuple[str, int], timeout: float) -> int | None:
+        """Wait for ``backend``'s connections to end, at most ``timeout``; how many were still
+        open when it ran out (0 or None: none, or not known)."""
+        ...
     def routed(self) -> bool:
         """True once every table given so far has been delivered (or failed to be)."""
         ...
@@ -81,8 +84,8 @@ class NullRouter:
     async def wait_routed(self) -> None:
         pass
 
-    async def drain(self, service: str, backend: tuple[str, int], timeout: float) -> None:
-        pass
+    async def drain(self, service: str, backend: tuple[str, int], timeout: float) -> int | None:
+        return None
 
     def failure(self, service: str) -> str | None:
         return None
@@ -557,7 +560,10 @@ class Service:
         m, e = inst.manifest, self.engine
         was_running = inst.proc is not None and not inst.proc.exited
         if was_running and inst.backend and inst.phase is Phase.READY:
-            await e.router.drain(self.name, inst.backend, m.drain_timeout)
+            if left := await e.router.drain(self.name, inst.backend, m.drain_timeout):
+                # Those connections are cut by the stop signal (unless the app finishes them): say so.
+                self.event(f"instance {inst.rec.slot} drain timed out after {m.drain_timeout:g}s: "
+                           f"{left} connection{'s' if left != 1 else ''} still open")
         killed = inst.proc is not None and await inst.proc.stop(m.stop_signum, m.stop_timeout)
         if inst.monitor:
             inst.monitor.cancel()

@@ -286,10 +286,11 @@ class HAProxyRouter(TableFeeder):
         if ok not in out:
             raise RouterError(f"haproxy: {line!r}: {out.strip()}")
 
-    async def _drain(self, service: str, backend: Backend, timeout: float) -> None:
+    async def _drain(self, service: str, backend: Backend, timeout: float) -> int:
         name = _name(backend)
+        left = 0
         with trio.move_on_after(timeout):
-            while await self._in_use(service, name) > 0:
+            while (left := await self._in_use(service, name)) > 0:
                 await trio.sleep(0.05)
         await self.cmd(f"set server be_{service}/{name} state maint")
         if service in self.live:
@@ -298,6 +299,7 @@ class HAProxyRouter(TableFeeder):
         # `del server` wants no connection at all, idle pooled ones included:
         # that is only true once the instance has stopped, which is after we return.
         self.nursery.start_soon(self._delete, service, name)
+        return left
 
     async def _delete(self, service: str, name: str) -> None:
         with trio.move_on_after(120):

@@ -115,13 +115,15 @@ class TableFeeder:
     async def wait_routed(self) -> None:
         await self._flushed.wait()
 
-    async def drain(self, service: str, backend: Backend, timeout: float) -> None:
+    async def drain(self, service: str, backend: Backend, timeout: float) -> int | None:
+        """Connections to ``backend`` still open when ``timeout`` ran out (None: not known)."""
         with trio.move_on_after(timeout + 5):
             await self.wait_routed()
             try:
-                await self._drain(service, backend, timeout)
+                return await self._drain(service, backend, timeout)
             except RouterError as e:
                 log.warning("drain of %s:%d: %s", *backend, e)
+        return None
 
     # -- what each router implements --------------------------------------------------------
 
@@ -132,7 +134,7 @@ class TableFeeder:
                      weights: list[int] | None, protocol: str = "tcp") -> None:
         raise NotImplementedError
 
-    async def _drain(self, service: str, backend: Backend, timeout: float) -> None:
+    async def _drain(self, service: str, backend: Backend, timeout: float) -> int:
         raise NotImplementedError
 
     async def _stop_process(self) -> None:
@@ -317,9 +319,10 @@ class RouterClient(TableFeeder):
         """Give the router (started or adopted) this server's limits."""
         await self.request({"op": "limits", "max_conns": self.max_conns, "idle_timeout": self.idle_timeout})
 
-    async def _drain(self, service: str, backend: Backend, timeout: float) -> None:
-        await self.request({"op": "drain", "service": service, "backend": list(backend), "timeout": timeout},
-                           timeout=timeout + 5)
+    async def _drain(self, service: str, backend: Backend, timeout: float) -> int:
+        reply = await self.request({"op": "drain", "service": service, "backend": list(backend),
+                                    "timeout": timeout}, timeout=timeout + 5)
+        return int(reply.get("left", 0))
 
     async def _ensure(self) -> None:
         """Adopt the router that is running for this state directory, or start one."""
