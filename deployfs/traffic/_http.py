@@ -288,6 +288,7 @@ class HttpRoute:
         self.rr = 0
         self.connecting: set[Upstream] = set()  # connects in progress, timed out by sweep
         self.requests = self.retried = self.failed = 0
+        self.unavailable = 0  # requests answered 503: no instance in routing (the metrics count them refused)
 
     # relay thread only
     def update(self, backends: list[Backend], weights: dict[Backend, int] | None = None) -> None:
@@ -298,6 +299,10 @@ class HttpRoute:
             if b not in self.routed:  # leaving: close our idle connections to it now, before its app does
                 for up in self.idle.pop(b):
                     self.close(up)
+        # A backend gone for good is forgotten (until then the router's stats leave it out once idle).
+        for counts in (self.sent, self.refused):
+            for b in [b for b in counts if b not in self.routed and not self.conns.get(b)]:
+                del counts[b]
 
     def choose(self, avoid: Backend | None) -> Backend | None:
         b, w = self.backends, self.weights
@@ -518,6 +523,7 @@ class HttpConn:
             if backend is None or self.tries > len(route.backends) + 1:
                 route.failed += 1
                 if backend is None:
+                    route.unavailable += 1
                     self._refuse(503, "Service Unavailable", "no healthy instance")
                 else:
                     self._refuse(502, "Bad Gateway", "no instance answered")

@@ -52,6 +52,7 @@ import resource
 import signal
 import socket
 import sys
+from typing import Callable
 import time
 from dataclasses import dataclass, field
 
@@ -136,7 +137,15 @@ class Route:
 
     def release(self, backend: Backend) -> None:
         self.active[backend] -= 1
+        if not self.active[backend] and backend not in self.backends:
+            # Its last connection after it left routing: its series end (set() could not drop them then).
+            for counts in (self.active, self.total, self.failed):
+                counts.pop(backend, None)
         self.poke()
+
+    def live(self, backend: Backend) -> bool:
+        """Still in the metrics: in routing, or out of it with a connection left (docs/operations.md)."""
+        return backend in self.backends or self.busy(backend) > 0
 
     def poke(self) -> None:
         self.changed.set()
@@ -346,7 +355,9 @@ class Router:
         return {"pid": os.getpid(), "started": self.started, "nofile": self.nofile, "max_conns": self.max_conns,
                 "idle_timeout": self.relay.idle_timeout or 0, "out_of_fds": self.out_of_fds,
                 "fds_short": self._fds_short, "routes": {
-            s: {"port": r.port, "backends": [list(b) for b in r.backends], "served": r.served, "refused": r.refused,
+            s: {"port": r.port, "backends": [list(b) for b in r.backends], "served": r.served,
+                # tcp resets a client no backend took; http answers its request 503: both are refusals
+                "refused": r.refused + (r.http.unavailable if r.http else 0),
                 "weights": None if r.weights is None else [r.weights[b] for b in r.backends],
                 "open": r.open, "rejected": r.rejected, "saturated": r.saturated,
                 "protocol": r.protocol,
@@ -355,15 +366,18 @@ class Router:
                 "active": {f"{h}:{p}": r.busy((h, p)) for (h, p) in {*r.active, *(r.http.conns if r.http else ())}
                            if r.busy((h, p))},
                 # In http mode a backend's total counts requests sent to it, failed its connects that failed.
-                "total": _merged(r.total, r.http.sent if r.http else {}),
-                "failed": _merged(r.failed, r.http.refused if r.http else {})} for s, r in self.routes.items()}}
+                "total": _merged(r.live, r.total, r.http.sent if r.http else {}),
+                "failed": _merged(r.live, r.failed, r.http.refused if r.http else {})} for s, r in self.routes.items()}}
 
 
-def _merged(*counts: dict[Backend, int]) -> dict[str, int]:
+def _merged(live: Callable[[Backend], bool], *counts: dict[Backend, int]) -> dict[str, int]:
+    """The backends' counts summed, of those still live only: the relay thread keeps http's
+    per-backend counts, and a backend it no longer routes to ends its series here."""
     out: dict[str, int] = {}
     for c in counts:
         for (h, p), n in list(c.items()):  # the relay thread may add a key meanwhile: copy first
-            out[f"{h}:{p}"] = out.get(f"{h}:{p}", 0) + n
+            if live((h, p)):
+                out[f"{h}:{p}"] = out.get(f"{h}:{p}", 0) + n
     return out
 
 
