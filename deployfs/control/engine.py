@@ -1005,7 +1005,8 @@ class Engine:
             was_stopped = rec.stopped
             changed = was_stopped or m.replicas != rec.replicas or m != svc.manifest
             rec.stopped, rec.replicas, rec.manifest = False, m.replicas, text
-            reroute = m.traffic_protocol != svc.manifest.traffic_protocol
+            old = svc.manifest
+            reroute = m.traffic_protocol != old.traffic_protocol
             svc.manifest = m
             if reroute:  # how the router forwards is no part of an instance: no rollout, new connections use it
                 svc.routing_changed()
@@ -1017,7 +1018,8 @@ class Engine:
             svc.save()
             if not changed:
                 return f"ok unchanged {m.version}"
-            svc.event(f"{'started' if was_stopped else 'applied'} {m.version} replicas={m.replicas} by {who}")
+            svc.event(f"{'started' if was_stopped else 'applied'} {m.version} replicas={m.replicas} by {who}"
+                      + _protocol_change(old, m))
             svc.poke()
             return f"ok {m.version} replicas={m.replicas}"
         frm = rec.version
@@ -1080,14 +1082,14 @@ class Engine:
             rec.rollout_started = time.time()
             svc.stats.rollouts_started += 1
             svc.set_previous()  # only a version that completed can be the rollback target
-            svc.manifest = m
+            old, svc.manifest = svc.manifest, m
             svc.state = rollout.State(rec.update_status, 0, float("-inf"))
             svc.save()
             canary = f" canary={svc.canaries()}" if rec.canary_phase else ""
             if rec.canary_phase and m.canary_weight is not None:
                 canary += f" canary_weight={m.canary_weight}%"
             svc.event(f"{what} started {frm}→{m.version} strategy={m.update}{canary} batch={m.update_batch} "
-                      f"pause={format_seconds(m.update_pause)}s by {who}")
+                      f"pause={format_seconds(m.update_pause)}s by {who}" + _protocol_change(old, m))
         if self.router.failure(svc.name):
             svc.routing_changed()  # the router refused the port before: let it try again
         svc.poke()
@@ -1133,6 +1135,12 @@ def _boundary_from(batch_ended: float | None) -> float | None:
 
 
 MAX_WARNINGS = 10  # events per apply; a manifest of 1,500 unknown lines is one mistake, not 1,500
+
+
+def _protocol_change(old: Manifest, new: Manifest) -> str:
+    """The event's note when how the router forwards changes: its default follows the health check."""
+    a, b = old.traffic_protocol, new.traffic_protocol
+    return "" if a == b else f" (protocol {a} -> {b})"
 
 
 def _warn(svc: Service, warnings: Sequence[str]) -> None:

@@ -141,4 +141,4 @@ def snapshot(s: Service, usage: Usage) -> ServiceStatus:
         name=s.name, version=rec.version or "", previous_version=rec.previous_version or "",
         update_status=rec.update_status, replicas=rec.replicas, manifest=rec.manifest,
         previous_manifest=rec.previous_manifest, failure=rec.failure, mtime=s.mtime,
-        kept_logs=dict(rec.kept_logs), derive=derive)
+        kept_logs=dict(rec.kept_logs), protocol=s.manifest.traffic_protocol, derive=derive)

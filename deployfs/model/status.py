@@ -57,6 +57,7 @@ class ServiceStatus:
     mtime: float  # wall clock of the last change
     # logs/<name> -> instance id: the output of instances gone that is kept readable
     kept_logs: dict[str, int]
+    protocol: str  # how the router forwards: http | tcp (the manifest's, or the health check's default)
     derive: Callable[[], Derived] = field(repr=False, compare=False)
 
     @cached_property

@@ -63,6 +63,7 @@ def render_status(s: ServiceStatus) -> str:
         ("update_status", s.update_status), ("update_progress", f"{up}/{want}"),
         ("replicas", s.replicas), ("running", s.running),
         ("health", s.health), ("endpoints", " ".join(f"{h}:{p}" for h, p in s.endpoints)),
+        ("protocol", s.protocol),  # its default hangs on the health check's form: show what is in effect
     ]
     if s.update_status == "failed":
         rows.append(("failure", s.failure))
