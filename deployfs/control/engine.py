@@ -125,7 +125,10 @@ class Service:
         self.manifest = parse(rec.manifest, name=rec.name).manifest
         self.instances: dict[int, Instance] = {}
         # The pause boundary is in the record (wall clock): a restarted server waits out the same pause.
-        self.state = rollout.State(status=rec.update_status, steps=rec.steps, boundary=_boundary_from(rec.batch_ended))
+        # A rollout in flight when the server started (again): its instances may be gone with a clean
+        # stop, and the good version's strength comes back before the rollout goes on (rollout.py).
+        self.state = rollout.State(status=rec.update_status, steps=rec.steps, boundary=_boundary_from(rec.batch_ended),
+                                   restoring=rec.update_status in ("rolling", "paused", "canary"))
         self._saved_boundary = self.state.boundary
         self._wakeup = trio.Event()
         self._changed = trio.Event()
@@ -603,7 +606,7 @@ class Service:
         rec.canary_phase = False
         if rec.update_status == "canary":
             rec.update_status = "rolling"
-        self.state = rollout.State(rec.update_status, rec.steps, trio.current_time())
+        self.state = rollout.State(rec.update_status, rec.steps, trio.current_time(), self.state.restoring)
         self.save()
         self.event(f"canary promoted by {who}: rolling out the rest")
         self.routing_changed()  # every instance counts the same again
@@ -894,7 +897,7 @@ class Engine:
                 # The canary is the only batch before a decision: nothing to step to.
                 raise CommandError(Kind.BUSY, f"{name}: the canaries are started; promote (then step), "
                                               "or rollback")
-            svc.state = rollout.State("paused", svc.state.steps + 1, svc.state.boundary)
+            svc.state = rollout.State("paused", svc.state.steps + 1, svc.state.boundary, svc.state.restoring)
             rec.steps = svc.state.steps
             svc.save()
             svc.event(f"rolling update step by {who}")
@@ -946,8 +949,16 @@ class Engine:
             if rec.deleting:
                 return "ok already deleting"
             svc.keep_logs("stopped", lambda i: not i.leaving)
+            abandoned = rec.version if rec.canary_phase and rec.good_version and rec.good_version != rec.version else None
+            if abandoned:
+                # A stop ends a canary by abandoning it: nobody promoted it, so what `restart` (or a
+                # restart of deployfs) brings back is the good version, never the canary everywhere.
+                text = set_replicas_line(rec.good_manifest.encode(), rec.replicas).decode()
+                rec.version, rec.manifest, rec.generation = rec.good_version, text, rec.good_generation
+                svc.manifest = parse(text, name=name).manifest
+                svc.set_previous()
             rec.stopped, rec.deleting = True, verb == "delete"
-            rec.canary_phase = False  # a stop ends a canary as it ends a rollout
+            rec.canary_phase = False
             svc.state = rollout.State()
             rec.update_status, rec.steps, rec.rollout_from, rec.rollout_started = "none", 0, None, None
             with self.store.transaction():
@@ -957,6 +968,9 @@ class Engine:
                     self.events.emit(CLUSTER, f"deleting {name} by {who}")
                 else:
                     svc.event(f"stopping every instance by {who}")
+                if abandoned:
+                    svc.event(f"canary of {abandoned} abandoned by stop: {rec.version} is in force "
+                              f"(`restart` brings it back; apply again to retry the canary)")
         else:
             raise CommandError(Kind.INVALID, f"unknown verb {verb!r}")
         svc.poke()
@@ -1106,7 +1120,7 @@ class Engine:
         svc.event(f"auto_rollback: rolling back to {to} (decided by deployfs) after: {why}")
 
     def _set_status(self, svc: Service, status: str, event: str) -> None:
-        svc.state = rollout.State(status, 0, svc.state.boundary)
+        svc.state = rollout.State(status, 0, svc.state.boundary, svc.state.restoring)
         svc.rec.update_status, svc.rec.steps = status, 0
         svc.save()
         svc.event(event)

@@ -25,6 +25,10 @@ before it started.  Instances of the good version start beside the old ones
 ``replicas`` ready, and a target instance that goes bad is stopped, never
 restarted.
 
+A server started again mid-rollout (``State.restoring``; a clean stop takes every instance with
+it) first brings the good version back to ``replicas`` while nothing of the target runs, then the
+rules above (or the canary rule) carry on: never the new version everywhere at once.
+
 Running instances never exceed ``replicas + update_batch``: a batch starts
 only when nothing is draining and at most ``replicas`` run.
 
@@ -91,6 +95,7 @@ class State:
     status: str = "none"  # none | rolling | paused | canary | failed
     steps: int = 0  # batches `step` may still start while paused
     boundary: float | None = float("-inf")  # when the last batch finished; None mid-batch
+    restoring: bool = False  # started again mid-rollout: the good version's strength comes back first
 
 
 @dataclass(frozen=True)
@@ -174,6 +179,11 @@ def plan(t: Target, insts: list[Inst], st: State, now: float, routed: bool = Tru
         return Plan([*(Stop(i.id, "rollout failed") for i in doomed),
                      Fail(f"instance {first.slot} ({t.key[0]}) {what}".rstrip(": "))],
                     replace(st, status="failed", steps=0))
+    if st.restoring:
+        restoring = _restore_first(t, insts, new, old, st)
+        if restoring is not None:
+            return restoring
+        st = replace(st, restoring=False)
     if t.canary > 0 and old:
         return _canary(t, insts, new, old, st, now, draining)
     if st.status == "canary":  # promoted (or nothing old to compare with): the rolling rules go on
@@ -279,6 +289,23 @@ def _complete(t: Target, ready: list[Inst], st: State, routed: bool) -> Plan:
         return Plan([], st)
     return Plan([Complete({i.id: n for n, i in enumerate(ready)})],
                 State(status="none", steps=0, boundary=float("-inf")))
+
+
+def _restore_first(t: Target, insts: list[Inst], new: list[Inst], old: list[Inst], st: State) -> Plan | None:
+    """``State.restoring`` (a server that started again with a rollout in flight): while nothing of
+    the target runs, bring the good version back to ``replicas`` first (a clean stop took every
+    instance with it), so the rollout or canary carries on from a full old set with its batches,
+    pauses and gates instead of starting everything new at once.  None once there is nothing to
+    restore, or the good version itself goes bad (the usual rules then take it from there).
+    ``replace`` is exempt: it stops the old set anyway."""
+    if (t.good is None or t.good == t.key or t.strategy == "replace" or new or t.replicas == 0
+            or any(i.key != t.good or i.phase not in (Phase.STARTING, Phase.READY) for i in old)
+            or (len(old) >= t.replicas and all(i.phase is Phase.READY for i in old))):
+        return None
+    used = {i.slot for i in insts}
+    free = [s for s in range(len(insts) + t.replicas) if s not in used][: max(0, t.replicas - len(old))]
+    # The pause (or the canary's auto_promote clock) runs from once the old set is back.
+    return Plan([Start(s, t.good) for s in free], replace(st, boundary=None))
 
 
 def _restore(t: Target, insts: list[Inst], live: list[Inst], st: State, now: float) -> Plan:

@@ -92,7 +92,7 @@ async def test_pause_in_the_canary_then_promote_moves_by_steps(h, autojump_clock
 
 
 async def test_step_restart_during_a_canary_are_refused_and_stop_ends_it(h, autojump_clock):
-    await deploy_v1(h)
+    v1 = await deploy_v1(h)
     v2 = h.write(canary())
     h.cmd("apply")
     assert await h.settle() == "canary"
@@ -107,8 +107,11 @@ async def test_step_restart_during_a_canary_are_refused_and_stop_ends_it(h, auto
     h.cmd("stop")
     await h.settle()
     assert not h.svc.rec.canary_phase and not h.rt.running("web")
-    h.cmd("restart")  # back with the version in force, all at once: no canary phase without an old set
-    assert await h.settle() == f"done {v2}"
+    # The stop abandoned the canary: the good version is in force, and what restart brings back.
+    assert h.svc.rec.version == v1 and any(f"canary of {v2} abandoned by stop" in e for e in h.events())
+    h.cmd("restart")
+    assert await h.settle() == f"done {v1}"
+    assert {p.version for p in h.rt.running("web")} == {v1} and h.svc.rec.previous_version != v2
 
 
 async def test_bad_canary_with_auto_rollback_rolls_back_by_itself(h, autojump_clock):

@@ -4,7 +4,11 @@ The property test (tests/control/test_properties.py) drives whole random histori
 pins each rule of the reconcile step on its own, so a change to one shows which rule moved.
 """
 
+from dataclasses import replace
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from deployfs.model.rollout import (Complete, Fail, GiveUp, Inst, Phase, Promote, Restart, Start, State, Stop, Target, plan,
                                     split_weights)
@@ -12,6 +16,7 @@ from deployfs.model.rollout import (Complete, Fail, GiveUp, Inst, Phase, Promote
 V1, V2 = ("v1", 0), ("v2", 0)
 ROLLING, MID_BATCH = State("rolling", 0, float("-inf")), State("rolling", 0, None)
 CANARY = State("canary", 0, float("-inf"))
+RESTARTED = State("rolling", 0, 0.0, restoring=True)  # a server started again mid-rollout
 
 
 def i(ident: int, key: tuple[str, int], phase: str, **kw: object) -> Inst:
@@ -67,6 +72,19 @@ TABLE = [
      OLD3 + [i(3, V2, "ready")], State("rolling", 0, 4.0), True, [Stop(0, "replaced")], "rolling"),
     ("rollback from a canary: the old set is the target, the canaries go", Target(V1, 3, strategy="canary"),
      OLD3 + [i(3, V2, "ready")], ROLLING, True, [Stop(3, "replaced")], "rolling"),
+    # -- a server started again with nothing running, a rollout unfinished (a clean stop took its instances) --
+    ("restart mid-canary: the good version's strength first, no canary yet",
+     Target(V2, 3, strategy="canary", canary=1, good=V1), [], replace(CANARY, restoring=True), True,
+     [Start(0, V1), Start(1, V1), Start(2, V1)], "canary"),
+    ("restart mid-rolling-update: the good version's strength first", Target(V2, 3, good=V1), [],
+     RESTARTED, True, [Start(0, V1), Start(1, V1), Start(2, V1)], "rolling"),
+    ("...while the good version starts, nothing else moves", Target(V2, 3, good=V1),
+     [i(0, V1, "ready"), i(1, V1, "starting"), i(2, V1, "starting")], RESTARTED, True, [], "rolling"),
+    ("...unless the good version goes bad itself: the rolling rules take it from there", Target(V2, 3, good=V1),
+     [i(0, V1, "ready"), i(1, V1, "unhealthy", why="x"), i(2, V1, "starting")], RESTARTED, True,
+     [Stop(1, "not serving during the rollout"), Stop(2, "not serving during the rollout")], "rolling"),
+    ("...once it is back, the canaries start beside it", Target(V2, 3, strategy="canary", canary=1, good=V1),
+     OLD3, replace(CANARY, restoring=True), True, [Start(3)], "canary"),
     ("scale down stops the highest slot", Target(V2, 1), [i(0, V2, "ready"), i(1, V2, "ready")], State(), True,
      [Stop(1, "scaled down")], "none"),
 ]
@@ -83,6 +101,47 @@ def test_auto_promote_waits_for_its_seconds():
     t = Target(V2, 3, strategy="canary", canary=1, auto_promote=5)
     p = plan(t, OLD3 + [i(3, V2, "ready")], State("canary", 0, None), 10.0)
     assert (p.actions, p.state.status, p.wake_at) == ([], "canary", 15.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(replicas=st.integers(1, 5), batch=st.integers(1, 3), canary=st.integers(0, 3),
+       status=st.sampled_from(["rolling", "paused", "canary"]), pause=st.sampled_from([0.0, 5.0]),
+       order=st.randoms(use_true_random=False))
+def test_a_restarted_rollout_restores_the_good_version_before_anything_new(replicas, batch, canary, status, pause,
+                                                                          order):
+    """From nothing running: no target instance starts until ``replicas`` of the good version are ready,
+    whichever of the starting ones turns ready first, and then the rollout goes by its own rules
+    (at most one batch, or the canaries, at a time; never everything at once)."""
+    t = Target(V2, replicas, strategy="canary" if canary else "rolling", batch=batch, pause=pause,
+               canary=canary, good=V1)
+    st_ = State("canary" if canary and status == "canary" else ("rolling" if status == "canary" else status),
+                0, 0.0, restoring=True)
+    insts: list[Inst] = []
+    now, started_new = 10.0, 0
+    for _ in range(4 * replicas + 4):
+        p = plan(t, insts, st_, now)
+        st_ = p.state
+        if any(not isinstance(a, Start) for a in p.actions):
+            break  # past the first batch: the rolling rules' own table rows cover the rest
+        for a in p.actions:
+            assert isinstance(a, Start)
+            ready_good = sum(1 for x in insts if x.key == V1 and x.phase is Phase.READY)
+            if a.key != V1:
+                assert ready_good == replicas, (a, insts)
+                started_new += 1
+            insts.append(Inst(len(insts), a.slot, a.key or t.key, Phase.STARTING))
+        starting = [x for x in insts if x.phase is Phase.STARTING]
+        if starting:  # one at a time turns ready, in any order
+            x = order.choice(starting)
+            insts[x.id] = replace(x, phase=Phase.READY)
+        now += 1.0
+        if (p.actions == [] and not starting and p.wake_at is None) or started_new:
+            break
+        now = max(now, p.wake_at or now)
+    assert sum(1 for x in insts if x.key == V1) == replicas
+    assert started_new <= (min(canary, replicas) if canary else min(batch, replicas))
+    if status != "paused":
+        assert started_new > 0, "the rollout carries on once the good version is back"
 
 
 @pytest.mark.parametrize("flags, percent, want", [

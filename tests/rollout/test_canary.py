@@ -203,3 +203,61 @@ def test_a_restart_of_deployfs_mid_canary_carries_on_through_haproxy(tmp_path):
                 what="every server back to weight 1")
     finally:
         _mount.stop(m)
+
+
+def versions_while(m, until) -> list[list[str]]:
+    """Every distinct list of instance versions (by slot) seen until ``until()``: what started when."""
+    seen: list[list[str]] = []
+    deadline = time.monotonic() + 60
+    while not until():
+        assert time.monotonic() < deadline, (seen, m.read("active/web/events"))
+        try:
+            now = [v for _, (v, _) in sorted(instances(m).items(), key=lambda kv: int(kv[0]))]
+        except (AttributeError, subprocess.TimeoutExpired):  # (an instance file between two states)
+            continue
+        if not seen or seen[-1] != now:
+            seen.append(now)
+        time.sleep(0.05)
+    return seen
+
+
+def restart_server(m) -> None:
+    """A clean stop (SIGTERM: Ctrl-C on `make run`), which takes every instance with it, then start again."""
+    _mount.stop(m)
+    m2 = _mount.start(str(m.path).rsplit("/", 1)[0], state=m.state, mnt=m.path)
+    m.proc, m.log = m2.proc, m2.log
+
+
+def test_a_clean_restart_mid_canary_brings_the_old_set_back_then_the_canary(served):
+    # Issue 20 (newcomer 1): the server came back with every replica on the canary, "complete".
+    m = served
+    v1 = m.read("active/web/version").strip()
+    start_canary(m)
+    v2 = m.read("active/web/version").strip()
+    previous = m.read("active/web/previous_version")
+    restart_server(m)
+    seen = versions_while(m, lambda: m.read("active/web/wait") == "canary\n")
+    assert m.read("active/web/update_status") == "canary\n", m.read("active/web/events")
+    assert sorted(v for v, _ in instances(m).values()) == sorted([v1] * 3 + [v2])
+    # The good version's strength first: no canary before three of the old version.
+    first_canary = next((n for n, s in enumerate(seen) if v2 in s), len(seen))
+    assert first_canary == len(seen) or seen[first_canary - 1].count(v1) == 3, seen
+    assert m.read("active/web/version").strip() == v2 and m.read("active/web/previous_version") == previous
+    assert "complete" not in m.read("active/web/events").split("deployfs is shutting down")[-1]
+
+
+def test_a_clean_restart_mid_rolling_update_keeps_its_batches(served):
+    # ...and a rolling update: all three new ones started at once, skipping batches and pauses.
+    m = served
+    v1 = m.read("active/web/version").strip()
+    m.write_manifest("web", manifest("v2", "", "update_pause 1\n"))
+    assert m.ctl("apply web").returncode == 0
+    v2 = m.read("active/web/version").strip()
+    m.until(lambda: sorted(v for v, _ in instances(m).values()) == sorted([v1, v1, v2]), what="batch 1 done")
+    restart_server(m)
+    seen = versions_while(m, lambda: m.read("active/web/update_status") == "none\n")
+    assert m.read("active/web/wait") == f"done {v2}\n"
+    first_new = next(n for n, s in enumerate(seen) if v2 in s)
+    assert seen[first_new - 1].count(v1) == 3, seen  # the good version's strength first
+    assert seen[first_new].count(v2) == 1, seen  # then one batch at a time, not all three at once
+    assert all(len(s) <= 4 for s in seen), seen  # never more than replicas + update_batch
