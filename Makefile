@@ -5,6 +5,8 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 MOUNT   ?= ./deploy
 STATE   ?= ./.deployfs
+# More options for `deployfs serve`: make run ARGS="--metrics 127.0.0.1:9464 --9p tcp!127.0.0.1!5640"
+ARGS    ?=
 
 .PHONY: run test fuzz bench demo sysdeps clean
 
@@ -22,7 +24,7 @@ run: $(STAMP)
 	@# A dead mount left by a killed server fails even `mkdir -p` (ENOTCONN): deployfs
 	@# serve cleans it up itself, so only a missing directory is made here.
 	@mkdir -p $(MOUNT) 2>/dev/null || true  # the state directory deployfs makes itself, owner-only
-	$(VENV)/bin/deployfs serve $(MOUNT) --state $(STATE)
+	$(VENV)/bin/deployfs serve $(MOUNT) --state $(STATE) $(ARGS)
 
 test: export DEPLOYFS_TEST_DEPS=1
 test: $(STAMP)

@@ -86,6 +86,8 @@ def walk(readme: str, tmp_path) -> int:
                                    timeout=60)
                 actual = [norm(l) for l in (r.stdout + r.stderr).splitlines()]
                 want = [norm(l) for l in expected]
+                if cmd.startswith("ls "):  # a listing is shown whole: a name missing from it must fail
+                    assert actual == want, f"{cmd!r}\nexpected: {want}\ngot: {actual}"
                 it = iter(actual)
                 missing = [w for w in want if not any(w == a for a in it)]
                 assert not missing, f"{cmd!r}\nexpected (in order): {want}\ngot: {actual}"

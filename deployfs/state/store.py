@@ -197,7 +197,9 @@ class SqliteStore:
                     self._exec(stmt)
                 if n == 1:
                     moved = self._move_records_to_kv()
-                    log.info("%s: %d records of the previous version moved into the key-value store", self.path, moved)
+                    if moved:  # a fresh database has none: nothing to tell
+                        log.info("%s: %d records of the previous version moved into the key-value store",
+                                 self.path, moved)
                 self._exec(f"PRAGMA user_version = {n + 1}")
 
     def _move_records_to_kv(self) -> int:

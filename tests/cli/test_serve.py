@@ -273,6 +273,7 @@ def test_make_run_after_a_kill_9_cleans_the_dead_mount(tmp_path):
     import errno
     import signal
     import time
+    import urllib.request
 
     import pytest
 
@@ -280,8 +281,9 @@ def test_make_run_after_a_kill_9_cleans_the_dead_mount(tmp_path):
     mnt, state = str(tmp_path / "deploy"), str(tmp_path / "state")
 
     def make_run() -> subprocess.Popen:
-        # -o: never reinstall the venv from a test
-        argv = ["make", "-s", "-C", REPO, "-o", ".venv/.installed", "run", f"MOUNT={mnt}", f"STATE={state}"]
+        # -o: never reinstall the venv from a test; ARGS: options passed through to deployfs serve
+        argv = ["make", "-s", "-C", REPO, "-o", ".venv/.installed", "run", f"MOUNT={mnt}", f"STATE={state}",
+                "ARGS=--metrics 127.0.0.1:20530 --idle-timeout 60"]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
         deadline = time.monotonic() + 20
@@ -304,6 +306,8 @@ def test_make_run_after_a_kill_9_cleans_the_dead_mount(tmp_path):
         assert dead.value.errno == errno.ENOTCONN
         assert subprocess.run(["mkdir", "-p", mnt], capture_output=True).returncode != 0  # what make run did
         proc = make_run()
+        with urllib.request.urlopen("http://127.0.0.1:20530/metrics", timeout=5) as r:
+            assert b"deployfs_router_up" in r.read()
         os.kill(server_pid(), signal.SIGTERM)
         out = proc.communicate(timeout=60)[0]
         assert "cleaning up the dead mount" in out and f"unmounted {mnt}" in out, out
