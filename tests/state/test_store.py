@@ -342,3 +342,11 @@ def test_old_events_are_trimmed_past_the_kept_number(tmp_path):
     kept = s.events("web", 0) + s.events("web", 1)
     assert [e.text for e in kept] == [f"e{i}" for i in range(EVENTS_TRIM_EVERY - 6, EVENTS_TRIM_EVERY - 1)] + ["the thousandth"]
     assert s.last_event("web").text == "the thousandth" and [e.text for e in s.events("api", 0)] == ["another service's"]
+
+
+def test_a_fresh_database_says_nothing_about_moving_records(tmp_path, caplog):
+    """"0 records of the previous version moved" on every first start told a newcomer nothing."""
+    import logging
+    with caplog.at_level(logging.INFO):
+        SqliteStore(str(tmp_path)).close()
+    assert "moved into the key-value store" not in caplog.text
