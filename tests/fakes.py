@@ -87,6 +87,9 @@ class FakeRuntime:
     async def prune(self, keep) -> None:
         pass
 
+    def oom_kills(self, service, instance_id) -> int:
+        return 0
+
     def limit_problem(self, limits, nofile=None):
         return self.limit_problems.get("memory") if limits.memory else None
 

@@ -746,6 +746,11 @@ class Engine:
                     gone.append(key)
                 else:
                     inst.phase, inst.why, inst.last_exit = Phase.EXITED, "gone while deployfs was down", trio.current_time()
+                    if self.runtime.oom_kills(svc.name, irec.id):  # read before the sweep removes its cgroup
+                        memory = inst.manifest.memory
+                        irec.oom_kills += 1
+                        inst.why = (f"killed: out of memory{f' (limit {format_size(memory)})' if memory else ''} "
+                                    "while deployfs was down")
                     gone.append(key)
                 if irec.state == "draining":
                     draining.append(inst)

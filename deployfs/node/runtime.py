@@ -88,6 +88,9 @@ class Runtime(Protocol):
     def adopt(self, pid: int, start_time: int, service: str, instance_id: int) -> Process | None: ...
     def find_unrecorded(self, wanted: set[tuple[str, int]]) -> Mapping[tuple[str, int], Process]: ...
     async def sweep(self, keys: Iterable[tuple[str, int]]) -> None: ...
+    def oom_kills(self, service: str, instance_id: int) -> int:
+        """OOM kills its cgroup counted (0 without one): why an instance died while nobody watched."""
+        ...
     async def prune(self, keep: set[tuple[str, int]]) -> None: ...
     def limit_problem(self, limits: Limits, nofile: int | None = None) -> tuple[str, str] | None:
         """(directive, reason) when this host cannot apply one of these limits at all."""
@@ -372,6 +375,10 @@ class LocalRuntime:
             if proc is not None:
                 found[key] = proc
         return found
+
+    def oom_kills(self, service: str, instance_id: int) -> int:
+        cgroup = self.cgroups.find(service, instance_id)  # left behind: nobody reaped it
+        return 0 if cgroup is None else cgroup.oom_kills()
 
     async def sweep(self, keys: Iterable[tuple[str, int]]) -> None:
         """Kill whatever is left of these instances (children of a leader that is gone)."""

@@ -8,6 +8,7 @@ import tempfile
 
 import pytest
 
+from deployfs.node.cgroups import detect
 from tests import mount as _mount
 from tests.users import ALICE, BOB, EXTRA, extra_gid, made_users
 
@@ -142,5 +143,32 @@ def test_nofile_above_what_deployfs_may_raise_is_refused_at_apply_with_its_line(
         m.write_manifest("some", f"image /bin/sleep\nargs 300\nnofile {hard}\nhealth_interval 0.2\n")  # up to it: runs
         assert m.ctl("apply some").returncode == 0
         assert m.read("active/some/wait").startswith("done")
+    finally:
+        _mount.stop(m)
+
+
+HOG = "x = [bytearray(1 << 20) for _ in range(200)]; import time; time.sleep(60)"
+
+
+@pytest.mark.skipif("memory" not in detect().controllers, reason="no memory cgroup controller here")
+def test_an_oom_kill_while_deployfs_was_down_is_reported_after_its_restart(tmp_path):
+    """Issue 16 fix 3: the instance's cgroup outlives it and the server; recovery reads its OOM count."""
+    go = str(tmp_path / "go")
+    state, mnt = str(tmp_path / "state"), str(tmp_path / "mnt")
+    m = _mount.start(str(tmp_path), state=state, mnt=mnt)
+    try:
+        # Healthy first; allocates in steps once told to, so the kernel kills it at the limit.
+        m.write_manifest("hog", f"image /bin/sh\nargs -c 'while [ ! -e {go} ]; do sleep 0.05; done; "
+                                f"exec /usr/bin/python3 -c \"{HOG}\"'\nmemory 32M\nhealth_interval 0.2\n")
+        assert m.ctl("apply hog").returncode == 0, m.read("events")
+        assert m.read("active/hog/wait").startswith("done")
+        pid = pids_of(m, "hog")[0]
+        _mount.kill9(m)
+        open(go, "w").close()
+        m.until(lambda: not os.path.exists(f"/proc/{pid}"), what="the instance OOM-killed")
+        m = _mount.start(str(tmp_path), state=state, mnt=mnt)
+        m.until(lambda: "instance 0 killed: out of memory (limit 32M) while deployfs was down"
+                in m.read("active/hog/events"), what="the OOM reported")
+        assert " oom_kills=" in m.read("active/hog/instances/0")
     finally:
         _mount.stop(m)
