@@ -1025,9 +1025,11 @@ class Engine:
             changed = was_stopped or m.replicas != rec.replicas or m != svc.manifest
             rec.stopped, rec.replicas, rec.manifest = False, m.replicas, text
             old = svc.manifest
-            reroute = m.traffic_protocol != old.traffic_protocol
+            # How the router forwards, and the canaries' share, are no part of an instance: no rollout,
+            # the routers take them at once (canary_weight 1 -> 10 -> 50 is how a canary is ramped).
+            reroute = m.traffic_protocol != old.traffic_protocol or m.canary_weight != old.canary_weight
             svc.manifest = m
-            if reroute:  # how the router forwards is no part of an instance: no rollout, new connections use it
+            if reroute:
                 svc.routing_changed()
             if was_stopped:  # starting again is a deploy: `wait` follows it
                 rec.kept_logs = {}
@@ -1159,7 +1161,12 @@ MAX_WARNINGS = 10  # events per apply; a manifest of 1,500 unknown lines is one 
 def _protocol_change(old: Manifest, new: Manifest) -> str:
     """The event's note when how the router forwards changes: its default follows the health check."""
     a, b = old.traffic_protocol, new.traffic_protocol
-    return "" if a == b else f" (protocol {a} -> {b})"
+    note = "" if a == b else f" (protocol {a} -> {b})"
+    if old.canary_weight != new.canary_weight:
+        def pct(w: int | None) -> str:
+            return "their share" if w is None else f"{w}%"
+        note += f" (canary_weight {pct(old.canary_weight)} -> {pct(new.canary_weight)})"
+    return note
 
 
 def _warn(svc: Service, warnings: Sequence[str]) -> None:

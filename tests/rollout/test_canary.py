@@ -261,3 +261,23 @@ def test_a_clean_restart_mid_rolling_update_keeps_its_batches(served):
     assert seen[first_new - 1].count(v1) == 3, seen  # the good version's strength first
     assert seen[first_new].count(v2) == 1, seen  # then one batch at a time, not all three at once
     assert all(len(s) <= 4 for s in seen), seen  # never more than replicas + update_batch
+
+
+@pytest.mark.parametrize("router", ["builtin", "haproxy"])
+def test_a_new_canary_weight_reaches_the_router_at_once(tmp_path, router):
+    # Issue 20 (newcomer 3): the reply said "getting 100%" while the router kept 99/1.
+    m = serve(tmp_path, *(("--router", "haproxy") if router == "haproxy" else ()))
+    try:
+        start_canary(m, canary=CANARY + "canary_weight 10\n")
+        m.write_manifest("web", manifest("v2", "", CANARY + "canary_weight 50\n"))  # the same version
+        r = deploy(m, "apply", "web")
+        assert r.returncode == 0 and "getting 50% of requests" in r.stdout, (r.stdout, r.stderr)
+        assert m.read("active/web/update_status") == "canary\n"
+        if router == "haproxy":
+            m.until(lambda: sorted(haproxy_weights(m).values()) == [16, 17, 17, 50], timeout=5,
+                    what="the new weights in haproxy")
+        else:  # per request, smooth weighted round-robin: exactly half over any 100 picks
+            m.until(lambda: get_many(100).count("v2") == 50, timeout=5, what="half the requests to the canary")
+        assert "(canary_weight 10% -> 50%)" in m.read("active/web/events")
+    finally:
+        _mount.stop(m)
