@@ -520,7 +520,9 @@ class Service:
         # An exec probe carries the instance's marker: what it leaves behind is
         # found and killed with the instance.
         probe_env = {MARKER: self.engine.runtime.marker(self.name, rec.id)}
-        while True:
+        # A leaving instance is out of routing for good and its stop signal is coming: probing it
+        # decides nothing, and a probe after that signal only fails ("unhealthy: ... refused", noise).
+        while not inst.leaving:
             now = trio.current_time()
             starting = inst.rec.health == "starting"
             if check is None:
@@ -533,6 +535,8 @@ class Service:
             t0 = trio.current_time()
             verdict = await self.engine.prober.probe(check, m.health_timeout, env=probe_env)
             self.stats.probe_seconds.observe(trio.current_time() - t0)
+            if inst.leaving:
+                return
             self.stats.probe_failures += not verdict.ok
             self._observe(inst, verdict.ok, verdict.detail)
             wake, period = probing.next_probe(inst, m, now)
