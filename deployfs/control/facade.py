@@ -126,8 +126,10 @@ def snapshot(s: Service, usage: Usage) -> ServiceStatus:
         def cost() -> tuple[float, int] | None:  # from the metrics' pass over /proc, None unless running
             c = usage.of(i.rec.pid) if i.proc is not None and not i.proc.exited else None
             return None if c is None else (c.cpu, c.rss)
+        alive = i.proc is not None and not i.proc.exited
+        pid = i.rec.pid if alive else None  # a dead process's pid may be another's by now
         return InstanceStatus(id=i.rec.id, slot=i.rec.slot, version=i.rec.version, state=instance_state(i),
-                              health=i.rec.health, pid=i.rec.pid, port=i.rec.port, restarts=i.rec.restarts,
+                              health=i.rec.health, pid=pid, port=i.rec.port, restarts=i.rec.restarts,
                               started=i.rec.started, node=NODE, cost=cost,
                               oom_kills=i.rec.oom_kills)
 

@@ -52,7 +52,7 @@ def render_instance(i: InstanceStatus) -> str:
     c = i.cost()
     cost = "cpu=- rss=-" if c is None else f"cpu={c[0]:.2f} rss={c[1]}"  # `-` when not running
     return (f"node={i.node} slot={i.slot} version={i.version} state={i.state} health={i.health} "
-            f"pid={i.pid or '-'} port={i.port or '-'} restarts={i.restarts} started={rfc3339(i.started)} {cost}"
+            f"pid={i.pid or '-'} port={i.port or '-'} restarts={i.restarts} started={rfc3339(i.started)} {cost} id={i.id}"
             + (f" oom_kills={i.oom_kills}" if i.oom_kills else "") + "\n")
 
 

@@ -68,7 +68,9 @@ def instance_pids(m):
     out = {}
     for s in m.sh("ls active/web/instances").stdout.split():
         line = m.read(f"active/web/instances/{s}")
-        out[int(line.split("pid=")[1].split()[0])] = line
+        pid = line.split("pid=")[1].split()[0]
+        if pid != "-":  # an instance that is over has no process
+            out[int(pid)] = line
     return out
 
 

@@ -172,3 +172,29 @@ def test_an_oom_kill_while_deployfs_was_down_is_reported_after_its_restart(tmp_p
         assert " oom_kills=" in m.read("active/hog/instances/0")
     finally:
         _mount.stop(m)
+
+
+def test_instances_n_shows_the_id_its_cgroup_and_marker_use_and_no_pid_once_dead(tmp_path):
+    """Issue 16 fixes 4 and 8: `id=` leads an operator to the cgroup and the marker; an instance that
+    is over shows pid=- (its pid may be another process's by now)."""
+    from deployfs.node.cgroups import Cgroups
+    with _mount.running(tmp_path) as m:
+        m.write_manifest("web", "image /bin/sleep\nargs 300\nreplicas 2\nmemory 64M\nrestart never\n"
+                                "health_interval 0.2\n")
+        assert m.ctl("apply web").returncode == 0
+        assert m.read("active/web/wait").startswith("done")
+        m.ctl("scale 1", "web")
+        m.until(lambda: len(os.listdir(m.p("active/web/instances"))) == 1, what="scaled to 1")
+        m.ctl("restart", "web")  # a replacement: slot 0 under a new id
+        assert m.read("active/web/wait").startswith("done")
+        line = m.read("active/web/instances/0")
+        ident, pid = int(line.split(" id=")[1].split()[0]), int(line.split("pid=")[1].split()[0])
+        assert ident != 0
+        cg = Cgroups(m.state).find("web", ident)
+        assert cg is not None and pid in cg.pids()
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            assert f"DEPLOYFS_INSTANCE={os.path.abspath(m.state)}:web:{ident}".encode() in f.read().split(b"\0")
+        os.kill(pid, 9)
+        m.until(lambda: "state=exited" in m.read("active/web/instances/0") or
+                "state=failed" in m.read("active/web/instances/0"), what="the instance over")
+        assert " pid=- " in m.read("active/web/instances/0")
