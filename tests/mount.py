@@ -116,7 +116,7 @@ def stop(m: Mount, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None
         except subprocess.TimeoutExpired:
             m.proc.kill()
             m.proc.wait()
-    clean = not os.path.ismount(m.path)
+    clean = not in_mount_table(m.path)
     if not clean:
         subprocess.run(["fusermount3", "-u", "-z", m.path], check=False)
     left = reap(m.state)
@@ -124,6 +124,14 @@ def stop(m: Mount, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None
         assert clean, f"mount left behind after SIGTERM:\n{m.server_log()}"
         assert not left, f"processes left behind after SIGTERM: {left}"
     return m.proc.returncode
+
+
+def in_mount_table(path: str) -> bool:
+    """A dead mount is still a mount, though os.path.ismount says False (its stat fails: the root's
+    attributes are not cached)."""
+    real = os.path.realpath(path)
+    with open("/proc/self/mounts") as f:
+        return any(line.split(" ")[1] == real for line in f)
 
 
 def kill9(m: Mount) -> None:

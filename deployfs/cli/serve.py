@@ -250,6 +250,13 @@ def lock_state(state: str) -> int:
         raise SetupError(f"--state {state}: cannot lock {e.filename}: {e.strerror or e}") from None
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _dead_mount(mnt: str) -> bool:
     """A deployfs mount whose server died: it answers ENOTCONN (stat may still be served from
     cache: list it).  Another file system's dead mount is not ours to unmount."""
@@ -313,7 +320,7 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
     import pyfuse3
 
     from ..control.engine import Engine
-    from ..state.events import EventLog
+    from ..state.events import CLUSTER, EventLog
     from ..control.facade import EngineFacade
     from ..serve.fuse import Access, DeployFS
     from ..view.namespace import Namespace
@@ -351,6 +358,11 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
             await ninep.listen()
         except AddressError as e:
             raise SetupError(str(e)) from None
+        if a.ninep.kind == "tcp" and not _loopback(a.ninep.host):
+            warning = (f"9P on {ninep.bound} is reachable from other hosts, and over TCP a client is whoever "
+                       "its attach says (root included): use unix!PATH, or a firewall (docs/ninep.md)")
+            log.warning(warning)
+            events.emit(CLUSTER, f"warning: {warning}")
     stop_metrics = None  # before the router starts: a refused address must leave nothing running
     if a.metrics:
         try:
@@ -393,6 +405,8 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
                         log.info("%s: %s", signal.Signals(sig).name,
                                  "leaving instances running" if a.keep_instances else "draining and stopping instances")
                         ops.closing = True  # wake blocked `wait` readers
+                        if ninep is not None:
+                            await ninep.close()  # and answer those over 9P (EIO), before connections close
                         await engine.shutdown(keep_instances=a.keep_instances)
                         if not a.keep_instances:
                             await router.quit()  # kept instances stay routed

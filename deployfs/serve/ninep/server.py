@@ -47,6 +47,9 @@ from . import codec as c
 log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 64
+# Per TCP peer address: one host holding blocked `wait` reads on every slot would lock out
+# everyone else, root included.  (Local users all come from 127.0.0.1: unix! is the way to tell them apart.)
+MAX_PER_PEER = 16
 MAX_FIDS = 4096  # per connection: a walk per file looked at, clunked after
 MAX_OUTSTANDING = 64  # requests in flight per connection: only `wait` reads stay in flight
 MAX_MSIZE = 65536 + c.IOHDRSZ
@@ -102,6 +105,10 @@ class NinepServer:
         self.max_connections, self.max_fids = max_connections, max_fids
         self.debug = debug
         self.connections = 0
+        self.per_peer: dict[str, int] = {}
+        self.max_per_peer = min(MAX_PER_PEER, max_connections)
+        self.sessions: set[Session] = set()
+        self.closing = False  # shutting down: blocked `wait` reads are answered EIO, not cut off
         self.bound: str = str(address)  # with the port the kernel chose, once listening
         self.listeners: list[trio.SocketListener] = []
 
@@ -119,8 +126,7 @@ class NinepServer:
             async with trio.open_nursery() as nursery:
                 for listener in self.listeners:
                     nursery.start_soon(self._accept, listener, nursery)
-                log.info("serving 9P2000.L on %s", self.bound)
-                task_status.started()
+                task_status.started()  # (`deployfs serve` says where, once, with the mount)
         finally:
             if self.address.kind == "unix":
                 try:
@@ -157,22 +163,43 @@ class NinepServer:
     async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
             stream = await listener.accept()
+            host = _tcp_host(stream)
             if self.connections >= self.max_connections:
                 log.warning("9P: refusing a connection: %d already open", self.connections)
                 await trio.aclose_forcefully(stream)
                 continue
+            if host is not None and self.per_peer.get(host, 0) >= self.max_per_peer:
+                log.warning("9P: refusing a connection from %s: it has %d open already", host, self.max_per_peer)
+                await trio.aclose_forcefully(stream)
+                continue
             self.connections += 1
-            nursery.start_soon(self._serve, stream)
+            if host is not None:
+                self.per_peer[host] = self.per_peer.get(host, 0) + 1
+            nursery.start_soon(self._serve, stream, host)
 
-    async def _serve(self, stream: trio.SocketStream) -> None:
+    async def close(self) -> None:
+        """Answer every blocked `wait` read EIO (and any read that blocks from now on), so a client
+        sees an error of the read rather than its connection cut mid-request (EPROTO in v9fs)."""
+        self.closing = True
+        for session in list(self.sessions):
+            await session._abandon_all()
+
+    async def _serve(self, stream: trio.SocketStream, host: str | None) -> None:
+        session = Session(self, stream)
+        self.sessions.add(session)
         try:
-            await Session(self, stream).run()
+            await session.run()
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer went away (a reset, a read or write after its close)
         except* Exception:
             log.exception("bug in a 9P connection; closed it")
         finally:
+            self.sessions.discard(session)
             self.connections -= 1
+            if host is not None:
+                self.per_peer[host] -= 1
+                if not self.per_peer[host]:
+                    del self.per_peer[host]
             await trio.aclose_forcefully(stream)
 
 
@@ -195,6 +222,15 @@ def _clear_stale_socket(path: str) -> None:
     raise AddressError(f"--9p unix!{path}: another server is listening there")
 
 
+def _tcp_host(stream: trio.SocketStream) -> str | None:
+    if stream.socket.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:
+        return None
+
+
 def _peer(stream: trio.SocketStream) -> Who | None:
     """A unix peer's credentials from the kernel (its pid lets the view see its supplementary groups, as over FUSE)."""
     if stream.socket.family != socket.AF_UNIX:
@@ -212,6 +248,7 @@ class Session:
         self.conn = c.Connection(MAX_MSIZE, MAX_OUTSTANDING)
         self.fids: dict[int, Fid] = {}
         self.deferred: dict[int, tuple[trio.CancelScope, trio.Event]] = {}
+        self.flushed: set[trio.CancelScope] = set()  # deferred reads a Tflush cancelled: never answered
         self.peer = _peer(stream)
         self._send_lock = trio.Lock()
         self.handlers: dict[type[c.Message], Callable[[Any], Awaitable[c.Message]]] = {
@@ -260,6 +297,7 @@ class Session:
         elif isinstance(msg, c.Tflush):
             pending = self.deferred.get(msg.oldtag)
             if pending is not None:
+                self.flushed.add(pending[0])
                 pending[0].cancel()
                 await pending[1].wait()  # answered (if it won the race) or abandoned
             await self.send(tag, c.Rflush())
@@ -300,15 +338,19 @@ class Session:
             try:
                 with scope:
                     try:
-                        answer = c.Rread(await handle.read(msg.offset, count))
+                        if not self.server.closing:
+                            answer = c.Rread(await handle.read(msg.offset, count))
                     except Error as e:
                         answer = c.Rlerror(ERRNO[e.kind])
+                if answer is None and self.server.closing and scope not in self.flushed:
+                    answer = c.Rlerror(errno.EIO)  # the server is going away (a flushed tag gets no answer)
                 if answer is not None:  # outside the scope: a flush never cuts a reply in half
                     await self.send(tag, answer)
             finally:
                 # The client may already have reused the tag (it has its answer): drop only our entry.
                 if self.deferred.get(tag, (None,))[0] is scope:
                     del self.deferred[tag]
+                self.flushed.discard(scope)
                 done.set()
         nursery.start_soon(reply)
 

@@ -17,10 +17,12 @@ class NinepError(OSError):
 
 class Client:
     def __init__(self, address: tuple[str, int] | str, *, uid: int | None = None, msize: int = 65536 + 24,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, source: str | None = None) -> None:
         family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
+        if source is not None:  # another loopback address (127.0.0.2): another peer to the server's per-peer cap
+            self.sock.bind((source, 0))
         self.sock.connect(address)
         self._buf = b""
         self._fid = 100

@@ -230,7 +230,8 @@ def test_bounds_on_fids_requests_and_connections_and_garbage(served):
             cl.send(2000 + tag, c.Tflush(tag))
             assert cl.recv() == c.Frame(2000 + tag, c.Rflush())
     # connections: the one over the bound is closed at once; the others carry on
-    clients = [Client(ADDR) for _ in range(srv.MAX_CONNECTIONS)]
+    # (from several loopback addresses: one address gets only MAX_PER_PEER)
+    clients = [Client(ADDR, source=f"127.0.0.{2 + i // srv.MAX_PER_PEER}") for i in range(srv.MAX_CONNECTIONS)]
     try:
         extra = socket.create_connection(ADDR, timeout=10)
         assert _closed(extra)
