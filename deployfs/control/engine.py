@@ -1124,9 +1124,11 @@ class Engine:
         rec = svc.rec
         why, to = rec.failure, rec.good_version
         text = set_replicas_line(rec.good_manifest.encode(), rec.replicas).decode()
+        kept = dict(rec.kept_logs)
         with self.store.transaction():
             self._begin(svc, parse(text, name=svc.name).manifest, text, "automatic rollback", "deployfs (auto_rollback)")
             rec.rolled_back = why
+            rec.kept_logs = kept  # logs/failed-N are what shows why: kept until a rollout a person starts
             svc.save()
         svc.event(f"auto_rollback: rolling back to {to} (decided by deployfs) after: {why}")
 

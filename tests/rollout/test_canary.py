@@ -168,6 +168,9 @@ def test_bad_canary_with_auto_rollback_rolls_back_by_itself(served):
     assert instances(m) == before  # untouched: the same processes on the same slots
     events = m.read("active/web/events")
     assert "automatic rollback started" in events and "by deployfs (auto_rollback)" in events
+    # Why it failed stays readable: the automatic rollback is not a rollout a person started.
+    assert "failed-3" in os.listdir(m.p("active/web/logs")), os.listdir(m.p("active/web/logs"))
+    m.read("active/web/logs/failed-3")  # (and readable)
 
 
 def haproxy_weights(m) -> dict[str, int]:
