@@ -206,6 +206,12 @@ def user_policy(default_user: str | None, allow_users: str) -> "UserPolicy":
             ident = resolve(name)
             if name in allowed and ident.uid == 0:
                 raise SetupError(f"--allow-users: {name} is root; only root may deploy instances that run as root")
+            if name == default_user and ident.uid == 0:
+                # It would refuse every non-root deployer's manifest without a user ("would run as root"),
+                # and run root's as root, which is what no --default-user already does.
+                raise SetupError(f"--default-user: {name} is root (uid 0); name an unprivileged user, or leave it "
+                                 "out (then instances without a user run as deployfs itself, and only root may "
+                                 "deploy them)")
             if os.geteuid() != 0 and ident.uid != os.geteuid():
                 raise SetupError(f"{name}: deployfs is not running as root, so it can run instances only as itself")
     except IdentityError as e:
