@@ -128,10 +128,20 @@ def _ports(text: str) -> tuple[int, int]:
 
 def _address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    host = host.strip("[]")  # [::1]:9464
+    if host.startswith("[") and host.endswith("]"):  # [::1]:9464
+        host = host[1:-1]
+    elif ":" in host:  # ::1:9464 or 127.0.0.1:9464:1: which colon ends the host is a guess
+        raise argparse.ArgumentTypeError(f"wants HOST:PORT, an IPv6 HOST in brackets ([::1]:9464), got {text!r}")
+    if sep and not host and port.isdigit():  # Prometheus's own ":9090"; all interfaces is never implied
+        raise argparse.ArgumentTypeError(f"wants a HOST too: 127.0.0.1{text} (this host only) or "
+                                         f"0.0.0.0{text} (every interface), got {text!r}")
     if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"wants HOST:PORT (e.g. 127.0.0.1:9464), got {text!r}")
     return host, int(port)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _cluster_urls(text: str) -> list[str]:
@@ -375,7 +385,7 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
             stop_metrics = facade.metrics.serve(*a.metrics)
         except OSError as e:
             raise SetupError(f"--metrics {a.metrics[0]}:{a.metrics[1]}: {e.strerror or e}") from None
-        log.info("metrics at http://%s:%d/metrics", *a.metrics)
+        log.info("metrics at http://%s:%d/metrics", _url_host(a.metrics[0]), a.metrics[1])
     # Before the router starts: the other mode's router, left by a killed server, holds the ports.
     if note := await stop_other_router(a.state, a.router):
         events.emit(CLUSTER, f"router: {note}")
@@ -384,7 +394,9 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
         await router.start()
     except RouterError as e:
         raise SetupError(str(e)) from None
-    options = set(pyfuse3.default_options) | {"fsname=deployfs", "subtype=deployfs"}
+    # Not a path (a bare "deployfs" showed as cwd/deployfs in mount listings): which state it serves.
+    fsname = f"deployfs:{a.state}" if "," not in a.state and "\\" not in a.state else "deployfs:"
+    options = set(pyfuse3.default_options) | {f"fsname={fsname}", "subtype=deployfs"}
     if a.allow_other:
         options.add("allow_other")
     if not a.no_mount:

@@ -1,6 +1,7 @@
 """`deployfs serve` refuses what it cannot use with one clear line, and exits 2."""
 
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -308,6 +309,8 @@ def test_make_run_after_a_kill_9_cleans_the_dead_mount(tmp_path):
         proc = make_run()
         with urllib.request.urlopen("http://127.0.0.1:20530/metrics", timeout=5) as r:
             assert b"deployfs_router_up" in r.read()
+        with open("/proc/self/mounts") as f:  # fsname: which state it serves, not a path under cwd
+            assert [line.split()[0] for line in f if line.split()[1] == mnt] == [f"deployfs:{os.path.realpath(state)}"]
         os.kill(server_pid(), signal.SIGTERM)
         out = proc.communicate(timeout=60)[0]
         assert "cleaning up the dead mount" in out and f"unmounted {mnt}" in out, out
@@ -318,3 +321,17 @@ def test_make_run_after_a_kill_9_cleans_the_dead_mount(tmp_path):
             proc.wait(timeout=60)
         subprocess.run(["fusermount3", "-u", "-z", mnt], check=False, capture_output=True)
         _mount.reap(state)
+
+
+def test_metrics_addresses():
+    import argparse
+
+    import pytest
+
+    from deployfs.cli.serve import _address, _url_host
+    assert _address("[::1]:9465") == ("::1", 9465) and _url_host("::1") == "[::1]"
+    assert _address("127.0.0.1:9465") == ("127.0.0.1", 9465) and _url_host("127.0.0.1") == "127.0.0.1"
+    for bad, why in (("::1:9465", "an IPv6 HOST in brackets"), ("127.0.0.1:9465:1", "an IPv6 HOST in brackets"),
+                     (":9465", "127.0.0.1:9465 (this host only) or 0.0.0.0:9465"), ("9465", "wants HOST:PORT")):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(why)):
+            _address(bad)
