@@ -6,8 +6,9 @@ Why it looks like this:
   unknown user refuses the manifest with its line number) and again at every
   start (a user deleted since is a failed start, never a silent run as root).
 * The supplementary groups are the user's from the group database
-  (``getgrouplist``), as login and ``su`` give them; ``group`` replaces only
-  the primary group.
+  (``getgrouplist``), as login and ``su`` give them; ``group`` replaces the
+  primary group (which does not stay as a supplementary one), as systemd's
+  ``Group=`` does.
 * The user chosen at apply is recorded with the version (a ``user`` line added
   to the version's text when ``--default-user`` chose it): every later start of
   that version (restart, scale, a supervisor restart, after a server restart,
@@ -57,7 +58,9 @@ def resolve(user: str, group: str | None = None) -> Identity:
             gid = (grp.getgrgid(int(group)) if group.isdigit() else grp.getgrnam(group)).gr_gid
         except (KeyError, OverflowError):
             raise IdentityError("group", f"no group {group!r} on this host") from None
-    groups = set(os.getgrouplist(pw.pw_name, pw.pw_gid)) | {gid}
+    # With ``group``, the user's own primary group goes too (as with systemd's Group=): the
+    # database's memberships of the user, plus the group in its place.
+    groups = set(os.getgrouplist(pw.pw_name, gid))
     return Identity(pw.pw_name, pw.pw_uid, gid, tuple(sorted(groups)), pw.pw_dir)
 
 

@@ -13,7 +13,7 @@ import trio
 
 from deployfs.node.cgroups import Cgroups, Layout, Limits, detect
 from deployfs.node.runtime import LaunchSpec, LocalRuntime, StartError, proc_start_time
-from tests.users import ALICE, EXTRA, made_users, extra_gid
+from tests.users import ALICE, BOB, EXTRA, made_users, extra_gid
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users and making cgroups needs root")
 LAYOUT = detect()
@@ -67,11 +67,14 @@ async def test_runs_as_its_user_with_its_groups_and_a_log_it_cannot_touch(rt, us
 
 
 async def test_group_replaces_the_primary_group_only(rt, users):
-    p = rt.start(sh("exec sleep 60", user=ALICE, group=EXTRA))
+    # As systemd's Group= does (initgroups with that group): the user's own group is gone
+    # (issue 16 fix 5), its memberships by /etc/group (EXTRA) stay.
+    bob_gid = users[BOB].pw_gid
+    p = rt.start(sh("exec sleep 60", user=ALICE, group=str(bob_gid)))
     try:
         st = status(p.pid)
-        assert st["Gid"] == [str(extra_gid())] * 4
-        assert sorted(map(int, st["Groups"])) == sorted({users[ALICE].pw_gid, extra_gid()})
+        assert st["Gid"] == [str(bob_gid)] * 4
+        assert sorted(map(int, st["Groups"])) == sorted({bob_gid, extra_gid()})
     finally:
         await p.stop(signal.SIGTERM, 5)
 
