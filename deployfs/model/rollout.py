@@ -240,8 +240,13 @@ def _canary(t: Target, insts: list[Inst], new: list[Inst], old: list[Inst], st: 
         # An apply during a rollout or a canary: what the superseded release started beside the old
         # set leaves first (never the good version while another will do), so the canaries fit the surge.
         order = sorted(old, key=lambda i: (i.key == t.good, i.phase is Phase.READY, -i.slot))
-        return Plan(actions + [Stop(i.id, "superseded") for i in order[:surplus]],
+        return Plan(actions + [Stop(i.id, "scaled down" if i.key == t.good else "superseded") for i in order[:surplus]],
                     replace(st, status=status, boundary=None), wake_at=min(wake, default=None))
+    if surplus < 0 and t.good is not None:
+        # `scale` up mid-canary: the old set is what serves, so it is what grows.
+        top = max((i.slot for i in insts), default=-1) + 1
+        actions += [Start(top + k, t.good) for k in range(-surplus)]
+        return Plan(actions, replace(st, status=status), wake_at=min(wake, default=None))
     if len(new) > want:  # `canary` was lowered by an apply of the same version
         extra = sorted(new, key=lambda i: -i.slot)[: len(new) - want]
         return Plan(actions + [Stop(i.id, "more canaries than canary") for i in extra],

@@ -85,6 +85,10 @@ TABLE = [
      [Stop(1, "not serving during the rollout"), Stop(2, "not serving during the rollout")], "rolling"),
     ("...once it is back, the canaries start beside it", Target(V2, 3, strategy="canary", canary=1, good=V1),
      OLD3, replace(CANARY, restoring=True), True, [Start(3)], "canary"),
+    ("canary: scale up grows the old set, which is what serves", Target(V2, 5, strategy="canary", canary=1, good=V1),
+     OLD3 + [i(3, V2, "ready")], CANARY, True, [Start(4, V1), Start(5, V1)], "canary"),
+    ("canary: scale down shrinks the old set, saying so", Target(V2, 2, strategy="canary", canary=1, good=V1),
+     OLD3 + [i(3, V2, "ready")], CANARY, True, [Stop(2, "scaled down")], "canary"),
     ("scale down stops the highest slot", Target(V2, 1), [i(0, V2, "ready"), i(1, V2, "ready")], State(), True,
      [Stop(1, "scaled down")], "none"),
 ]

@@ -284,3 +284,19 @@ def test_a_new_canary_weight_reaches_the_router_at_once(tmp_path, router):
         assert "(canary_weight 10% -> 50%)" in m.read("active/web/events")
     finally:
         _mount.stop(m)
+
+
+def test_scale_mid_canary_grows_and_shrinks_the_old_set(served):
+    # Issue 20 (newcomer 5): scale 5 started nothing until promote; scale down said "superseded".
+    m = served
+    v1 = m.read("active/web/version").strip()
+    start_canary(m)
+    v2 = m.read("active/web/version").strip()
+    assert m.ctl("scale 5", "web").returncode == 0
+    m.until(lambda: sorted(v for v, _ in instances(m).values()) == sorted([v1] * 5 + [v2]), what="five old, one canary")
+    m.until(lambda: m.read("active/web/health") == "healthy\n", what="healthy at five")
+    assert m.ctl("scale 2", "web").returncode == 0
+    m.until(lambda: sorted(v for v, _ in instances(m).values()) == sorted([v1] * 2 + [v2]), what="two old, one canary")
+    events = m.read("active/web/events")
+    assert "draining (scaled down)" in events and "superseded" not in events, events
+    assert m.read("active/web/update_status") == "canary\n"
