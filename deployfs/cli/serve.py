@@ -105,6 +105,11 @@ def main(argv: list[str] | None = None) -> None:
             check_mountpoint(a.mountpoint)
         a.state = check_state(a.state)  # resolved: never walk a link in its path again
         a.state_lock = lock_state(a.state)  # before the database, the router or the cluster is touched
+        if group is not None and not a.allow_other and not a.no_mount:
+            # The kernel refuses every other uid at the mount itself, before deployfs sees the group.
+            log.warning("--group %s without --allow-other: the kernel lets no user but deployfs's own into the "
+                        "mount, so members of %s get Permission denied on all of it (add --allow-other)",
+                        a.group, a.group)
         from ..node.runtime import ephemeral_overlap
         if overlap := ephemeral_overlap(ports):
             log.warning("--ports %d-%d overlaps the kernel's ephemeral ports (%d-%d): an outgoing connection may "

@@ -198,3 +198,12 @@ def test_instances_n_shows_the_id_its_cgroup_and_marker_use_and_no_pid_once_dead
         m.until(lambda: "state=exited" in m.read("active/web/instances/0") or
                 "state=failed" in m.read("active/web/instances/0"), what="the instance over")
         assert " pid=- " in m.read("active/web/instances/0")
+
+
+def test_group_without_allow_other_warns_at_start(tmp_path):
+    """Issue 16 fix 7: members would get Permission denied on the whole mount; say so at start."""
+    with _mount.running(tmp_path, "--group", "root") as m:
+        assert ("--group root without --allow-other: the kernel lets no user but deployfs's own into the mount"
+                in m.server_log())
+    with _mount.running(tmp_path, "--group", "root", "--allow-other") as m:
+        assert "without --allow-other" not in m.server_log()
