@@ -145,6 +145,7 @@ class Service:
         self.loop_scope = trio.CancelScope()
         self._unrouted: bool | None = None  # None until routing was first decided
         self._at_limit = False
+        self.paused_at: float | None = None  # when `pause` held a canary phase: its auto_promote clock stops
         self._awaiting_router = False
         self.commands = 0  # bumped by every command: a plan made before one is stale
         self.deleted = False  # `delete` finished: the service is gone from the engine
@@ -892,10 +893,16 @@ class Engine:
                 return "ok already paused"
             if status not in ("rolling", "canary"):
                 raise CommandError(Kind.BUSY, f"{name}: no rollout in flight to pause (update_status {status})")
+            svc.paused_at = trio.current_time() if rec.canary_phase else None
             self._set_status(svc, "paused", f"rolling update paused by {who}")
         elif verb == "resume":
             if status != "paused":
                 raise CommandError(Kind.BUSY, f"{name}: not paused (update_status {status})")
+            b, at, now = svc.state.boundary, svc.paused_at, trio.current_time()
+            if rec.canary_phase and at is not None and b is not None and b != float("-inf"):
+                # auto_promote counts healthy canary time outside the pause: its clock carries on from where it was.
+                svc.state = replace(svc.state, boundary=b + now - max(at, b))
+            svc.paused_at = None
             self._set_status(svc, "rolling", f"rolling update resumed by {who}")
         elif verb == "step":
             if status != "paused":

@@ -63,6 +63,25 @@ async def test_promote_and_abort_are_refused_without_a_canary(h, autojump_clock)
         assert e.value.kind is Kind.BUSY
 
 
+async def test_pause_stops_the_auto_promote_clock_and_resume_carries_it_on(h, autojump_clock):
+    # Issue 20 (newcomer 6): paused 6 s with auto_promote 4, resume promoted at once.
+    await deploy_v1(h)
+    v2 = h.write(canary(auto_promote=20))
+    h.cmd("apply")
+    assert await h.settle() == "canary"
+    t0 = trio.current_time()
+    await trio.sleep(5)
+    h.cmd("pause")
+    await trio.sleep(30)  # longer than auto_promote: nothing may promote while paused
+    assert h.svc.rec.canary_phase
+    h.cmd("resume")
+    resumed = trio.current_time()
+    while h.svc.rec.canary_phase:
+        await h.svc.wait_change()
+    assert 14.9 <= trio.current_time() - resumed <= 16, trio.current_time() - t0  # the 15 s left of 20
+    assert await h.settle() == f"done {v2}"
+
+
 async def test_auto_promote_after_its_seconds_of_healthy_canaries(h, autojump_clock):
     await deploy_v1(h)
     v2 = h.write(canary(auto_promote=20))

@@ -300,3 +300,17 @@ def test_scale_mid_canary_grows_and_shrinks_the_old_set(served):
     events = m.read("active/web/events")
     assert "draining (scaled down)" in events and "superseded" not in events, events
     assert m.read("active/web/update_status") == "canary\n"
+
+
+def test_pause_holds_auto_promote_through_a_real_mount(served):
+    # Issue 20 (newcomer 6): the pause did not stop the auto_promote clock (unit test:
+    # tests/control/test_canary.py times the rest of it under a mock clock).
+    m = served
+    start_canary(m, canary=CANARY + "auto_promote 2\n")
+    assert m.ctl("pause", "web").returncode == 0
+    time.sleep(2.5)
+    assert m.read("active/web/update_status") == "paused\n"
+    assert m.ctl("resume", "web").returncode == 0
+    assert m.read("active/web/update_status") == "canary\n"  # not promoted at once: time is left on the clock
+    m.until(lambda: "canary promoted by deployfs (auto_promote" in m.read("active/web/events"), what="auto_promote")
+    assert m.sh("cat active/web/wait", timeout=30).stdout == f"done {m.read('active/web/version').strip()}\n"
