@@ -273,19 +273,25 @@ def _canary(t: Target, insts: list[Inst], new: list[Inst], old: list[Inst], st: 
 
 def split_weights(canary: list[bool], percent: int, total: int = 100) -> list[int]:
     """Routing weights for backends (True: a canary) so the canaries get ``percent`` of ``total``
-    whatever their number, shared evenly on each side; the weights sum to ``total`` exactly
-    (largest remainders).  With no canary, or nothing else, every backend counts the same."""
+    whatever their number, shared evenly on each side; the weights sum to ``total`` exactly.
+    Each side's total is fixed first (the canaries' exactly ``percent``, so 3 canaries at 50
+    get 50, not 49), then shared within it by largest remainder.  With no canary, or nothing
+    else, every backend counts the same."""
     n_canary = sum(canary)
     n_other = len(canary) - n_canary
     if not canary:
         return []
     if n_canary == 0 or n_other == 0:
         percent = 100 if n_other == 0 else 0
-    shares = [(percent / n_canary if c else (100 - percent) / n_other) * total / 100 for c in canary]
-    weights = [int(x) for x in shares]
-    by_remainder = sorted(range(len(canary)), key=lambda k: (-(shares[k] - weights[k]), k))
-    for k in by_remainder[: total - sum(weights)]:
-        weights[k] += 1
+    side = {True: round(percent * total / 100), False: 0}
+    side[False] = total - side[True]
+    count = {True: n_canary, False: n_other}
+    seen = {True: 0, False: 0}
+    weights = []
+    for c in canary:  # the first ones on each side take the remainder
+        share, extra = divmod(side[c], count[c]) if count[c] else (0, 0)
+        weights.append(share + (1 if seen[c] < extra else 0))
+        seen[c] += 1
     return weights
 
 

@@ -154,6 +154,9 @@ def test_a_restarted_rollout_restores_the_good_version_before_anything_new(repli
     ([True, False, False], 10, [10, 45, 45]),
     ([False, False, True], 33, [34, 33, 33]),
     ([True], 10, [100]),
+    ([True, True, True, False, False, False], 50, [17, 17, 16, 17, 17, 16]),  # the canaries' 50, exactly
+    ([False, False, False, True, True, True], 20, [27, 27, 26, 7, 7, 6]),  # ties: the canaries' 20, exactly
+    ([True, True, False], 1, [1, 0, 99]),  # less than a unit each: fewer canaries get it
 ])
 def test_split_weights(flags, percent, want):
     assert split_weights(flags, percent) == want

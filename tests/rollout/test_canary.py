@@ -314,3 +314,12 @@ def test_pause_holds_auto_promote_through_a_real_mount(served):
     assert m.read("active/web/update_status") == "canary\n"  # not promoted at once: time is left on the clock
     m.until(lambda: "canary promoted by deployfs (auto_promote" in m.read("active/web/events"), what="auto_promote")
     assert m.sh("cat active/web/wait", timeout=30).stdout == f"done {m.read('active/web/version').strip()}\n"
+
+
+def test_canaries_get_exactly_their_percent_when_it_does_not_split_evenly(served):
+    # Issue 20 (newcomer 7): 3 canaries at canary_weight 50 got 49 of every 100 requests.
+    m = served
+    start_canary(m, canary="update canary\ncanary 3\ncanary_weight 50\n")
+    m.until(lambda: len(m.read("active/web/endpoints").split()) == 6, what="the canaries routed")
+    answers = get_many(300)  # per request, smooth weighted round-robin: exact over every 100 picks
+    assert [answers[k:k + 100].count("v2") for k in (0, 100, 200)] == [50, 50, 50]
