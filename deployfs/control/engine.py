@@ -605,7 +605,7 @@ class Service:
 
     # -- bookkeeping ---------------------------------------------------------------------
 
-    def promote(self, who: str) -> None:
+    def promote(self, who: str, event: str = "") -> None:
         """End the canary phase: the rest rolls out the rolling way (paused stays paused)."""
         rec = self.rec
         rec.canary_phase = False
@@ -613,7 +613,7 @@ class Service:
             rec.update_status = "rolling"
         self.state = rollout.State(rec.update_status, rec.steps, trio.current_time(), self.state.restoring)
         self.save()
-        self.event(f"canary promoted by {who}: rolling out the rest")
+        self.event(event or f"canary promoted by {who}: rolling out the rest")
         self.routing_changed()  # every instance counts the same again
 
     def weights(self, endpoints: list[tuple[str, int]]) -> list[int] | None:
@@ -1042,6 +1042,9 @@ class Engine:
             svc.manifest = m
             if reroute:
                 svc.routing_changed()
+            if rec.canary_phase and m.update != "canary":
+                # The strategy is no part of the version: the canary phase simply ends, and says so.
+                svc.promote(who, f"canary superseded by update {m.update} (apply by {who}): rolling out the rest")
             if was_stopped:  # starting again is a deploy: `wait` follows it
                 rec.kept_logs = {}
                 svc.state = rollout.State("rolling", 0, float("-inf"))

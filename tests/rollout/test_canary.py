@@ -323,3 +323,13 @@ def test_canaries_get_exactly_their_percent_when_it_does_not_split_evenly(served
     m.until(lambda: len(m.read("active/web/endpoints").split()) == 6, what="the canaries routed")
     answers = get_many(300)  # per request, smooth weighted round-robin: exact over every 100 picks
     assert [answers[k:k + 100].count("v2") for k in (0, 100, 200)] == [50, 50, 50]
+
+
+def test_update_rolling_applied_mid_canary_says_it_supersedes_the_canary(served):
+    # Issue 20 (newcomer 8): everything rolled out with only "applied ... replicas=3" in events.
+    m = served
+    start_canary(m)
+    m.write_manifest("web", manifest("v2"))  # the same version, `update rolling` (the default)
+    assert m.ctl("apply web").returncode == 0
+    assert m.sh("cat active/web/wait", timeout=30).stdout == f"done {m.read('active/web/version').strip()}\n"
+    assert "canary superseded by update rolling (apply by uid=" in m.read("active/web/events")
