@@ -258,7 +258,19 @@ def parse(data: bytes | str, *, name: str, source: str | None = None) -> Parsed:
     values["name"] = name
     warnings += _reserved_env_warnings(source, env, env_lines, port="port" in values)
     m = Manifest(env=tuple(sorted(env.items())), extra=tuple(extra), **values)  # type: ignore[arg-type]
+    warnings += _canary_warnings(source, m, seen_at)
     return Parsed(m, tuple(warnings), seen_at)
+
+
+def _canary_warnings(source: str, m: Manifest, seen_at: dict[str, int]) -> list[str]:
+    """Canary settings that cannot do what they say: kept (an apply must not fail on them), but said."""
+    if m.update != "canary":
+        return [f"{source} line {seen_at[d]}: {d} has no effect with update {m.update} (ignored)"
+                for d in ("canary", "canary_weight", "auto_promote") if d in seen_at]
+    if m.canary > m.replicas and "canary" in seen_at:
+        return [f"{source} line {seen_at['canary']}: canary {m.canary} is more than replicas {m.replicas}: "
+                f"{m.replicas} canaries run"]
+    return []
 
 
 # Set by deployfs for every instance (PORT only when the service has a port);

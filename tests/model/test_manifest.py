@@ -220,3 +220,14 @@ def test_reserved_env_is_warned_about_with_its_line():
 def test_env_port_without_a_port_directive_is_the_instances_own():
     p = parse(b"image /bin/true\nenv PORT=9000\n", name="web")
     assert p.warnings == () and dict(p.manifest.env) == {"PORT": "9000"}
+
+
+def test_canary_settings_that_cannot_apply_are_warned_about():
+    from deployfs.model.manifest import parse
+    base = "image /bin/true\nreplicas 3\n"
+    p = parse(base + "update canary\ncanary 4\n", name="web")
+    assert p.warnings == ("manifests/web line 4: canary 4 is more than replicas 3: 3 canaries run",)
+    p = parse(base + "canary 1\nauto_promote 5\n", name="web")
+    assert p.warnings == ("manifests/web line 3: canary has no effect with update rolling (ignored)",
+                          "manifests/web line 4: auto_promote has no effect with update rolling (ignored)")
+    assert parse(base + "update canary\ncanary 3\n", name="web").warnings == ()

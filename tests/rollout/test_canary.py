@@ -333,3 +333,10 @@ def test_update_rolling_applied_mid_canary_says_it_supersedes_the_canary(served)
     assert m.ctl("apply web").returncode == 0
     assert m.sh("cat active/web/wait", timeout=30).stdout == f"done {m.read('active/web/version').strip()}\n"
     assert "canary superseded by update rolling (apply by uid=" in m.read("active/web/events")
+
+
+def test_more_canaries_than_replicas_is_said_in_events(served):
+    # Issue 20 (newcomer 9): `canary 4` with `replicas 3` was capped silently.
+    m = served
+    start_canary(m, canary="update canary\ncanary 4\n")
+    assert "canary 4 is more than replicas 3: 3 canaries run" in m.read("active/web/events")
