@@ -425,19 +425,24 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
             async def on_signal() -> None:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for sig in signals:
-                        log.info("%s: %s", signal.Signals(sig).name,
-                                 "leaving instances running" if a.keep_instances else "draining and stopping instances")
-                        ops.closing = True  # wake blocked `wait` readers
-                        if ninep is not None:
-                            await ninep.close()  # and answer those over 9P (EIO), before connections close
-                        await engine.shutdown(keep_instances=a.keep_instances)
-                        if not a.keep_instances:
-                            await router.quit()  # kept instances stay routed
-                        if a.no_mount:
-                            nursery.cancel_scope.cancel()
-                        else:
-                            pyfuse3.terminate()
-                        return
+                        break
+                # The receiver gives the default action back when it closes: a second Ctrl-C or
+                # SIGTERM while draining would kill the server mid-shutdown and leave a dead mount.
+                # Stopping is already under way; SIGKILL remains the way to cut it short.
+                for s in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(s, signal.SIG_IGN)
+                log.info("%s: %s", signal.Signals(sig).name,
+                         "leaving instances running" if a.keep_instances else "draining and stopping instances")
+                ops.closing = True  # wake blocked `wait` readers
+                if ninep is not None:
+                    await ninep.close()  # and answer those over 9P (EIO), before connections close
+                await engine.shutdown(keep_instances=a.keep_instances)
+                if not a.keep_instances:
+                    await router.quit()  # kept instances stay routed
+                if a.no_mount:
+                    nursery.cancel_scope.cancel()
+                else:
+                    pyfuse3.terminate()
 
             nursery.start_soon(on_signal)
             if not a.no_mount:

@@ -1,6 +1,8 @@
 """SIGTERM drains and stops everything; --keep-instances is a zero-downtime upgrade of deployfs."""
 
 import os
+import signal
+import socket
 import sys
 import time
 
@@ -27,6 +29,29 @@ def test_sigterm_stops_instances_and_router_and_unmounts(tmp_path):
     assert _mount.stop(m) == 0  # asserts: unmounted, nothing left of this state dir
     assert not any(os.path.exists(f"/proc/{p}") for p in running)
     assert "draining and stopping instances" in m.server_log()
+
+
+def test_a_second_sigterm_while_draining_does_not_cut_the_shutdown_short(tmp_path):
+    # The signal receiver closes after the first signal; a second one (an impatient Ctrl-C, a
+    # supervisor repeating itself) used to take the default action mid-drain: dead mount, strays.
+    m = _mount.start(str(tmp_path))
+    m.write_manifest("web", MANIFEST.replace("drain_timeout 0.5", "drain_timeout 2"))
+    m.ctl("apply web")
+    m.sh("cat active/web/wait", timeout=30)
+    conn = socket.create_connection(("127.0.0.1", PORT))  # held open: the drain lasts its 2 s
+    try:
+        m.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while "draining and stopping instances" not in m.server_log():
+            assert time.monotonic() < deadline and m.proc.poll() is None, m.server_log()
+            time.sleep(0.02)
+        for _ in range(3):
+            m.proc.send_signal(signal.SIGTERM)
+            m.proc.send_signal(signal.SIGINT)
+        assert m.proc.wait(timeout=30) == 0, m.server_log()
+    finally:
+        conn.close()
+    assert _mount.stop(m) == 0  # asserts: unmounted, nothing left of this state dir
 
 
 def test_keep_instances_upgrade_drops_nothing(tmp_path):
