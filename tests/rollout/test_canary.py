@@ -60,8 +60,10 @@ def instances(m) -> dict[str, tuple[str, str]]:
     """slot -> (version, pid)."""
     out = {}
     for line in m.sh("cd active/web/instances && for f in *; do echo \"$f $(cat $f)\"; done", check=True).stdout.splitlines():
-        slot = line.split()[0]
-        out[slot] = (re.search(r"version=(\S+)", line).group(1), re.search(r"pid=(\S+)", line).group(1))
+        slot, version, pid = line.split()[0], re.search(r"version=(\S+)", line), re.search(r"pid=(\S+)", line)
+        if version is None or pid is None:  # it left between the listing and its cat (a scale down)
+            continue
+        out[slot] = (version.group(1), pid.group(1))
     return out
 
 
