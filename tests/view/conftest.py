@@ -1,21 +1,10 @@
 import pytest
-import trio
 
 from deployfs.control.facade import EngineFacade
 from deployfs.view.access import Access
 from deployfs.view.namespace import Namespace
 from tests import mount as _mount
-from tests.control.harness import Harness
-
-
-@pytest.fixture
-async def h(tmp_path):
-    """An engine on a fake runtime, running for the length of the test (use with autojump_clock)."""
-    h = Harness(tmp_path)
-    async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
-        yield h
-        n.cancel_scope.cancel()
+from tests.control.conftest import h  # noqa: F401  (the engine on a fake runtime, one definition)
 
 
 @pytest.fixture
