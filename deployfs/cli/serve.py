@@ -367,7 +367,8 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
                           on_error=lambda service, msg: events.emit(service, f"router: {msg}"))
     runtime = LocalRuntime(a.state, ports=ports)
     log.info("cgroups: %s", runtime.cgroups.layout.describe())
-    engine = Engine(store, runtime, probes, events=events, router=router, state_dir=a.state, users=a.users)
+    engine = Engine(store, runtime, probes, events=events, router=router, state_dir=a.state, users=a.users,
+                    **({'node': a.node} if a.cluster else {}))
     facade = EngineFacade(engine)
     view = Namespace(facade, Access(group=group))  # one view, whichever front ends serve it
     ops = DeployFS(view, debug=a.debug)

@@ -376,7 +376,7 @@ class Service:
             m = self.manifest_for((version, generation))
             port = e.runtime.allocate_port() if m.port else None
             rec = InstanceRecord(self.name, e.next_instance_id(), a.slot, version, generation, port=port,
-                                 node=NODE, address=LOOPBACK)
+                                 node=e.node, address=e.address)
             inst = Instance(rec, m)
             self.instances[rec.id] = inst
             self.spawn(inst)
@@ -669,8 +669,11 @@ class Engine:
     def __init__(self, store: Store, runtime: Runtime, prober: Prober, *, events: EventLog | None = None,
                  router: Routing | None = None, state_dir: str | None = None,
                  max_services: int = MAX_SERVICES, max_instances: int = MAX_INSTANCES,
-                 log_check_every: float = 0.05, users: UserPolicy | None = None) -> None:
+                 log_check_every: float = 0.05, users: UserPolicy | None = None,
+                 node: str = NODE, address: str = LOOPBACK) -> None:
         self.store, self.runtime, self.prober = store, runtime, prober
+        # The node this process's instances run on and where they listen (--node/--address in a cluster).
+        self.node, self.address = node, address
         self.events = events or EventLog(store)
         self.router = router or NullRouter()
         self.state_dir = state_dir

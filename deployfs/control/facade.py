@@ -17,7 +17,7 @@ from ..model.errors import Error, Kind
 from ..model.status import Derived, InstanceStatus, ServiceStatus
 from ..state.store import ManifestFile, StoreFull
 from ..node.usage import Usage
-from .engine import NODE, Engine, Instance, Service
+from .engine import Engine, Instance, Service
 from .metrics import Metrics, instance_state
 
 
@@ -130,7 +130,7 @@ def snapshot(s: Service, usage: Usage) -> ServiceStatus:
         pid = i.rec.pid if alive else None  # a dead process's pid may be another's by now
         return InstanceStatus(id=i.rec.id, slot=i.rec.slot, version=i.rec.version, state=instance_state(i),
                               health=i.rec.health, pid=pid, port=i.rec.port, restarts=i.rec.restarts,
-                              started=i.rec.started, node=NODE, cost=cost,
+                              started=i.rec.started, node=i.rec.node or s.engine.node, cost=cost,
                               oom_kills=i.rec.oom_kills)
 
     def derive() -> Derived:

@@ -74,3 +74,14 @@ async def test_an_instance_record_says_where_it_runs(h, autojump_clock):
     recs = h.store.list_instances("web")
     assert [(r.node, r.address) for r in recs] == [(engine_module.NODE, "127.0.0.1")] * 2
     assert sorted(h.svc.endpoints()) == sorted(("127.0.0.1", r.port) for r in recs)
+
+
+async def test_the_node_is_the_engines_own(tmp_path, autojump_clock):
+    """--node in a cluster: the records name the node the engine was given, not this host's name."""
+    h = Harness(tmp_path)
+    h.engine = Engine(h.store, h.rt, h.prober, node="n7")
+    async with trio.open_nursery() as n:
+        await n.start(h.engine.run)
+        await deploy_v1(h, replicas=2)
+        assert [r.node for r in h.store.list_instances("web")] == ["n7", "n7"]
+        n.cancel_scope.cancel()
