@@ -26,6 +26,7 @@ from typing import Callable, Protocol, Sequence
 import trio
 
 from ..model import probing, rollout
+from ..model import status as derive
 from ..model.errors import CommandError, Kind
 from ..model.manifest import (MAX_REPLICAS, Manifest, ManifestError, Parsed, format_seconds, format_size, parse,
                               set_replicas_line, valid_name)
@@ -213,60 +214,31 @@ class Service:
     def by_slot(self) -> list[Instance]:
         return sorted(self.instances.values(), key=lambda i: i.rec.slot)
 
+    def members(self) -> list[derive.Member]:
+        """The instances as the derivations (model/status.py) see them: the view reads the same from the records."""
+        return [derive.Member((i.rec.version, i.rec.generation), i.rec.slot, i.phase, i.leaving, i.busy, i.backend)
+                for i in self.instances.values()]
+
+    def standing(self) -> derive.Standing:
+        rec = self.rec
+        return derive.Standing(version=rec.version or "", key=self.target().key, replicas=rec.replicas,
+                               update_status=rec.update_status, stopped=rec.stopped, deleting=rec.deleting,
+                               canary_phase=rec.canary_phase, canaries=self.canaries(), steps=self.state.steps,
+                               failure=rec.failure, rolled_back=rec.rolled_back,
+                               rolling_back=self.rolling_back_by_itself())
+
     def progress(self) -> tuple[int, int]:
-        return rollout.progress(self.target(), self.views())
+        return derive.progress(self.standing(), self.members())
 
     def endpoints(self) -> list[tuple[str, int]]:
-        return [i.backend for i in self.by_slot() if i.phase is Phase.READY and not i.leaving and i.backend]
+        return derive.endpoints(self.members())
 
     def health(self) -> str:
-        if self.rec.stopped or (self.rec.replicas == 0 and not self.instances):
-            return "stopped"
-        ready = sum(1 for i in self.instances.values() if i.phase is Phase.READY and not i.leaving)
-        troubled = any(i.phase in (Phase.UNHEALTHY, Phase.EXITED, Phase.FAILED) for i in self.instances.values())
-        if ready == 0:
-            return "unhealthy"
-        return "healthy" if ready >= self.rec.replicas and not troubled else "degraded"
+        return derive.health(self.rec.stopped, self.rec.replicas, self.members())
 
     def outcome(self) -> str | None:
         """What `wait` returns, or None while a rollout is in flight."""
-        if self.deleted:
-            return "deleted"
-        if self.rec.deleting:
-            return None
-        status = self.rec.update_status
-        if status == "rolling":
-            return None
-        if status == "canary" or (status == "paused" and self.rec.canary_phase):
-            # The canary phase holds once every canary is up (or, paused, once nothing moves).
-            key = self.target().key
-            mine = [i for i in self.instances.values() if (i.rec.version, i.rec.generation) == key]
-            ready = sum(1 for i in mine if i.phase is Phase.READY and not i.leaving)
-            moving = self.state.steps > 0 or any(i.leaving or i.busy for i in self.instances.values()) or any(
-                i.phase is Phase.STARTING for i in mine)
-            if moving or (status == "canary" and ready < self.canaries()):
-                return None
-            return status
-        if status == "paused":
-            # Paused takes effect at the batch boundary: until the batch in hand
-            # has finished (or a `step` has run), the rollout is still moving.
-            # A batch ends once its old instances are retired too: until then (a ready batch
-            # beside the old ones it replaces, or a last batch not yet completed) it is still
-            # moving, so `deploy step` through the last batch ends `done`, not `paused`.
-            key = self.target().key
-            mine = [i for i in self.instances.values() if (i.rec.version, i.rec.generation) == key]
-            ready = sum(1 for i in mine if i.phase is Phase.READY and not i.leaving)
-            finishing = ready > 0 and len(self.instances) > self.rec.replicas
-            completing = len(mine) == len(self.instances) and ready >= self.rec.replicas
-            moving = finishing or completing or self.state.steps > 0 or any(
-                i.leaving or i.busy or ((i.rec.version, i.rec.generation) == key and i.phase is Phase.STARTING)
-                for i in self.instances.values())
-            return None if moving else "paused"
-        if status == "failed":
-            return None if self.rolling_back_by_itself() else f"failed: {self.rec.failure}"
-        if self.rec.rolled_back:
-            return f"failed: {self.rec.rolled_back} (rolled back to {self.rec.version})"
-        return f"done {self.rec.version}"
+        return "deleted" if self.deleted else derive.outcome(self.standing(), self.members())
 
     def rolling_back_by_itself(self) -> bool:
         """A failed rollout with ``auto_rollback yes`` that has a good version to go back to."""

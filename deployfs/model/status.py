@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable
+from typing import Callable, Sequence
+
+from .rollout import Phase
 
 
 @dataclass(frozen=True)
@@ -90,3 +92,98 @@ class ServiceStatus:
 
     def instance_at(self, slot: str) -> InstanceStatus | None:
         return next((i for i in self.instances if str(i.slot) == slot), None)
+
+
+# -- what is derived from the instances: one rule for the engine and the view ---------------------
+#
+# The engine asks these of its instances in memory, the view of the records it reads from the
+# store's cache: the same functions, so `health`, `update_progress`, `endpoints` and what `wait`
+# answers cannot drift apart between the supervisor and what a shell sees.
+
+
+@dataclass(frozen=True)
+class Member:
+    """One instance as the derivations see it."""
+    key: tuple[str, int]  # (version, generation)
+    slot: int
+    phase: Phase  # as last observed: starting | ready | unhealthy | exited | failed
+    leaving: bool = False  # draining and being stopped
+    busy: bool = False  # a restart is in flight
+    backend: tuple[str, int] | None = None  # (address, port) it listens on
+
+
+@dataclass(frozen=True)
+class Standing:
+    """A service's side of the derivations: its record, and what its manifest says of canaries."""
+    version: str
+    key: tuple[str, int]  # the target's (version, generation)
+    replicas: int
+    update_status: str
+    stopped: bool = False
+    deleting: bool = False
+    canary_phase: bool = False
+    canaries: int = 0  # how many canaries run beside the old set now (0 outside a canary phase)
+    steps: int = 0
+    failure: str = ""
+    rolled_back: str = ""
+    rolling_back: bool = False  # failed with auto_rollback and a good version to return to
+
+
+def serving(i: Member) -> bool:
+    return i.phase is Phase.READY and not i.leaving
+
+
+def health(stopped: bool, replicas: int, insts: Sequence[Member]) -> str:
+    if stopped or (replicas == 0 and not insts):
+        return "stopped"
+    ready = sum(1 for i in insts if serving(i))
+    troubled = any(i.phase in (Phase.UNHEALTHY, Phase.EXITED, Phase.FAILED) for i in insts)
+    if ready == 0:
+        return "unhealthy"
+    return "healthy" if ready >= replicas and not troubled else "degraded"
+
+
+def endpoints(insts: Sequence[Member]) -> list[tuple[str, int]]:
+    """Where the ready instances listen, by slot: what the router is given."""
+    return [i.backend for i in sorted(insts, key=lambda i: i.slot) if serving(i) and i.backend]
+
+
+def progress(s: Standing, insts: Sequence[Member]) -> tuple[int, int]:
+    """Instances of the target that are up, of the desired count (update_progress)."""
+    up = sum(1 for i in insts if i.key == s.key and i.phase is Phase.READY and not i.leaving and not i.busy)
+    return up, 0 if s.stopped else s.replicas
+
+
+def outcome(s: Standing, insts: Sequence[Member]) -> str | None:
+    """What `wait` answers, or None while a rollout is in flight (a deleted service: "deleted",
+    which whoever no longer finds its record says)."""
+    if s.deleting:
+        return None
+    status = s.update_status
+    if status == "rolling":
+        return None
+    mine = [i for i in insts if i.key == s.key]
+    ready = sum(1 for i in mine if serving(i))
+    if status == "canary" or (status == "paused" and s.canary_phase):
+        # The canary phase holds once every canary is up (or, paused, once nothing moves).
+        moving = s.steps > 0 or any(i.leaving or i.busy for i in insts) or any(
+            i.phase is Phase.STARTING for i in mine)
+        if moving or (status == "canary" and ready < s.canaries):
+            return None
+        return status
+    if status == "paused":
+        # Paused takes effect at the batch boundary: until the batch in hand
+        # has finished (or a `step` has run), the rollout is still moving.
+        # A batch ends once its old instances are retired too: until then (a ready batch
+        # beside the old ones it replaces, or a last batch not yet completed) it is still
+        # moving, so `deploy step` through the last batch ends `done`, not `paused`.
+        finishing = ready > 0 and len(insts) > s.replicas
+        completing = len(mine) == len(insts) and ready >= s.replicas
+        moving = finishing or completing or s.steps > 0 or any(
+            i.leaving or i.busy or (i.key == s.key and i.phase is Phase.STARTING) for i in insts)
+        return None if moving else "paused"
+    if status == "failed":
+        return None if s.rolling_back else f"failed: {s.failure}"
+    if s.rolled_back:
+        return f"failed: {s.rolled_back} (rolled back to {s.version})"
+    return f"done {s.version}"
