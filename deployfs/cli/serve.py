@@ -342,7 +342,8 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
 
     from ..control.engine import Engine
     from ..state.events import CLUSTER, EventLog
-    from ..control.facade import EngineFacade
+    from ..control.metrics import Metrics
+    from ..serve.local import local_source
     from ..serve.fuse import Access, DeployFS
     from ..view.namespace import Namespace
     from ..traffic.haproxy import HAProxyRouter
@@ -369,8 +370,9 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
     log.info("cgroups: %s", runtime.cgroups.layout.describe())
     engine = Engine(store, runtime, probes, events=events, router=router, state_dir=a.state, users=a.users,
                     **({'node': a.node} if a.cluster else {}))
-    facade = EngineFacade(engine)
-    view = Namespace(facade, Access(group=group))  # one view, whichever front ends serve it
+    metrics = Metrics(engine)
+    source, cache = local_source(engine, metrics)  # the records, through a cache fed by the store's watch
+    view = Namespace(source, Access(group=group))  # one view, whichever front ends serve it
     ops = DeployFS(view, debug=a.debug)
     ninep = None
     if a.ninep is not None:  # bound before anything starts: a refused address leaves nothing running
@@ -388,7 +390,7 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
     stop_metrics = None  # before the router starts: a refused address must leave nothing running
     if a.metrics:
         try:
-            stop_metrics = facade.metrics.serve(*a.metrics)
+            stop_metrics = metrics.serve(*a.metrics)
         except OSError as e:
             raise SetupError(f"--metrics {a.metrics[0]}:{a.metrics[1]}: {e.strerror or e}") from None
         log.info("metrics at http://%s:%d/metrics", _url_host(a.metrics[0]), a.metrics[1])
@@ -417,6 +419,7 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(router.run)
+            await nursery.start(cache.run)
             await nursery.start(engine.run)
             if member is not None:
                 nursery.start_soon(member.run)  # keeps the lease alive

@@ -7,8 +7,9 @@ turns what it sees into a :class:`Phase` and pokes the loop.  Slow actions
 (drain + stop, restart) run as their own tasks so the loop never blocks.
 
 Commands (``apply``, ``pause``, ...) only change the service record; the loop
-does the rest.  The engine knows nothing of FUSE: the view sees it only
-through control/facade.py (snapshots of services, and :meth:`Engine.command`).
+does the rest.  The engine knows nothing of FUSE, and the view never reads it:
+the view reads the records the engine writes (through a cache fed by the
+store's watch) and acts only by :meth:`Engine.command`.
 """
 
 from __future__ import annotations

@@ -40,8 +40,6 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
-from ..control.engine import Engine
-from ..control.facade import EngineFacade
 from ..model.errors import Error, Kind
 from ..view.access import Access
 from ..view.files import Changes, File, Handle, OpenMode
@@ -117,13 +115,10 @@ class DeployFS(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, view: Namespace | Source | Engine, *, access: Access | None = None, debug: bool = False) -> None:
-        """Serve ``view``: a Namespace another front end (9P) may share, or a source (an engine) to build one on."""
+    def __init__(self, view: Namespace | Source, *, access: Access | None = None, debug: bool = False) -> None:
+        """Serve ``view``: a Namespace another front end (9P) may share, or a source to build one on."""
         super().__init__()
-        if isinstance(view, Namespace):
-            self.ns = view
-        else:
-            self.ns = Namespace(EngineFacade(view) if isinstance(view, Engine) else view, access or Access())
+        self.ns = view if isinstance(view, Namespace) else Namespace(view, access or Access())
         self.source: Source = self.ns.source
         # Not `self.access`: that would shadow pyfuse3.Operations.access (unused under default_permissions).
         self.perms = self.ns.access
@@ -330,6 +325,8 @@ class DeployFS(pyfuse3.Operations):
         mode = OpenMode(write=flags & os.O_ACCMODE != os.O_RDONLY, truncate=bool(flags & os.O_TRUNC),
                         nonblock=bool(flags & os.O_NONBLOCK))
         h = self._node(inode)[1].open(ctx, mode)
+        if mode.truncate:
+            await self.source.settled()
         return pyfuse3.FileInfo(fh=self._new_fh(Open(h, ctx.pid)), direct_io=True)
 
     @_guard
@@ -395,7 +392,10 @@ class DeployFS(pyfuse3.Operations):
 
     @_guard
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return self._handles[fh].handle.write(off, buf)
+        try:
+            return self._handles[fh].handle.write(off, buf)
+        finally:  # answered once what it wrote can be read (a refused command writes its event)
+            await self.source.settled()
 
     @_guard
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
@@ -403,6 +403,7 @@ class DeployFS(pyfuse3.Operations):
         path, node = self._node(inode)
         node.setattr(ctx, attr.st_size if fields.update_size else None,
                      bool(fields.update_mode or fields.update_uid or fields.update_gid))
+        await self.source.settled()
         return self._attrs(path, node)
 
     @_guard
@@ -427,6 +428,7 @@ class DeployFS(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         path, node = self._node(parent_inode)
         n, f, h = node.create(ctx, name, exclusive=bool(flags & os.O_EXCL), truncate=bool(flags & os.O_TRUNC))
+        await self.source.settled()
         fi = pyfuse3.FileInfo(fh=self._new_fh(Open(h, ctx.pid)), direct_io=True)
         return fi, self._looked_up(self._attrs((*path, n), f))
 
@@ -434,6 +436,7 @@ class DeployFS(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         path, node = self._node(parent_inode)
         self._forget_path((*path, node.unlink(ctx, name)))
+        await self.source.settled()
 
     @_guard
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
@@ -447,6 +450,7 @@ class DeployFS(pyfuse3.Operations):
         if ino is not None:  # the kernel keeps the renamed inode: make it the new name's
             self._inos[(*path, new)] = ino
             self._paths[ino] = (*path, new)
+        await self.source.settled()
 
     def _forget_path(self, path: Path) -> None:
         ino = self._inos.pop(path, None)

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import bisect
 import logging
-from typing import Callable
+from typing import Callable, Sequence
 
 import trio
 
-from .kv import Change, Compacted, KeyValue, KVStore, prefix_end
+from .kv import Change, Compacted, Delete, KeyValue, KVStore, Put, prefix_end
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +28,12 @@ Listener = Callable[[list[Change]], None]
 
 
 class Cache:
-    def __init__(self, store: KVStore, prefix: str = "") -> None:
+    def __init__(self, store: KVStore, prefix: str = "", *, skip: tuple[str, ...] = ()) -> None:
+        """``skip``: prefixes under ``prefix`` not kept (listeners still hear of them, and the
+        revision still moves with them, so ``wait_for`` any revision of the store works)."""
         self.store = store
         self.prefix = prefix
+        self.skip = skip
         self.revision = 0  # the store's revision this copy shows (0: not listed yet)
         self.relists = 0  # how often the watch fell behind the store's history
         self._kvs: dict[str, KeyValue] = {}
@@ -77,7 +80,7 @@ class Cache:
 
     async def _list(self) -> None:
         read = await self.store.range(self.prefix)
-        fresh = {kv.key: kv for kv in read.kvs}
+        fresh = {kv.key: kv for kv in read.kvs if not kv.key.startswith(self.skip)}
         changes = [Change("delete", KeyValue(k, b"", read.revision, 0)) for k in self._kvs if k not in fresh]
         changes += [Change("put", kv) for k, kv in fresh.items() if self._kvs.get(k) != kv]
         self._kvs = fresh
@@ -86,14 +89,37 @@ class Cache:
 
     def _apply(self, changes: list[Change]) -> None:
         for c in changes:
-            key = c.kv.key
-            if c.kind == "put":
-                if key not in self._kvs:
-                    bisect.insort(self._keys, key)
-                self._kvs[key] = c.kv
-            elif self._kvs.pop(key, None) is not None:
-                del self._keys[bisect.bisect_left(self._keys, key)]
+            self._change(c)
         self._advance(changes[-1].revision, changes)
+
+    def _change(self, c: Change) -> None:
+        key = c.kv.key
+        if key.startswith(self.skip):
+            return
+        if c.kind == "put":
+            if key not in self._kvs:
+                bisect.insort(self._keys, key)
+            self._kvs[key] = c.kv
+        elif self._kvs.pop(key, None) is not None:
+            del self._keys[bisect.bisect_left(self._keys, key)]
+
+    def overlay(self, ops: Sequence[Put | Delete]) -> None:
+        """Show writes the store keeps in memory, not yet committed (SQLite on a full disk:
+        state/store.py), at once and without a revision; their commit comes through the watch
+        later with the same values.  Only a store in this process has such writes."""
+        changes: list[Change] = []
+        for op in ops:  # one at a time: a prefix delete removes what a put before it in ops wrote
+            if isinstance(op, Put):
+                now = [Change("put", KeyValue(op.key, op.value, self.revision, self.revision, op.lease))]
+            else:
+                keys = [kv.key for kv in self.range(op.key)] if op.prefix else [op.key]
+                now = [Change("delete", KeyValue(k, b"", self.revision, 0)) for k in keys if k in self._kvs]
+            for c in now:
+                if c.kv.key.startswith(self.prefix):
+                    self._change(c)
+                    changes.append(c)
+        if changes:
+            self._advance(self.revision, changes)
 
     def _advance(self, revision: int, changes: list[Change]) -> None:
         self.revision = max(self.revision, revision)

@@ -38,7 +38,8 @@ from typing import Any, Callable, Iterator, Protocol
 
 from . import statedir
 from .kv import Delete, KVStore, Op, Put, StoreError, StoreFull, prefix_end
-from .records import (NEXT_INSTANCE_ID, Event, InstanceRecord, ManifestFile, ServiceRecord, decode,
+from .cache import Cache
+from .records import (EVENTS, NEXT_INSTANCE_ID, VERSIONS, Event, InstanceRecord, ManifestFile, ServiceRecord, decode,
                       decode_event, decode_file, encode, encode_event, encode_file, event_key, events_prefix,
                       instance_key, instances_prefix, manifest_key, service_key, version_key)
 from .sqlitekv import SCHEMA as KV_SCHEMA
@@ -145,6 +146,8 @@ class SqliteStore:
         self._seqs: dict[str, int] = {}  # service -> its last event's seq
         self._next_id: int | None = None  # meta/next-instance-id as the records have it
         self._handed = 0  # the next id after the last one next_instance_id handed out
+        # Told of writes kept in memory on a full disk (a cache shows them: reads see them meanwhile).
+        self.on_deferred: list[Callable[[list[Op]], None]] = []
         statedir.open_file(self.path, "ab").close()  # created owner-only; SQLite gives -wal/-shm its mode
         try:
             self._db = self._connect()
@@ -260,6 +263,8 @@ class SqliteStore:
                 self._rollback()
                 for op in self._ops:
                     self._defer(op)
+                for tell in self.on_deferred:
+                    tell(self._ops)
             else:
                 self.kv._committed(self._changes)  # watchers hear of it once it is committed
             after = self._after
@@ -393,6 +398,14 @@ class SqliteStore:
 
     def _refusal(self) -> str:
         return f"{self.full or 'the state disk is full'}: nothing was changed; free some space and try again"
+
+    def cache(self) -> Cache:
+        """A cache of the records for readers in this process (the view): fed by the watch, and
+        shown the writes kept in memory on a full disk, as this facade's own reads see them.
+        Events and versions are not kept (the event log has its own copy; nobody reads versions)."""
+        cache = Cache(self.kv, skip=(EVENTS, VERSIONS))
+        self.on_deferred.append(cache.overlay)
+        return cache
 
     def close(self) -> None:
         if self._pending and not self.flush():

@@ -495,8 +495,7 @@ class ManifestEntry(File):
         if size is not None:
             if size > MAX_MANIFEST_BYTES:
                 raise Error(Kind.TOO_BIG, f"a manifest is at most {MAX_MANIFEST_BYTES} bytes")
-            data = self.data()
-            self.ns.source.put_manifest(self.name, data[:size].ljust(size, b"\0"))
+            self.ns.source.edit_manifest(self.name, lambda data: data[:size].ljust(size, b"\0"))
         # mode, owner and times are accepted (editors set them) but fixed by policy.
 
     def data(self) -> bytes:
@@ -518,6 +517,6 @@ class ManifestHandle(Handle):
             raise Error(Kind.BAD_HANDLE, "not open for writing")
         if off + len(data) > MAX_MANIFEST_BYTES:
             raise Error(Kind.TOO_BIG, f"a manifest is at most {MAX_MANIFEST_BYTES} bytes")
-        old = self.entry.data()
-        self.entry.ns.source.put_manifest(self.entry.name, old.ljust(off, b"\0")[:off] + data + old[off + len(data):])
+        self.entry.ns.source.edit_manifest(
+            self.entry.name, lambda old: old.ljust(off, b"\0")[:off] + data + old[off + len(data):])
         return len(data)

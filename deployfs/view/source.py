@@ -2,9 +2,12 @@
 
 The view knows services only as :class:`~deployfs.model.status.ServiceStatus`
 snapshots, manifests as stored files, events as segments of bytes and logs as
-files on disk, and acts only by :meth:`Source.command`.  The engine satisfies
-it today through ``control/facade.py``; a cache fed by the store's watch can
-satisfy the reading half without the view changing.
+files on disk, and acts only by :meth:`Source.command`.  ``view/cached.py``
+satisfies it over the records, as a cache fed by the store's watch shows them.
+
+A write (a command, a manifest change) returns before the records read here
+need show it: a front end awaits :meth:`Source.settled` before it answers the
+request that wrote, so the next request reads its own write.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ class Source(Protocol):
     def manifest_names(self) -> list[str]: ...
     def manifest_file(self, name: str) -> ManifestFile | None: ...
     def put_manifest(self, name: str, data: bytes) -> None: ...
+    def edit_manifest(self, name: str, edit: Callable[[bytes], bytes]) -> None:
+        """Replace a manifest with ``edit(its bytes)``, its bytes as the store has them now: pieces
+        written in a row each build on the last even before the records read here show it."""
+        ...
     def delete_manifest(self, name: str) -> None: ...
     def rename_manifest(self, old: str, new: str) -> None:
         """At once: the new name has the old one's bytes and the old name is gone."""
@@ -57,6 +64,10 @@ class Source(Protocol):
 
     def metrics_text(self) -> bytes:
         """The Prometheus text exposition (DESIGN §12)."""
+        ...
+
+    async def settled(self) -> None:
+        """Until what is read here shows every write made through this source."""
         ...
 
     # -- commands ----------------------------------------------------------------------------

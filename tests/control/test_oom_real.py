@@ -1,9 +1,10 @@
 """An instance killed for its memory limit, with a real process and a real OOM kill (issue 16)."""
 
 import pytest
+import trio
 
 from deployfs.node.cgroups import detect
-from deployfs.control.facade import EngineFacade
+from deployfs.serve.local import local_source
 from deployfs.view.namespace import render_instance
 from tests.control.test_supervise_real import deploy, real, until  # noqa: F401 (real is a fixture)
 
@@ -22,5 +23,9 @@ async def test_an_oom_kill_is_reported_restarted_and_shown(real):
     assert "instance 0 killed: out of memory (limit 32M)\n" in events
     assert "instance 0 killed: out of memory (limit 32M), restarting (1/5)\n" in events
     inst = svc.by_slot()[0]
-    shown = EngineFacade(real).service("web").instances[0]  # what instances/0 renders
+    source, cache = local_source(real)  # what instances/0 renders: the record the engine wrote
+    async with trio.open_nursery() as n:
+        await n.start(cache.run)
+        shown = source.service("web").instances[0]
+        n.cancel_scope.cancel()
     assert inst.rec.oom_kills >= 1 and render_instance(shown).endswith(f" oom_kills={inst.rec.oom_kills}\n")

@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from deployfs.serve.fuse import Access, DeployFS
+from deployfs.serve.local import local_source
 from tests.control.harness import Harness, manifest
 
 ROOT = pyfuse3.ROOT_INODE
@@ -23,7 +24,9 @@ def ctx(uid=0, gid=0, pid=None):
 async def fs(tmp_path, nursery):
     h = Harness(tmp_path)
     await nursery.start(h.engine.run)
-    return DeployFS(h.engine, access=Access(uid=1000, gid=1000))
+    source, cache = local_source(h.engine)
+    await nursery.start(cache.run)
+    return DeployFS(source, access=Access(uid=1000, gid=1000))
 
 
 async def lookup(fs, *names):

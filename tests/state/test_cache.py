@@ -117,3 +117,30 @@ async def test_relists_when_the_watch_falls_off_history(store):
         rev = await store.put("k/after", b"")
         await cache.wait_for(rev)
         assert cache.get("k/after") is not None
+
+
+async def test_skipped_prefixes_are_not_kept_but_move_the_revision(store):
+    await store.put("events/web/1", b"e")
+    async with running(Cache(store, skip=("events/",))) as cache:
+        heard = []
+        cache.subscribe(heard.append)
+        assert cache.get("events/web/1") is None
+        rev = await store.put("events/web/2", b"e")  # a revision that wrote only what is skipped
+        with trio.fail_after(1):
+            await cache.wait_for(rev)  # still reached: a writer waits for any revision of the store
+        assert cache.range("") == [] and [c.kv.key for c in heard[-1]] == ["events/web/2"]
+
+
+async def test_an_overlay_shows_writes_kept_in_memory_until_the_watch_brings_them(store):
+    await store.put("m/a", b"1")
+    async with running(Cache(store)) as cache:
+        heard = []
+        cache.subscribe(heard.append)
+        before = cache.revision
+        cache.overlay([Put("m/b", b"2"), Delete("m/", prefix=True), Put("m/c", b"3")])
+        assert keys(cache.range("")) == ["m/c"] and cache.revision == before  # no revision of the store's
+        assert [(c.kind, c.kv.key) for c in heard[-1]] == [("put", "m/b"), ("delete", "m/a"), ("delete", "m/b"),
+                                                            ("put", "m/c")]
+        rev = await store.txn([], [Delete("m/a"), Put("m/c", b"3")])  # the same writes, committed later
+        await cache.wait_for(rev)
+        assert [(kv.key, kv.value) for kv in cache.range("")] == [("m/c", b"3")]

@@ -1,6 +1,6 @@
 import pytest
 
-from deployfs.control.facade import EngineFacade
+from deployfs.serve.local import local_source
 from deployfs.view.access import Access
 from deployfs.view.namespace import Namespace
 from tests import mount as _mount
@@ -8,9 +8,11 @@ from tests.control.conftest import h  # noqa: F401  (the engine on a fake runtim
 
 
 @pytest.fixture
-def ns(h):
-    """The view over that engine, served by uid 1000: no front end, no FUSE."""
-    return Namespace(EngineFacade(h.engine), Access(uid=1000, gid=1000))
+async def ns(h, nursery):
+    """The view over that engine's records, served by uid 1000: no front end, no FUSE."""
+    source, cache = local_source(h.engine)
+    await nursery.start(cache.run)
+    return Namespace(source, Access(uid=1000, gid=1000))
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ async def deploy(h, ns, text=None) -> str:
     h.write(text or manifest(replicas=1))
     ctl = ns.resolve(("ctl",)).open(OWNER, WRITE)
     assert ctl.write(0, b"apply web\n") == 10
+    await ns.source.settled()  # as a front end does before it answers a write
     assert (await ctl.read(10, 100)).startswith(b"ok deployed ")
     return (await cat(ns, "active", "web", "wait")).decode()
 
@@ -61,6 +62,7 @@ async def test_a_blocked_wait_is_cancelled_by_its_front_end(h, ns, autojump_cloc
     await deploy(h, ns, manifest(replicas=2))
     h.write(manifest(replicas=2, image="/bin/v2", update_pause=600))  # stays in flight: a long pause after batch 1
     h.cmd("apply")
+    await ns.source.settled()  # the view reads the records: once they show the apply
     w = ns.resolve(("active", "web", "wait")).open(OWNER, READ)
     assert ns.waits.total == 1
     assert not w.readable()
@@ -118,14 +120,18 @@ async def test_names_and_manifests(h, ns, autojump_clock):
     assert kind(mdir.create, OWNER, b"web", True, False) is Kind.EXISTS
     assert kind(mdir.create, OWNER, b"a/b", False, False) is Kind.INVALID
     name, entry, fh = mdir.create(OWNER, b"api", False, False)
+    await ns.source.settled()  # as a front end does before it answers a write
     assert name == "api" and entry.stat().size == 0
     assert kind(fh.write, 1 << 20, b"x") is Kind.TOO_BIG
     assert fh.write(0, b"image x\n") == 8
+    await ns.source.settled()
     assert kind(mdir.rename, OWNER, b"api", b"web", noreplace=True) is Kind.EXISTS
     assert kind(mdir.rename, OWNER, b"api", b"web", elsewhere=True) is Kind.CROSS_DIRECTORY
     assert mdir.rename(OWNER, b"api", b"api2") == ("api", "api2")
+    await ns.source.settled()
     assert await ns.resolve(("manifests", "api2")).open(OWNER, READ).read(0, 100) == b"image x\n"
     assert mdir.unlink(OWNER, b"api2") == "api2"
+    await ns.source.settled()
     assert kind(mdir.unlink, OWNER, b"api2") is Kind.NOT_FOUND
 
 

@@ -56,6 +56,8 @@ MAX_MSIZE = 65536 + c.IOHDRSZ
 MAX_WALK = 16  # names per Twalk (MAXWELEM)
 NONUNAME = 0xFFFFFFFF
 NOBODY = 65534
+# Requests that may write (a command, a manifest): answered only once the view reads what they wrote.
+WRITES = (c.Twrite, c.Tlcreate, c.Tlopen, c.Tsetattr, c.Trenameat, c.Trename, c.Tunlinkat, c.Tremove)
 V9FS_MAGIC = 0x01021997
 DT_DIR, DT_REG = 4, 8
 
@@ -311,7 +313,11 @@ class Session:
         if handler is None:
             return c.Rlerror(errno.EOPNOTSUPP)
         try:
-            return await handler(msg)
+            try:
+                return await handler(msg)
+            finally:
+                if isinstance(msg, WRITES):  # answered once what it wrote can be read (read-your-writes)
+                    await self.ns.source.settled()
         except Error as e:
             return c.Rlerror(ERRNO[e.kind])
         except _Refused as e:
@@ -535,6 +541,7 @@ class Session:
         name, node, handle = self._file(f.path).create(f.who, _raw(m.name), exclusive=bool(m.flags & os.O_EXCL),
                                                        truncate=bool(m.flags & os.O_TRUNC))
         f.path, f.handle = (*f.path, name), handle  # the fid now stands for the new file, open
+        await self.ns.source.settled()  # (its stat reads the records)
         return c.Rlcreate(self._qid(node, f.path, node.stat()), self._iounit())
 
     async def setattr(self, m: c.Tsetattr) -> c.Message:

@@ -1,0 +1,273 @@
+"""The view's :class:`~deployfs.view.source.Source` over the records, as a cache of the store shows them.
+
+Services, instances and manifests are read from a :class:`~deployfs.state.cache.Cache` fed by the
+store's watch, never from whoever supervises the instances: a record written into the store by
+anyone (the engine, a node agent, another machine) is what a shell sees.  What is derived from the
+records (progress, health, endpoints, the processes running, what `wait` answers) is worked out by
+the pure rules of ``model/status.py``, the same the engine follows.
+
+Read-your-writes: the cache applies the watch a scheduling step after the store commits, and a
+remote store later still.  ``revision`` tells the store revision of the last write this process
+made (a command's, a manifest's: on SQLite the store's own), and a front end awaits
+:meth:`CachedSource.settled` (the cache at that revision) before it answers the request that
+wrote: `echo apply > ctl; cat status` shows the command's effect, on SQLite as on etcd.
+
+Not everything is a record, and those keep narrow calls of their own (DESIGN §9): commands go to
+the controller (``Commands``: the engine's ``command`` and ``refused``); events are read from the
+event log's segments in memory (each event is committed before it is shown there); an instance's
+output from its log files; its CPU and memory from ``/proc``; the metrics from the engine's
+counters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Iterator, Protocol, TypeVar
+
+import trio
+
+from ..model import status as derive
+from ..model.errors import Error, Kind
+from ..model.manifest import Manifest, ManifestError, parse
+from ..model.rollout import Phase
+from ..model.status import Derived, InstanceStatus, ServiceStatus
+from ..state.cache import Cache
+from ..state.events import EventLog
+from ..state.kv import Change, KeyValue, StoreFull
+from ..state.records import (INSTANCES, MANIFESTS, SERVICES, InstanceRecord, ManifestFile, ServiceRecord, decode,
+                             decode_file, instances_prefix, manifest_key, service_key)
+from ..state.store import Store
+
+T = TypeVar("T")
+PHASES = {p.value: p for p in Phase}
+ALIVE = ("running", "draining")  # instance states with a process (pid shown, counted as running)
+
+
+class Commands(Protocol):
+    """The one narrow interface commands go through (the controller: control/engine.Engine)."""
+
+    def command(self, service: str, verb: str, arg: str | None, who: str) -> str:
+        """Carry out a ctl verb; the reply, or CommandError."""
+        ...
+
+    def refused(self, service: str | None, who: str, reason: str) -> None: ...
+
+
+@contextlib.contextmanager
+def _room() -> Iterator[None]:
+    try:
+        yield
+    except StoreFull as e:  # refused whole: nothing changed
+        raise Error(Kind.NO_SPACE, str(e)) from None
+
+
+class CachedSource:
+    def __init__(self, cache: Cache, store: Store, events: EventLog, commands: Commands, *,
+                 revision: Callable[[], int], logs: Callable[[str, int], list[str]],
+                 metrics: Callable[[], bytes] = lambda: b"",
+                 cost: Callable[[int], tuple[float, int] | None] = lambda pid: None) -> None:
+        """``revision``: the store's revision after this process's last write (what `settled` waits
+        for); ``cost``: an instance's (CPU seconds, resident bytes) by its pid, None if not running."""
+        self.cache, self.store, self.events, self.commands = cache, store, events, commands
+        self._revision, self._logs, self._metrics, self._cost = revision, logs, metrics, cost
+        self._decoded: dict[str, tuple[KeyValue, object]] = {}  # key -> (the value decoded, its record)
+        self._parsed: dict[str, Manifest | None] = {}  # manifest text -> parsed (the last few)
+        self._mtimes: dict[str, float] = {}  # service -> wall clock of the last change to its records
+        self._started = time.time()
+        self._changed: dict[str, trio.Event] = {}
+        self._appended: dict[str, trio.Event] = {}
+        self._on_change: list[Callable[[str], None]] = []
+        cache.subscribe(self._heard)
+        events.listeners.append(self._on_event)
+
+    # -- keeping up ---------------------------------------------------------------------------
+
+    def _heard(self, changes: list[Change]) -> None:
+        touched: set[str] = set()
+        for c in changes:
+            key = c.kv.key
+            if key.startswith(SERVICES):
+                touched.add(key[len(SERVICES):])
+            elif key.startswith(INSTANCES):
+                touched.add(key[len(INSTANCES):].split("/", 1)[0])
+            if c.kind == "delete":
+                self._decoded.pop(key, None)
+        now = time.time()
+        for name in sorted(touched):
+            self._mtimes[name] = now
+            woken = self._changed.pop(name, None)
+            if woken is not None:
+                woken.set()
+            for listener in list(self._on_change):
+                listener(name)
+
+    def _on_event(self, service: str) -> None:
+        woken = self._appended.pop(service, None)
+        if woken is not None:
+            woken.set()
+
+    async def settled(self) -> None:
+        """Until the records read here show every write this process made."""
+        await self.cache.wait_for(self._revision())
+
+    def _record(self, cls: type[T], kv: KeyValue) -> T:
+        return self._once(kv, lambda: decode(cls, kv.value))
+
+    def _once(self, kv: KeyValue, decoder: Callable[[], T]) -> T:
+        """``kv`` decoded once per value it takes (a cat of status decodes nothing already seen)."""
+        seen = self._decoded.get(kv.key)
+        if seen is not None and seen[0] is kv:
+            return seen[1]  # type: ignore[return-value]
+        rec = decoder()
+        self._decoded[kv.key] = (kv, rec)
+        return rec
+
+    def _manifest(self, text: str, name: str) -> Manifest | None:
+        if text not in self._parsed:
+            if len(self._parsed) > 64:
+                self._parsed.clear()
+            try:
+                self._parsed[text] = parse(text, name=name).manifest
+            except ManifestError:
+                self._parsed[text] = None  # a record the engine would not have written: shown as it is
+        return self._parsed[text]
+
+    # -- services ---------------------------------------------------------------------------
+
+    def service_names(self) -> list[str]:
+        return [kv.key[len(SERVICES):] for kv in self.cache.range(SERVICES)]
+
+    def has_service(self, name: str) -> bool:
+        return self.cache.get(service_key(name)) is not None
+
+    def service(self, name: str) -> ServiceStatus | None:
+        kv = self.cache.get(service_key(name))
+        if kv is None:
+            return None
+        rec = self._record(ServiceRecord, kv)
+        m = self._manifest(rec.manifest, name)
+        insts = sorted((self._record(InstanceRecord, i) for i in self.cache.range(instances_prefix(name))),
+                       key=lambda i: i.slot)
+
+        def derived() -> Derived:
+            members = [_member(i) for i in insts]
+            standing = _standing(rec, m)
+            return Derived(progress=derive.progress(standing, members),
+                           health=derive.health(rec.stopped, rec.replicas, members),
+                           endpoints=tuple(derive.endpoints(members)),
+                           running=sum(1 for i in insts if _alive(i)),
+                           instances=tuple(self._instance(i) for i in insts),
+                           outcome=derive.outcome(standing, members))
+
+        return ServiceStatus(
+            name=name, version=rec.version or "", previous_version=rec.previous_version or "",
+            update_status=rec.update_status, replicas=rec.replicas, manifest=rec.manifest,
+            previous_manifest=rec.previous_manifest, failure=rec.failure,
+            mtime=self._mtimes.get(name, self._started), kept_logs=dict(rec.kept_logs),
+            protocol=m.traffic_protocol if m is not None else "tcp", derive=derived)
+
+    def _instance(self, i: InstanceRecord) -> InstanceStatus:
+        pid = i.pid if _alive(i) else None  # a dead process's pid may be another's by now
+
+        def cost() -> tuple[float, int] | None:
+            return None if pid is None else self._cost(pid)
+        return InstanceStatus(id=i.id, slot=i.slot, version=i.version, state=i.state, health=i.health, pid=pid,
+                              port=i.port, restarts=i.restarts, started=i.started, node=i.node, cost=cost,
+                              oom_kills=i.oom_kills)
+
+    async def changed(self, name: str) -> None:
+        if self.has_service(name):
+            await self._changed.setdefault(name, trio.Event()).wait()
+
+    def subscribe(self, on_change: Callable[[str], None], on_event: Callable[[str], None]) -> None:
+        self._on_change.append(on_change)
+        self.events.listeners.append(on_event)
+
+    # -- manifests: read from the records, written through the store -------------------------------
+
+    def manifest_names(self) -> list[str]:
+        return [kv.key[len(MANIFESTS):] for kv in self.cache.range(MANIFESTS)]
+
+    def manifest_file(self, name: str) -> ManifestFile | None:
+        kv = self.cache.get(manifest_key(name))
+        return None if kv is None else self._once(kv, lambda: decode_file(name, kv.value))
+
+    def put_manifest(self, name: str, data: bytes) -> None:
+        with _room():
+            self.store.put_file(name, data)
+
+    def edit_manifest(self, name: str, edit: Callable[[bytes], bytes]) -> None:
+        """Rewrite a manifest from its bytes as the store has them now (a write at an offset, a
+        truncate): pieces written in a row each build on the last, whether or not the cache shows it yet."""
+        f = self.store.get_file(name)
+        self.put_manifest(name, edit(b"" if f is None else f.data))
+
+    def delete_manifest(self, name: str) -> None:
+        with _room():
+            self.store.delete_file(name)
+
+    def rename_manifest(self, old: str, new: str) -> None:
+        f = self.store.get_file(old)
+        if f is None:
+            raise Error(Kind.NOT_FOUND, f"no manifests/{old}")
+        with _room(), self.store.transaction():
+            self.store.put_file(new, f.data)
+            self.store.delete_file(old)
+
+    # -- events, logs, metrics: narrow calls of their own --------------------------------------------
+
+    def events_segment(self, service: str) -> int:
+        return self.events.segment(service)
+
+    def events_bytes(self, service: str, segment: int | None) -> bytes | bytearray:
+        return self.events.raw(service, segment)
+
+    def events_mtime(self, service: str, segment: int | None) -> float:
+        ev = self.events
+        if segment is None:
+            return ev.mtime(service)
+        return ev.segment_mtime(service, ev.segment(service) - 1 if segment == -1 else segment)
+
+    async def events_appended(self, service: str) -> None:
+        await self._appended.setdefault(service, trio.Event()).wait()
+
+    def log_parts(self, service: str, instance_id: int) -> list[str]:
+        return self._logs(service, instance_id)
+
+    def metrics_text(self) -> bytes:
+        return self._metrics()
+
+    # -- commands ---------------------------------------------------------------------------------
+
+    def command(self, service: str, verb: str, arg: str | None, who: str) -> str:
+        return self.commands.command(service, verb, arg, who)
+
+    def refused(self, service: str | None, who: str, reason: str) -> None:
+        self.commands.refused(service, who, reason)
+
+
+def _alive(i: InstanceRecord) -> bool:
+    return i.pid is not None and i.state in ALIVE
+
+
+def _member(i: InstanceRecord) -> derive.Member:
+    # Leaving: the engine marks it draining; a node agent's record says desired stop.
+    # A restart in flight: the agent has not yet started the incarnation asked for.
+    return derive.Member((i.version, i.generation), i.slot, PHASES.get(i.phase, Phase.STARTING),
+                         leaving=i.state == "draining" or i.desired == "stop" or i.phase == Phase.LEAVING.value,
+                         busy=i.desired == "run" and i.incarnation != i.restarts,
+                         backend=(i.address, i.port) if i.port else None)
+
+
+def _standing(rec: ServiceRecord, m: Manifest | None) -> derive.Standing:
+    canaries = 0
+    if rec.canary_phase and not rec.stopped and m is not None and m.update == "canary":
+        canaries = min(m.canary, rec.replicas)
+    rolling_back = (rec.update_status == "failed" and m is not None and m.auto_rollback
+                    and rec.good_version is not None and rec.version != rec.good_version)
+    return derive.Standing(version=rec.version or "", key=(rec.version or "", rec.generation),
+                           replicas=rec.replicas, update_status=rec.update_status, stopped=rec.stopped,
+                           deleting=rec.deleting, canary_phase=rec.canary_phase, canaries=canaries,
+                           steps=rec.steps, failure=rec.failure, rolled_back=rec.rolled_back,
+                           rolling_back=rolling_back)
