@@ -25,6 +25,8 @@ import signal
 from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Mapping
 
+from .cluster import valid_node_name
+
 MAX_MANIFEST_BYTES = 64 * 1024
 MAX_LINE_BYTES = 4 * 1024
 MAX_REPLICAS = 1000
@@ -33,7 +35,8 @@ NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _WHOLE_RE = re.compile(r"[0-9]{1,12}")
 _SECONDS_RE = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?")
-_EXPAND_RE = re.compile(r"\$(?:\{(PORT|INSTANCE|SERVICE|VERSION)\}|(PORT|INSTANCE|SERVICE|VERSION)\b)")
+_EXPAND_RE = re.compile(r"\$(?:\{(PORT|INSTANCE|SERVICE|VERSION|ADDRESS)\}|(PORT|INSTANCE|SERVICE|VERSION|ADDRESS)\b)")
+LOOPBACK = "127.0.0.1"  # $ADDRESS on one machine without --address
 
 
 class ManifestError(ValueError):
@@ -103,6 +106,8 @@ class Manifest:
     cpus: float | None = None
     pids: int | None = None
     nofile: int | None = None
+    # Placement, not the instance: the nodes new instances may go to (empty: any). Never hashed.
+    nodes: tuple[str, ...] = ()
     # Unknown directives, kept verbatim (forward compatibility); never hashed.
     extra: tuple[tuple[str, tuple[str, ...]], ...] = field(default=(), compare=True)
 
@@ -154,30 +159,33 @@ class Manifest:
 
     # -- per-instance expansion ------------------------------------------------
 
-    def expand(self, text: str, *, port: int | None, instance: int, version: str) -> str:
+    def expand(self, text: str, *, port: int | None, instance: int, version: str, address: str = LOOPBACK) -> str:
         values = {
             "PORT": "" if port is None else str(port),
             "INSTANCE": str(instance),
             "SERVICE": self.name,
             "VERSION": version,
+            "ADDRESS": address,  # the node's that runs the instance: where it listens and is probed
         }
         return _EXPAND_RE.sub(lambda m: values[m.group(1) or m.group(2)], text)
 
-    def instance_env(self, *, port: int | None, instance: int, version: str) -> dict[str, str]:
-        env = {k: self.expand(v, port=port, instance=instance, version=version) for k, v in self.env}
+    def instance_env(self, *, port: int | None, instance: int, version: str,
+                     address: str = LOOPBACK) -> dict[str, str]:
+        env = {k: self.expand(v, port=port, instance=instance, version=version, address=address) for k, v in self.env}
         env.update(INSTANCE=str(instance), SERVICE=self.name, VERSION=version)
         if port is not None:
             env["PORT"] = str(port)
         return env
 
-    def instance_argv(self, *, port: int | None, instance: int, version: str) -> list[str]:
-        ex = lambda s: self.expand(s, port=port, instance=instance, version=version)  # noqa: E731
+    def instance_argv(self, *, port: int | None, instance: int, version: str, address: str = LOOPBACK) -> list[str]:
+        ex = lambda s: self.expand(s, port=port, instance=instance, version=version, address=address)  # noqa: E731
         return [self.image, *map(ex, self.args)]
 
-    def instance_health(self, *, port: int | None, instance: int, version: str) -> HealthCheck | None:
+    def instance_health(self, *, port: int | None, instance: int, version: str,
+                        address: str = LOOPBACK) -> HealthCheck | None:
         if self.health is None:
             return None
-        ex = lambda s: self.expand(s, port=port, instance=instance, version=version)  # noqa: E731
+        ex = lambda s: self.expand(s, port=port, instance=instance, version=version, address=address)  # noqa: E731
         return HealthCheck(self.health.kind, tuple(map(ex, self.health.target)))
 
 
@@ -355,6 +363,18 @@ def _args(args: list[str]) -> tuple[str, ...]:
     return tuple(args)
 
 
+def _nodes(args: list[str]) -> tuple[str, ...]:
+    if not args:
+        raise _Bad("expected one or more node names")
+    for v in args:
+        if not valid_node_name(v):
+            raise _Bad(f"bad node name {v[:70]!r}: 1-63 letters, digits, '.', '_' or '-', "
+                       "starting and ending with a letter or digit")
+    if len(set(args)) != len(args):
+        raise _Bad(f"a node is named twice: {' '.join(args)}")
+    return tuple(sorted(args))
+
+
 def _signal(args: list[str]) -> str:
     v = _one(args).upper().removeprefix("SIG")
     if v.isdigit():
@@ -484,6 +504,7 @@ _DIRECTIVES: dict[str, Callable[[list[str]], object]] = {
     "cpus": _cpus,
     "pids": _whole(1, 4_194_304),  # the kernel's pid_max ceiling
     "nofile": _whole(16, 1 << 30),  # fewer than 16 cannot even hold stdio and a socket
+    "nodes": _nodes,
 }
 DIRECTIVES = frozenset(_DIRECTIVES) | {"env"}
 
@@ -509,6 +530,8 @@ def _render_value(name: str, value: object) -> str:
         return format_size(value)
     if isinstance(value, str):
         return _join((value,))
+    if isinstance(value, tuple):  # nodes
+        return _join(value)
     return str(value)
 
 

@@ -13,6 +13,8 @@ the store's watch (:mod:`.cache`) decodes them with the functions below.
 ``events/<svc>/<segment>/<seq>``       ``{"ts", "text"}``, both numbers zero-padded;
                                        the cluster's own log is the service ``""``
 ``meta/next-instance-id``              the next instance id: ids are never reused
+``nodes/<name>``                       :class:`NodeRecord` (node/membership.py writes it in a
+                                       cluster, the engine on one machine)
 =====================================  ==========================================
 """
 
@@ -90,6 +92,17 @@ class InstanceRecord:
     incarnation: int = -1
 
 
+@dataclass
+class NodeRecord:
+    """A node the cluster knows, kept after it dies (whether it is alive is another key's
+    business: ``alive/<name>`` under its lease in a cluster; on one machine, this server)."""
+    name: str
+    address: str = "127.0.0.1"  # where its instances listen and its router is reached
+    cordoned: bool = False  # no new instance is placed there
+    draining: bool = False  # `drain`: its instances move elsewhere (set with cordoned)
+    joined: float = 0.0  # wall clock of its last join (a server's start)
+
+
 @dataclass(frozen=True)
 class Event:
     seq: int
@@ -113,6 +126,7 @@ VERSIONS = "versions/"
 MANIFESTS = "manifests/"
 EVENTS = "events/"
 NEXT_INSTANCE_ID = "meta/next-instance-id"
+NODES = "nodes/"  # the same keys as node/membership.py's
 
 
 def service_key(name: str) -> str:
@@ -131,6 +145,10 @@ def version_key(service: str, version: str) -> str:
     return f"{VERSIONS}{service}/{version}"
 
 
+def node_key(name: str) -> str:
+    return NODES + name
+
+
 def manifest_key(name: str) -> str:
     return MANIFESTS + name
 
@@ -146,7 +164,7 @@ def event_key(service: str, segment: int, seq: int) -> str:
 # -- values ---------------------------------------------------------------------------------
 
 
-def encode(rec: ServiceRecord | InstanceRecord) -> bytes:
+def encode(rec: ServiceRecord | InstanceRecord | NodeRecord) -> bytes:
     return json.dumps(asdict(rec)).encode()
 
 
@@ -155,6 +173,12 @@ def decode(cls: type[T], data: bytes | str) -> T:
     field can be dropped (or added by a newer writer) without breaking a read."""
     known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
     return cls(**{k: v for k, v in json.loads(data).items() if k in known})
+
+
+def decode_node(key: str, value: bytes) -> NodeRecord:
+    """``nodes/<name>``: the name is the key's (membership.py writes none in the value)."""
+    d = json.loads(value)
+    return decode(NodeRecord, json.dumps({**(d if isinstance(d, dict) else {}), "name": key[len(NODES):]}))
 
 
 def encode_file(data: bytes, mtime: float) -> bytes:

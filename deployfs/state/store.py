@@ -39,13 +39,14 @@ from typing import Any, Callable, Iterator, Protocol
 from . import statedir
 from .kv import Delete, KVStore, Op, Put, StoreError, StoreFull, prefix_end
 from .cache import Cache
-from .records import (EVENTS, NEXT_INSTANCE_ID, VERSIONS, Event, InstanceRecord, ManifestFile, ServiceRecord, decode,
-                      decode_event, decode_file, encode, encode_event, encode_file, event_key, events_prefix,
-                      instance_key, instances_prefix, manifest_key, service_key, version_key)
+from .records import (EVENTS, NEXT_INSTANCE_ID, NODES, VERSIONS, Event, InstanceRecord, ManifestFile, NodeRecord,
+                      ServiceRecord, decode, decode_event, decode_file, decode_node, encode, encode_event, encode_file,
+                      event_key, events_prefix, instance_key, instances_prefix, manifest_key, node_key, service_key,
+                      version_key)
 from .sqlitekv import SCHEMA as KV_SCHEMA
 from .sqlitekv import SqliteKV
 
-__all__ = ["Event", "InstanceRecord", "ManifestFile", "ServiceRecord", "SqliteStore", "Store", "StoreError",
+__all__ = ["Event", "InstanceRecord", "ManifestFile", "NodeRecord", "ServiceRecord", "SqliteStore", "Store", "StoreError",
            "StoreFull", "SCHEMA_VERSION"]
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,10 @@ class Store(Protocol):
     def next_instance_id(self) -> int:
         """A new instance id, never one used before, kept in the records."""
         ...
+
+    def list_nodes(self) -> list[NodeRecord]: ...
+    def put_node(self, rec: NodeRecord) -> None: ...
+    def delete_node(self, name: str) -> None: ...
 
     def append_event(self, service: str, segment: int, ts: float, text: str) -> Event: ...
     def events(self, service: str, segment: int) -> list[Event]: ...
@@ -515,6 +520,17 @@ class SqliteStore:
             value = self._get(NEXT_INSTANCE_ID)
             self._next_id = int(value) if value else 1
         return self._next_id
+
+    # -- nodes (the same records as node/membership.py's in a cluster) ---------------
+
+    def list_nodes(self) -> list[NodeRecord]:
+        return [decode_node(k, v) for k, v in self._read(NODES).items()]
+
+    def put_node(self, rec: NodeRecord) -> None:
+        self._record_write(Put(node_key(rec.name), encode(rec)))
+
+    def delete_node(self, name: str) -> None:
+        self._record_write(Delete(node_key(name)))
 
     # -- events ------------------------------------------------------------------
 

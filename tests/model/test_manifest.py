@@ -89,6 +89,10 @@ def test_error_names_file_line_and_reason():
     (b"image /bin/\xff\n", "UTF-8"),
     (b"image /bin/true\n" + b"# " + b"x" * 5000 + b"\n", "line too long"),
     (b"image /bin/true\n" + b"#\n" * 40000, "too large"),
+    (b"image /bin/true\nnodes\n", "line 2: nodes: expected one or more node names"),
+    (b"image /bin/true\n\nnodes n1 n1\n", "line 3: nodes: a node is named twice: n1 n1"),
+    (b"image /bin/true\nnodes n1 -n2\n", "line 2: nodes: bad node name '-n2'"),
+    (b"image /bin/true\nnodes a/b\n", "line 2: nodes: bad node name 'a/b'"),
 ])
 def test_refusals(text, reason):
     with pytest.raises(ManifestError, match=reason):
@@ -143,6 +147,23 @@ def test_expansion():
     assert m.instance_health(port=41001, instance=2, version="abc").target == ("http://127.0.0.1:41001/healthz",)
 
 
+def test_address_expands_to_the_node_address_loopback_by_default():
+    m = parse(b"image /bin/x\nargs --bind $ADDRESS:$PORT ${ADDRESS}\nenv URL=http://$ADDRESS:$PORT/\n"
+              b"health http://$ADDRESS:$PORT/healthz\n", name="web").manifest
+    at = dict(port=41001, instance=2, version="abc", address="127.0.1.2")
+    assert m.instance_argv(**at) == ["/bin/x", "--bind", "127.0.1.2:41001", "127.0.1.2"]
+    assert m.instance_env(**at)["URL"] == "http://127.0.1.2:41001/"
+    assert m.instance_health(**at).target == ("http://127.0.1.2:41001/healthz",)
+    assert m.instance_argv(port=41001, instance=2, version="abc")[2] == "127.0.0.1:41001"
+
+
+def test_nodes_is_placement_not_the_version():
+    plain = parse(b"image /bin/x\n", name="web").manifest
+    m = parse(b"image /bin/x\nnodes n2 n1\n", name="web").manifest
+    assert m.nodes == ("n1", "n2") and m.version == plain.version
+    assert "nodes n1 n2\n" in m.render() and parse(m.render(), name="web").manifest == m
+
+
 def test_set_replicas_line_keeps_the_rest():
     text = b"image /bin/x   # the program\nreplicas 3   # three\nport 1\n"
     assert set_replicas_line(text, 5) == b"image /bin/x   # the program\nreplicas 5   # three\nport 1\n"
@@ -180,6 +201,7 @@ values = {
     "health_interval": st.floats(0.01, 1000).map(lambda x: round(x, 3)),
     "update_batch": st.integers(1, 50),
     "restart": st.sampled_from(["always", "on-failure", "never"]),
+    "nodes": st.lists(st.sampled_from(["n1", "n2", "Node-3.dc"]), unique=True).map(sorted),
 }
 
 
