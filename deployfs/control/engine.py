@@ -28,6 +28,7 @@ import trio
 
 from ..model import probing, rollout
 from ..model import status as derive
+from ..model.ctl import NODE_VERBS
 from ..model.errors import CommandError, Kind
 from ..model.manifest import (MAX_REPLICAS, Manifest, ManifestError, Parsed, format_seconds, format_size, parse,
                               set_replicas_line, valid_name)
@@ -40,6 +41,7 @@ from ..node.runtime import MARKER, Process, Runtime, StartError, find_strays
 from ..state.events import CLUSTER, EventLog
 from ..state.store import InstanceRecord, ServiceRecord, Store, StoreFull
 from ._ticker import Ticker
+from .nodes import Nodes
 from .stats import ServiceStats
 
 log = logging.getLogger(__name__)
@@ -147,6 +149,8 @@ class Service:
         self.loop_scope = trio.CancelScope()
         self._unrouted: bool | None = None  # None until routing was first decided
         self._at_limit = False
+        self._unplaced = ""  # why the last start could not be placed (said once)
+        self.moving_off: str | None = None  # a drain moves this service's instances off that node
         self.paused_at: float | None = None  # when `pause` held a canary phase: its auto_promote clock stops
         self._awaiting_router = False
         self.commands = 0  # bumped by every command: a plan made before one is stale
@@ -162,9 +166,11 @@ class Service:
     def target(self) -> rollout.Target:
         m = self.manifest
         rec = self.rec
+        # A drain moves instances batch by batch whatever the strategy: `replace` would stop them first.
+        strategy = "rolling" if self.moving_off is not None and m.update == "replace" else m.update
         return rollout.Target(key=(rec.version or "", rec.generation),
                               replicas=0 if rec.stopped else rec.replicas,
-                              strategy=m.update, batch=m.update_batch, pause=m.update_pause,
+                              strategy=strategy, batch=m.update_batch, pause=m.update_pause,
                               restart=m.restart, max_restarts=m.max_restarts,
                               good=(rec.good_version, rec.good_generation) if rec.good_version else None,
                               stopped=rec.stopped, canary=self.canaries(), auto_promote=m.auto_promote)
@@ -204,12 +210,17 @@ class Service:
 
     def views(self) -> list[rollout.Inst]:
         now = trio.current_time()
+        moving = self.engine.nodes.draining
         out = []
         for i in self.instances.values():
             phase = Phase.LEAVING if i.leaving else Phase.STARTING if i.busy else i.phase
             recent = sum(1 for t in i.restart_times if now - t < rollout.RESTART_WINDOW)
-            out.append(rollout.Inst(i.rec.id, i.rec.slot, (i.rec.version, i.rec.generation), phase, i.why,
-                                    i.exit_ok, i.last_exit, recent))
+            key = (i.rec.version, i.rec.generation)
+            if moving and i.rec.node in moving:
+                # `drain`: to the planner an instance on a draining node is of another version, so
+                # the rolling rules move it: a replacement elsewhere, ready, then this one retires.
+                key = (f"{i.rec.version}@{i.rec.node}", i.rec.generation)
+            out.append(rollout.Inst(i.rec.id, i.rec.slot, key, phase, i.why, i.exit_ok, i.last_exit, recent))
         return out
 
     def by_slot(self) -> list[Instance]:
@@ -345,11 +356,18 @@ class Service:
                 self._at_limit = True
                 return False
             self._at_limit = False
+            where = e.nodes.place(self)
+            if where.node is None:
+                if where.reason != self._unplaced:
+                    self.event(f"cannot start instance {a.slot}: {where.reason}")
+                self._unplaced = where.reason
+                return False
+            self._unplaced = ""
             version, generation = a.key or self.target().key
             m = self.manifest_for((version, generation))
             port = e.runtime.allocate_port() if m.port else None
             rec = InstanceRecord(self.name, e.next_instance_id(), a.slot, version, generation, port=port,
-                                 node=e.node, address=e.address)
+                                 node=where.node, address=e.nodes.address_of(where.node))
             inst = Instance(rec, m)
             self.instances[rec.id] = inst
             self.spawn(inst)
@@ -398,6 +416,10 @@ class Service:
                 self.save()
             took = time.time() - (self.rec.rollout_started or time.time())
             what = "rolling update" if self.rec.rollout_from else "deploy"
+            if self.moving_off is not None:
+                what = what if self.rec.rollout_from else f"move off node {self.moving_off}"
+                self.moving_off = None
+                e.nodes.drained()
             self.stats.rollouts_completed += 1
             self.stats.rollout_seconds.observe(max(took, 0.0))
             self.event(f"{what} complete: {self.rec.version} in {max(took, 0.0):.1f}s")
@@ -490,7 +512,7 @@ class Service:
 
     async def _health_loop(self, inst: Instance, proc: Process) -> None:
         m, rec = inst.manifest, inst.rec
-        check = m.instance_health(port=rec.port, instance=rec.slot, version=rec.version)
+        check = m.instance_health(port=rec.port, instance=rec.slot, version=rec.version, address=rec.address)
         # An exec probe carries the instance's marker: what it leaves behind is
         # found and killed with the instance.
         probe_env = {MARKER: self.engine.runtime.marker(self.name, rec.id)}
@@ -647,6 +669,7 @@ class Engine:
         self.store, self.runtime, self.prober = store, runtime, prober
         # The node this process's instances run on and where they listen (--node/--address in a cluster).
         self.node, self.address = node, address
+        self.nodes = Nodes(self, node, address)  # the node records: placement, cordon, drain
         self.events = events or EventLog(store)
         self.router = router or NullRouter()
         self.state_dir = state_dir
@@ -675,6 +698,7 @@ class Engine:
             nursery.start_soon(self.ticker.run)
             nursery.start_soon(self._bound_logs)
             nursery.start_soon(self._watch_store)
+            self.nodes.join()
             await self._recover()
             task_status.started()
             await trio.sleep_forever()
@@ -854,6 +878,8 @@ class Engine:
         self.events.emit(target, f"command refused ({who}): {reason}")
 
     def _command(self, name: str, verb: str, arg: str | None, who: str) -> str:
+        if verb in NODE_VERBS:  # (top ctl only: `name` is a node's)
+            return self.nodes.command(name, verb, who)
         if not valid_name(name):
             raise CommandError(Kind.INVALID, f"bad service name {name!r}")
         if verb == "apply":

@@ -1,8 +1,9 @@
 """The ctl grammar: one command per write.  Pure.
 
 ``active/<svc>/ctl`` takes ``<verb> [arg]``; the top ``ctl`` takes
-``<verb> <service> [arg]``.  Anything else is refused as invalid and a
-reason in words.
+``<verb> <service> [arg]``, and ``<verb> <node>`` for the node verbs
+(``cordon``, ``uncordon``, ``drain``: then :attr:`Command.service` holds the
+node's name).  Anything else is refused as invalid and a reason in words.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ from dataclasses import dataclass
 
 from .errors import CommandError, Kind
 from .manifest import valid_name
+from .cluster import valid_node_name
 
 MAX_CTL_BYTES = 4096
 VERBS = {"apply": 0, "pause": 0, "resume": 0, "step": 0, "rollback": 0, "restart": 0, "stop": 0, "scale": 1,
-         "delete": 0, "promote": 0, "abort": 0}
-TOP_ONLY = {"delete"}  # removes active/<svc> itself: not a verb of a file inside it
+         "delete": 0, "promote": 0, "abort": 0, "cordon": 0, "uncordon": 0, "drain": 0}
+NODE_VERBS = {"cordon", "uncordon", "drain"}  # name a node, not a service
+TOP_ONLY = {"delete"} | NODE_VERBS  # delete removes active/<svc> itself: not a verb of a file inside it
 USAGE = ("apply | pause | resume | step | promote | abort | rollback | restart | stop | scale N "
-         "(and on the top ctl: delete)")
+         "(and on the top ctl: delete SERVICE, cordon | uncordon | drain NODE)")
 
 
 @dataclass(frozen=True)
@@ -48,13 +51,19 @@ def parse_command(data: bytes, service: str | None) -> Command:
     verb, rest = words[0], words[1:]
     if verb not in VERBS:
         raise bad(f"unknown verb {verb[:40]!r}; expected: {USAGE}")
+    node = verb in NODE_VERBS
     if verb in TOP_ONLY and service is not None:
-        raise bad(f"{verb} works on the top ctl: echo '{verb} {service}' > ctl (in the mount's root)")
+        what = "NODE" if node else service
+        raise bad(f"{verb} works on the top ctl: echo '{verb} {what}' > ctl (in the mount's root)")
     if service is None:
         if not rest:
+            if node:
+                raise bad(f"{verb}: name the node: {verb} NODE (ls nodes/)")
             raise bad(f"{verb}: name the service: {verb} SERVICE" + (" N" if VERBS[verb] else ""))
         service, rest = rest[0], rest[1:]
-        if not valid_name(service):
+        if node and not valid_node_name(service):
+            raise bad(f"bad node name {service[:70]!r}")
+        if not node and not valid_name(service):
             raise bad(f"bad service name {service[:70]!r}")
     want = VERBS[verb]
     if len(rest) != want:

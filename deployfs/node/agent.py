@@ -53,8 +53,8 @@ RUN, STOP = "run", "stop"
 
 def launch_spec(m: Manifest, rec: InstanceRecord, users: UserPolicy | None) -> LaunchSpec:
     """How an instance of ``m`` is started: what the engine and the agent both run."""
-    argv = m.instance_argv(port=rec.port, instance=rec.slot, version=rec.version)
-    env = m.instance_env(port=rec.port, instance=rec.slot, version=rec.version)
+    argv = m.instance_argv(port=rec.port, instance=rec.slot, version=rec.version, address=rec.address)
+    env = m.instance_env(port=rec.port, instance=rec.slot, version=rec.version, address=rec.address)
     return LaunchSpec(rec.service, rec.id, argv, env, m.dir, m.log_lines,
                       user=users.run_as(m) if users else m.user, group=m.group,
                       limits=Limits(m.memory, m.cpus, m.pids), nofile=m.nofile)
@@ -242,7 +242,7 @@ class NodeAgent:
     async def _probe_loop(self, key: str, held: _Held, rec: InstanceRecord, m: Manifest,
                           scope: trio.CancelScope) -> None:
         with scope:
-            check = m.instance_health(port=rec.port, instance=rec.slot, version=rec.version)
+            check = m.instance_health(port=rec.port, instance=rec.slot, version=rec.version, address=rec.address)
             # An exec probe carries the instance's marker: what it leaves behind goes with the instance.
             env = {MARKER: self.runtime.marker(rec.service, rec.id)}
             if check is None:  # no check: alive for one health_interval is healthy, then the soak

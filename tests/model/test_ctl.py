@@ -18,6 +18,10 @@ ACCEPTED = [
     (b"scale web 5\n", None, Command("scale", "web", "5")),
     (b"delete web\n", None, Command("delete", "web", None)),
     (b"rollback api.v2\n", None, Command("rollback", "api.v2", None)),
+    # the node verbs name a node (in `service`): its name may have capitals, unlike a service's
+    (b"cordon n1\n", None, Command("cordon", "n1", None)),
+    (b"uncordon Web-01.dc1\n", None, Command("uncordon", "Web-01.dc1", None)),
+    (b"drain n2", None, Command("drain", "n2", None)),
 ]
 
 REFUSED = [
@@ -35,6 +39,12 @@ REFUSED = [
     (b"scale\n", None, "scale SERVICE N"),
     (b"apply ../etc\n", None, "bad service name"),
     (b"apply router\n", None, "bad service name"),  # reserved: the router's own marker
+    (b"cordon\n", None, "cordon: name the node: cordon NODE"),
+    (b"drain n1 now\n", None, "drain: expected 0 arguments, got 1"),
+    (b"drain -n1\n", None, "bad node name '-n1'"),
+    (b"uncordon a/b\n", None, "bad node name"),
+    (b"cordon n1\n", "web", "cordon works on the top ctl: echo 'cordon NODE' > ctl"),
+    (b"apply Web\n", None, "bad service name"),  # a node's name is no service's
     (b"apply w\x00eb\n", "web", "NUL byte"),
     (b"apply \x1b[2J\n", "web", "control character"),
     (b"apply \xff\n", "web", "not valid UTF-8"),
