@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "0") or 0))
+    p.add_argument("--bind", default="127.0.0.1", help="the address to listen on ($ADDRESS: the node's)")
     p.add_argument("--version", default=os.environ.get("VERSION", "v?"))
     p.add_argument("--fail-health-after", type=float, default=None)
     p.add_argument("--exit-after", type=float, default=None)
@@ -72,7 +73,7 @@ def main() -> None:
 
     if a.exit_after is not None:
         threading.Timer(a.exit_after, lambda: os._exit(3)).start()
-    server = ThreadingHTTPServer(("127.0.0.1", a.port), Handler)
+    server = ThreadingHTTPServer((a.bind, a.port), Handler)
     server.daemon_threads = True
     if a.touch:
         with open(a.touch, "w") as f:

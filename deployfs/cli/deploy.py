@@ -159,6 +159,28 @@ def status_table(c: Client) -> str:
     return "".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() + "\n" for r in rows)
 
 
+def nodes_table(c: Client) -> str:
+    """nodes/<name> as a table: `address=… state=… instances=N leads=a,b seen=T` per node."""
+    rows = [("NODE", "ADDRESS", "STATE", "INSTANCES", "LEADS", "SEEN")]
+    for name in sorted(os.listdir(c.path("nodes"))):
+        try:
+            text = c.read("nodes", name)
+        except DeployError:
+            continue  # gone since the listing
+        n = dict(w.partition("=")[::2] for w in text.split())
+        rows.append((name, n.get("address", ""), n.get("state", ""), n.get("instances", ""),
+                     n.get("leads", "") or "-", n.get("seen", "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() + "\n" for r in rows)
+
+
+def node_state(c: Client, node: str) -> str:
+    for word in c.read("nodes", node).split():
+        if word.startswith("state="):
+            return word[len("state="):]
+    return ""
+
+
 def fresh_text(seen: str, now: str) -> str:
     """What a growing (possibly rotated or trimmed) text shows that was not seen yet."""
     if now.startswith(seen):
@@ -252,6 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "(manifests/SERVICE stays)")
     d.add_argument("service")
     d.add_argument("--detach", action="store_true", help="return at once instead of waiting until it is gone")
+    sub.add_parser("nodes", help="the nodes: address, state (ready, cordoned, draining, down), instances, leads")
+    for verb, text in [("cordon", "place no new instances on NODE (those there keep running)"),
+                       ("uncordon", "let NODE take new instances again (and stop a drain)"),
+                       ("drain", "cordon NODE, then move its instances elsewhere the way a rollout does")]:
+        v = sub.add_parser(verb, help=text)
+        v.add_argument("node")
+        if verb == "drain":
+            v.add_argument("--detach", action="store_true", help="return at once instead of waiting until it is drained")
     ed = sub.add_parser("edit", help="open manifests/SERVICE in $EDITOR")
     ed.add_argument("service")
     return p
@@ -277,6 +307,14 @@ def run(argv: list[str] | None = None) -> int:
             while os.path.exists(c.path("active", a.service)):  # drains first: as long as drain_timeout
                 time.sleep(0.1)
             print(f"deleted {a.service}")
+    elif verb == "nodes":
+        sys.stdout.write(nodes_table(c))
+    elif verb in ("cordon", "uncordon", "drain"):
+        print(c.ctl(a.node, verb, top=True))
+        if verb == "drain" and not a.detach:
+            while node_state(c, a.node) == "draining":  # each service moves batch by batch: see its events
+                time.sleep(0.2)
+            print(f"node {a.node}: {node_state(c, a.node)}")
     elif verb == "status":
         sys.stdout.write(c.read("active", a.service, "status") if a.service else status_table(c))
     elif verb == "events":

@@ -63,9 +63,11 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--cluster", type=_cluster_urls, metavar="URLS",
                    help="join a cluster: its etcd members' client URLs, comma-separated (http://H1:2379,...); "
                         "docs/cluster.md says what works yet")
-    s.add_argument("--node", metavar="NAME", help="this node's name in the cluster, unique (default: the host name)")
+    s.add_argument("--node", metavar="NAME",
+                   help="this node's name (/deploy/nodes/NAME), unique in a cluster (default: the host name)")
     s.add_argument("--address", metavar="IP",
-                   help="where this node's instances and router are reached (default: the host name's address)")
+                   help="where this node's instances listen ($ADDRESS) and are reached (default: 127.0.0.1 on "
+                        "one machine, the host name's address with --cluster)")
     s.add_argument("--node-ttl", type=_node_ttl, metavar="SECONDS",
                    help="how long a silent node keeps its name and lease (whole seconds, >= 2; default 10)")
     s.add_argument("--default-user", metavar="NAME",
@@ -176,22 +178,20 @@ def _node_ttl(text: str) -> int:
     return ttl
 
 
-# A node's name is a file name under /deploy/nodes/ and a key in etcd: a host-name-like label.
-_NODE_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
-
-
 def check_cluster(a: argparse.Namespace) -> None:
-    """Validate --cluster and the flags that go with it, filling in their defaults."""
-    if not a.cluster:
-        given = [f for f, v in (("--node", a.node), ("--address", a.address), ("--node-ttl", a.node_ttl)) if v is not None]
-        if given:
-            raise SetupError(f"{', '.join(given)} only make sense with --cluster (the etcd members' URLs)")
-        return
+    """Validate --node, --address, --cluster and --node-ttl, filling in their defaults."""
+    from ..model.cluster import valid_node_name
+    if not a.cluster and a.node_ttl is not None:
+        raise SetupError("--node-ttl only makes sense with --cluster (the etcd members' URLs)")
     if a.node is None:
         a.node = socket.gethostname().split(".")[0]
-    if not _NODE_NAME.fullmatch(a.node):
+        if not a.cluster and not valid_node_name(a.node):
+            a.node = "local"  # one machine: a host name no node may have must not stop the server
+    if not valid_node_name(a.node):
         raise SetupError(f"--node {a.node!r}: a node name is 1-63 letters, digits, '.', '_' or '-', "
                          "starting and ending with a letter or digit")
+    if a.address is None and not a.cluster:
+        a.address = "127.0.0.1"  # one machine: instances listen on loopback, as they always did
     if a.address is None:
         try:
             a.address = socket.gethostbyname(socket.gethostname())
@@ -369,7 +369,7 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
     runtime = LocalRuntime(a.state, ports=ports)
     log.info("cgroups: %s", runtime.cgroups.layout.describe())
     engine = Engine(store, runtime, probes, events=events, router=router, state_dir=a.state, users=a.users,
-                    **({'node': a.node} if a.cluster else {}))
+                    node=a.node, address=a.address)
     metrics = Metrics(engine)
     source, cache = local_source(engine, metrics)  # the records, through a cache fed by the store's watch
     view = Namespace(source, Access(group=group))  # one view, whichever front ends serve it

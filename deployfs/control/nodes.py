@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ..model import placement, rollout
 from ..model.errors import CommandError, Kind
-from ..model.cluster import READY, ClusterStatus, NodeStatus, node_state
+from ..model.cluster import READY, ClusterStatus, cluster_status, node_state
 from ..state.events import CLUSTER
 from ..state.store import NodeRecord
 
@@ -99,15 +99,10 @@ class Nodes:
     # -- what the view shows -----------------------------------------------------------------
 
     def status(self) -> ClusterStatus:
+        """As the engine holds it (the view reads the records: view/cached.py)."""
         total, _ = self._counts(leaving=True)
-        now = time.time()
-        services = tuple(sorted(self.engine.services))
-        leaders = {s: self.name for s in services}  # one machine: this node drives every service
-        nodes = tuple(NodeStatus(r.name, r.address, self.state(r, total[r.name]), total[r.name],
-                                 services if r.name == self.name else (),
-                                 now if self.alive(r.name) else r.joined)
-                      for r in sorted(self.records.values(), key=lambda r: r.name))
-        return ClusterStatus(store="ok", leader=self.name, nodes=nodes, leaders=leaders)
+        return cluster_status(self.records.values(), total, list(self.engine.services), alive=self.alive,
+                              leader=self.name, now=time.time())
 
     # -- the verbs -----------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 # A node's name is a file name under /deploy/nodes/ and a key in etcd: a host-name-like label.
 NODE_NAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
@@ -54,3 +55,26 @@ class ClusterStatus:
     @property
     def ready(self) -> int:
         return sum(1 for n in self.nodes if n.state == READY)
+
+
+class NodeFacts(Protocol):
+    """What a node's record holds (state/records.py NodeRecord)."""
+    name: str
+    address: str
+    cordoned: bool
+    draining: bool
+    joined: float
+
+
+def cluster_status(nodes: Iterable[NodeFacts], instances: Mapping[str, int], services: Sequence[str], *,
+                   alive: Callable[[str], bool], leader: str, now: float, store: str = "ok") -> ClusterStatus:
+    """The nodes as the files show them.  ``instances``: per node, every instance there (leaving ones
+    too); ``leader`` leads the cluster and, until each service elects its own, every service."""
+    leads = tuple(sorted(services))
+    shown = tuple(NodeStatus(r.name, r.address,
+                             node_state(alive=alive(r.name), cordoned=r.cordoned, draining=r.draining,
+                                        instances=instances.get(r.name, 0)),
+                             instances.get(r.name, 0), leads if r.name == leader else (),
+                             now if alive(r.name) else r.joined)
+                  for r in sorted(nodes, key=lambda r: r.name))
+    return ClusterStatus(store=store, leader=leader, nodes=shown, leaders={s: leader for s in leads})

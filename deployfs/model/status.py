@@ -31,6 +31,7 @@ class InstanceStatus:
     started: float  # wall clock
     node: str
     oom_kills: int = 0  # times the kernel killed it for its memory limit
+    address: str = "127.0.0.1"  # where it listens: the address of its node
     # (CPU seconds, resident bytes) while running, else None; asked only by who shows it
     # (instances/N): the figures come from a pass over /proc
     cost: Callable[[], tuple[float, int] | None] = field(default=lambda: None, repr=False, compare=False)

@@ -30,5 +30,5 @@ def local_source(engine: Engine, metrics: Metrics | None = None) -> tuple[Cached
         return None if c is None else (c.cpu, c.rss)
 
     source = CachedSource(cache, store, engine.events, engine, revision=lambda: kv.revision,
-                          logs=engine.runtime.log_parts, metrics=metrics.render, cost=cost)
+                          logs=engine.runtime.log_parts, metrics=metrics.render, cost=cost, node=engine.node)
     return source, cache

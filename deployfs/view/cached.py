@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import Counter
 from typing import Callable, Iterator, Protocol, TypeVar
 
 import trio
 
 from ..model import status as derive
+from ..model.cluster import ClusterStatus, cluster_status
 from ..model.errors import Error, Kind
 from ..model.manifest import Manifest, ManifestError, parse
 from ..model.rollout import Phase
@@ -35,8 +37,8 @@ from ..model.status import Derived, InstanceStatus, ServiceStatus
 from ..state.cache import Cache
 from ..state.events import EventLog
 from ..state.kv import Change, KeyValue, StoreFull
-from ..state.records import (INSTANCES, MANIFESTS, SERVICES, InstanceRecord, ManifestFile, ServiceRecord, decode,
-                             decode_file, instances_prefix, manifest_key, service_key)
+from ..state.records import (INSTANCES, MANIFESTS, NODES, SERVICES, InstanceRecord, ManifestFile, ServiceRecord,
+                             decode, decode_file, decode_node, instances_prefix, manifest_key, service_key)
 from ..state.store import Store
 
 T = TypeVar("T")
@@ -66,10 +68,13 @@ class CachedSource:
     def __init__(self, cache: Cache, store: Store, events: EventLog, commands: Commands, *,
                  revision: Callable[[], int], logs: Callable[[str, int], list[str]],
                  metrics: Callable[[], bytes] = lambda: b"",
-                 cost: Callable[[int], tuple[float, int] | None] = lambda pid: None) -> None:
+                 cost: Callable[[int], tuple[float, int] | None] = lambda pid: None, node: str = "") -> None:
         """``revision``: the store's revision after this process's last write (what `settled` waits
-        for); ``cost``: an instance's (CPU seconds, resident bytes) by its pid, None if not running."""
+        for); ``cost``: an instance's (CPU seconds, resident bytes) by its pid, None if not running;
+        ``node``: this server's node, on one machine the one live node, leading every service
+        (a cluster's liveness and leaders will be records too: alive/<name>, an election)."""
         self.cache, self.store, self.events, self.commands = cache, store, events, commands
+        self._node = node
         self._revision, self._logs, self._metrics, self._cost = revision, logs, metrics, cost
         self._decoded: dict[str, tuple[KeyValue, object]] = {}  # key -> (the value decoded, its record)
         self._parsed: dict[str, Manifest | None] = {}  # manifest text -> parsed (the last few)
@@ -174,7 +179,7 @@ class CachedSource:
             return None if pid is None else self._cost(pid)
         return InstanceStatus(id=i.id, slot=i.slot, version=i.version, state=i.state, health=i.health, pid=pid,
                               port=i.port, restarts=i.restarts, started=i.started, node=i.node, cost=cost,
-                              oom_kills=i.oom_kills)
+                              oom_kills=i.oom_kills, address=i.address)
 
     async def changed(self, name: str) -> None:
         if self.has_service(name):
@@ -183,6 +188,15 @@ class CachedSource:
     def subscribe(self, on_change: Callable[[str], None], on_event: Callable[[str], None]) -> None:
         self._on_change.append(on_change)
         self.events.listeners.append(on_event)
+
+    # -- nodes ------------------------------------------------------------------------------------
+
+    def cluster(self) -> ClusterStatus:
+        counts = Counter(self._record(InstanceRecord, kv).node for kv in self.cache.range(INSTANCES))
+        nodes = [self._once(kv, lambda: decode_node(kv.key, kv.value)) for kv in self.cache.range(NODES)]
+        here = self._node
+        return cluster_status(nodes, counts, self.service_names(), alive=lambda name: name == here, leader=here,
+                              now=time.time())
 
     # -- manifests: read from the records, written through the store -------------------------------
 

@@ -15,6 +15,7 @@ import time
 from typing import Callable
 
 from ..model.errors import Error, Kind
+from ..model.cluster import ClusterStatus, NodeStatus
 from ..model.status import InstanceStatus, ServiceStatus
 from ..state.events import CLUSTER, rfc3339
 from .access import Access, Caller
@@ -51,9 +52,19 @@ def _text(fn: Callable[[ServiceStatus], str]) -> Callable[["Namespace", ServiceS
 def render_instance(i: InstanceStatus) -> str:
     c = i.cost()
     cost = "cpu=- rss=-" if c is None else f"cpu={c[0]:.2f} rss={c[1]}"  # `-` when not running
-    return (f"node={i.node} slot={i.slot} version={i.version} state={i.state} health={i.health} "
+    return (f"node={i.node} address={i.address} slot={i.slot} version={i.version} state={i.state} health={i.health} "
             f"pid={i.pid or '-'} port={i.port or '-'} restarts={i.restarts} started={rfc3339(i.started)} {cost} id={i.id}"
             + (f" oom_kills={i.oom_kills}" if i.oom_kills else "") + "\n")
+
+
+def render_node(n: NodeStatus) -> str:
+    return (f"address={n.address} state={n.state} instances={n.instances} leads={','.join(n.leads)} "
+            f"seen={rfc3339(n.seen)}\n")
+
+
+def render_cluster(c: ClusterStatus) -> str:
+    """One ``key=value`` a line, as DESIGN §10 names them: a script reads the one it wants."""
+    return f"store={c.store}\nnodes={len(c.nodes)}\nready={c.ready}\nleader={c.leader}\n"
 
 
 def render_status(s: ServiceStatus) -> str:
@@ -87,6 +98,7 @@ SERVICE_FILES: dict[str, Callable[["Namespace", ServiceStatus], File]] = {
     "events": lambda ns, s: EventsFile(ns, s.name, None),
     "events.1": lambda ns, s: EventsFile(ns, s.name, -1),
     "wait": lambda ns, s: WaitFile(ns, s.name),
+    "leader": lambda ns, s: StateFile(ns, lambda: f"{ns.source.cluster().leaders.get(s.name, '')}\n".encode(), time.time),
 }
 
 ROOT_FILES: dict[str, Callable[["Namespace"], File]] = {
@@ -96,6 +108,8 @@ ROOT_FILES: dict[str, Callable[["Namespace"], File]] = {
     "manifests": lambda ns: ManifestsDir(ns, ns.source.manifest_names, ns.manifest_entry),
     "active": lambda ns: Dir(ns, ns.source.service_names, ns.service_dir),
     "metrics": lambda ns: StateFile(ns, ns.source.metrics_text, time.time),  # Prometheus text (DESIGN §12)
+    "cluster": lambda ns: StateFile(ns, lambda: render_cluster(ns.source.cluster()).encode(), time.time),
+    "nodes": lambda ns: ns.nodes_dir(),
 }
 
 
@@ -189,6 +203,14 @@ class Namespace:
             id = kept().get(name)
             return None if id is None else log(id)
         return Dir(self, lambda: [str(i.slot) for i in s.instances] + sorted(kept()), child, volatile=True)
+
+    def nodes_dir(self) -> Dir:
+        def child(name: str) -> File | None:
+            n = self.source.cluster().node(name)
+            if n is None:
+                return None
+            return StateFile(self, lambda: render_node(self.source.cluster().node(name) or n).encode(), time.time)
+        return Dir(self, lambda: [n.name for n in self.source.cluster().nodes], child, volatile=True)
 
     def instances_dir(self, s: ServiceStatus) -> Dir:
         def child(name: str) -> File | None:

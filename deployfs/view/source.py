@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
+from ..model.cluster import ClusterStatus
 from ..model.status import ServiceStatus
 from ..state.store import ManifestFile
 
@@ -31,6 +32,11 @@ class Source(Protocol):
     def subscribe(self, on_change: Callable[[str], None], on_event: Callable[[str], None]) -> None:
         """Call ``on_change(service)`` when a service changes (or goes), ``on_event(service)``
         once an event is committed and readable ("" is the cluster-wide log)."""
+        ...
+
+    # -- nodes ------------------------------------------------------------------------------
+    def cluster(self) -> ClusterStatus:
+        """The nodes, which services each leads, and whether the store answers (DESIGN §10)."""
         ...
 
     # -- manifests/: the editable files -------------------------------------------------------

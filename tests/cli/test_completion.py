@@ -10,10 +10,10 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "contrib", "deploy.
 
 @pytest.fixture
 def fake_mount(tmp_path):
-    for d in ("manifests", "active/web/logs", "active/api/logs"):
+    for d in ("manifests", "active/web/logs", "active/api/logs", "nodes"):
         (tmp_path / d).mkdir(parents=True)
     for f in ("ctl", "manifests/web", "manifests/api", "manifests/new", "active/web/logs/0", "active/web/logs/1",
-              "active/web/logs/failed-3", "active/api/logs/0"):
+              "active/web/logs/failed-3", "active/api/logs/0", "nodes/n1", "nodes/n2"):
         (tmp_path / f).write_text("")
     return str(tmp_path)
 
@@ -36,7 +36,15 @@ def test_services_then_nothing_more_to_name(fake_mount):
     assert complete("deploy scale web ", mount=fake_mount) == []  # a number, not a service again
     assert complete("deploy events web ", mount=fake_mount) == ["-f"]
     assert complete("deploy apply ", mount=fake_mount) == ["api", "new", "web"]  # apply: from manifests/
-    assert complete("deploy d", mount=fake_mount) == ["delete"]
+    assert complete("deploy de", mount=fake_mount) == ["delete"]
+
+
+def test_node_verbs_complete_node_names(fake_mount):
+    assert complete("deploy cordon ", mount=fake_mount) == ["n1", "n2"]
+    assert complete("deploy drain n", mount=fake_mount) == ["n1", "n2"]
+    assert complete("deploy drain n1 --", mount=fake_mount) == ["--detach", "--help"]
+    assert complete("deploy nodes ", mount=fake_mount) == []
+    assert complete("deploy un", mount=fake_mount) == ["uncordon"]
 
 
 def test_slots_after_logs_service_slash(fake_mount):

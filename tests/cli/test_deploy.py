@@ -74,7 +74,7 @@ def test_no_mount_is_explained(tmp_path):
 def test_help_is_complete():
     r = subprocess.run([*DEPLOY, "--help"], capture_output=True, text=True, timeout=10)
     for verb in ("apply", "status", "pause", "resume", "step", "rollback", "restart", "stop", "scale", "events", "logs",
-                 "edit", "delete"):
+                 "edit", "delete", "nodes", "cordon", "uncordon", "drain"):
         assert verb in r.stdout
 
 
@@ -138,3 +138,22 @@ def test_a_deployfs_mount_at_deploy_in_the_current_directory_is_found(tmp_path):
     r = subprocess.run([*DEPLOY, "status"], capture_output=True, text=True, timeout=10, env=env, cwd=tmp_path)
     if not os.path.exists("/deploy/ctl"):
         assert r.returncode == 1 and "no deployfs mounted at /deploy (nor at ./deploy)" in r.stderr
+
+
+def test_nodes_cordon_uncordon_drain(mnt):
+    """One machine, one node: the table, a cordon and back, a drain refused with the reason (nowhere to move)."""
+    node = os.listdir(mnt.p("nodes"))[0]
+    mnt.write_manifest("web", manifest())
+    assert deploy(mnt, "apply", "web").returncode == 0
+    r = deploy(mnt, "nodes")
+    header, row = r.stdout.splitlines()
+    assert header.split() == ["NODE", "ADDRESS", "STATE", "INSTANCES", "LEADS", "SEEN"]
+    assert row.split()[:5] == [node, "127.0.0.1", "ready", "2", "web"]
+    r = deploy(mnt, "cordon", node)
+    assert r.returncode == 0 and r.stdout == "ok cordoned\n"
+    assert deploy(mnt, "nodes").stdout.splitlines()[1].split()[2] == "cordoned"
+    assert deploy(mnt, "uncordon", node).stdout == "ok uncordoned\n"
+    r = deploy(mnt, "drain", node)
+    assert r.returncode == 1 and r.stderr.startswith(f"deploy: drain {node}: its instances have nowhere to move")
+    r = deploy(mnt, "cordon", "nosuch")
+    assert r.returncode == 1 and r.stderr == f"deploy: no node 'nosuch' (known: {node})\n"

@@ -21,8 +21,9 @@ NS = "/deployfs/"
 
 
 @pytest.mark.parametrize("flags, says", [
-    (["--node", "n1"], "--node only make sense with --cluster"),
-    (["--node-ttl", "5", "--address", "127.0.1.1"], "--address, --node-ttl only make sense with --cluster"),
+    (["--node-ttl", "5", "--address", "127.0.1.1"], "--node-ttl only makes sense with --cluster"),
+    (["--node=-x"], "a node name is 1-63 letters"),  # one machine names its node too
+    (["--address", "localhost"], "is not an IP address"),
     (["--cluster", "127.0.0.1:2379"], "is not an etcd client URL of the form http://HOST:PORT"),
     (["--cluster", "https://h:2379"], "TLS is not supported yet"),
     (["--cluster", "http://h:2379/v3"], "is not an etcd client URL"),

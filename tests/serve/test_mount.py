@@ -27,7 +27,7 @@ def deploy(mnt, text=WEB, name="web"):
 
 
 def test_layout_and_state_files(mnt):
-    assert sorted(os.listdir(mnt.path)) == ["active", "ctl", "events", "manifests", "metrics"]
+    assert sorted(os.listdir(mnt.path)) == ["active", "cluster", "ctl", "events", "manifests", "metrics", "nodes"]
     deploy(mnt)
     d = "active/web/"
     version = mnt.read(d + "version")

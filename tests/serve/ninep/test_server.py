@@ -83,7 +83,8 @@ def test_every_file_reads_the_same_over_9p_as_over_fuse(served):
         dirs.append("" if rel == "." else rel)
         files += [os.path.normpath(os.path.join(rel, f)) for f in fnames]
     assert {"ctl", "events", "manifests/web", "active/web/version", "active/web/instances/0", "active/web/logs/0",
-            "active/web/wait", "active/web/ctl"} <= set(files)
+            "active/web/wait", "active/web/ctl", "active/web/leader", "cluster"} <= set(files)
+    assert any(f.startswith("nodes/") for f in files)
     for d in dirs:
         r = diod("diodls", d or "/")
         assert r.returncode == 0, r.stderr
@@ -99,6 +100,8 @@ def test_every_file_reads_the_same_over_9p_as_over_fuse(served):
         assert r.returncode == 0, (f, r.stderr)
         if f == "metrics":  # counters move between two reads: the same series, in the same order
             over_fuse, r.stdout = (re.sub(rb" [0-9.e+-]+\n", b"\n", x) for x in (over_fuse, r.stdout))
+        if f.startswith("nodes/"):  # a live node is seen at every read
+            over_fuse, r.stdout = (re.sub(rb"seen=\S+", b"seen=T", x) for x in (over_fuse, r.stdout))
         assert r.stdout == over_fuse, f
     with Client(ADDR) as cl:
         for f in files:
@@ -273,7 +276,7 @@ def test_no_mount_over_a_unix_socket(tmp_path, open_dir):
                              "--9p", f"unix!{sock}"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         with connect_when_up(sock) as cl:
-            assert sorted(cl.listdir("/")) == ["active", "ctl", "events", "manifests", "metrics"]
+            assert sorted(cl.listdir("/")) == ["active", "cluster", "ctl", "events", "manifests", "metrics", "nodes"]
             d = cl.walk("manifests")
             cl.rpc(c.Tlcreate(d, "web", os.O_WRONLY | os.O_CREAT, 0o644, 0))
             cl.write(d, SVC.encode())
