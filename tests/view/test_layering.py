@@ -38,3 +38,19 @@ def test_errors_carry_kinds_not_errnos():
     for layer in ("model", "control", "view"):  # (state and node read OSError.errno, never carry one up)
         for f, names in imports(layer).items():
             assert "errno" not in names, f
+
+
+def test_the_view_reads_records_and_the_front_ends_read_the_view():
+    # The source the view reads is the records (model + state), never the engine's objects ...
+    cached = imports("view")["view/cached.py"]
+    assert {n.lstrip(".").split(".")[0] for n in cached if n.startswith("..")} <= {"model", "state"}, cached
+    # ... nothing in control builds what the view shows any more (the facade over engine internals is gone) ...
+    for f in sorted((PKG / "control").glob("*.py")):
+        built = {a.name for node in ast.walk(ast.parse(f.read_text())) if isinstance(node, ast.ImportFrom)
+                 for a in node.names}
+        assert not built & {"ServiceStatus", "InstanceStatus", "Derived"}, f
+    # ... and the front ends know the engine only where serve wires it to the view (serve/local.py).
+    fronts = {**imports("serve"), **imports("serve/ninep")}
+    for f, names in fronts.items():
+        if f != "serve/local.py":
+            assert not {n for n in names if "control" in n}, (f, names)
