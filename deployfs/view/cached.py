@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import Counter
+from functools import partial
 from typing import Callable, Iterator, Protocol, TypeVar
 
 import trio
@@ -37,8 +38,8 @@ from ..model.status import Derived, InstanceStatus, ServiceStatus
 from ..state.cache import Cache
 from ..state.events import EventLog
 from ..state.kv import Change, KeyValue, StoreFull
-from ..state.records import (INSTANCES, MANIFESTS, NODES, SERVICES, InstanceRecord, ManifestFile, ServiceRecord,
-                             decode, decode_file, decode_node, instances_prefix, manifest_key, service_key)
+from ..state.records import (INSTANCES, MANIFESTS, NODES, SERVICES, InstanceRecord, ManifestFile, NodeRecord,
+                             ServiceRecord, decode, decode_file, decode_node, instances_prefix, manifest_key, service_key)
 from ..state.store import Store
 
 T = TypeVar("T")
@@ -116,15 +117,12 @@ class CachedSource:
         """Until the records read here show every write this process made."""
         await self.cache.wait_for(self._revision())
 
-    def _record(self, cls: type[T], kv: KeyValue) -> T:
-        return self._once(kv, lambda: decode(cls, kv.value))
-
-    def _once(self, kv: KeyValue, decoder: Callable[[], T]) -> T:
+    def _record(self, cls: type[T], kv: KeyValue, decoder: Callable[[bytes], T] | None = None) -> T:
         """``kv`` decoded once per value it takes (a cat of status decodes nothing already seen)."""
         seen = self._decoded.get(kv.key)
         if seen is not None and seen[0] is kv:
             return seen[1]  # type: ignore[return-value]
-        rec = decoder()
+        rec = decode(cls, kv.value) if decoder is None else decoder(kv.value)
         self._decoded[kv.key] = (kv, rec)
         return rec
 
@@ -152,10 +150,10 @@ class CachedSource:
             return None
         rec = self._record(ServiceRecord, kv)
         m = self._manifest(rec.manifest, name)
-        insts = sorted((self._record(InstanceRecord, i) for i in self.cache.range(instances_prefix(name))),
-                       key=lambda i: i.slot)
 
-        def derived() -> Derived:
+        def derived() -> Derived:  # only for a request that shows it: `cat version` reads no instance
+            insts = sorted((self._record(InstanceRecord, i) for i in self.cache.range(instances_prefix(name))),
+                           key=lambda i: i.slot)
             members = [_member(i) for i in insts]
             standing = _standing(rec, m)
             return Derived(progress=derive.progress(standing, members),
@@ -193,7 +191,7 @@ class CachedSource:
 
     def cluster(self) -> ClusterStatus:
         counts = Counter(self._record(InstanceRecord, kv).node for kv in self.cache.range(INSTANCES))
-        nodes = [self._once(kv, lambda: decode_node(kv.key, kv.value)) for kv in self.cache.range(NODES)]
+        nodes = [self._record(NodeRecord, kv, partial(decode_node, kv.key)) for kv in self.cache.range(NODES)]
         here = self._node
         return cluster_status(nodes, counts, self.service_names(), alive=lambda name: name == here, leader=here,
                               now=time.time())
@@ -205,7 +203,7 @@ class CachedSource:
 
     def manifest_file(self, name: str) -> ManifestFile | None:
         kv = self.cache.get(manifest_key(name))
-        return None if kv is None else self._once(kv, lambda: decode_file(name, kv.value))
+        return None if kv is None else self._record(ManifestFile, kv, partial(decode_file, name))
 
     def put_manifest(self, name: str, data: bytes) -> None:
         with _room():
