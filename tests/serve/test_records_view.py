@@ -67,7 +67,7 @@ async def test_a_record_put_straight_into_the_store_is_what_cat_shows(mounted):
     out = await sh("ls active; cat active/web/status active/web/instances/0 active/web/endpoints", mnt)
     assert out.startswith("web\nservice web\nversion v1\n")
     assert "update_status rolling\nupdate_progress 1/2\nreplicas 2\nrunning 1\nhealth degraded\n" in out
-    assert f"node=n2 slot=0 version=v1 state=running health=healthy pid={os.getpid()} port=20850" in out
+    assert f"node=n2 address=10.0.0.2 slot=0 version=v1 state=running health=healthy pid={os.getpid()} port=20850" in out
     assert out.endswith("10.0.0.2:20850\n")
 
     # Another writer's next revision: an instance exits, the rollout completes.
