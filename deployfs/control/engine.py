@@ -419,7 +419,7 @@ class Service:
             if self.moving_off is not None:
                 what = what if self.rec.rollout_from else f"move off node {self.moving_off}"
                 self.moving_off = None
-                e.nodes.drained()
+            e.nodes.drained()  # (also a drain a restart of deployfs carried on: moving_off is not kept)
             self.stats.rollouts_completed += 1
             self.stats.rollout_seconds.observe(max(took, 0.0))
             self.event(f"{what} complete: {self.rec.version} in {max(took, 0.0):.1f}s")

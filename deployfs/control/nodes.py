@@ -74,9 +74,10 @@ class Nodes:
         for svc in self.engine.services.values():
             for i in svc.instances.values():
                 if leaving or not i.leaving:
-                    total[i.rec.node] += 1
+                    node = i.rec.node or self.name  # a record from before nodes were recorded: this machine's
+                    total[node] += 1
                     if svc.name == service:
-                        mine[i.rec.node] += 1
+                        mine[node] += 1
         return total, mine
 
     def state(self, rec: NodeRecord, instances: int) -> str:

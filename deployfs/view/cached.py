@@ -190,9 +190,9 @@ class CachedSource:
     # -- nodes ------------------------------------------------------------------------------------
 
     def cluster(self) -> ClusterStatus:
-        counts = Counter(self._record(InstanceRecord, kv).node for kv in self.cache.range(INSTANCES))
+        here = self._node  # (an instance record from before nodes were recorded names none: this machine's)
+        counts = Counter(self._record(InstanceRecord, kv).node or here for kv in self.cache.range(INSTANCES))
         nodes = [self._record(NodeRecord, kv, partial(decode_node, kv.key)) for kv in self.cache.range(NODES)]
-        here = self._node
         return cluster_status(nodes, counts, self.service_names(), alive=lambda name: name == here, leader=here,
                               now=time.time())
 
