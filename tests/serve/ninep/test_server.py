@@ -134,12 +134,20 @@ def test_manifests_are_editable_and_ctl_answers_as_over_fuse(served):
         ctl = cl.open("ctl", os.O_RDWR)
         assert cl.write(ctl, b"apply api\n") == 10
         assert cl.read(ctl, 10).startswith(b"ok")
-        for command in (b"frobnicate api\n", b"apply nosuch\n", b"resume web\n", b"scale web many\n"):
+        node = os.listdir(m.p("nodes"))[0].encode()
+        for command in (b"frobnicate api\n", b"apply nosuch\n", b"resume web\n", b"scale web many\n",
+                        b"cordon nosuch\n", b"drain " + node + b"\n", b"cordon\n"):
             with pytest.raises(NinepError) as e:
                 cl.write(ctl, command)
             reply = cl.read(ctl, 0).decode()
             assert reply.startswith("error: ")
             assert (e.value.errno, reply) == fuse_errno(m, "ctl", command), command
+        # The node verbs, and the node's file, as over FUSE.
+        assert cl.write(ctl, b"cordon " + node + b"\n") and cl.read(ctl, 0) == b"ok cordoned\n"
+        assert b" state=cordoned " in cl.cat("nodes/" + node.decode())
+        assert cl.cat("cluster").startswith(b"store=ok\nnodes=1\nready=0\n")
+        assert cl.write(ctl, b"uncordon " + node + b"\n") and cl.read(ctl, 0) == b"ok uncordoned\n"
+        assert b" state=ready " in cl.cat("nodes/" + node.decode())
         # A state file is rendered at open; events grows under an open fid.
         replicas, events = cl.open("active/web/replicas"), cl.open("active/web/events")
         seen = cl.read_all(events)
