@@ -172,11 +172,12 @@ class CachedSource:
 
     def _instance(self, i: InstanceRecord) -> InstanceStatus:
         pid = i.pid if _alive(i) else None  # a dead process's pid may be another's by now
+        # (a record from before nodes were recorded names none: it is this machine's, as the engine shows it)
 
         def cost() -> tuple[float, int] | None:
             return None if pid is None else self._cost(pid)
         return InstanceStatus(id=i.id, slot=i.slot, version=i.version, state=i.state, health=i.health, pid=pid,
-                              port=i.port, restarts=i.restarts, started=i.started, node=i.node, cost=cost,
+                              port=i.port, restarts=i.restarts, started=i.started, node=i.node or self._node, cost=cost,
                               oom_kills=i.oom_kills, address=i.address)
 
     async def changed(self, name: str) -> None:

@@ -153,3 +153,13 @@ async def test_events_follow_waits_for_the_next_event_and_is_cancellable(h, ns, 
 
 async def _follow(handle, off, out):
     out.append(await handle.follow(off, 4096))
+
+
+async def test_an_instance_record_from_before_nodes_shows_this_node(h, ns, autojump_clock):
+    from deployfs.state.kv import Put
+    from deployfs.state.records import InstanceRecord, ServiceRecord, encode, instance_key, service_key
+    old = InstanceRecord("old", 1, 0, "v1", pid=123, state="running")  # node "": written before nodes were
+    await h.store.kv.txn([], [Put(service_key("old"), encode(ServiceRecord("old", version="v1", replicas=1))),
+                              Put(instance_key("old", 1), encode(old))])
+    await ns.source.settled()
+    assert (await cat(ns, "active", "old", "instances", "0")).startswith(f"node={h.engine.node} ".encode())
