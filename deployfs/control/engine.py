@@ -1,10 +1,14 @@
 """The engine: one supervisor per service, reconciling instances toward a target.
 
 Each service runs a loop: look at the instances as they are, ask
-:func:`rollout.plan` what to do, do it, sleep until something changes.  Every
-instance has a monitor task (exit via the runtime, health via the prober) that
-turns what it sees into a :class:`Phase` and pokes the loop.  Slow actions
-(drain + stop, restart) run as their own tasks so the loop never blocks.
+:func:`rollout.plan` what to do, do it, sleep until something changes.  The engine
+is the controller (DESIGN §9): it never touches a process.  It writes its intent
+into each instance record (``desired`` run | drain | stop, ``restarts`` bumped for
+a fresh process) and the node agent (node/agent.py), which it starts beside itself
+on the same store, runs, probes, stops and adopts the processes and writes back
+what it sees; the engine hears of that through the store's watch and turns it
+into the :class:`Phase` plan() reads.  Draining stays here: the engine owns the
+router.
 
 Commands (``apply``, ``pause``, ...) only change the service record; the loop
 does the rest.  The engine knows nothing of FUSE, and the view never reads it:
@@ -16,9 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
-import signal
 import socket
 import time
 from dataclasses import dataclass, field, replace
@@ -26,21 +28,23 @@ from typing import Callable, Protocol, Sequence
 
 import trio
 
-from ..model import probing, rollout
+from ..model import rollout
 from ..model import status as derive
 from ..model.ctl import NODE_VERBS
 from ..model.errors import CommandError, Kind
-from ..model.manifest import (MAX_REPLICAS, Manifest, ManifestError, Parsed, format_seconds, format_size, parse,
+from ..model.manifest import (MAX_REPLICAS, Manifest, ManifestError, Parsed, format_seconds, parse,
                               set_replicas_line, valid_name)
 from ..model.rollout import Phase
 from ..node.cgroups import Limits
 from ..node.health import Prober
 from ..node.identity import UserPolicy, deployer_uid
-from ..node.agent import launch_spec
-from ..node.runtime import MARKER, Process, Runtime, StartError, find_strays
+from ..node.agent import DRAIN, RUN, STOP, NodeAgent
+from ..node.runtime import Runtime
 from ..state.events import CLUSTER, EventLog
+from ..state.kv import Change
+from ..state.records import INSTANCES, decode
 from ..state.store import InstanceRecord, ServiceRecord, Store, StoreFull
-from ._ticker import Ticker
+from ..node.ticker import Ticker
 from .nodes import Nodes
 from .stats import ServiceStats
 
@@ -49,8 +53,15 @@ NODE = socket.gethostname() or "local"
 LOOPBACK = "127.0.0.1"  # where this node's instances listen (a cluster gives each node its --address)
 MAX_SERVICES = 500
 MAX_INSTANCES = 5000
-LOG_CHECK = 0.25  # seconds between looks at a quiet instance's log size
 STORE_RETRY = 1.0  # seconds between tries of a full state disk
+# Who writes which fields of an instance record (no lost updates: each writes only its own,
+# read-modify-write). The controller: where and what it should run, and its restart budget.
+CONTROLLER_FIELDS = ("slot", "version", "generation", "port", "node", "address", "desired", "restarts",
+                     "restart_times")
+# The node agent: what it saw (state, health, phase, why, exit_ok, last_exit, pid, start_time,
+# started, incarnation, oom_kills). GiveUp is the one place the controller records a state: failed.
+AGENT_FIELDS = ("pid", "start_time", "state", "health", "phase", "why", "exit_ok", "last_exit", "started",
+                "incarnation", "oom_kills")
 
 
 class Routing(Protocol):
@@ -102,20 +113,20 @@ class NullRouter:
 class Instance:
     rec: InstanceRecord
     manifest: Manifest
-    proc: Process | None = None
     phase: Phase = Phase.STARTING
     why: str = ""
     exit_ok: bool = False
     leaving: bool = False
-    busy: bool = False  # a restart is in flight
-    started_at: float = 0.0  # trio clock
-    healthy_since: float | None = None
-    first_bad: float | None = None  # start of the current failing streak
-    fails: int = 0
-    probes: int = 0  # since it started: a starting instance is probed on a growing cadence
+    busy: bool = False  # a restart is asked for, and the agent has not yet reported the new process
+    first_bad: float | None = None  # start of the current failing streak (trio clock)
     last_exit: float | None = None
     restart_times: list[float] = field(default_factory=list)
-    monitor: trio.CancelScope | None = None
+    stopped: trio.Event | None = None  # set once the agent reports it stopped after ``desired stop``
+
+    @property
+    def running(self) -> bool:
+        """A process of it runs, as its node agent last reported."""
+        return self.rec.pid is not None and self.rec.state == "running"
 
     @property
     def backend(self) -> tuple[str, int] | None:
@@ -370,7 +381,8 @@ class Service:
                                  node=where.node, address=e.nodes.address_of(where.node))
             inst = Instance(rec, m)
             self.instances[rec.id] = inst
-            self.spawn(inst)
+            rec.desired = RUN
+            e.store.put_instance(rec)  # recorded before it exists: a crash in between leaves a findable stray
         elif isinstance(a, (rollout.Stop, rollout.Restart, rollout.GiveUp)) and a.id not in self.instances:
             return False  # gone while an earlier action of the same plan yielded
         elif isinstance(a, rollout.Stop):
@@ -384,14 +396,14 @@ class Service:
             self.stats.restarts += 1
             recent = sum(1 for t in inst.restart_times if trio.current_time() - t < rollout.RESTART_WINDOW)
             self.event(f"instance {inst.rec.slot} {a.reason}, restarting ({recent}/{inst.manifest.max_restarts})")
-            e.nursery.start_soon(self._restart, inst)
+            self.save_instance(inst)  # restarts past the agent's incarnation: it stops the process, starts anew
         elif isinstance(a, rollout.GiveUp):
             inst = self.instances[a.id]
-            inst.phase, inst.rec.state, inst.rec.health = Phase.FAILED, "failed", "failed"
-            self.save_instance(inst)
+            inst.phase, inst.rec.state, inst.rec.health, inst.rec.phase = Phase.FAILED, "failed", "failed", "failed"
+            inst.rec.desired = STOP  # whatever still runs of it goes; the record stays, failed
+            inst.rec.restart_times = [_to_wall(t) for t in inst.restart_times]
+            e.store.put_instance_fields(inst.rec, CONTROLLER_FIELDS + ("state", "health", "phase"))
             self.event(f"instance {inst.rec.slot} failed: {a.reason}; giving up (restart it with `restart`)")
-            if inst.proc and not inst.proc.exited:
-                e.nursery.start_soon(self._kill, inst)
         elif isinstance(a, rollout.Fail):
             self.rec.failure = a.reason + self._detection()
             self.rec.update_status = "failed"
@@ -454,149 +466,65 @@ class Service:
 
     # -- instance lifecycle ----------------------------------------------------------
 
-    def spawn(self, inst: Instance) -> None:
-        e, m, rec = self.engine, inst.manifest, inst.rec
-        inst.phase, inst.why, inst.healthy_since, inst.first_bad, inst.fails = Phase.STARTING, "", None, None, 0
-        inst.probes = 0
-        inst.started_at = trio.current_time()
-        rec.state, rec.health, rec.pid, rec.start_time, rec.started = "starting", "starting", None, None, time.time()
-        self.save_instance(inst)  # recorded before it exists: a crash in between leaves a findable stray
-        try:
-            proc = e.runtime.start(launch_spec(m, rec, e.users))
-        except StartError as err:
-            inst.phase, inst.why, inst.exit_ok = Phase.EXITED, str(err), False
-            inst.last_exit = inst.first_bad = trio.current_time()
-            rec.state, rec.health = "exited", "stopped"
-            self.save_instance(inst)
-            self.event(f"instance {rec.slot} failed to start: {err}")
+    def observed(self, rec: InstanceRecord) -> None:
+        """The node agent wrote what it sees of an instance: turn it into the phase plan() reads."""
+        inst = self.instances.get(rec.id)
+        if inst is None:
             return
-        inst.proc = proc
-        rec.pid, rec.start_time, rec.state = proc.pid, proc.start_time, "running"
-        self.save_instance(inst)
-        port = f" port={rec.port}" if rec.port else ""
-        self.event(f"instance {rec.slot} started version={rec.version} pid={proc.pid}{port}")
-        e.nursery.start_soon(self._monitor, inst, proc)
-
-    def adopt(self, inst: Instance, proc: Process) -> None:
-        inst.proc = proc
-        inst.started_at = trio.current_time()
-        if inst.rec.health == "healthy":
-            inst.phase, inst.healthy_since = Phase.READY, trio.current_time() - inst.manifest.min_healthy
-        self.engine.nursery.start_soon(self._monitor, inst, proc)
-
-    async def _monitor(self, inst: Instance, proc: Process) -> None:
-        with trio.CancelScope() as scope:
-            inst.monitor = scope
-            async with trio.open_nursery() as n:
-                n.start_soon(self._health_loop, inst, proc)
-                status = await proc.wait()
-                n.cancel_scope.cancel()
-            if inst.leaving or inst.busy or inst.proc is not proc:
-                return
-            now = trio.current_time()
-            inst.phase, inst.exit_ok, inst.last_exit = Phase.EXITED, status == 0, now
-            inst.first_bad = inst.first_bad or now
-            inst.why = "exited" if status is None else f"exited with status {status}"
-            if proc.oom_kills:
-                limit = f" (limit {format_size(inst.manifest.memory)})" if inst.manifest.memory else ""
-                inst.rec.oom_kills += 1
-                inst.why = f"killed: out of memory{limit}" if status in (None, 128 + signal.SIGKILL) else \
-                    f"{inst.why} after a process of it was killed: out of memory{limit}"
-            inst.rec.state, inst.rec.health = "exited", "stopped"
-            self.save_instance(inst)
-            self.event(f"instance {inst.rec.slot} {inst.why}")
-            # The instance is over: whatever its leader left running goes with it.
-            self.engine.nursery.start_soon(proc.stop, inst.manifest.stop_signum, 0.0)
-            self.routing_changed()
-            self.poke()
-
-    async def _health_loop(self, inst: Instance, proc: Process) -> None:
-        m, rec = inst.manifest, inst.rec
-        check = m.instance_health(port=rec.port, instance=rec.slot, version=rec.version, address=rec.address)
-        # An exec probe carries the instance's marker: what it leaves behind is
-        # found and killed with the instance.
-        probe_env = {MARKER: self.engine.runtime.marker(self.name, rec.id)}
-        # A leaving instance is out of routing for good and its stop signal is coming: probing it
-        # decides nothing, and a probe after that signal only fails ("unhealthy: ... refused", noise).
-        while not inst.leaving:
-            now = trio.current_time()
-            starting = inst.rec.health == "starting"
-            if check is None:
-                if starting:
-                    await trio.sleep_until(inst.started_at + m.health_interval)
-                    self._observe(inst, True, "alive for one health_interval")
-                    await trio.sleep(m.min_healthy)
-                    self._observe(inst, True, "")
-                await trio.sleep_forever()
-            t0 = trio.current_time()
-            verdict = await self.engine.prober.probe(check, m.health_timeout, env=probe_env)
-            self.stats.probe_seconds.observe(trio.current_time() - t0)
-            if inst.leaving:
-                return
-            self.stats.probe_failures += not verdict.ok
-            self._observe(inst, verdict.ok, verdict.detail)
-            wake, period = probing.next_probe(inst, m, now)
-            # Shared ticks of at most 1/20 of the period: cheap for a thousand instances.
-            await self.engine.ticker.sleep_until(wake, quantum=period / 20)
-
-    def _observe(self, inst: Instance, ok: bool, detail: str) -> None:
-        """Turn one probe verdict into health and phase transitions."""
-        before = inst.phase
-        inst.rec.health, said = probing.observe(inst, inst.rec.health, inst.manifest, ok, detail, trio.current_time())
-        for text in said:
-            self.event(f"instance {inst.rec.slot} {text}")
-        if inst.phase is not before:
-            self.save_instance(inst)
+        for name in AGENT_FIELDS:
+            setattr(inst.rec, name, getattr(rec, name))
+        if inst.stopped is not None:
+            if rec.desired == STOP and rec.pid is None and rec.state in ("stopped", "failed"):
+                inst.stopped.set()
+            return
+        if inst.leaving or inst.phase is Phase.FAILED or rec.incarnation != inst.rec.restarts:
+            return  # (its process is not the one the latest intent asked for yet)
+        before = (inst.phase, inst.why, inst.busy)
+        now = trio.current_time()
+        if inst.busy and rec.state in ("running", "exited"):
+            inst.busy, inst.first_bad = False, None
+            inst.phase = Phase.STARTING
+        if rec.state == "exited":
+            if inst.phase is not Phase.EXITED:
+                inst.phase, inst.why, inst.exit_ok, inst.last_exit = Phase.EXITED, rec.why, rec.exit_ok, now
+                inst.first_bad = inst.first_bad or now
+        elif rec.state == "running" and rec.phase in ("starting", "ready", "unhealthy"):
+            inst.phase, inst.why = Phase(rec.phase), rec.why
+            if inst.phase is Phase.UNHEALTHY:
+                inst.first_bad = inst.first_bad or now
+            elif inst.phase is Phase.READY:
+                inst.first_bad = None
+        if (inst.phase, inst.why, inst.busy) != before:
             self.routing_changed()
             self.poke()
 
     def stop_instance(self, inst: Instance, reason: str) -> None:
         inst.leaving = True
-        inst.rec.state = "draining"
+        inst.rec.desired = DRAIN
         self.save_instance(inst)
         self.routing_changed()
-        if inst.proc and not inst.proc.exited:
+        if inst.running:
             self.event(f"instance {inst.rec.slot} draining ({reason})")
         self.engine.nursery.start_soon(self._stop, inst)
 
     async def _stop(self, inst: Instance) -> None:
         m, e = inst.manifest, self.engine
-        was_running = inst.proc is not None and not inst.proc.exited
-        if was_running and inst.backend and inst.phase is Phase.READY:
+        if inst.running and inst.backend and inst.phase is Phase.READY:
             if left := await e.router.drain(self.name, inst.backend, m.drain_timeout):
                 # Those connections are cut by the stop signal (unless the app finishes them): say so.
                 self.event(f"instance {inst.rec.slot} drain timed out after {m.drain_timeout:g}s: "
                            f"{left} connection{'s' if left != 1 else ''} still open")
-        killed = inst.proc is not None and await inst.proc.stop(m.stop_signum, m.stop_timeout)
-        if inst.monitor:
-            inst.monitor.cancel()
-        if was_running:
-            # A kill cuts whatever the instance still had in flight: say so.
-            why = f" (killed: still running {m.stop_timeout:g}s after SIG{m.stop_signal})" if killed else ""
-            self.event(f"instance {inst.rec.slot} stopped{why}")
+        inst.stopped = trio.Event()
+        inst.rec.desired = STOP
+        self.save_instance(inst)
+        now = e.store.get_instance(self.name, inst.rec.id)
+        if now is not None and not (now.pid is None and now.state in ("stopped", "failed")):
+            await inst.stopped.wait()  # the agent stops it (stop_signal, SIGKILL at stop_timeout) and says so
         self.instances.pop(inst.rec.id, None)
         e.store.delete_instance(self.name, inst.rec.id)
         if inst.rec.port:
             e.runtime.release_port(inst.rec.port)
-        e.runtime.remove_log(self.name, inst.rec.id)
         self.poke()
-
-    async def _restart(self, inst: Instance) -> None:
-        m = inst.manifest
-        if inst.monitor:
-            inst.monitor.cancel()
-        if inst.proc is not None:
-            await inst.proc.stop(m.stop_signum, m.stop_timeout)
-        inst.busy = False
-        if not inst.leaving and not self.engine.stopping:
-            self.spawn(inst)
-        self.poke()
-
-    async def _kill(self, inst: Instance) -> None:
-        if inst.monitor:
-            inst.monitor.cancel()
-        assert inst.proc is not None
-        await inst.proc.stop(inst.manifest.stop_signum, inst.manifest.stop_timeout)
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -649,12 +577,10 @@ class Service:
         self.engine.store.put_service(self.rec)
 
     def save_instance(self, inst: Instance) -> None:
-        """Record what a server restarted on the same state needs to carry on, times as wall clock."""
+        """Record the controller's intent (its own fields only: the agent's observations stay), times as wall clock."""
         rec = inst.rec
-        rec.phase, rec.why, rec.exit_ok = inst.phase.value, inst.why, inst.exit_ok
-        rec.last_exit = None if inst.last_exit is None else _to_wall(inst.last_exit)
         rec.restart_times = [_to_wall(t) for t in inst.restart_times]
-        self.engine.store.put_instance(rec)
+        self.engine.store.put_instance_fields(rec, CONTROLLER_FIELDS)
 
     def event(self, text: str) -> None:
         self.engine.events.emit(self.name, text)
@@ -679,6 +605,10 @@ class Engine:
         self.services: dict[str, Service] = {}
         self.listeners: list = []  # called with a service name when anything about it changes
         self.ticker = Ticker()
+        # The node agent of this node, on the same records: it alone touches processes.
+        self.agent = NodeAgent(store.records, runtime, node, prober=prober, users=users, events=self.events,
+                               ticker=self.ticker, state_dir=state_dir, log_check_every=log_check_every,
+                               on_probe=self._probed, cache=store.cache(INSTANCES))
         self.stopping = False  # set by shutdown: nothing starts after it
         self.nursery: trio.Nursery
 
@@ -696,28 +626,56 @@ class Engine:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             nursery.start_soon(self.ticker.run)
-            nursery.start_soon(self._bound_logs)
             nursery.start_soon(self._watch_store)
             self.nodes.join()
-            await self._recover()
+            self._intents_for_old_records()
+            cache = self.store.cache(INSTANCES)  # what the agent reports, heard after commit (or kept in memory)
+            await nursery.start(cache.run)
+            cache.subscribe(self._observed)
+            await nursery.start(self.agent.run)  # adopts what runs, before anything is planned
+            self._recover()
             task_status.started()
             await trio.sleep_forever()
 
-    async def _recover(self) -> None:
-        """Load every service, adopt the instances still running, reap strays."""
-        known: set[tuple[str, int]] = set()
-        loaded = [(Service(self, rec), self.store.list_instances(rec.name)) for rec in self.store.list_services()]
-        # Started, but killed before its pid was recorded: find it by its marker.
-        unrecorded = {(svc.name, irec.id) for svc, irecs in loaded for irec in irecs
-                      if irec.pid is None and irec.state == "starting"}
-        found = self.runtime.find_unrecorded(unrecorded) if unrecorded else {}
-        gone: list[tuple[str, int]] = []
-        never_started: list[tuple[Service, Instance]] = []
-        for svc, irecs in loaded:
+    def _probed(self, service: str, seconds: float, ok: bool) -> None:
+        svc = self.services.get(service)
+        if svc is not None:
+            svc.stats.probe_seconds.observe(seconds)
+            svc.stats.probe_failures += not ok
+
+    def _observed(self, changes: list[Change]) -> None:
+        for c in changes:
+            if c.kind != "put":
+                continue
+            try:
+                rec = decode(InstanceRecord, c.kv.value)
+            except (ValueError, TypeError):
+                continue
+            svc = self.services.get(rec.service)
+            if svc is not None:
+                svc.observed(rec)
+
+    def _intents_for_old_records(self) -> None:
+        """Records of a deployfs before the node agent carry no intent: give them the one the
+        engine acted on, so the agent adopts (never restarts) what runs."""
+        with self.store.transaction():
+            for svc in self.store.list_services():
+                for irec in self.store.list_instances(svc.name):
+                    if irec.desired:
+                        continue
+                    irec.desired = DRAIN if irec.state == "draining" else STOP if irec.state == "failed" else RUN
+                    if irec.state == "draining":
+                        irec.state = "running"
+                    irec.incarnation = -1 if irec.pid is None and irec.state == "starting" else irec.restarts
+                    self.store.put_instance(irec)
+
+    def _recover(self) -> None:
+        """Load every service and its instances as the node agent found them; finish what was leaving."""
+        for rec in self.store.list_services():
+            svc = Service(self, rec)
             self.services[svc.name] = svc
-            draining = []
-            for irec in irecs:
-                key = (svc.name, irec.id)
+            leaving = []
+            for irec in self.store.list_instances(rec.name):
                 text = self.store.get_version(svc.name, irec.version) or svc.rec.manifest
                 inst = Instance(irec, parse(text, name=svc.name).manifest)
                 # The restart budget and the last exit carry on (max_restarts counts across a restart of deployfs).
@@ -727,87 +685,22 @@ class Engine:
                 svc.instances[irec.id] = inst
                 if irec.port:
                     self.runtime.claim_port(irec.port)
-                proc: Process | None
-                if key in found:
-                    proc = found[key]
-                    irec.pid, irec.start_time, irec.state = proc.pid, proc.start_time, "running"
-                    svc.save_instance(inst)
-                elif irec.pid and irec.start_time:
-                    proc = self.runtime.adopt(irec.pid, irec.start_time, svc.name, irec.id)
-                else:
-                    proc = None
-                if proc is not None or irec.pid is None:
-                    # A recorded pid that is gone, yet a live process marked with this id: a
-                    # restart whose record was lost (a crash on a full state disk). It is a stray
-                    # (and the sweep of `gone` below kills it too).
-                    known.add(key)
-                if proc is not None:
-                    svc.adopt(inst, proc)
-                    svc.event(f"instance {irec.slot} adopted pid={proc.pid}")
-                elif key in unrecorded:
-                    never_started.append((svc, inst))  # not a failure: it simply never ran
-                elif irec.state == "failed":
+                if irec.state == "failed":
                     inst.phase = Phase.FAILED
-                    gone.append(key)
-                else:
-                    inst.phase, inst.why, inst.last_exit = Phase.EXITED, "gone while deployfs was down", trio.current_time()
-                    if self.runtime.oom_kills(svc.name, irec.id):  # read before the sweep removes its cgroup
-                        memory = inst.manifest.memory
-                        irec.oom_kills += 1
-                        inst.why = (f"killed: out of memory{f' (limit {format_size(memory)})' if memory else ''} "
-                                    "while deployfs was down")
-                    gone.append(key)
-                if irec.state == "draining":
-                    draining.append(inst)
+                elif irec.state in ("exited", "stopped"):
+                    inst.phase = Phase.EXITED
+                    if inst.last_exit is None:
+                        inst.last_exit = trio.current_time()
+                elif irec.state == "running" and irec.health == "healthy":
+                    inst.phase = Phase.READY
+                if irec.desired in (DRAIN, STOP) and irec.state != "failed":
+                    leaving.append(inst)
             # Routing only once every instance is known, then finish what was leaving.
             svc.routing_changed()
-            for inst in draining:
+            for inst in leaving:
                 svc.stop_instance(inst, "it was draining when deployfs stopped")
-        # What a leader that died while we were down left behind (a grandchild
-        # holding its port, say) must go before anything takes its place.
-        if gone:
-            await self.runtime.sweep(gone)
-        await self.runtime.prune({(svc.name, i) for svc in self.services.values() for i in svc.instances})
-        for svc, inst in never_started:
-            svc.spawn(inst)
         for svc in self.services.values():
             self.nursery.start_soon(svc.run)
-        if self.state_dir:
-            for pid in find_strays(self.state_dir, known):
-                log.warning("stopping stray instance process %d", pid)
-                for kill in (os.killpg, os.kill):  # its group, if it leads one, and itself
-                    try:
-                        kill(pid, signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        pass
-
-    async def _bound_logs(self) -> None:
-        """Instances write their own log files: hold each to its bound, all the time.
-
-        Every log is looked at every LOG_CHECK s (a stat); one that was just
-        trimmed is flooding, and is looked at every ``log_check_every`` s, so a
-        program writing as fast as it can (``yes``) cannot fill the disk.
-        """
-        due: dict[tuple[str, int], float] = {}
-        while True:
-            await trio.sleep(self.log_check_every)
-            now = trio.current_time()
-            live = set()
-            for svc in list(self.services.values()):
-                for inst in list(svc.instances.values()):
-                    key = (svc.name, inst.rec.id)
-                    live.add(key)
-                    if due.get(key, 0.0) > now:
-                        continue
-                    try:
-                        flooding = await self.runtime.bound_log(svc.name, inst.rec.id, inst.manifest.log_lines)
-                    except OSError as e:  # a full state disk: try again next round, never die of it
-                        log.warning("cannot bound the log of %s instance %d: %s", svc.name, inst.rec.slot, e)
-                        flooding = False
-                    due[key] = now + (0.0 if flooding else LOG_CHECK)
-                await trio.sleep(0)
-            for key in set(due) - live:
-                del due[key]
 
     async def _watch_store(self) -> None:
         """A full state disk: say so in every events file, retry, say when it is over."""

@@ -123,7 +123,7 @@ def families(engine: Engine, usage: Usage, router_stats: dict | None) -> list[Me
             slot = str(i.rec.slot)
             i_info.add_metric([name, slot, i.rec.version, instance_state(i), i.rec.health], 1)
             i_restarts.add_metric([name, slot], i.rec.restarts)
-            running = i.proc is not None and not i.proc.exited
+            running = i.running
             cost = usage.of(i.rec.pid) if running else None
             if cost is not None:
                 i_cpu.add_metric([name, slot], cost.cpu)

@@ -11,8 +11,11 @@ controller writes an instance record naming a ``node`` and an intent, ``desired`
   ``stop_timeout``) and records ``state stopped``.  The controller deletes the record
   afterwards; a record deleted while its process runs is stopped as well.
 
-``desired ""`` (every record written before the agent) is not the agent's: the engine
-still supervises those in-process.
+- ``drain``: the controller is draining it (it owns the router): keep the process, stop
+  probing it (after its stop signal a probe can only fail, and that says nothing).
+
+``desired ""`` (a record of a deployfs before the agent) is not the agent's; the engine turns
+those into intents when it starts, before its agent adopts anything.
 
 It probes each process it runs (the manifest's ``health``) and writes ``health``, ``phase``
 and ``why`` as :mod:`deployfs.model.probing` turns the verdicts into them -- the rule the
@@ -29,6 +32,8 @@ the processes running; the next agent on the same store adopts them by pid and
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -36,23 +41,27 @@ from typing import Callable
 import trio
 
 from ..model import probing
-from ..model.manifest import Manifest, ManifestError, parse
+from ..model.manifest import Manifest, ManifestError, format_size, parse
 from ..model.rollout import Phase
 from ..state.cache import Cache
+from ..state.events import EventLog
 from ..state.kv import Change, Compare, Conflict, KVStore, Put
 from ..state.records import INSTANCES, InstanceRecord, decode, encode, instance_key, version_key
 from .cgroups import Limits
 from .health import Prober, Probes
 from .identity import UserPolicy
-from .runtime import MARKER, LaunchSpec, Process, Runtime, StartError
+from .runtime import MARKER, LaunchSpec, Process, Runtime, StartError, find_strays
+from .ticker import Ticker
 
 log = logging.getLogger(__name__)
 
-RUN, STOP = "run", "stop"
+RUN, DRAIN, STOP = "run", "drain", "stop"
+LOG_CHECK = 0.25  # seconds between looks at a quiet instance's log size
+GONE = "gone while deployfs was down"  # (one process runs controller and agent: deployfs, to its users)
 
 
 def launch_spec(m: Manifest, rec: InstanceRecord, users: UserPolicy | None) -> LaunchSpec:
-    """How an instance of ``m`` is started: what the engine and the agent both run."""
+    """How an instance of ``m`` is started."""
     argv = m.instance_argv(port=rec.port, instance=rec.slot, version=rec.version, address=rec.address)
     env = m.instance_env(port=rec.port, instance=rec.slot, version=rec.version, address=rec.address)
     return LaunchSpec(rec.service, rec.id, argv, env, m.dir, m.log_lines,
@@ -66,6 +75,7 @@ class _Held:
     wake: trio.Event = field(default_factory=trio.Event)
     proc: Process | None = None
     manifest: Manifest | None = None
+    slot: int = 0  # as its record says: what events call it
     incarnation: int = -1  # the record's ``restarts`` the process was started for
     probes_scope: trio.CancelScope | None = None  # the probe loop of the process held
     health: str = "starting"
@@ -78,15 +88,27 @@ class _Held:
     probes: int = 0
 
 
+ProbeHook = Callable[[str, float, bool], None]  # (service, seconds the probe took, ok): counted for metrics
+
+
 class NodeAgent:
     def __init__(self, store: KVStore, runtime: Runtime, node: str, *, prober: Prober | None = None,
-                 users: UserPolicy | None = None) -> None:
+                 users: UserPolicy | None = None, events: EventLog | None = None, ticker: Ticker | None = None,
+                 state_dir: str | None = None, log_check_every: float = 0.05,
+                 on_probe: ProbeHook | None = None, cache: Cache | None = None) -> None:
+        """``cache``: of ``instances/`` on ``store`` (default: one of its own; SQLite in one process
+        passes :meth:`~deployfs.state.store.SqliteStore.cache`, which also shows writes kept in memory)."""
         self.store, self.runtime, self.node, self.users = store, runtime, node, users
+        self.events = events  # what it observes is said there (None: logged only)
+        self.ticker = ticker  # shared probe sleeps (None: each its own timer)
+        self.state_dir = state_dir  # where stray marked processes are looked for at adoption
+        self.log_check_every = log_check_every
+        self.on_probe = on_probe
         self._own_prober: Probes | None = None  # made here, so closed with the agent
         if prober is None:
             prober = self._own_prober = Probes()
         self.prober = prober
-        self.cache = Cache(store, INSTANCES)
+        self.cache = cache if cache is not None else Cache(store, INSTANCES)
         self._held: dict[str, _Held] = {}  # instance key -> what runs for it here
         self._nursery: trio.Nursery | None = None
 
@@ -101,15 +123,25 @@ class NodeAgent:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(self.cache.run)
+                if self.ticker is None:
+                    self.ticker = Ticker()
+                    nursery.start_soon(self.ticker.run)
                 await self._adopt()
                 self.cache.subscribe(self._changed)
                 for kv in self.cache.range(INSTANCES):
                     self._kick(kv.key)
+                nursery.start_soon(self._bound_logs)
                 task_status.started()
         finally:
             if self._own_prober is not None:
                 with trio.CancelScope(shield=True):
                     await self._own_prober.aclose()
+
+    def _say(self, service: str, slot: int, text: str) -> None:
+        if self.events is not None:
+            self.events.emit(service, f"instance {slot} {text}")
+        else:
+            log.info("%s instance %d %s", service, slot, text)
 
     # -- following the records --------------------------------------------------------------
 
@@ -122,7 +154,7 @@ class NodeAgent:
         except (ValueError, TypeError) as e:  # a record this agent cannot read is nobody's to run here
             log.warning("instance record %s unreadable: %s", key, e)
             return None
-        return rec if rec.node == self.node and rec.desired in (RUN, STOP) else None
+        return rec if rec.node == self.node and rec.desired in (RUN, DRAIN, STOP) else None
 
     def _changed(self, changes: list[Change]) -> None:
         for c in changes:
@@ -132,25 +164,42 @@ class NodeAgent:
         held = self._held.get(key)
         if held is not None:
             held.wake.set()
-        elif self._mine(key) is not None:
-            held = self._held[key] = _Held()
+        elif (rec := self._mine(key)) is not None:
+            held = self._held[key] = _Held(slot=rec.slot, incarnation=rec.incarnation)
             assert self._nursery is not None
             self._nursery.start_soon(self._work, key, held)
 
     async def _adopt(self) -> None:
-        """Take over the processes a previous agent (or deployfs) left running for this node."""
+        """Take over the processes a previous agent (or deployfs) left running for this node;
+        record what died meanwhile; stop what no record accounts for."""
         unrecorded: set[tuple[str, int]] = set()
+        known: set[tuple[str, int]] = set()  # instances whose marked processes are theirs
+        gone: list[tuple[str, int]] = []
+        mine: list[tuple[str, InstanceRecord]] = []
         for kv in self.cache.range(INSTANCES):
             rec = self._mine(kv.key)
             if rec is None:
                 continue
-            held = self._held[kv.key] = _Held(incarnation=rec.incarnation)
+            mine.append((kv.key, rec))
+            held = self._held[kv.key] = _Held(slot=rec.slot, incarnation=rec.incarnation)
+            ident = (rec.service, rec.id)
             if rec.pid and rec.start_time and rec.state not in ("exited", "stopped", "failed"):
                 held.proc = self.runtime.adopt(rec.pid, rec.start_time, rec.service, rec.id)
                 if held.proc is None:
-                    await self._observe_gone(kv.key, "gone while the node agent was down")
+                    # A recorded pid that is gone, yet a live process marked with this id: a restart
+                    # whose record was lost (a crash on a full state disk). A stray: swept below.
+                    gone.append(ident)
+                    await self._observe_gone(kv.key, rec)
+                else:
+                    known.add(ident)
             elif rec.pid is None and rec.state == "starting":
-                unrecorded.add((rec.service, rec.id))
+                held.incarnation = -1  # unless the marker finds it below: it never ran, so it starts
+                unrecorded.add(ident)
+                known.add(ident)
+            elif rec.pid is None:
+                known.add(ident)
+            else:
+                gone.append(ident)  # it ended before: whatever it left running goes
         # Started, but the agent died before it wrote the pid: the marker finds it.
         found = self.runtime.find_unrecorded(unrecorded) if unrecorded else {}
         for (service, id), proc in found.items():
@@ -160,13 +209,27 @@ class NodeAgent:
             rec = self._mine(key)
             held.incarnation = rec.restarts if rec else -1
             await self._record(key, self._running(proc, held.incarnation))
+        # What a leader that died meanwhile left behind (a grandchild holding its port, say)
+        # must go before anything takes its place.
+        if gone:
+            await self.runtime.sweep(gone)
+        await self.runtime.prune({(rec.service, rec.id) for _, rec in mine})
+        if self.state_dir:
+            for pid in find_strays(self.state_dir, known):
+                log.warning("stopping stray instance process %d", pid)
+                for kill in (os.killpg, os.kill):  # its group, if it leads one, and itself
+                    try:
+                        kill(pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
         assert self._nursery is not None
         for key, held in list(self._held.items()):
             if held.proc is not None:
+                rec = self._mine(key)
+                self._say(*_split_service(key), held.slot, f"adopted pid={held.proc.pid}")
                 held.manifest = await self._manifest_or_none(key)
                 self._nursery.start_soon(self._watch_exit, held, held.proc)
-                rec = self._mine(key)
-                if rec is not None and held.manifest is not None:
+                if rec is not None and held.manifest is not None and rec.desired == RUN:
                     self._begin_probes(key, held, rec, held.manifest, adopted=rec.health == "healthy")
             self._nursery.start_soon(self._work, key, held)
 
@@ -191,18 +254,22 @@ class NodeAgent:
         """Bring what runs for ``key`` to what its record asks; False once the record is gone."""
         while True:
             rec = self._mine(key)
+            if rec is not None:
+                held.slot = rec.slot
             if rec is None or rec.desired == STOP:
-                await self._stop(key, held, recorded=rec is not None)
+                await self._stop(key, held, rec)
                 if rec is None:
                     self.runtime.remove_log(*_split(key))
                 return rec is not None
+            if rec.desired == DRAIN:
+                self._end_probes(held)  # leaving: its stop signal is coming, a probe decides nothing
             if held.proc is not None and held.incarnation != rec.restarts:
-                await self._stop(key, held, recorded=False)  # a restart: the new process is recorded next
+                await self._stop(key, held, None)  # a restart: the new process is recorded next
                 continue
-            if held.proc is None and held.incarnation != rec.restarts:
+            if held.proc is None and held.incarnation != rec.restarts and rec.desired == RUN:
                 await self._start(key, held, rec)
             elif held.proc is not None and held.proc.exited:
-                await self._exited(key, held)
+                await self._exited(key, held, rec)
             return True
 
     async def _start(self, key: str, held: _Held, rec: InstanceRecord) -> None:
@@ -212,12 +279,15 @@ class NodeAgent:
             proc = self.runtime.start(launch_spec(m, rec, self.users))
         except (StartError, ManifestError, KeyError) as e:
             why = str(e) if not isinstance(e, KeyError) else f"no manifest for version {rec.version}"
+            self._say(rec.service, rec.slot, f"failed to start: {why}")
             await self._record(key, lambda r: _set(r, pid=None, start_time=None, state="exited", health="stopped",
                                                    phase="exited", why=why, exit_ok=False, last_exit=time.time(),
                                                    incarnation=held.incarnation))
             return
         held.proc, held.manifest = proc, m
         await self._record(key, self._running(proc, held.incarnation))
+        port = f" port={rec.port}" if rec.port else ""
+        self._say(rec.service, rec.slot, f"started version={rec.version} pid={proc.pid}{port}")
         assert self._nursery is not None
         self._nursery.start_soon(self._watch_exit, held, proc)
         self._begin_probes(key, held, rec, m, adopted=False)
@@ -252,54 +322,82 @@ class NodeAgent:
                     await trio.sleep(m.min_healthy)
                     await self._verdict(key, held, m, True, "")
                 return
+            assert self.ticker is not None
             while True:
                 now = trio.current_time()
                 verdict = await self.prober.probe(check, m.health_timeout, env=env)
+                if self.on_probe is not None:
+                    self.on_probe(rec.service, trio.current_time() - now, verdict.ok)
                 await self._verdict(key, held, m, verdict.ok, verdict.detail)
-                wake, _ = probing.next_probe(held, m, now)
-                await trio.sleep_until(wake)
+                wake, period = probing.next_probe(held, m, now)
+                # Shared ticks of at most 1/20 of the period: cheap for a thousand instances.
+                await self.ticker.sleep_until(wake, quantum=period / 20)
 
     async def _verdict(self, key: str, held: _Held, m: Manifest, ok: bool, detail: str) -> None:
         held.health, said = probing.observe(held, held.health, m, ok, detail, trio.current_time())
+        service = _split_service(key)[0]
         for text in said:
-            log.info("instance %s %s", key, text)
+            self._say(service, held.slot, text)
         health, phase, why = held.health, held.phase.value, held.why
-        await self._record(key, lambda r: r.state == "running" and _set(r, health=health, phase=phase, why=why))
+        await self._record(key, lambda r: r.state == "running" and r.desired == RUN
+                           and _set(r, health=health, phase=phase, why=why))
 
     async def _watch_exit(self, held: _Held, proc: Process) -> None:
         await proc.wait()
         held.wake.set()
 
-    async def _exited(self, key: str, held: _Held) -> None:
+    async def _exited(self, key: str, held: _Held, rec: InstanceRecord) -> None:
         proc = held.proc
         assert proc is not None
         self._end_probes(held)
         status = proc.exit_status
         why = "exited" if status is None else f"exited with status {status}"
-        await self._record(key, lambda r: _set(r, state="exited", health="stopped", phase="exited", why=why,
-                                               exit_ok=status == 0, last_exit=time.time()))
-        # The instance is over: whatever its leader left running goes with it.
+        oom = 1 if proc.oom_kills else 0
         m = held.manifest
+        if oom:
+            limit = f" (limit {format_size(m.memory)})" if m is not None and m.memory else ""
+            why = f"killed: out of memory{limit}" if status in (None, 128 + signal.SIGKILL) else \
+                f"{why} after a process of it was killed: out of memory{limit}"
+        if rec.desired == RUN:  # (one leaving ended on its own: nobody waits for the news)
+            self._say(rec.service, rec.slot, why)
+        await self._record(key, lambda r: r.state == "running" and _set(
+            r, state="exited", health="stopped", phase="exited", why=why, exit_ok=status == 0,
+            last_exit=time.time(), oom_kills=r.oom_kills + oom))
+        # The instance is over: whatever its leader left running goes with it.
         await proc.stop(m.stop_signum if m else 15, 0.0)
         held.proc = None  # and nothing runs until the controller bumps ``restarts``
 
-    async def _stop(self, key: str, held: _Held, *, recorded: bool) -> None:
+    async def _stop(self, key: str, held: _Held, rec: InstanceRecord | None) -> None:
+        """Stop the process held; ``rec``: the record asked for it (say so and record it), else a restart."""
         self._end_probes(held)
         proc, held.proc = held.proc, None
         if proc is not None:
+            was_running = not proc.exited
             m = held.manifest or await self._manifest_or_none(key)
             signum, timeout = (m.stop_signum, m.stop_timeout) if m else (15, 10.0)
-            await proc.stop(signum, timeout)
-        if recorded:
-            await self._record(key, lambda r: _set(r, pid=None, start_time=None, state="stopped", health="stopped"))
+            killed = await proc.stop(signum, timeout)
+            if rec is not None and was_running:
+                # A kill cuts whatever the instance still had in flight: say so.
+                why = f" (killed: still running {timeout:g}s after SIG{m.stop_signal if m else 'TERM'})" if killed else ""
+                self._say(rec.service, rec.slot, f"stopped{why}")
+        if rec is not None:
+            await self._record(key, lambda r: _set(r, pid=None, start_time=None, health="stopped" if r.state != "failed"
+                                                   else r.health, state="failed" if r.state == "failed" else "stopped"))
 
-    async def _observe_gone(self, key: str, why: str) -> None:
+    async def _observe_gone(self, key: str, rec: InstanceRecord) -> None:
+        why, oom = GONE, 0
+        if self.runtime.oom_kills(rec.service, rec.id):  # read before the sweep removes its cgroup
+            m = await self._manifest_or_none(key)
+            memory = m.memory if m is not None else None
+            why, oom = f"killed: out of memory{f' (limit {format_size(memory)})' if memory else ''} {GONE}", 1
         await self._record(key, lambda r: _set(r, pid=None, start_time=None, state="exited", health="stopped",
-                                               phase="exited", why=why, exit_ok=False, last_exit=time.time()))
+                                               phase="exited", why=why, exit_ok=False, last_exit=time.time(),
+                                               oom_kills=r.oom_kills + oom))
 
     def _running(self, proc: Process, incarnation: int) -> Callable[[InstanceRecord], bool]:
+        now = time.time()
         return lambda r: _set(r, pid=proc.pid, start_time=proc.start_time, state="running", incarnation=incarnation,
-                              health="starting", phase="starting", why="")
+                              health="starting", phase="starting", why="", started=now)
 
     async def _manifest(self, rec: InstanceRecord) -> Manifest:
         read = await self.store.get(version_key(rec.service, rec.version))
@@ -329,6 +427,35 @@ class NodeAgent:
             except Conflict:
                 continue
 
+    async def _bound_logs(self) -> None:
+        """Instances write their own log files: hold each to its bound, all the time.
+
+        Every log is looked at every LOG_CHECK s (a stat); one that was just
+        trimmed is flooding, and is looked at every ``log_check_every`` s, so a
+        program writing as fast as it can (``yes``) cannot fill the disk.
+        """
+        due: dict[str, float] = {}
+        while True:
+            await trio.sleep(self.log_check_every)
+            now = trio.current_time()
+            live = set()
+            for key, held in list(self._held.items()):
+                if held.manifest is None:
+                    continue
+                live.add(key)
+                if due.get(key, 0.0) > now:
+                    continue
+                service, id = _split(key)
+                try:
+                    flooding = await self.runtime.bound_log(service, id, held.manifest.log_lines)
+                except OSError as e:  # a full state disk: try again next round, never die of it
+                    log.warning("cannot bound the log of %s instance %d: %s", service, held.slot, e)
+                    flooding = False
+                due[key] = now + (0.0 if flooding else LOG_CHECK)
+            await trio.sleep(0)
+            for key in set(due) - live:
+                del due[key]
+
 
 def _set(rec: InstanceRecord, **values: object) -> bool:
     """Set fields; True if any changed (an unchanged record is not written again)."""
@@ -343,3 +470,7 @@ def _set(rec: InstanceRecord, **values: object) -> bool:
 def _split(key: str) -> tuple[str, int]:
     service, id = key[len(INSTANCES):].rsplit("/", 1)
     return service, int(id)
+
+
+def _split_service(key: str) -> tuple[str]:
+    return (_split(key)[0],)

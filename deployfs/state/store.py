@@ -34,11 +34,15 @@ import logging
 import os
 import sqlite3
 import time
-from typing import Any, Callable, Iterator, Protocol
+from contextlib import AbstractAsyncContextManager
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Protocol, Sequence
+
+import trio
 
 from . import statedir
-from .kv import Delete, KVStore, Op, Put, StoreError, StoreFull, prefix_end
 from .cache import Cache
+from .kv import (Change, Compare, Conflict, Delete, KeyValue, KVStore, Lease, Op, Put, Read, StoreError, StoreFull,
+                 prefix_end)
 from .records import (EVENTS, NEXT_INSTANCE_ID, NODES, VERSIONS, Event, InstanceRecord, ManifestFile, NodeRecord,
                       ServiceRecord, decode, decode_event, decode_file, decode_node, encode, encode_event, encode_file,
                       event_key, events_prefix, instance_key, instances_prefix, manifest_key, node_key, service_key,
@@ -77,7 +81,9 @@ class Store(Protocol):
         ...
 
     def list_instances(self, service: str) -> list[InstanceRecord]: ...
+    def get_instance(self, service: str, id: int) -> InstanceRecord | None: ...
     def put_instance(self, rec: InstanceRecord) -> None: ...
+    def put_instance_fields(self, rec: InstanceRecord, names: Iterable[str]) -> None: ...
     def delete_instance(self, service: str, id: int) -> None: ...
     def next_instance_id(self) -> int:
         """A new instance id, never one used before, kept in the records."""
@@ -95,6 +101,16 @@ class Store(Protocol):
     @property
     def kv(self) -> KVStore:
         """The same records, revisioned: what a cache (state/cache.py) watches."""
+        ...
+
+    def cache(self, prefix: str = "") -> Cache:
+        """A cache of the records under ``prefix`` in this process, shown what waits in memory too."""
+        ...
+
+    @property
+    def records(self) -> KVStore:
+        """The same records for a writer in this process beside the engine (the node agent):
+        its reads see what waits in memory on a full disk, and its writes wait there too."""
         ...
 
 
@@ -142,6 +158,8 @@ class SqliteStore:
         # Writes waiting for room, in order: by key (a prefix delete by "\0" + its prefix),
         # the newest write of a key replacing an older one.
         self._pending: dict[str, Op] = {}
+        self._pending_rev: dict[str, int] = {}  # key -> the revision a reader of ``records`` sees its waiting write at
+        self._pending_seq = 0
         self._last_try = 0.0
         self._ops: list[Op] | None = None  # the open transaction's, or None
         self._changes: list[Any] = []  # what the open transaction changed in SQLite
@@ -346,6 +364,15 @@ class SqliteStore:
                 del self._pending[k]
         self._pending.pop(key, None)  # the newest write of a record wins; it goes last
         self._pending[key] = op
+        # A revision of its own for a reader of ``records`` to compare on (below 0: never one SQLite gives).
+        self._pending_seq -= 1
+        if isinstance(op, Put):
+            self._pending_rev[op.key] = self._pending_seq
+        elif op.prefix:
+            for k in [k for k in self._pending_rev if k.startswith(op.key)]:
+                del self._pending_rev[k]
+        else:
+            self._pending_rev.pop(op.key, None)
 
     def _ready(self, *, force: bool) -> bool:
         """True when SQLite may be written now: not full, or all that waited is written."""
@@ -367,6 +394,7 @@ class SqliteStore:
             return False
         self.kv._committed(changes)
         self._pending.clear()
+        self._pending_rev.clear()
         log.warning("%s: the state disk has room again; %d writes kept in memory meanwhile are saved",
                     self.path, saved)
         self.full = None
@@ -404,13 +432,27 @@ class SqliteStore:
     def _refusal(self) -> str:
         return f"{self.full or 'the state disk is full'}: nothing was changed; free some space and try again"
 
-    def cache(self) -> Cache:
-        """A cache of the records for readers in this process (the view): fed by the watch, and
-        shown the writes kept in memory on a full disk, as this facade's own reads see them.
-        Events and versions are not kept (the event log has its own copy; nobody reads versions)."""
-        cache = Cache(self.kv, skip=(EVENTS, VERSIONS))
+    def cache(self, prefix: str = "") -> Cache:
+        """A cache of the records for readers in this process (the view; the engine and its node
+        agent, of ``instances/``): fed by the watch, and shown the writes kept in memory on a full
+        disk, as this facade's own reads see them. Events and versions are not kept (the event log
+        has its own copy; nobody reads versions)."""
+        cache = Cache(self.kv, prefix, skip=(EVENTS, VERSIONS))
         self.on_deferred.append(cache.overlay)
         return cache
+
+    @property
+    def records(self) -> "RecordsKV":
+        return RecordsKV(self)
+
+    def _revision_of(self, key: str) -> int:
+        """``key``'s mod_revision as a reader of :attr:`records` sees it (0: absent)."""
+        if key in self._pending_rev:
+            return self._pending_rev[key]
+        if self._get(key) is None:
+            return 0
+        row = self._db.execute("SELECT mod_revision FROM kv WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else 0
 
     def close(self) -> None:
         if self._pending and not self.flush():
@@ -502,6 +544,25 @@ class SqliteStore:
             ops.append(Put(NEXT_INSTANCE_ID, str(self._next_id).encode()))
         self._record_write(*ops)
 
+    def put_instance_fields(self, rec: InstanceRecord, names: Iterable[str]) -> None:
+        """Write only these fields of ``rec`` over the record as it is (its other fields are
+        another writer's: the node agent's observations). Read and write with no await
+        between them, in one transaction: on SQLite in one process that is the conditional
+        write etcd would need a Compare for."""
+        with self.transaction():
+            value = self._get(instance_key(rec.service, rec.id))
+            if value is None:
+                self.put_instance(rec)
+                return
+            now = decode(InstanceRecord, value)
+            for name in names:
+                setattr(now, name, getattr(rec, name))
+            self.put_instance(now)
+
+    def get_instance(self, service: str, id: int) -> InstanceRecord | None:
+        value = self._get(instance_key(service, id))
+        return None if value is None else decode(InstanceRecord, value)
+
     def delete_instance(self, service: str, id: int) -> None:
         self._record_write(Delete(instance_key(service, id)))
 
@@ -576,3 +637,58 @@ class SqliteStore:
 def _is_full(e: sqlite3.OperationalError) -> bool:
     return getattr(e, "sqlite_errorcode", None) in _FULL_CODES
 
+
+class RecordsKV:
+    """:class:`~.kv.KVStore` over a :class:`SqliteStore`, with its full-disk behaviour: what
+    waits in memory is read (at a revision of its own, below 0, to compare on) and a write
+    that cannot reach the disk waits there too, shown at once to the caches the store made
+    (:meth:`SqliteStore.cache`). Writes are of the kind that cannot be refused: what a node
+    agent saw happen."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self._s = store
+
+    def _kv(self, key: str, value: bytes) -> KeyValue:
+        rev = self._s._revision_of(key)
+        return KeyValue(key, value, rev, rev)
+
+    async def get(self, key: str) -> Read:
+        await trio.lowlevel.checkpoint()
+        value = self._s._get(key)
+        return Read(self._s.kv._revision, [] if value is None else [self._kv(key, value)])
+
+    async def range(self, prefix: str) -> Read:
+        await trio.lowlevel.checkpoint()
+        return Read(self._s.kv._revision, [self._kv(k, v) for k, v in self._s._read(prefix).items()])
+
+    async def txn(self, compares: Sequence[Compare], ops: Sequence[Op]) -> int:
+        await trio.lowlevel.checkpoint()
+        s = self._s
+        with s.transaction():  # no await from the compare to the write: atomic in this process
+            for c in compares:
+                have = s._revision_of(c.key)
+                if have != c.mod_revision:
+                    raise Conflict(f"{c.key} is at revision {have}, not {c.mod_revision}: read it again and retry")
+            s._record_write(*ops)
+        return s.kv._revision
+
+    async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        return await self.txn([], [Put(key, value, lease)])
+
+    async def delete(self, key: str, *, prefix: bool = False) -> int:
+        return await self.txn([], [Delete(key, prefix)])
+
+    def watch(self, prefix: str, start_revision: int) -> AbstractAsyncContextManager[AsyncIterator[list[Change]]]:
+        return self._s.kv.watch(prefix, start_revision)
+
+    async def compact(self, revision: int) -> None:
+        await self._s.kv.compact(revision)
+
+    async def grant(self, ttl: float) -> Lease:
+        return await self._s.kv.grant(ttl)
+
+    async def keepalive(self, lease: int) -> float:
+        return await self._s.kv.keepalive(lease)
+
+    async def revoke(self, lease: int) -> None:
+        await self._s.kv.revoke(lease)

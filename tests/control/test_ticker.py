@@ -1,6 +1,6 @@
 import trio
 
-from deployfs.control._ticker import Ticker
+from deployfs.node.ticker import Ticker
 
 
 async def test_sleepers_wake_on_the_first_tick_after_their_deadline(nursery, autojump_clock):

@@ -155,7 +155,7 @@ async def test_an_instance_that_died_while_no_agent_ran_is_recorded_gone(kv, run
     async with trio.open_nursery() as n:
         _, scope = await start_agent(n, kv, LocalRuntime(str(tmp_path / "state")))
         rec = await until(kv, 7, lambda r: r.state == "exited")
-        assert rec.why == "gone while the node agent was down" and rec.pid is None
+        assert rec.why == "gone while deployfs was down" and rec.pid is None
         scope.cancel()
 
 
