@@ -626,7 +626,6 @@ class Engine:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             nursery.start_soon(self.ticker.run)
-            nursery.start_soon(self._watch_store)
             self.nodes.join()
             self._intents_for_old_records()
             cache = self.store.cache(INSTANCES)  # what the agent reports, heard after commit (or kept in memory)
@@ -634,6 +633,7 @@ class Engine:
             cache.subscribe(self._observed)
             await nursery.start(self.agent.run)  # adopts what runs, before anything is planned
             self._recover()
+            nursery.start_soon(self._watch_store)  # (once the services are known: it tells each of a full disk)
             task_status.started()
             await trio.sleep_forever()
 

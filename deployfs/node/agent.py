@@ -389,7 +389,7 @@ class NodeAgent:
         if self.runtime.oom_kills(rec.service, rec.id):  # read before the sweep removes its cgroup
             m = await self._manifest_or_none(key)
             memory = m.memory if m is not None else None
-            why, oom = f"killed: out of memory{f' (limit {format_size(memory)})' if memory else ''} {GONE}", 1
+            why, oom = f"killed: out of memory{f' (limit {format_size(memory)})' if memory else ''} while deployfs was down", 1
         await self._record(key, lambda r: _set(r, pid=None, start_time=None, state="exited", health="stopped",
                                                phase="exited", why=why, exit_ok=False, last_exit=time.time(),
                                                oom_kills=r.oom_kills + oom))

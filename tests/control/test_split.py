@@ -1,0 +1,44 @@
+"""The controller and the node agent meet only in the store (issue 12 item 3)."""
+
+import ast
+import pathlib
+
+import trio
+
+from deployfs.control import engine as engine_module
+from deployfs.node.agent import NodeAgent
+from tests.control.harness import Harness, manifest
+
+PROCESS_CALLS = {"start", "stop", "adopt", "find_unrecorded", "sweep", "prune", "bound_log", "probe", "wait"}
+
+
+def test_the_engine_never_touches_a_process():
+    """No process handle, no runtime start/stop/adopt, no prober: those are the agent's."""
+    tree = ast.parse(pathlib.Path(engine_module.__file__).read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
+    bad = [ast.unparse(c.func) for c in calls if c.func.attr in PROCESS_CALLS
+           and any(name in ast.unparse(c.func.value) for name in ("runtime", "prober", "proc"))]
+    assert bad == []
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert not imported & {"Process", "StartError", "launch_spec", "find_strays", "MARKER"}
+
+
+async def test_an_agent_acts_only_on_its_nodes_records(tmp_path, autojump_clock):
+    """The engine places its instances on node b while its own agent is node a's: nothing runs
+    until an agent for b, on the same store and called by nobody, picks the intents up."""
+    h = Harness(tmp_path)
+    h.engine = engine_module.Engine(h.store, h.rt, h.prober, node="b")
+    h.engine.agent = NodeAgent(h.store.records, h.rt, "a", prober=h.prober, events=h.engine.events)
+    async with trio.open_nursery() as n:
+        await n.start(h.engine.run)
+        h.write(manifest(replicas=2))
+        h.cmd("apply")
+        await trio.sleep(5)
+        recs = h.store.list_instances("web")
+        assert [(r.node, r.desired, r.pid) for r in recs] == [("b", "run", None)] * 2
+        assert h.rt.running("web") == [] and h.svc.outcome() is None
+        await n.start(NodeAgent(h.store.records, h.rt, "b", prober=h.prober, events=h.engine.events).run)
+        assert (await h.settle()).startswith("done")
+        assert len(h.rt.running("web")) == 2
+        assert all(r.state == "running" and r.health == "healthy" for r in h.store.list_instances("web"))
+        n.cancel_scope.cancel()
