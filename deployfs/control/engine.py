@@ -58,10 +58,9 @@ STORE_RETRY = 1.0  # seconds between tries of a full state disk
 # read-modify-write). The controller: where and what it should run, and its restart budget.
 CONTROLLER_FIELDS = ("slot", "version", "generation", "port", "node", "address", "desired", "restarts",
                      "restart_times")
-# The node agent: what it saw (state, health, phase, why, exit_ok, last_exit, pid, start_time,
-# started, incarnation, oom_kills). GiveUp is the one place the controller records a state: failed.
+# The node agent: what it saw. GiveUp is the one place the controller records a state: failed.
 AGENT_FIELDS = ("pid", "start_time", "state", "health", "phase", "why", "exit_ok", "last_exit", "started",
-                "incarnation", "oom_kills")
+                "incarnation", "oom_kills", "first_bad")
 
 
 class Routing(Protocol):
@@ -126,7 +125,7 @@ class Instance:
     @property
     def running(self) -> bool:
         """A process of it runs, as its node agent last reported."""
-        return self.rec.pid is not None and self.rec.state == "running"
+        return self.rec.pid is not None and self.rec.state in ("running", "draining")
 
     @property
     def backend(self) -> tuple[str, int] | None:
@@ -491,7 +490,7 @@ class Service:
         elif rec.state == "running" and rec.phase in ("starting", "ready", "unhealthy"):
             inst.phase, inst.why = Phase(rec.phase), rec.why
             if inst.phase is Phase.UNHEALTHY:
-                inst.first_bad = inst.first_bad or now
+                inst.first_bad = inst.first_bad or (_from_wall(rec.first_bad) if rec.first_bad else now)
             elif inst.phase is Phase.READY:
                 inst.first_bad = None
         if (inst.phase, inst.why, inst.busy) != before:
@@ -664,8 +663,6 @@ class Engine:
                     if irec.desired:
                         continue
                     irec.desired = DRAIN if irec.state == "draining" else STOP if irec.state == "failed" else RUN
-                    if irec.state == "draining":
-                        irec.state = "running"
                     irec.incarnation = -1 if irec.pid is None and irec.state == "starting" else irec.restarts
                     self.store.put_instance(irec)
 

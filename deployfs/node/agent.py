@@ -261,8 +261,9 @@ class NodeAgent:
                 if rec is None:
                     self.runtime.remove_log(*_split(key))
                 return rec is not None
-            if rec.desired == DRAIN:
+            if rec.desired == DRAIN and held.probes_scope is not None:
                 self._end_probes(held)  # leaving: its stop signal is coming, a probe decides nothing
+                await self._record(key, lambda r: r.state == "running" and _set(r, state="draining"))
             if held.proc is not None and held.incarnation != rec.restarts:
                 await self._stop(key, held, None)  # a restart: the new process is recorded next
                 continue
@@ -339,8 +340,10 @@ class NodeAgent:
         for text in said:
             self._say(service, held.slot, text)
         health, phase, why = held.health, held.phase.value, held.why
-        await self._record(key, lambda r: r.state == "running" and r.desired == RUN
-                           and _set(r, health=health, phase=phase, why=why))
+        # When the failing streak began, as wall clock: the controller's "detected Ns after the first failure".
+        first_bad = None if held.first_bad is None else time.time() - (trio.current_time() - held.first_bad)
+        await self._record(key, lambda r: r.state == "running" and r.desired == RUN and _set(
+            r, health=health, phase=phase, why=why, first_bad=first_bad if phase == "unhealthy" else None))
 
     async def _watch_exit(self, held: _Held, proc: Process) -> None:
         await proc.wait()
@@ -360,7 +363,7 @@ class NodeAgent:
                 f"{why} after a process of it was killed: out of memory{limit}"
         if rec.desired == RUN:  # (one leaving ended on its own: nobody waits for the news)
             self._say(rec.service, rec.slot, why)
-        await self._record(key, lambda r: r.state == "running" and _set(
+        await self._record(key, lambda r: r.state in ("running", "draining") and _set(
             r, state="exited", health="stopped", phase="exited", why=why, exit_ok=status == 0,
             last_exit=time.time(), oom_kills=r.oom_kills + oom))
         # The instance is over: whatever its leader left running goes with it.

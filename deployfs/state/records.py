@@ -85,6 +85,7 @@ class InstanceRecord:
     last_exit: float | None = None
     restart_times: list[float] = field(default_factory=list)
     oom_kills: int = 0  # times the kernel killed it for its memory limit
+    first_bad: float | None = None  # unhealthy: when its failing streak began (wall clock)
     # The controller's intent for the node agent (node/agent.py): run | stop; "" the engine
     # supervises it in-process. ``incarnation``: the ``restarts`` its process was started for,
     # written by the agent (bumping ``restarts`` past it asks for a fresh process).

@@ -265,10 +265,11 @@ def _alive(i: InstanceRecord) -> bool:
 
 
 def _member(i: InstanceRecord) -> derive.Member:
-    # Leaving: the engine marks it draining; a node agent's record says desired stop.
+    # Leaving: the controller asked to drain or stop it (an instance given up on stays, failed).
     # A restart in flight: the agent has not yet started the incarnation asked for.
+    leaving = i.desired == "drain" or (i.desired == "stop" and i.state != "failed")
     return derive.Member((i.version, i.generation), i.slot, PHASES.get(i.phase, Phase.STARTING),
-                         leaving=i.state == "draining" or i.desired == "stop" or i.phase == Phase.LEAVING.value,
+                         leaving=leaving or i.state == "draining" or i.phase == Phase.LEAVING.value,
                          busy=i.desired == "run" and i.incarnation != i.restarts,
                          backend=(i.address, i.port) if i.port else None)
 
