@@ -2,12 +2,15 @@
 drain (moving instances the way a rollout does), the `nodes` directive.
 
 One machine has one live node; a second node here is a record the test marks alive, as a
-cluster's liveness will (the fake runtime runs every instance, wherever it is placed)."""
+cluster's liveness will, with a node agent of its own on the same store (the engine's agent
+runs only its own node's instances; the fake runtime runs them all)."""
 
 import pytest
 import trio
 
 from deployfs.model.errors import CommandError, Kind
+from deployfs.node.agent import NodeAgent
+from deployfs.state.records import INSTANCES
 from deployfs.state.store import NodeRecord
 from tests.control.harness import Harness, deploy_v1, manifest, watch
 
@@ -20,6 +23,7 @@ async def h(tmp_path):
     h.engine = type(h.engine)(h.store, h.rt, h.prober, node=HERE, address="127.0.1.1")
     async with trio.open_nursery() as n:
         await n.start(h.engine.run)
+        h.nursery = n
         yield h
         n.cancel_scope.cancel()
 
@@ -30,6 +34,9 @@ def add_node(h: Harness, name: str, address: str, alive: bool = True) -> None:
     if alive:
         was = nodes.alive
         nodes.alive = lambda n: n == name or was(n)
+        agent = NodeAgent(h.store.records, h.rt, name, prober=h.prober, events=h.engine.events,
+                          cache=h.store.cache(INSTANCES))
+        h.nursery.start_soon(agent.run)
 
 
 def spread(h: Harness) -> dict[str, list[int]]:
