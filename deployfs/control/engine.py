@@ -663,6 +663,7 @@ class Engine:
                     if irec.desired:
                         continue
                     irec.desired = DRAIN if irec.state == "draining" else STOP if irec.state == "failed" else RUN
+                    irec.node = irec.node or self.node  # (from before nodes were recorded: this machine's)
                     irec.incarnation = -1 if irec.pid is None and irec.state == "starting" else irec.restarts
                     self.store.put_instance(irec)
 

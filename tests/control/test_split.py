@@ -42,3 +42,31 @@ async def test_an_agent_acts_only_on_its_nodes_records(tmp_path, autojump_clock)
         assert len(h.rt.running("web")) == 2
         assert all(r.state == "running" and r.health == "healthy" for r in h.store.list_instances("web"))
         n.cancel_scope.cancel()
+
+
+async def test_records_of_a_deployfs_before_the_agent_are_adopted_not_restarted(tmp_path, autojump_clock):
+    """desired "" (and node "" from before nodes): the engine gives them the intent it acted on."""
+    from deployfs.model.manifest import parse
+    from deployfs.node.agent import launch_spec
+    from deployfs.state.store import InstanceRecord, ServiceRecord
+
+    h = Harness(tmp_path)
+    text = manifest(replicas=1).decode()
+    m = parse(text, name="web").manifest
+    h.store.put_version("web", m.version, text)
+    h.store.put_service(ServiceRecord("web", version=m.version, manifest=text, replicas=1, good_version=m.version,
+                                      good_manifest=text))
+    rec = InstanceRecord("web", 1, 0, m.version, node="", state="running", health="healthy", phase="ready")
+    proc = h.rt.start(launch_spec(m, rec, None))
+    rec.pid, rec.start_time = proc.pid, proc.start_time
+    h.store.put_instance(rec)
+    await trio.sleep(1)  # (the fake prober calls a process younger than ready_after not listening yet)
+    async with trio.open_nursery() as n:
+        await n.start(h.engine.run)
+        await trio.sleep(3)
+        assert [p.pid for p in h.rt.running("web")] == [proc.pid], h.events()  # adopted, never started again
+        now = h.store.list_instances("web")[0]
+        assert (now.desired, now.node, now.incarnation, now.pid) == ("run", h.engine.node, 0, proc.pid)
+        assert f"instance 0 adopted pid={proc.pid}" in h.events()
+        assert h.svc.health() == "healthy"
+        n.cancel_scope.cancel()
