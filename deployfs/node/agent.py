@@ -176,9 +176,11 @@ class NodeAgent:
         known: set[tuple[str, int]] = set()  # instances whose marked processes are theirs
         gone: list[tuple[str, int]] = []
         mine: list[tuple[str, InstanceRecord]] = []
+        others: set[tuple[str, int]] = set()  # records of other nodes: never this agent's to sweep
         for kv in self.cache.range(INSTANCES):
             rec = self._mine(kv.key)
             if rec is None:
+                others.add(_split(kv.key))
                 continue
             mine.append((kv.key, rec))
             held = self._held[kv.key] = _Held(slot=rec.slot, incarnation=rec.incarnation)
@@ -213,9 +215,9 @@ class NodeAgent:
         # must go before anything takes its place.
         if gone:
             await self.runtime.sweep(gone)
-        await self.runtime.prune({(rec.service, rec.id) for _, rec in mine})
+        await self.runtime.prune({(rec.service, rec.id) for _, rec in mine} | others)
         if self.state_dir:
-            for pid in find_strays(self.state_dir, known):
+            for pid in find_strays(self.state_dir, known | others):
                 log.warning("stopping stray instance process %d", pid)
                 for kill in (os.killpg, os.kill):  # its group, if it leads one, and itself
                     try:

@@ -1,8 +1,9 @@
 """`drain NODE` under wrk load through the built-in router, with real instances: no request fails.
 
 One machine has one live node, so the second node here is a record the test marks alive (in a
-cluster, liveness comes from the node's lease in etcd); its instances are real processes that
-listen on its own address (127.0.1.2: all of 127/8 is loopback), reached there by the router.
+cluster, liveness comes from the node's lease in etcd) with a node agent of its own on the same
+store; its instances are real processes that listen on its own address (127.0.1.2: all of 127/8
+is loopback), reached there by the router.
 Everything else is what `deployfs serve` runs: the engine, the runtime, the probes, the router.
 """
 
@@ -11,8 +12,10 @@ import sys
 import trio
 
 from deployfs.control.engine import Engine
+from deployfs.node.agent import NodeAgent
 from deployfs.node.health import Probes
 from deployfs.node.runtime import LocalRuntime
+from deployfs.state.records import INSTANCES
 from deployfs.state.store import NodeRecord, SqliteStore
 from deployfs.traffic.router_client import RouterClient
 from tests.load import Load, probe
@@ -77,6 +80,10 @@ async def test_drain_moves_every_instance_and_no_request_fails(tmp_path):
         async with trio.open_nursery() as n:
             await n.start(router.run)
             await n.start(engine.run)
+            # n2's agent: it runs what the engine places on n2 (the engine's own agent runs n1's).
+            n2 = NodeAgent(store.records, LocalRuntime(state), "n2", prober=probes, events=engine.events,
+                           cache=store.cache(INSTANCES))
+            await n.start(n2.run)
             try:
                 await drain_under_load(engine, store)
             finally:  # every instance and the router go, whatever failed
