@@ -138,7 +138,10 @@ def health(stopped: bool, replicas: int, insts: Sequence[Member]) -> str:
     if stopped or (replicas == 0 and not insts):
         return "stopped"
     ready = sum(1 for i in insts if serving(i))
-    troubled = any(i.phase in (Phase.UNHEALTHY, Phase.EXITED, Phase.FAILED) for i in insts)
+    # One already on its way out (the failed release's instance a failed rollout stops) is out of
+    # routing and no longer the service's trouble: the moment `wait` says `failed`, the old set serving
+    # whole is `healthy`, however long that instance takes to stop.
+    troubled = any(i.phase in (Phase.UNHEALTHY, Phase.EXITED, Phase.FAILED) and not i.leaving for i in insts)
     if ready == 0:
         return "unhealthy"
     return "healthy" if ready >= replicas and not troubled else "degraded"
