@@ -38,11 +38,12 @@ from ..model.rollout import Phase
 from ..node.cgroups import Limits
 from ..node.health import Prober
 from ..node.identity import UserPolicy, deployer_uid
-from ..node.agent import DRAIN, RUN, STOP, NodeAgent
+from ..node.agent import NodeAgent
 from ..node.runtime import Runtime
 from ..state.events import CLUSTER, EventLog
 from ..state.kv import Change
-from ..state.records import INSTANCES, decode
+from ..state.members import canaries_of, member_of, rolling_back_of, standing_of
+from ..state.records import DRAIN, INSTANCES, RUN, STOP, decode
 from ..state.store import InstanceRecord, ServiceRecord, Store, StoreFull
 from ..node.ticker import Ticker
 from .nodes import Nodes
@@ -160,8 +161,6 @@ class Service:
         self._unrouted: bool | None = None  # None until routing was first decided
         self._at_limit = False
         self._unplaced = ""  # why the last start could not be placed (said once)
-        self.moving_off: str | None = None  # a drain moves this service's instances off that node
-        self.paused_at: float | None = None  # when `pause` held a canary phase: its auto_promote clock stops
         self._awaiting_router = False
         self.commands = 0  # bumped by every command: a plan made before one is stale
         self.deleted = False  # `delete` finished: the service is gone from the engine
@@ -177,7 +176,7 @@ class Service:
         m = self.manifest
         rec = self.rec
         # A drain moves instances batch by batch whatever the strategy: `replace` would stop them first.
-        strategy = "rolling" if self.moving_off is not None and m.update == "replace" else m.update
+        strategy = "rolling" if m.update == "replace" and self.moving_off() else m.update
         return rollout.Target(key=(rec.version or "", rec.generation),
                               replicas=0 if rec.stopped else rec.replicas,
                               strategy=strategy, batch=m.update_batch, pause=m.update_pause,
@@ -185,11 +184,17 @@ class Service:
                               good=(rec.good_version, rec.good_generation) if rec.good_version else None,
                               stopped=rec.stopped, canary=self.canaries(), auto_promote=m.auto_promote)
 
+    def moving_off(self) -> list[str]:
+        """The draining nodes this service still has instances on (not yet told to leave): from the
+        records (the node's, each instance's ``node``), so a restart of deployfs mid-drain carries on."""
+        draining = self.engine.nodes.draining
+        if not draining:
+            return []
+        return sorted({i.rec.node for i in self.instances.values() if i.rec.node in draining and not i.leaving})
+
     def canaries(self) -> int:
         """How many canaries run beside the old set now: 0 outside a canary phase."""
-        if not self.rec.canary_phase or self.rec.stopped or self.manifest.update != "canary":
-            return 0
-        return min(self.manifest.canary, self.rec.replicas)
+        return canaries_of(self.rec, self.manifest)
 
     def set_previous(self) -> None:
         """The rollback target: the last good version while another is the target, else the good one before it."""
@@ -242,12 +247,7 @@ class Service:
                 for i in self.instances.values()]
 
     def standing(self) -> derive.Standing:
-        rec = self.rec
-        return derive.Standing(version=rec.version or "", key=self.target().key, replicas=rec.replicas,
-                               update_status=rec.update_status, stopped=rec.stopped, deleting=rec.deleting,
-                               canary_phase=rec.canary_phase, canaries=self.canaries(), steps=self.state.steps,
-                               failure=rec.failure, rolled_back=rec.rolled_back,
-                               rolling_back=self.rolling_back_by_itself())
+        return standing_of(self.rec, self.manifest, steps=self.state.steps)
 
     def progress(self) -> tuple[int, int]:
         return derive.progress(self.standing(), self.members())
@@ -264,9 +264,7 @@ class Service:
 
     def rolling_back_by_itself(self) -> bool:
         """A failed rollout with ``auto_rollback yes`` that has a good version to go back to."""
-        rec = self.rec
-        return (rec.update_status == "failed" and self.manifest.auto_rollback and rec.good_version is not None
-                and rec.version != rec.good_version)
+        return rolling_back_of(self.rec, self.manifest)
 
     def restored(self) -> bool | None:
         """After a failure: the good version serves ``replicas`` again and the failed release is gone.
@@ -286,6 +284,10 @@ class Service:
     # -- the loop ------------------------------------------------------------------------
 
     def poke(self) -> None:
+        # After the commit of what the caller wrote: a command refused on a full disk wakes nobody.
+        self.engine.store.after_commit(self._poke)
+
+    def _poke(self) -> None:
         self._wakeup.set()
         self._changed.set()
         self._changed = trio.Event()
@@ -418,6 +420,12 @@ class Service:
         elif isinstance(a, rollout.Promote):
             self.promote(f"deployfs ({a.reason})")
         elif isinstance(a, rollout.Complete):
+            # A move off a draining node is a rollout to the version in force (no rollout_from); its last
+            # instances there may be gone already, and then the draining nodes are where it came from.
+            draining = e.nodes.draining
+            moved = sorted({i.rec.node for i in self.instances.values() if i.rec.node in draining}) or (
+                sorted(draining) if self.rec.rollout_from is None and self.rec.version == self.rec.good_version
+                else [])
             with e.store.transaction():
                 for id, slot in a.renumber.items():
                     self.instances[id].rec.slot = slot
@@ -427,10 +435,9 @@ class Service:
                 self.save()
             took = time.time() - (self.rec.rollout_started or time.time())
             what = "rolling update" if self.rec.rollout_from else "deploy"
-            if self.moving_off is not None:
-                what = what if self.rec.rollout_from else f"move off node {self.moving_off}"
-                self.moving_off = None
-            e.nodes.drained()  # (also a drain a restart of deployfs carried on: moving_off is not kept)
+            if moved and not self.rec.rollout_from:
+                what = f"move off node {', '.join(moved)}"
+            e.nodes.drained()
             self.stats.rollouts_completed += 1
             self.stats.rollout_seconds.observe(max(took, 0.0))
             self.event(f"{what} complete: {self.rec.version} in {max(took, 0.0):.1f}s")
@@ -551,6 +558,11 @@ class Service:
         return rollout.split_weights(flags, pct, total) if any(flags) and not all(flags) else None
 
     def routing_changed(self) -> None:
+        # The router takes what the records say once they say it: a command refused on a full disk
+        # (its writes rolled back, the engine's memory restored) leaves the router as it was.
+        self.engine.store.after_commit(self._route)
+
+    def _route(self) -> None:
         endpoints = self.endpoints()
         weights = self.weights(endpoints)
         protocol = self.manifest.traffic_protocol
@@ -680,18 +692,17 @@ class Engine:
                 inst.restart_times = [_from_wall(t) for t in irec.restart_times]
                 inst.last_exit = None if irec.last_exit is None else _from_wall(irec.last_exit)
                 inst.exit_ok, inst.why = irec.exit_ok, irec.why
+                # What the view shows of this record is what the engine carries on from (state/members.py):
+                # a running unhealthy one stays unhealthy, a restart in flight stays out of the router.
+                member = member_of(irec)
+                inst.phase, inst.busy = member.phase, member.busy
+                inst.first_bad = _from_wall(irec.first_bad) if irec.first_bad is not None else None
+                if inst.phase is Phase.EXITED and inst.last_exit is None:
+                    inst.last_exit = trio.current_time()
                 svc.instances[irec.id] = inst
                 if irec.port:
                     self.runtime.claim_port(irec.port)
-                if irec.state == "failed":
-                    inst.phase = Phase.FAILED
-                elif irec.state in ("exited", "stopped"):
-                    inst.phase = Phase.EXITED
-                    if inst.last_exit is None:
-                        inst.last_exit = trio.current_time()
-                elif irec.state == "running" and irec.health == "healthy":
-                    inst.phase = Phase.READY
-                if irec.desired in (DRAIN, STOP) and irec.state != "failed":
+                if member.leaving:
                     leaving.append(inst)
             # Routing only once every instance is known, then finish what was leaving.
             svc.routing_changed()
@@ -786,16 +797,17 @@ class Engine:
                 return "ok already paused"
             if status not in ("rolling", "canary"):
                 raise CommandError(Kind.BUSY, f"{name}: no rollout in flight to pause (update_status {status})")
-            svc.paused_at = trio.current_time() if rec.canary_phase else None
+            rec.paused_at = time.time() if rec.canary_phase else None
             self._set_status(svc, "paused", f"rolling update paused by {who}")
         elif verb == "resume":
             if status != "paused":
                 raise CommandError(Kind.BUSY, f"{name}: not paused (update_status {status})")
-            b, at, now = svc.state.boundary, svc.paused_at, trio.current_time()
+            b, now = svc.state.boundary, trio.current_time()
+            at = None if rec.paused_at is None else _from_wall(rec.paused_at)
             if rec.canary_phase and at is not None and b is not None and b != float("-inf"):
                 # auto_promote counts healthy canary time outside the pause: its clock carries on from where it was.
                 svc.state = replace(svc.state, boundary=b + now - max(at, b))
-            svc.paused_at = None
+            rec.paused_at = None
             self._set_status(svc, "rolling", f"rolling update resumed by {who}")
         elif verb == "step":
             if status != "paused":

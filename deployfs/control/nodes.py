@@ -129,8 +129,6 @@ class Nodes:
             emit(CLUSTER, f"node {name} uncordoned by {who}" +
                  (": the drain stops; instances not moved yet stay there" if stopped else ""))
             for svc in self.engine.services.values():
-                if svc.moving_off == name:
-                    svc.moving_off = None
                 svc.poke()  # a start that waited for a node may go now
             return "ok uncordoned"
         if verb == "drain":
@@ -169,7 +167,6 @@ class Nodes:
         self.engine.events.emit(CLUSTER, f"node {name} draining by {who}: {count} instance{'s' if count != 1 else ''} "
                                          f"of {', '.join(sorted(s.name for s in there))} move to other nodes")
         for svc, slots in there.items():
-            svc.moving_off = name
             if svc.rec.update_status == "none":  # a move is a rollout to the same version: `wait` follows it
                 svc.rec.update_status, svc.rec.rollout_started = "rolling", time.time()
                 svc.state = rollout.State("rolling", 0, float("-inf"))

@@ -131,7 +131,8 @@ class Standing:
 
 
 def serving(i: Member) -> bool:
-    return i.phase is Phase.READY and not i.leaving
+    # (a restart in flight is not routed: its process is the one its node agent is about to kill)
+    return i.phase is Phase.READY and not i.leaving and not i.busy
 
 
 def health(stopped: bool, replicas: int, insts: Sequence[Member]) -> str:

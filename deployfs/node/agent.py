@@ -46,7 +46,7 @@ from ..model.rollout import Phase
 from ..state.cache import Cache
 from ..state.events import EventLog
 from ..state.kv import Change, Compare, Conflict, KVStore, Put
-from ..state.records import INSTANCES, InstanceRecord, decode, encode, instance_key, version_key
+from ..state.records import DRAIN, INSTANCES, RUN, STOP, InstanceRecord, decode, encode, instance_key, version_key
 from .cgroups import Limits
 from .health import Prober, Probes
 from .identity import UserPolicy
@@ -55,7 +55,6 @@ from .ticker import Ticker
 
 log = logging.getLogger(__name__)
 
-RUN, DRAIN, STOP = "run", "drain", "stop"
 LOG_CHECK = 0.25  # seconds between looks at a quiet instance's log size
 GONE = "gone while deployfs was down"  # (one process runs controller and agent: deployfs, to its users)
 

@@ -59,6 +59,8 @@ class ServiceRecord:
     # When the last batch of the rollout ended (wall clock; the update_pause runs from it):
     # None mid-batch, 0 long ago.
     batch_ended: float | None = 0.0
+    # When `pause` held a canary phase (wall clock): auto_promote counts no paused time, across a restart too.
+    paused_at: float | None = None
 
 
 @dataclass
@@ -117,6 +119,12 @@ class ManifestFile:
     name: str
     data: bytes
     mtime: float
+
+
+# The controller's intents for an instance (``InstanceRecord.desired``): run it; drain it (out of the
+# router, then stop); stop it. Read by the node agent, the engine and the view alike.
+RUN, DRAIN, STOP = "run", "drain", "stop"
+ALIVE = ("running", "draining")  # instance states with a process (pid shown, counted as running)
 
 
 # -- where records live -------------------------------------------------------------------

@@ -33,18 +33,16 @@ from ..model import status as derive
 from ..model.cluster import ClusterStatus, cluster_status
 from ..model.errors import Error, Kind
 from ..model.manifest import Manifest, ManifestError, parse
-from ..model.rollout import Phase
 from ..model.status import Derived, InstanceStatus, ServiceStatus
 from ..state.cache import Cache
 from ..state.events import EventLog
 from ..state.kv import Change, KeyValue, StoreFull
-from ..state.records import (INSTANCES, MANIFESTS, NODES, SERVICES, InstanceRecord, ManifestFile, NodeRecord,
+from ..state.members import member_of, standing_of
+from ..state.records import (ALIVE, INSTANCES, MANIFESTS, NODES, SERVICES, InstanceRecord, ManifestFile, NodeRecord,
                              ServiceRecord, decode, decode_file, decode_node, instances_prefix, manifest_key, service_key)
 from ..state.store import Store
 
 T = TypeVar("T")
-PHASES = {p.value: p for p in Phase}
-ALIVE = ("running", "draining")  # instance states with a process (pid shown, counted as running)
 
 
 class Commands(Protocol):
@@ -154,8 +152,8 @@ class CachedSource:
         def derived() -> Derived:  # only for a request that shows it: `cat version` reads no instance
             insts = sorted((self._record(InstanceRecord, i) for i in self.cache.range(instances_prefix(name))),
                            key=lambda i: i.slot)
-            members = [_member(i) for i in insts]
-            standing = _standing(rec, m)
+            members = [member_of(i) for i in insts]
+            standing = standing_of(rec, m)
             return Derived(progress=derive.progress(standing, members),
                            health=derive.health(rec.stopped, rec.replicas, members),
                            endpoints=tuple(derive.endpoints(members)),
@@ -262,26 +260,3 @@ class CachedSource:
 
 def _alive(i: InstanceRecord) -> bool:
     return i.pid is not None and i.state in ALIVE
-
-
-def _member(i: InstanceRecord) -> derive.Member:
-    # Leaving: the controller asked to drain or stop it (an instance given up on stays, failed).
-    # A restart in flight: the agent has not yet started the incarnation asked for.
-    leaving = i.desired == "drain" or (i.desired == "stop" and i.state != "failed")
-    return derive.Member((i.version, i.generation), i.slot, PHASES.get(i.phase, Phase.STARTING),
-                         leaving=leaving or i.state == "draining" or i.phase == Phase.LEAVING.value,
-                         busy=i.desired == "run" and i.incarnation != i.restarts,
-                         backend=(i.address, i.port) if i.port else None)
-
-
-def _standing(rec: ServiceRecord, m: Manifest | None) -> derive.Standing:
-    canaries = 0
-    if rec.canary_phase and not rec.stopped and m is not None and m.update == "canary":
-        canaries = min(m.canary, rec.replicas)
-    rolling_back = (rec.update_status == "failed" and m is not None and m.auto_rollback
-                    and rec.good_version is not None and rec.version != rec.good_version)
-    return derive.Standing(version=rec.version or "", key=(rec.version or "", rec.generation),
-                           replicas=rec.replicas, update_status=rec.update_status, stopped=rec.stopped,
-                           deleting=rec.deleting, canary_phase=rec.canary_phase, canaries=canaries,
-                           steps=rec.steps, failure=rec.failure, rolled_back=rec.rolled_back,
-                           rolling_back=rolling_back)

@@ -63,8 +63,11 @@ async def test_promote_and_abort_are_refused_without_a_canary(h, autojump_clock)
         assert e.value.kind is Kind.BUSY
 
 
-async def test_pause_stops_the_auto_promote_clock_and_resume_carries_it_on(h, autojump_clock):
+async def test_pause_stops_the_auto_promote_clock_and_resume_carries_it_on(h, autojump_clock, monkeypatch):
     # Issue 20 (newcomer 6): paused 6 s with auto_promote 4, resume promoted at once.
+    import deployfs.control.engine as engine_module
+    # The pause boundary is in the record, as wall clock: let the wall clock run with the mock one.
+    monkeypatch.setattr(engine_module.time, "time", lambda: 1.9e9 + trio.current_time())
     await deploy_v1(h)
     v2 = h.write(canary(auto_promote=20))
     h.cmd("apply")
@@ -259,3 +262,39 @@ async def test_abort_of_a_rolling_update_returns_to_the_good_version(h, autojump
     with pytest.raises(CommandError) as e:
         h.cmd("abort")  # nothing in flight
     assert e.value.kind is Kind.BUSY
+
+
+async def test_a_promote_refused_on_a_full_disk_leaves_the_router_as_it_was(tmp_path, autojump_clock, monkeypatch):
+    """The weights go to the router after the command's commit: a commit the full disk refuses
+    (the engine's memory restored) never reaches the router."""
+    from deployfs.state.store import StoreFull
+
+    h = Harness(tmp_path)
+    router = WeightRouter()
+    h.engine = Engine(h.store, h.rt, h.prober, router=router)
+    async with trio.open_nursery() as n:
+        await n.start(h.engine.run)
+        await deploy_v1(h, port=8080)
+        h.write(canary(port=8080, canary_weight=10))
+        h.cmd("apply")
+        assert await h.settle() == "canary"
+        table = router.tables[-1]
+        assert table[1] == [30, 30, 30, 10]
+        exec_ = h.store._exec
+
+        def full_commit(sql, args=()):  # type: ignore[no-untyped-def]
+            if sql == "COMMIT":
+                raise StoreFull("the state disk is full")
+            return exec_(sql, args)
+        monkeypatch.setattr(h.store, "_exec", full_commit)
+        with pytest.raises(CommandError) as e:
+            h.cmd("promote")
+        assert e.value.kind is Kind.NO_SPACE
+        monkeypatch.setattr(h.store, "_exec", exec_)
+        assert h.svc.rec.canary_phase and router.tables[-1] == table
+        await trio.sleep(5)
+        assert router.tables[-1] == table and await h.settle() == "canary"
+        h.cmd("promote")  # room again: it goes through, weights and all
+        await h.settle()
+        assert router.tables[-1][1] is None
+        n.cancel_scope.cancel()

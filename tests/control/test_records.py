@@ -85,3 +85,124 @@ async def test_the_node_is_the_engines_own(tmp_path, autojump_clock):
         await deploy_v1(h, replicas=2)
         assert [r.node for r in h.store.list_instances("web")] == ["n7", "n7"]
         n.cancel_scope.cancel()
+
+
+def _two_nodes(h: Harness) -> Engine:
+    """An engine on node n1 that takes n2 (run by a node agent of its own) for alive."""
+    e = Engine(h.store, h.rt, h.prober, node="n1", address="127.0.1.1")
+    e.nodes.alive = lambda name: name in ("n1", "n2")
+    return e
+
+
+async def test_a_drain_carries_on_across_a_restart_of_deployfs_never_below_replicas(tmp_path, autojump_clock, wall):
+    """`update replace` would stop every old instance first: a drain moves them the rolling way,
+    and a server started mid-drain knows it is one from the records (the node's, each instance's)."""
+    from deployfs.node.agent import NodeAgent
+    from deployfs.state.records import INSTANCES
+    from deployfs.state.store import NodeRecord
+    from tests.control.harness import watch
+
+    h = Harness(tmp_path)
+    async with trio.open_nursery() as outer:  # the other node's agent lives on through the restart
+        h.store.put_node(NodeRecord("n2", "127.0.1.2"))
+        outer.start_soon(NodeAgent(h.store.records, h.rt, "n2", prober=h.prober,
+                                   cache=h.store.cache(INSTANCES)).run)
+        h.engine = _two_nodes(h)
+        async with trio.open_nursery() as n:
+            await n.start(h.engine.run)
+            v1 = await deploy_v1(h, replicas=4, update="replace")
+            assert sorted(i.rec.node for i in h.svc.instances.values()) == ["n1", "n1", "n2", "n2"]
+            assert h.engine.command("n2", "drain", None, "uid=0") == "ok draining 2 instances"
+            n.cancel_scope.cancel()  # killed before it moved anything
+        h.engine = _two_nodes(h)
+        seen = watch(h, replicas=4)
+        async with trio.open_nursery() as n:
+            await n.start(h.engine.run)
+            assert h.svc.target().strategy == "rolling"
+            assert await h.settle() == f"done {v1}"
+            assert sorted(i.rec.node for i in h.svc.instances.values()) == ["n1"] * 4
+            assert seen["min_ready"] is not None and seen["min_ready"] >= 4, seen
+            assert any(e.startswith(f"move off node n2 complete: {v1}") for e in h.events())
+            assert [r.draining for r in h.store.list_nodes() if r.name == "n2"] == [False]
+            n.cancel_scope.cancel()
+        outer.cancel_scope.cancel()
+
+
+async def test_a_paused_canary_keeps_its_auto_promote_clock_across_a_restart(tmp_path, autojump_clock, wall):
+    """Paused 5 s into auto_promote 20, deployfs restarted, resumed: 15 s left, not none."""
+    h = Harness(tmp_path)
+    async with trio.open_nursery() as n:
+        await n.start(h.engine.run)
+        await deploy_v1(h)
+        h.write(manifest(image="/bin/v2", update="canary", auto_promote=20))
+        h.cmd("apply")
+        assert await h.settle() == "canary"
+        await trio.sleep(5)
+        h.cmd("pause")
+        await restarted(h, n.cancel_scope, down=10)
+    assert h.store.get_service("web").paused_at is not None
+    async with trio.open_nursery() as n:
+        await n.start(h.engine.run)
+        await trio.sleep(20)  # longer than auto_promote: nothing promotes while paused
+        assert h.svc.rec.canary_phase
+        h.cmd("resume")
+        assert h.store.get_service("web").paused_at is None
+        resumed = trio.current_time()
+        while h.svc.rec.canary_phase:
+            await h.svc.wait_change()
+        assert 14.9 <= trio.current_time() - resumed <= 16  # the 15 s left of 20
+        n.cancel_scope.cancel()
+
+
+def _running_record(h: Harness, **kw: object):
+    """Service web (one replica, settled) and the record of its one running instance, as a
+    deployfs killed at some moment left them; the process lives on."""
+    from deployfs.model.manifest import parse
+    from deployfs.node.agent import launch_spec
+    from deployfs.state.store import InstanceRecord, ServiceRecord
+
+    text = manifest(replicas=1, port=18999).decode()
+    m = parse(text, name="web").manifest
+    h.store.put_version("web", m.version, text)
+    h.store.put_service(ServiceRecord("web", version=m.version, manifest=text, replicas=1, good_version=m.version,
+                                      good_manifest=text))
+    rec = InstanceRecord("web", 1, 0, m.version, port=20700, node=h.engine.node, state="running", desired="run",
+                         **kw)  # type: ignore[arg-type]
+    proc = h.rt.start(launch_spec(m, rec, None))
+    rec.pid, rec.start_time = proc.pid, proc.start_time
+    h.store.put_instance(rec)
+    return rec
+
+
+async def test_a_restart_in_flight_comes_back_busy_not_routed(tmp_path, autojump_clock, wall):
+    """The engine asked for a fresh process (restarts 1) and died before the agent started it
+    (incarnation 0): the old process is the one the agent now kills, never a ready backend."""
+    h = Harness(tmp_path)
+    rec = _running_record(h, health="healthy", phase="ready", restarts=1, incarnation=0)
+    await trio.sleep(1)
+    async with trio.open_nursery() as n:
+        await n.start(h.engine.run)
+        inst = h.svc.instances[rec.id]
+        assert inst.busy and h.svc.endpoints() == [] and h.svc.progress() == (0, 1)
+        with trio.fail_after(10):  # the agent starts the incarnation asked for; then it is ready again
+            while inst.busy or inst.phase.value != "ready" or inst.rec.pid == rec.pid:
+                await h.svc.wait_change()
+        assert h.svc.endpoints() == [("127.0.0.1", 20700)]
+        n.cancel_scope.cancel()
+
+
+async def test_an_unhealthy_instance_comes_back_unhealthy_with_its_failing_streak(tmp_path, autojump_clock, wall):
+    """What the view showed (unhealthy, failing since T) is what a server started again carries on from."""
+    from deployfs.control.engine import _from_wall
+
+    h = Harness(tmp_path)
+    since = engine_module.time.time() - 3
+    rec = _running_record(h, health="unhealthy", phase="unhealthy", why="http 503", restarts=0, incarnation=0,
+                          first_bad=since)
+    await trio.sleep(1)
+    async with trio.open_nursery() as n:
+        await n.start(h.engine.run)
+        inst = h.svc.instances[rec.id]
+        assert inst.phase.value == "unhealthy" and h.svc.health() == "unhealthy"
+        assert inst.first_bad is not None and abs(inst.first_bad - _from_wall(since)) < 0.01
+        n.cancel_scope.cancel()
