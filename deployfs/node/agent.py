@@ -281,10 +281,10 @@ class NodeAgent:
             proc = self.runtime.start(launch_spec(m, rec, self.users))
         except (StartError, ManifestError, KeyError) as e:
             why = str(e) if not isinstance(e, KeyError) else f"no manifest for version {rec.version}"
-            self._say(rec.service, rec.slot, f"failed to start: {why}")
             await self._record(key, lambda r: _set(r, pid=None, start_time=None, state="exited", health="stopped",
                                                    phase="exited", why=why, exit_ok=False, last_exit=time.time(),
                                                    incarnation=held.incarnation))
+            self._say(rec.service, rec.slot, f"failed to start: {why}")  # (after the record it tells of)
             return
         held.proc, held.manifest = proc, m
         await self._record(key, self._running(proc, held.incarnation))
@@ -362,11 +362,11 @@ class NodeAgent:
             limit = f" (limit {format_size(m.memory)})" if m is not None and m.memory else ""
             why = f"killed: out of memory{limit}" if status in (None, 128 + signal.SIGKILL) else \
                 f"{why} after a process of it was killed: out of memory{limit}"
-        if rec.desired == RUN:  # (one leaving ended on its own: nobody waits for the news)
-            self._say(rec.service, rec.slot, why)
         await self._record(key, lambda r: r.state in ("running", "draining") and _set(
             r, state="exited", health="stopped", phase="exited", why=why, exit_ok=status == 0,
             last_exit=time.time(), oom_kills=r.oom_kills + oom))
+        if rec.desired == RUN:  # (one leaving ended on its own: nobody waits for the news)
+            self._say(rec.service, rec.slot, why)
         # The instance is over: whatever its leader left running goes with it.
         await proc.stop(m.stop_signum if m else 15, 0.0)
         held.proc = None  # and nothing runs until the controller bumps ``restarts``
@@ -375,18 +375,21 @@ class NodeAgent:
         """Stop the process held; ``rec``: the record asked for it (say so and record it), else a restart."""
         self._end_probes(held)
         proc, held.proc = held.proc, None
+        said = ""
         if proc is not None:
             was_running = not proc.exited
             m = held.manifest or await self._manifest_or_none(key)
             signum, timeout = (m.stop_signum, m.stop_timeout) if m else (15, 10.0)
             killed = await proc.stop(signum, timeout)
             if rec is not None and was_running:
-                # A kill cuts whatever the instance still had in flight: say so.
-                why = f" (killed: still running {timeout:g}s after SIG{m.stop_signal if m else 'TERM'})" if killed else ""
-                self._say(rec.service, rec.slot, f"stopped{why}")
+                # A kill cuts whatever the instance still had in flight: say so (once the record says it stopped).
+                said = f"stopped (killed: still running {timeout:g}s after SIG{m.stop_signal if m else 'TERM'})" \
+                    if killed else "stopped"
         if rec is not None:
             await self._record(key, lambda r: _set(r, pid=None, start_time=None, health="stopped" if r.state != "failed"
                                                    else r.health, state="failed" if r.state == "failed" else "stopped"))
+            if said:
+                self._say(rec.service, rec.slot, said)
 
     async def _observe_gone(self, key: str, rec: InstanceRecord) -> None:
         why, oom = GONE, 0
