@@ -257,3 +257,33 @@ async def test_the_engines_store_drives_the_agent(tmp_path, runtime):
             scope.cancel()
     finally:
         store.close()
+
+
+async def test_an_event_is_said_only_once_the_record_it_tells_of_is_written(kv, runtime):
+    """Events appear after the commit of what they say: whoever reads the event then the record
+    (a shell, `wait`) never finds the record behind it."""
+    said: list[tuple[str, str]] = []
+
+    class Said:  # the event log, noting what the record said when each event was emitted
+        listeners: list = []
+
+        def emit(self, service: str, text: str) -> None:
+            id = int(text.split()[1])
+            [(value,)] = kv._db.execute("SELECT value FROM kv WHERE key = ?", (instance_key("web", id),)).fetchall()
+            said.append((text, decode(InstanceRecord, value).state))
+
+    agent = NodeAgent(kv, runtime, NODE, events=Said())  # type: ignore[arg-type]
+    async with trio.open_nursery() as n:
+        await n.start(agent.run)
+        await desire(kv, 1, manifest=EXITS)
+        await desire(kv, 2, manifest="image /nonexistent/prog\n", version="v2")
+        await desire(kv, 3, version="v3")
+        await until(kv, 3, lambda r: r.state == "running")
+        await desire(kv, 3, "stop", version="v3")
+        for id, state in ((1, "exited"), (2, "exited"), (3, "stopped")):
+            await until(kv, id, lambda r, state=state: r.state == state)
+        n.cancel_scope.cancel()
+    told = {text.split(" ", 2)[2].split(":")[0]: state for text, state in said}
+    assert told["exited with status 3"] == "exited"
+    assert told["failed to start"] == "exited"
+    assert told["stopped"] == "stopped"
