@@ -42,7 +42,7 @@ from ..node.agent import NodeAgent
 from ..node.runtime import Runtime
 from ..state.events import CLUSTER, EventLog
 from ..state.kv import Change
-from ..state.members import canaries_of, member_of, rolling_back_of, standing_of
+from ..state.members import canaries_of, member_of, phase_of, rolling_back_of, standing_of
 from ..state.records import DRAIN, INSTANCES, RUN, STOP, decode
 from ..state.store import InstanceRecord, ServiceRecord, Store, StoreFull
 from ..node.ticker import Ticker
@@ -494,8 +494,8 @@ class Service:
             if inst.phase is not Phase.EXITED:
                 inst.phase, inst.why, inst.exit_ok, inst.last_exit = Phase.EXITED, rec.why, rec.exit_ok, now
                 inst.first_bad = inst.first_bad or now
-        elif rec.state == "running" and rec.phase in ("starting", "ready", "unhealthy"):
-            inst.phase, inst.why = Phase(rec.phase), rec.why
+        elif rec.state == "running" and phase_of(rec) in (Phase.STARTING, Phase.READY, Phase.UNHEALTHY):
+            inst.phase, inst.why = phase_of(rec), rec.why  # (the view's rule: state/members.py)
             if inst.phase is Phase.UNHEALTHY:
                 inst.first_bad = inst.first_bad or (_from_wall(rec.first_bad) if rec.first_bad else now)
             elif inst.phase is Phase.READY:
