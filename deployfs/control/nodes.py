@@ -40,13 +40,22 @@ class Nodes:
         """Record this node (its address, when it started), keeping its cordon.
 
         On one machine the store knows this node only: a record of another name is this
-        host under its previous name (a renamed host, another --node), and goes."""
+        host under its previous name (a renamed host, another --node), and goes; the
+        instances it ran are this host's processes, so they become this node's (its agent
+        adopts them; left under the old name, nobody would supervise or stop them)."""
         store = self.engine.store
         recs = {r.name: r for r in store.list_nodes()}
         with store.transaction():
-            for other in [n for n in recs if n != self.name and not self.alive(n)]:
+            renamed = {n for n in recs if n != self.name and not self.alive(n)}
+            for other in renamed:
                 store.delete_node(other)
                 del recs[other]
+            if renamed:
+                for svc in store.list_services():
+                    for irec in store.list_instances(svc.name):
+                        if irec.node in renamed:
+                            irec.node = self.name
+                            store.put_instance_fields(irec, ("node",))
             mine = recs.setdefault(self.name, NodeRecord(self.name))
             mine.address, mine.joined = self.address, round(time.time(), 3)
             store.put_node(mine)

@@ -206,3 +206,29 @@ async def test_an_unhealthy_instance_comes_back_unhealthy_with_its_failing_strea
         assert inst.phase.value == "unhealthy" and h.svc.health() == "unhealthy"
         assert inst.first_bad is not None and abs(inst.first_bad - _from_wall(since)) < 0.01
         n.cancel_scope.cancel()
+
+
+async def test_a_server_started_under_another_node_name_takes_its_instances_on(tmp_path, autojump_clock):
+    # One machine, restarted with another --node: the instances are this host's processes. Left under
+    # the old name they were supervised by nobody (a kill went unnoticed, a restart hung in draining).
+    h = Harness(tmp_path)
+    async with trio.open_nursery() as n:
+        await n.start(h.engine.run)
+        await deploy_v1(h, replicas=2)
+        pids = sorted(i.rec.pid for i in h.svc.instances.values())
+        n.cancel_scope.cancel()
+    h.engine = Engine(h.store, h.rt, h.prober, node="renamed")
+    async with trio.open_nursery() as n:
+        await n.start(h.engine.run)
+        assert {r.node for r in h.store.list_instances("web")} == {"renamed"}
+        assert sorted(i.rec.pid for i in h.svc.instances.values()) == pids  # adopted, not restarted
+        h.rt.procs[pids[0]].exit(1)  # supervised: the kill is seen and the instance restarted
+        with trio.fail_after(10):
+            while not any("restarting" in e for e in h.events()):
+                await trio.sleep(0.1)
+        h.cmd("restart")
+        with trio.fail_after(30):
+            while h.svc.rec.update_status != "none" or len(h.svc.instances) != 2:
+                await trio.sleep(0.1)
+        assert not set(pids) & {i.rec.pid for i in h.svc.instances.values()}
+        n.cancel_scope.cancel()
