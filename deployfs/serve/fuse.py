@@ -401,25 +401,41 @@ class DeployFS(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         path, node = self._node(inode)
+        o = self._handles.get(fh) if fh is not None else None  # ftruncate: the open file's own bytes
         node.setattr(ctx, attr.st_size if fields.update_size else None,
-                     bool(fields.update_mode or fields.update_uid or fields.update_gid))
+                     bool(fields.update_mode or fields.update_uid or fields.update_gid),
+                     o.handle if o is not None else None)
         await self.source.settled()
         return self._attrs(path, node)
 
     @_guard
     async def flush(self, fh: int) -> None:
-        pass
+        # Each close(2) of a descriptor (dup's included) sends FLUSH and waits for its answer,
+        # so an edit committed here reports its error to close(); RELEASE comes too late for that.
+        await self._commit(fh)
 
     @_guard
     async def fsync(self, fh: int, datasync: bool) -> None:
-        pass  # every write is already committed to the store
+        await self._commit(fh)
+
+    async def _commit(self, fh: int) -> None:
+        o = self._handles.get(fh)
+        if o is None:
+            return
+        try:
+            o.handle.commit()
+        finally:
+            await self.source.settled()
 
     @_guard
     async def release(self, fh: int) -> None:
         o = self._handles.pop(fh, None)
         self._pollers.pop(fh, None)
         if o is not None:
-            o.handle.release()
+            try:
+                o.handle.commit(last=True)  # O_TRUNC with no write: nobody waits for this answer
+            finally:
+                o.handle.release()
 
     # -- manifests/: create, unlink, rename ----------------------------------------------------
 

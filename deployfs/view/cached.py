@@ -214,6 +214,16 @@ class CachedSource:
         f = self.store.get_file(name)
         self.put_manifest(name, edit(b"" if f is None else f.data))
 
+    def replace_manifest(self, name: str, data: bytes) -> bool:
+        if self.store.get_file(name) is None:
+            return False
+        self.put_manifest(name, data)
+        return True
+
+    def check_room(self) -> None:
+        if self.store.full is not None and not self.store.flush():
+            raise Error(Kind.NO_SPACE, f"{self.store.full}: nothing was changed; free some space and try again")
+
     def delete_manifest(self, name: str) -> None:
         with _room():
             self.store.delete_file(name)

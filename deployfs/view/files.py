@@ -100,6 +100,15 @@ class Handle:
         """Would a read answer now (poll/select)?"""
         return True
 
+    def commit(self, last: bool = False) -> None:
+        """Make what was written through this handle take effect (close, fsync): its error reaches the caller.
+
+        ``last``: the handle is being released (no descriptor is left), and the caller hears of no error."""
+
+    def truncate(self, size: int) -> bool:
+        """Truncate what this handle writes (ftruncate); False: the handle keeps no bytes of its own."""
+        return False
+
     def release(self) -> None:
         pass
 
@@ -136,8 +145,10 @@ class File:
     def reader(self, caller: Caller, mode: OpenMode) -> Handle:
         raise NotImplementedError
 
-    def setattr(self, caller: Caller, size: int | None, chmod: bool) -> None:
-        """Truncate to ``size`` and/or change mode or owner (``chmod``); times are always accepted."""
+    def setattr(self, caller: Caller, size: int | None, chmod: bool, handle: Handle | None = None) -> None:
+        """Truncate to ``size`` and/or change mode or owner (``chmod``); times are always accepted.
+
+        ``handle``: the open file it came through (ftruncate), which may keep the bytes it truncates."""
         if size is not None or chmod:
             raise Error(Kind.NOT_PERMITTED, "deployfs decides this file's size, mode and owner")
 
@@ -218,10 +229,10 @@ class ManifestsDir(Dir):
             raise Error(Kind.EXISTS, f"manifests/{name} exists")
         if not exists and len(src.manifest_names()) >= MAX_MANIFEST_FILES:
             raise Error(Kind.NO_SPACE, f"at most {MAX_MANIFEST_FILES} files in manifests/")
-        if not exists or truncate:
+        if not exists:  # the name exists from here on (an editor renames it once written); its bytes wait for close
             src.put_manifest(name, b"")
         f = ManifestEntry(self.ns, name)
-        return name, f, ManifestHandle(f, may_write=True)
+        return name, f, ManifestHandle(f, may_write=True, truncate=exists and truncate)
 
     def unlink(self, caller: Caller, raw: bytes) -> str:
         self._writer(caller)
@@ -378,7 +389,7 @@ class CtlFile(File):
             raise Error(Kind.PERMISSION, "only the serving user, root and --group may send commands")
         return CtlHandle(self, caller)
 
-    def setattr(self, caller: Caller, size: int | None, chmod: bool) -> None:
+    def setattr(self, caller: Caller, size: int | None, chmod: bool, handle: Handle | None = None) -> None:
         if size is None and chmod:
             raise Error(Kind.NOT_PERMITTED)
         # `echo > ctl` may truncate: nothing to do
@@ -471,7 +482,12 @@ class WaitHandle(Handle):
 
 @dataclass(frozen=True)
 class ManifestEntry(File):
-    """A file in manifests/: plain bytes any editor can write."""
+    """A file in manifests/: plain bytes any editor can write.
+
+    A writable open keeps its own copy of the bytes: writes and ftruncate change
+    that copy, and it is committed whole when the file is closed (or fsync'ed), so
+    nobody else, ``apply`` included, ever sees a half-written manifest.
+    """
     ns: "Namespace"
     name: str
 
@@ -482,20 +498,18 @@ class ManifestEntry(File):
         return Stat(False, 0o644 | self.ns.group_write, len(f.data), f.mtime)
 
     def open(self, caller: Caller, mode: OpenMode) -> Handle:
-        if mode.write:
-            if not self.ns.access.may_write(caller):
-                raise Error(Kind.PERMISSION, "only the serving user, root and --group may change manifests")
-            if mode.truncate:  # O_TRUNC: no separate truncate arrives
-                self.ns.source.put_manifest(self.name, b"")
-        return ManifestHandle(self, may_write=mode.write)
+        if mode.write and not self.ns.access.may_write(caller):
+            raise Error(Kind.PERMISSION, "only the serving user, root and --group may change manifests")
+        return ManifestHandle(self, may_write=mode.write, truncate=mode.write and mode.truncate)
 
-    def setattr(self, caller: Caller, size: int | None, chmod: bool) -> None:
+    def setattr(self, caller: Caller, size: int | None, chmod: bool, handle: Handle | None = None) -> None:
         if not self.ns.access.may_write(caller):
             raise Error(Kind.NOT_PERMITTED)
         if size is not None:
             if size > MAX_MANIFEST_BYTES:
                 raise Error(Kind.TOO_BIG, f"a manifest is at most {MAX_MANIFEST_BYTES} bytes")
-            self.ns.source.edit_manifest(self.name, lambda data: data[:size].ljust(size, b"\0"))
+            if handle is None or not handle.truncate(size):  # truncate(1) by name: a whole change of its own
+                self.ns.source.edit_manifest(self.name, lambda data: data[:size].ljust(size, b"\0"))
         # mode, owner and times are accepted (editors set them) but fixed by policy.
 
     def data(self) -> bytes:
@@ -504,19 +518,62 @@ class ManifestEntry(File):
 
 
 class ManifestHandle(Handle):
+    """An open manifest; open for writing, it holds the bytes being edited until commit."""
     writable = True
 
-    def __init__(self, entry: ManifestEntry, may_write: bool) -> None:
+    def __init__(self, entry: ManifestEntry, may_write: bool, truncate: bool = False) -> None:
         self.entry, self.may_write = entry, may_write
+        # O_TRUNC empties only this copy: a truncated manifest is never what others see.
+        self.buffer: bytearray | None = None
+        if may_write:
+            self.buffer = bytearray() if truncate else bytearray(entry.data())
+        # O_TRUNC alone takes effect only at the last close: a shell's `> file` opens, dup2()s and
+        # closes the first descriptor (a FLUSH) before it writes a byte, and that must not
+        # publish an empty manifest.
+        self.dirty, self.truncated = False, truncate
+        self.refused: Error | None = None  # a write refused: the edit is abandoned, nothing is committed
 
     async def read(self, off: int, size: int) -> bytes:
-        return self.entry.data()[off: off + size]
+        data = self.entry.data() if self.buffer is None else self.buffer
+        return bytes(data[off: off + size])
 
     def write(self, off: int, data: bytes) -> int:
-        if not self.may_write:
+        if self.buffer is None:
             raise Error(Kind.BAD_HANDLE, "not open for writing")
-        if off + len(data) > MAX_MANIFEST_BYTES:
-            raise Error(Kind.TOO_BIG, f"a manifest is at most {MAX_MANIFEST_BYTES} bytes")
-        self.entry.ns.source.edit_manifest(
-            self.entry.name, lambda old: old.ljust(off, b"\0")[:off] + data + old[off + len(data):])
+        if self.refused is not None:
+            raise self.refused
+        try:
+            if off + len(data) > MAX_MANIFEST_BYTES:
+                raise Error(Kind.TOO_BIG, f"a manifest is at most {MAX_MANIFEST_BYTES} bytes")
+            # Known now, so refused now: a tool that ignores close()'s error still sees this one.
+            self.entry.ns.source.check_room()
+        except Error as e:
+            # What was written before is only part of the edit: committing it at close would
+            # publish a half-written manifest (the first 64 KiB of an oversized one).
+            self.refused = e
+            raise
+        if off > len(self.buffer):
+            self.buffer.extend(bytes(off - len(self.buffer)))
+        self.buffer[off: off + len(data)] = data
+        self.dirty = True
         return len(data)
+
+    def truncate(self, size: int) -> bool:
+        if self.buffer is None:
+            return False
+        if self.refused is not None:
+            raise self.refused
+        del self.buffer[size:]
+        self.buffer.extend(bytes(size - len(self.buffer)))
+        self.dirty = True
+        return True
+
+    def commit(self, last: bool = False) -> None:
+        if self.refused is not None:
+            raise self.refused  # close() says it too: the edit was not kept
+        if self.buffer is None or not (self.dirty or (last and self.truncated)):
+            return  # a second close of a dup'ed descriptor commits again only what changed since
+        # A manifest removed or renamed away since the open keeps its new state: the edit is dropped,
+        # as a write to an unlinked file is.
+        self.entry.ns.source.replace_manifest(self.entry.name, bytes(self.buffer))
+        self.dirty = self.truncated = False

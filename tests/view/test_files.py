@@ -125,6 +125,11 @@ async def test_names_and_manifests(h, ns, autojump_clock):
     assert kind(fh.write, 1 << 20, b"x") is Kind.TOO_BIG
     assert fh.write(0, b"image x\n") == 8
     await ns.source.settled()
+    # What a handle writes is its own until it is closed: readers see the committed (empty) bytes.
+    assert await fh.read(0, 100) == b"image x\n" and entry.stat().size == 0
+    fh.commit()
+    await ns.source.settled()
+    assert entry.stat().size == 8
     assert kind(mdir.rename, OWNER, b"api", b"web", noreplace=True) is Kind.EXISTS
     assert kind(mdir.rename, OWNER, b"api", b"web", elsewhere=True) is Kind.CROSS_DIRECTORY
     assert mdir.rename(OWNER, b"api", b"api2") == ("api", "api2")

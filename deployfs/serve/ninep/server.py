@@ -477,8 +477,13 @@ class Session:
 
     async def clunk(self, m: c.Tclunk) -> c.Message:
         f = self._fid(m.fid)
-        del self.fids[m.fid]
-        self._release(f)
+        del self.fids[m.fid]  # clunked even when the commit fails: its error is the Rlerror
+        try:
+            if f.handle is not None:
+                f.handle.commit(last=True)
+                await self.ns.source.settled()
+        finally:
+            self._release(f)
         return c.Rclunk()
 
     async def getattr(self, m: c.Tgetattr) -> c.Message:
@@ -545,9 +550,9 @@ class Session:
         return c.Rlcreate(self._qid(node, f.path, node.stat()), self._iounit())
 
     async def setattr(self, m: c.Tsetattr) -> c.Message:
-        f = self._fid(m.fid)
+        f = self._fid(m.fid)  # an open fid: ftruncate, on that open file's own bytes
         self._file(f.path).setattr(f.who, m.size if m.valid & c.SETATTR_SIZE else None,
-                                   bool(m.valid & (c.SETATTR_MODE | c.SETATTR_UID | c.SETATTR_GID)))
+                                   bool(m.valid & (c.SETATTR_MODE | c.SETATTR_UID | c.SETATTR_GID)), f.handle)
         return c.Rsetattr()
 
     async def renameat(self, m: c.Trenameat) -> c.Message:
@@ -585,8 +590,11 @@ class Session:
         return c.Rstatfs(V9FS_MAGIC, 4096, 0, 0, 0, 0, 0, 0, 255)
 
     async def fsync(self, m: c.Tfsync) -> c.Message:
-        self._fid(m.fid)
-        return c.Rfsync()  # every write is already committed
+        f = self._fid(m.fid)
+        if f.handle is not None:
+            f.handle.commit()
+            await self.ns.source.settled()
+        return c.Rfsync()
 
     async def xattrwalk(self, m: c.Txattrwalk) -> c.Message:
         raise _Refused(errno.ENODATA)  # no extended attributes (v9fs asks for security.capability)

@@ -288,6 +288,7 @@ def test_no_mount_over_a_unix_socket(tmp_path, open_dir):
             d = cl.walk("manifests")
             cl.rpc(c.Tlcreate(d, "web", os.O_WRONLY | os.O_CREAT, 0o644, 0))
             cl.write(d, SVC.encode())
+            cl.clunk(d)  # the manifest is committed at clunk, not at each write
             ctl = cl.open("ctl", os.O_RDWR)
             cl.write(ctl, b"apply web\n")
             deadline = time.monotonic() + 20
