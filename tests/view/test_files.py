@@ -123,6 +123,9 @@ async def test_names_and_manifests(h, ns, autojump_clock):
     await ns.source.settled()  # as a front end does before it answers a write
     assert name == "api" and entry.stat().size == 0
     assert kind(fh.write, 1 << 20, b"x") is Kind.TOO_BIG
+    assert kind(fh.write, 0, b"x") is Kind.TOO_BIG  # a refused write abandons the edit: nothing more is taken
+    assert kind(fh.commit) is Kind.TOO_BIG  # and close says so, committing nothing
+    fh = entry.open(OWNER, WRITE)
     assert fh.write(0, b"image x\n") == 8
     await ns.source.settled()
     # What a handle writes is its own until it is closed: readers see the committed (empty) bytes.
