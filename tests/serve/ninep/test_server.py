@@ -394,3 +394,26 @@ def test_any_sequence_of_requests_gets_one_answer_each(served, requests):
             frame = cl.recv()
             assert frame.tag == tag and frame.msg.TYPE in (req.TYPE + 1, c.Rlerror.TYPE), (req, frame)
     assert "bug in" not in served.server_log()
+
+
+def test_a_manifest_edit_over_9p_is_committed_at_tfsync_and_tclunk(served):
+    m = served
+    m.write_manifest("ed", SVC)
+    with Client(ADDR) as cl:
+        f = cl.open("manifests/ed", os.O_WRONLY | os.O_TRUNC)
+        cl.write(f, b"image sh\n")
+        assert m.read("manifests/ed") == SVC  # neither emptied by O_TRUNC nor half-written
+        cl.rpc(c.Tfsync(f))
+        assert m.read("manifests/ed") == "image sh\n"
+        cl.write(f, b"replicas 2\n", len("image sh\n"))
+        cl.clunk(f)
+        assert m.read("manifests/ed") == "image sh\nreplicas 2\n"
+        f = cl.open("manifests/ed", os.O_WRONLY | os.O_TRUNC)
+        cl.write(f, b"image sh\n")
+        with pytest.raises(NinepError) as e:
+            cl.write(f, b"x", 70000)
+        assert e.value.errno == errno.EFBIG
+        with pytest.raises(NinepError) as e:  # the edit was abandoned: the clunk's Rlerror says so
+            cl.clunk(f)
+        assert e.value.errno == errno.EFBIG
+        assert m.read("manifests/ed") == "image sh\nreplicas 2\n"
