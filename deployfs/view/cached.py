@@ -209,8 +209,8 @@ class CachedSource:
             self.store.put_file(name, data)
 
     def edit_manifest(self, name: str, edit: Callable[[bytes], bytes]) -> None:
-        """Rewrite a manifest from its bytes as the store has them now (a write at an offset, a
-        truncate): pieces written in a row each build on the last, whether or not the cache shows it yet."""
+        """Rewrite a manifest from its bytes as the store has them now (a truncate by name): it builds on
+        the last commit whether or not the cache shows it yet."""
         f = self.store.get_file(name)
         self.put_manifest(name, edit(b"" if f is None else f.data))
 

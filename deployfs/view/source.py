@@ -44,8 +44,8 @@ class Source(Protocol):
     def manifest_file(self, name: str) -> ManifestFile | None: ...
     def put_manifest(self, name: str, data: bytes) -> None: ...
     def edit_manifest(self, name: str, edit: Callable[[bytes], bytes]) -> None:
-        """Replace a manifest with ``edit(its bytes)``, its bytes as the store has them now: pieces
-        written in a row each build on the last even before the records read here show it."""
+        """Replace a manifest with ``edit(its bytes)``, its bytes as the store has them now (a
+        truncate by name), even before the records read here show the last commit."""
         ...
     def replace_manifest(self, name: str, data: bytes) -> bool:
         """Replace the bytes of a manifest that exists; False (nothing written) if it does not."""
