@@ -422,9 +422,7 @@ class DeployFS(pyfuse3.Operations):
         o = self._handles.get(fh)
         if o is None:
             return
-        try:
-            o.handle.commit()
-        finally:
+        if o.handle.commit():
             await self.source.settled()
 
     @_guard

@@ -100,10 +100,12 @@ class Handle:
         """Would a read answer now (poll/select)?"""
         return True
 
-    def commit(self, last: bool = False) -> None:
+    def commit(self, last: bool = False) -> bool:
         """Make what was written through this handle take effect (close, fsync): its error reaches the caller.
+        True if something was written (the front end then answers once the records show it).
 
         ``last``: the handle is being released (no descriptor is left), and the caller hears of no error."""
+        return False
 
     def truncate(self, size: int) -> bool:
         """Truncate what this handle writes (ftruncate); False: the handle keeps no bytes of its own."""
@@ -568,12 +570,13 @@ class ManifestHandle(Handle):
         self.dirty = True
         return True
 
-    def commit(self, last: bool = False) -> None:
+    def commit(self, last: bool = False) -> bool:
         if self.refused is not None:
             raise self.refused  # close() says it too: the edit was not kept
         if self.buffer is None or not (self.dirty or (last and self.truncated)):
-            return  # a second close of a dup'ed descriptor commits again only what changed since
+            return False  # a second close of a dup'ed descriptor commits again only what changed since
         # A manifest removed or renamed away since the open keeps its new state: the edit is dropped,
         # as a write to an unlinked file is.
         self.entry.ns.source.replace_manifest(self.entry.name, bytes(self.buffer))
         self.dirty = self.truncated = False
+        return True

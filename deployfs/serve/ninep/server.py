@@ -480,8 +480,8 @@ class Session:
         del self.fids[m.fid]  # clunked even when the commit fails: its error is the Rlerror
         try:
             if f.handle is not None:
-                f.handle.commit(last=True)
-                await self.ns.source.settled()
+                if f.handle.commit(last=True):
+                    await self.ns.source.settled()
         finally:
             self._release(f)
         return c.Rclunk()
@@ -592,8 +592,8 @@ class Session:
     async def fsync(self, m: c.Tfsync) -> c.Message:
         f = self._fid(m.fid)
         if f.handle is not None:
-            f.handle.commit()
-            await self.ns.source.settled()
+            if f.handle.commit():
+                await self.ns.source.settled()
         return c.Rfsync()
 
     async def xattrwalk(self, m: c.Txattrwalk) -> c.Message:
