@@ -251,7 +251,7 @@ def check_mountpoint(mnt: str) -> None:
 
 
 def check_state(state: str) -> str:
-    """Trust the state directory only if nobody else could have written it (issue 18.9); its resolved path."""
+    """Trust the state directory only if nobody else could have written it; its resolved path."""
     from ..state.statedir import StateDirError, prepare
     try:
         return prepare(state)

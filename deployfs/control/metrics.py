@@ -1,4 +1,4 @@
-"""The metrics (DESIGN §12): the engine, the router and /proc as Prometheus families.
+"""The metrics (docs/operations.md): the engine, the router and /proc as Prometheus families.
 
 One collector builds every family at scrape time from what is already in
 memory: the engine's services and instances with their counters

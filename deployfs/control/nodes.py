@@ -1,5 +1,5 @@
 """The controller's side of nodes: this node's record, placement over the records, and
-the node verbs of the top ctl (``cordon``, ``uncordon``, ``drain``; DESIGN §10).
+the node verbs of the top ctl (``cordon``, ``uncordon``, ``drain``; docs/cluster.md).
 
 The records are ``nodes/<name>`` (state/records.py :class:`NodeRecord`), the same keys
 node/membership.py writes in a cluster.  Whether a node is alive is not in them: in a

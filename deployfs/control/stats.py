@@ -1,4 +1,4 @@
-"""What the engine counts per service for the metrics (DESIGN §12).
+"""What the engine counts per service for the metrics (docs/operations.md).
 
 Plain numbers, kept by the engine as things happen; the view turns them into
 Prometheus families at scrape time.  They live as long as the server process

@@ -1,7 +1,7 @@
 """What a node and the cluster look like from outside: plain data, and the one rule
 that turns a node's record and liveness into its state.  Pure.
 
-``/deploy/nodes/<name>`` and ``/deploy/cluster`` (DESIGN §10) render these;
+``/deploy/nodes/<name>`` and ``/deploy/cluster`` (docs/cluster.md) render these;
 placement (:mod:`.placement`) and the engine read :func:`node_state` too, so
 the file and the decision never disagree about which nodes can take work.
 """

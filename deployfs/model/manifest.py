@@ -79,7 +79,7 @@ class Manifest:
     dir: str | None = None
     replicas: int = 1
     port: int | None = None
-    protocol: str | None = None  # http | tcp; None: http when the health check is an http:// URL (DESIGN §6)
+    protocol: str | None = None  # http | tcp; None: http when the health check is an http:// URL (docs/traffic.md)
     restart: str = "always"
     max_restarts: int = 5
     drain_timeout: float = 10.0

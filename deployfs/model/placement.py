@@ -1,4 +1,4 @@
-"""Where a new instance goes (DESIGN §10).  Pure: node loads in, a node (or why none) out.
+"""Where a new instance goes (docs/cluster.md).  Pure: node loads in, a node (or why none) out.
 
 A ready, uncordoned node -- among the manifest's ``nodes`` if it names any --
 with the fewest instances of the service, then the fewest overall; a tie goes

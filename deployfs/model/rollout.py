@@ -6,7 +6,7 @@ arrived, a timer fired), carries out the actions, and calls again.  A rollout
 is therefore not a script with a program counter but a target plus a few
 counters, which is what lets a restarted server simply continue one.
 
-Rolling (DESIGN.md §4), as a reconcile rule:
+Rolling (docs/manifest.md), as a reconcile rule:
 
 1. a target instance that exited or turned unhealthy fails the rollout: stop
    it and every target instance not yet ready; old ones are never touched;
@@ -199,7 +199,7 @@ def plan(t: Target, insts: list[Inst], st: State, now: float, routed: bool = Tru
         if old:
             return Plan([Stop(i.id, "replace") for i in old], replace(st, boundary=None))
         if len(ready) >= t.replicas:
-            return _complete(t, ready, st, routed)
+            return _complete(ready, st, routed)
         used = {i.slot for i in ready}
         free = [s for s in range(t.replicas + len(ready)) if s not in used][: t.replicas - len(ready)]
         return Plan([Start(s) for s in free], st)
@@ -211,7 +211,7 @@ def plan(t: Target, insts: list[Inst], st: State, now: float, routed: bool = Tru
     if len(ready) > t.replicas:
         return Plan([Stop(i.id, "scaled down") for i in ready[t.replicas:]], st)
     if not old and len(ready) == t.replicas:
-        return _complete(t, ready, st, routed)
+        return _complete(ready, st, routed)
 
     # At a batch boundary: the pause runs from when the last batch finished.
     boundary = now if st.boundary is None else st.boundary
@@ -295,7 +295,7 @@ def split_weights(canary: list[bool], percent: int, total: int = 100) -> list[in
     return weights
 
 
-def _complete(t: Target, ready: list[Inst], st: State, routed: bool) -> Plan:
+def _complete(ready: list[Inst], st: State, routed: bool) -> Plan:
     if not routed:  # done promises a port that serves: not before the router has them all
         return Plan([], st)
     return Plan([Complete({i.id: n for n, i in enumerate(ready)})],

@@ -138,7 +138,7 @@ class LocalProcess:
     async def wait(self) -> int | None:
         # Only one task may wait on the pidfd; the others wait for it.  A watcher
         # that is cancelled hands over: whoever still waits takes the watch, so a
-        # stop that races a cancelled monitor sees the exit at once (issue 14.6).
+        # stop that races a cancelled monitor sees the exit at once.
         while not self._done.is_set():
             if self._watcher_gone is not None:
                 await self._watcher_gone.wait()

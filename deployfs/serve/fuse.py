@@ -2,7 +2,7 @@
 
 What each file does is the view's (view/files.py); this module only turns
 FUSE requests into calls on it, one line per operation, and keeps what only
-FUSE has (each point measured; see FUSE-NOTES.md and docs/architecture.md):
+FUSE has (each point measured; see docs/architecture.md):
 
 * Every file is opened with ``direct_io``: state files are rendered once at
   ``open``; ``events`` and ``logs/N`` are read live, and a page cached while

@@ -4,7 +4,7 @@ No PyPI etcd client runs under trio (the maintained ones are asyncio/gRPC), so
 this speaks the gRPC gateway that every etcd member serves on its client port:
 ``/v3/kv/range|put|deleterange|txn|compaction``, ``/v3/watch``,
 ``/v3/lease/grant|keepalive|revoke|timetolive``.  Facts it is built on
-(docs/shared ETCD-NOTES, measured on etcd 3.4): bytes travel as base64, int64
+(measured on etcd 3.4): bytes travel as base64, int64
 as JSON strings; a lease keepalive is answered only when its request body ends,
 so each keepalive is one POST; a watch from a compacted revision is cancelled
 with ``compact_revision``.

@@ -1,7 +1,7 @@
 """The store interface: a revisioned key-value store with conditional writes, watches and leases.
 
 This is what every part of deployfs that keeps state talks to, shaped so that
-etcd v3 implements it as directly as SQLite does (DESIGN §10).  The contract,
+etcd v3 implements it as directly as SQLite does (docs/cluster.md).  The contract,
 which ``tests/state/conformance.py`` checks against every implementation:
 
 Revisions

@@ -1,6 +1,6 @@
 """The records deployfs keeps, and where each lives in the store.
 
-Every record is a JSON value under a key (DESIGN §9): a store of any kind --
+Every record is a JSON value under a key (docs/architecture.md): a store of any kind --
 SQLite here, etcd in a cluster -- holds them the same way, and a reader of
 the store's watch (:mod:`.cache`) decodes them with the functions below.
 

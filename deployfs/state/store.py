@@ -16,7 +16,7 @@ database from a newer deployfs is refused, never "upgraded down".  Schema 2
 moved the records of schema 1 (a table per kind) into the key-value tables,
 once, at open.
 
-A full state disk must not stop supervision (issue 18.5).  Writes are of two
+A full state disk must not stop supervision.  Writes are of two
 kinds.  What people ask for (manifest files, commands: a transaction opened
 with ``refuse_when_full``) is refused with :class:`StoreFull`, and nothing
 changes.  What the engine records about what already happened (services,

@@ -1,4 +1,4 @@
-"""``protocol http`` in the relay thread: requests, not byte streams (DESIGN §6).
+"""``protocol http`` in the relay thread: requests, not byte streams (docs/traffic.md).
 
 Why the router parses HTTP at all: forwarding bytes, it cannot tell an idle
 keep-alive connection from a busy one, so when an app closes its idle

@@ -1,6 +1,6 @@
 """The traffic path: a TCP proxy per service, in a process of its own.
 
-Why a separate process: DESIGN.md §6 wants traffic to keep flowing to the
+Why a separate process: traffic must keep flowing to the
 instances last known healthy while ``deployfs serve`` is dead (crashed, or
 being upgraded).  So the router runs in its own session, owns the public
 listeners, and is only *fed* by the server over a unix socket in the state

@@ -58,7 +58,7 @@ class TableFeeder:
         self.on_error = on_error or (lambda service, msg: log.warning("%s: %s", service, msg))
         # Per service: its port, backends, and their weights (None: even; canary_weight sets them).
         self.table: dict[str, tuple[int | None, list[Backend], list[int] | None]] = {}
-        self.protocols: dict[str, str] = {}  # per service: tcp | http (DESIGN §6)
+        self.protocols: dict[str, str] = {}  # per service: tcp | http (docs/traffic.md)
         # Why the router refused a service's last table (it could not listen): a
         # rollout must not be reported done on a port that does not serve it.
         self.errors: dict[str, str] = {}

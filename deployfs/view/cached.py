@@ -12,7 +12,7 @@ made (a command's, a manifest's: on SQLite the store's own), and a front end awa
 :meth:`CachedSource.settled` (the cache at that revision) before it answers the request that
 wrote: `echo apply > ctl; cat status` shows the command's effect, on SQLite as on etcd.
 
-Not everything is a record, and those keep narrow calls of their own (DESIGN §9): commands go to
+Not everything is a record, and those keep narrow calls of their own (docs/architecture.md): commands go to
 the controller (``Commands``: the engine's ``command`` and ``refused``); events are read from the
 event log's segments in memory (each event is committed before it is shown there); an instance's
 output from its log files; its CPU and memory from ``/proc``; the metrics from the engine's

@@ -63,7 +63,7 @@ def render_node(n: NodeStatus) -> str:
 
 
 def render_cluster(c: ClusterStatus) -> str:
-    """One ``key=value`` a line, as DESIGN §10 names them: a script reads the one it wants."""
+    """One ``key=value`` a line, as docs/cluster.md names them: a script reads the one it wants."""
     return f"store={c.store}\nnodes={len(c.nodes)}\nready={c.ready}\nleader={c.leader}\n"
 
 
@@ -107,7 +107,7 @@ ROOT_FILES: dict[str, Callable[["Namespace"], File]] = {
     "events.1": lambda ns: EventsFile(ns, CLUSTER, -1),
     "manifests": lambda ns: ManifestsDir(ns, ns.source.manifest_names, ns.manifest_entry),
     "active": lambda ns: Dir(ns, ns.source.service_names, ns.service_dir),
-    "metrics": lambda ns: StateFile(ns, ns.source.metrics_text, time.time),  # Prometheus text (DESIGN §12)
+    "metrics": lambda ns: StateFile(ns, ns.source.metrics_text, time.time),  # Prometheus text (docs/operations.md)
     "cluster": lambda ns: StateFile(ns, lambda: render_cluster(ns.source.cluster()).encode(), time.time),
     "nodes": lambda ns: ns.nodes_dir(),
 }

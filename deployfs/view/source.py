@@ -36,7 +36,7 @@ class Source(Protocol):
 
     # -- nodes ------------------------------------------------------------------------------
     def cluster(self) -> ClusterStatus:
-        """The nodes, which services each leads, and whether the store answers (DESIGN §10)."""
+        """The nodes, which services each leads, and whether the store answers (docs/cluster.md)."""
         ...
 
     # -- manifests/: the editable files -------------------------------------------------------
@@ -75,7 +75,7 @@ class Source(Protocol):
         ...
 
     def metrics_text(self) -> bytes:
-        """The Prometheus text exposition (DESIGN §12)."""
+        """The Prometheus text exposition (docs/operations.md)."""
         ...
 
     async def settled(self) -> None:

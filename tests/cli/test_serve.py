@@ -218,7 +218,7 @@ def test_bad_ports_are_refused_by_the_parser():
 
 
 def test_an_error_from_inside_serve_is_not_blamed_on_ports(monkeypatch, tmp_path):
-    # issue 12.6: a ManifestError (a ValueError) escaping serve was printed as "--ports wants LOW-HIGH"
+    # a regression: a ManifestError (a ValueError) escaping serve was printed as "--ports wants LOW-HIGH"
     import pytest
 
     from deployfs.cli import serve as serve_cli

@@ -102,7 +102,7 @@ def test_a_node_joins_holds_its_name_and_leaves(etcd1: Cluster, tmp_path):  # no
 
 
 def test_a_node_outlives_an_etcd_pause_longer_than_its_ttl(tmp_path):
-    """etcd frozen past the node's TTL expires the lease on resume (ETCD-NOTES): the server
+    """etcd frozen past the node's TTL expires the lease on resume: the server
     keeps serving meanwhile, then claims its name again under a new lease."""
     with cluster(1) as etcd:
         m = _mount.start(str(tmp_path), "--cluster", etcd.endpoints, "--node", "n1", "--address", "127.0.1.1",

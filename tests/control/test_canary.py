@@ -1,5 +1,5 @@
 """Canary rollouts through the engine (fake runtime, MockClock): the phase, promote, abort,
-auto_promote, auto_rollback, and the weights handed to the router (DESIGN.md §4, issue 20)."""
+auto_promote, auto_rollback, and the weights handed to the router (docs/manifest.md)."""
 
 import pytest
 import trio

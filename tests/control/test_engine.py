@@ -325,7 +325,7 @@ async def test_a_large_spawn_batch_does_not_hold_the_trio_loop(h, autojump_clock
 
 
 async def test_unknown_directives_are_warned_about_once_per_manifest_text(h, autojump_clock):
-    # issue 18.12: 1,500 unknown lines gave 1,500 warning events on every apply, even an unchanged one
+    # a regression: 1,500 unknown lines gave 1,500 warning events on every apply, even an unchanged one
     text = manifest() + b"".join(b"colour blue%d\n" % i for i in range(1500))
     v1 = h.write(text)
     assert h.cmd("apply").startswith("ok deployed")
@@ -341,7 +341,7 @@ async def test_unknown_directives_are_warned_about_once_per_manifest_text(h, aut
 
 
 async def test_a_log_that_cannot_be_bounded_does_not_stop_supervision(h, autojump_clock):
-    # issue 18.5: on a full state disk, bounding a log fails (ENOSPC); that must not kill the engine
+    # on a full state disk, bounding a log fails (ENOSPC); that must not kill the engine
     async def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
     h.rt.bound_log = full

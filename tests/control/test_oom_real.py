@@ -1,4 +1,4 @@
-"""An instance killed for its memory limit, with a real process and a real OOM kill (issue 16)."""
+"""An instance killed for its memory limit, with a real process and a real OOM kill."""
 
 import pytest
 import trio

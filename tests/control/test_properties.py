@@ -1,10 +1,10 @@
 """Random command sequences and health outcomes against the engine (fake runtime, MockClock).
 
-Invariants (DESIGN.md §4, issue 5):
+Invariants (docs/manifest.md):
 - a start never makes more than replicas + update_batch run;
 - once a rollout fails, no instance that was serving before it began is signalled,
-  unless it went bad itself (then it is restarted per `restart`, DESIGN.md §5);
-- a failed rollout brings the good version back to `replicas` (DESIGN.md §4);
+  unless it went bad itself (then it is restarted per `restart`, docs/manifest.md);
+- a failed rollout brings the good version back to `replicas` (docs/manifest.md);
 - previous_version is only ever a version that completed a rollout;
 - completion means exactly `replicas` instances on slots 0..replicas-1, all at the target;
 - progress never goes backwards within one rollout (scale aside, or a target instance going bad);
@@ -32,7 +32,7 @@ ops = st.one_of(
 @settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(script=st.lists(ops, min_size=1, max_size=10), batch=st.integers(1, 3), replicas=st.integers(1, 4))
 # The in-force version turns flaky while a restart of a broken release fails: restarting the
-# old instance that went bad is supervision, not the failed rollout touching it (issue 14.12).
+# old instance that went bad is supervision, not the failed rollout touching it.
 @example(script=[("apply", "/bin/a", "flaky-later"), ("apply", "/bin/b", "exit"), ("apply", "/bin/b", "ok"),
                  ("apply", "/bin/b", "ok"), ("restart", None, None)], batch=1, replicas=1)
 # A release that fails after a scale-up: the good version is brought back to the new count.
@@ -151,7 +151,7 @@ def test_random_operations_keep_the_invariants(tmp_path_factory, script, batch, 
     assert start_budget["paused_starts"] <= 0, "instances started while paused without a step"
 
 
-# -- canary (issue 20) -------------------------------------------------------------------------
+# -- canary () -------------------------------------------------------------------------
 
 canary_ops = st.one_of(
     st.tuples(st.just("apply"), st.sampled_from(VERSIONS), st.sampled_from(["ok", "ok", "fail", "exit", "flaky-later"])),

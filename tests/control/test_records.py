@@ -1,4 +1,4 @@
-"""Everything needed to carry on is in the records (issue 12 item 2): a server started on the
+"""Everything needed to carry on is in the records: a server started on the
 same state goes on where the last one was, with nothing that lived only in its memory.
 Fake runtime, MockClock; the wall clock follows the mock clock."""
 

@@ -64,7 +64,7 @@ async def test_rollback_mid_rollout_and_while_paused_never_targets_the_abandoned
 
 
 async def test_apply_during_a_rolling_restart_keeps_the_rollback_target(h, autojump_clock):
-    # issue 18.7: previous_version became empty and rollback had nothing to roll back to
+    # a regression: previous_version became empty and rollback had nothing to roll back to
     v1 = await deploy_v1(h)
     h.cmd("restart")
     await trio.sleep(0.1)

@@ -1,4 +1,4 @@
-"""The controller and the node agent meet only in the store (issue 12 item 3)."""
+"""The controller and the node agent meet only in the store."""
 
 import ast
 import pathlib

@@ -1,4 +1,4 @@
-"""The engine's side of issue 16, with the fake runtime: what it asks the runtime for,
+"""The engine's side of run-as users and limits, with the fake runtime: what it asks the runtime for,
 limit changes as rolling updates, an OOM kill as an exit with its reason, the user policy."""
 
 import pytest

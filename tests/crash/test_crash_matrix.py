@@ -1,4 +1,4 @@
-"""kill -9 of `deployfs serve` at every interesting point, under load (issue 7).
+"""kill -9 of `deployfs serve` at every interesting point, under load.
 
 After a restart on the same state directory: every instance still running is
 adopted (same pid, never restarted), the rollout converges to what an

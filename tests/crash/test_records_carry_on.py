@@ -1,6 +1,6 @@
 """kill -9 of `deployfs serve` during an update_pause: the server started on the same state
 finds the pause boundary in the records (wall clock) and waits out the same pause, where a
-server that kept it only in memory started the next batch at once (issue 12 item 2)."""
+server that kept it only in memory started the next batch at once."""
 
 import json
 import sqlite3

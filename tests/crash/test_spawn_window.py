@@ -1,4 +1,4 @@
-"""kill -9 of `deployfs serve` in the middle of a large spawn batch (issue 18.1).
+"""kill -9 of `deployfs serve` in the middle of a large spawn batch.
 
 A process started just before the kill, whose pid was not yet recorded, must
 be adopted by the next start, not left running beside a second one for the

@@ -1,4 +1,4 @@
-"""Adoption after a crash with cgroups (issue 16): a server killed with -9 and started again
+"""Adoption after a crash with cgroups: a server killed with -9 and started again
 adopts a limited instance running as its user, and a stop then reaches the grandchild that
 left the session and cleared its environment (only the cgroup still knows it)."""
 

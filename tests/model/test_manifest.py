@@ -43,7 +43,7 @@ def test_every_design_directive_parses():
 
 
 @pytest.mark.parametrize("lines, protocol", [
-    (b"health http://127.0.0.1:$PORT/healthz\n", "http"),  # the default for an http:// check (DESIGN section 6)
+    (b"health http://127.0.0.1:$PORT/healthz\n", "http"),  # the default for an http:// check (docs/traffic.md)
     (b"health tcp 127.0.0.1:$PORT\n", "tcp"),
     (b"", "tcp"),
     (b"health http://127.0.0.1:$PORT/\nprotocol tcp\n", "tcp"),

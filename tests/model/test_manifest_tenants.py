@@ -1,4 +1,4 @@
-"""The run-as and limit directives (issue 16): parse, refuse, render, version."""
+"""The run-as and limit directives: parse, refuse, render, version."""
 
 import pytest
 
@@ -39,7 +39,7 @@ def test_bad_values_are_refused_with_their_line(line, reason):
 
 
 def test_a_manifest_naming_none_keeps_the_version_it_had_before_these_existed():
-    assert parse(BASE, name="s").manifest.version == "fcf47075fca4"  # as computed before issue 16
+    assert parse(BASE, name="s").manifest.version == "fcf47075fca4"  # as computed before the run-as and limit directives existed
 
 
 @pytest.mark.parametrize("change", [b"user nobody\n", b"group nogroup\n", b"memory 64M\n", b"cpus 1\n", b"pids 9\n",

@@ -1,5 +1,5 @@
 """Placement, as a table and as a property: a ready, uncordoned node (among `nodes`) with the
-fewest instances of the service, then the fewest overall (DESIGN §10)."""
+fewest instances of the service, then the fewest overall (docs/cluster.md)."""
 
 import pytest
 from hypothesis import given

@@ -1,4 +1,4 @@
-"""Who may run what as whom: the policy with real users from useradd (issue 16)."""
+"""Who may run what as whom: the policy with real users from useradd."""
 
 import os
 

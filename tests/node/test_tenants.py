@@ -1,4 +1,4 @@
-"""Instances as tenants, with real processes: their user, limits and cgroup (issue 16).
+"""Instances as tenants, with real processes: their user, limits and cgroup.
 
 Users are made with useradd for the module and removed after it.  Programs run as
 another user must be reachable by it: /bin/sh and /usr/bin/python3, not the venv's.
@@ -67,8 +67,8 @@ async def test_runs_as_its_user_with_its_groups_and_a_log_it_cannot_touch(rt, us
 
 
 async def test_group_replaces_the_primary_group_only(rt, users):
-    # As systemd's Group= does (initgroups with that group): the user's own group is gone
-    # (issue 16 fix 5), its memberships by /etc/group (EXTRA) stay.
+    # As systemd's Group= does (initgroups with that group): the user's own group is gone,
+    # its memberships by /etc/group (EXTRA) stay.
     bob_gid = users[BOB].pw_gid
     p = rt.start(sh("exec sleep 60", user=ALICE, group=str(bob_gid)))
     try:

@@ -1,4 +1,4 @@
-"""Canary releases with real processes and real traffic (issue 20): the canary's share of
+"""Canary releases with real processes and real traffic: the canary's share of
 requests under canary_weight (built-in router and haproxy), promote and abort under wrk
 with no failed request, and a bad canary that rolls itself back."""
 

@@ -1,4 +1,4 @@
-"""Metrics (DESIGN §12) from a real mount: promtool checks the text, a real Prometheus scrapes it.
+"""Metrics (docs/operations.md) from a real mount: promtool checks the text, a real Prometheus scrapes it.
 
 One mount for the module: deploy, roll out a second version, send requests
 through the router, and both tests read what that left.

@@ -1,4 +1,4 @@
-"""Nodes on one machine through a real mount (DESIGN §10): nodes/<name>, cluster,
+"""Nodes on one machine through a real mount (docs/cluster.md): nodes/<name>, cluster,
 active/<svc>/leader, address= and $ADDRESS, and the top ctl's cordon, uncordon and drain,
 with real cat and echo, real instances and real requests through the router."""
 

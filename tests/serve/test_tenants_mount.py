@@ -1,4 +1,4 @@
-"""Who may run what as whom, through a real mount (issue 16): the default user, a non-root
+"""Who may run what as whom, through a real mount: the default user, a non-root
 deployer (a member of --group by a supplementary group given at run time) refused root and
 other users, allowed itself and --allow-users."""
 

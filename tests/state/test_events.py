@@ -1,4 +1,4 @@
-"""The event log's segments as the filesystem sees them (issue 12.6: no copy per stat)."""
+"""The event log's segments as the filesystem sees them (no copy per stat)."""
 
 from types import SimpleNamespace
 

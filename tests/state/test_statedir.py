@@ -1,4 +1,4 @@
-"""The state directory is private, and trusted only if nobody else could have written it (issue 18.8, 18.9).
+"""The state directory is private, and trusted only if nobody else could have written it.
 
 Real files, a real second user (nobody, through setpriv) and real symlinks.
 """

@@ -132,7 +132,7 @@ def test_records_with_unknown_keys_still_load(tmp_path):
     assert [r.name for r in s.list_services()] == ["web"]
 
 
-# -- a full state disk (issue 18.5), on a real 2 MiB tmpfs --------------------------------
+# -- a full state disk, on a real 2 MiB tmpfs --------------------------------
 
 @pytest.fixture
 def disk(tmp_path):

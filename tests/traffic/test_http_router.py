@@ -1,4 +1,4 @@
-"""protocol http through a real router process: its control socket, its drain (issue 19)."""
+"""protocol http through a real router process: its control socket, its drain."""
 
 import http.client
 import http.server

@@ -1,4 +1,4 @@
-"""Imports point down only, and nothing below serve/ knows FUSE or an errno (DESIGN §9)."""
+"""Imports point down only, and nothing below serve/ knows FUSE or an errno (docs/architecture.md)."""
 
 import ast
 import pathlib

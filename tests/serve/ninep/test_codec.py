@@ -42,7 +42,7 @@ def test_every_message_round_trips(msg: c.Message, tag: int) -> None:
 
 
 def test_layouts_match_the_wire() -> None:
-    # Bytes as diodcat sends them (NINEP-NOTES.md): the first request of every connection.
+    # Bytes as diodcat sends them (captured from diodcat): the first request of every connection.
     tversion = bytes.fromhex("15000000 64 ffff 00000100 0800") + b"9P2000.L"
     assert c.encode(c.NOTAG, c.Tversion(65536, "9P2000.L")) == tversion
     attach = c.encode(1, c.Tattach(0, c.NOFID, "", "deploy", 1000))

@@ -1,5 +1,5 @@
 // A plain Node HTTP app, as its users write it: no drain logic of its own,
-// SIGTERM just closes the server (issue 19's "app as it is").
+// SIGTERM just closes the server: an app as it is, with no drain logic of its own.
 const http = require('http');
 // WARMUP=S (bench/peers.py only): 503 for the first S seconds, as an app that warms caches does.
 const ready = Date.now() + 1000 * Number(process.env.WARMUP || 0);
