@@ -19,7 +19,7 @@ import trio
 
 from common import ROOT, machine
 
-from deployfs.control.engine import Engine
+from deployfs.serve.local import LocalNode
 from deployfs.node.health import Probes
 from deployfs.node.runtime import LocalRuntime
 from deployfs.state.store import SqliteStore
@@ -45,9 +45,10 @@ async def outcome(svc) -> str:
 async def main() -> None:
     d = tempfile.mkdtemp(prefix="bench-rollout-")
     store, probes = SqliteStore(d), Probes()
-    e = Engine(store, LocalRuntime(d), probes, state_dir=d)
+    node = LocalNode(store, LocalRuntime(d), probes, state_dir=d)
+    e = node.engine
     async with trio.open_nursery() as n:
-        await n.start(e.run)
+        await n.start(node.run)
 
         # The ideal's parts, measured here: a batch of B instances started
         # together until all are ready, and B old instances stopped together.
@@ -89,7 +90,7 @@ async def main() -> None:
             detect[name] = float(out.rsplit("detected ", 1)[1].split("s", 1)[0])
             e.command("web", "rollback", None, "bench")
             await outcome(svc)
-        await e.shutdown()
+        await node.shutdown()
     await probes.aclose()
     print(f"bench/rollout.py on {machine()}")
     print(f"{N} replicas, batch {B}, pause 0, health_interval {INTERVAL}s")

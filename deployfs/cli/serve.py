@@ -340,10 +340,8 @@ async def serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None
 async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None, member: Membership | None) -> None:
     import pyfuse3
 
-    from ..control.engine import Engine
     from ..state.events import CLUSTER, EventLog
-    from ..control.metrics import Metrics
-    from ..serve.local import local_source
+    from ..serve.local import LocalNode, local_source
     from ..serve.fuse import Access, DeployFS
     from ..view.namespace import Namespace
     from ..traffic.haproxy import HAProxyRouter
@@ -368,10 +366,11 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
                           on_error=lambda service, msg: events.emit(service, f"router: {msg}"))
     runtime = LocalRuntime(a.state, ports=ports)
     log.info("cgroups: %s", runtime.cgroups.layout.describe())
-    engine = Engine(store, runtime, probes, events=events, router=router, state_dir=a.state, users=a.users,
-                    node=a.node, address=a.address)
-    metrics = Metrics(engine)
-    source, cache = local_source(engine, metrics)  # the records, through a cache fed by the store's watch
+    # The controller and this node's agent: one process runs both, meeting only in the store.
+    here = LocalNode(store, runtime, probes, state_dir=a.state, users=a.users, events=events, router=router,
+                     node=a.node, address=a.address)
+    metrics = here.metrics()
+    source, cache = local_source(here, metrics)  # the records, through a cache fed by the store's watch
     view = Namespace(source, Access(group=group))  # one view, whichever front ends serve it
     ops = DeployFS(view, debug=a.debug)
     ninep = None
@@ -420,7 +419,7 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
         async with trio.open_nursery() as nursery:
             await nursery.start(router.run)
             await nursery.start(cache.run)
-            await nursery.start(engine.run)
+            await nursery.start(here.run)
             if member is not None:
                 nursery.start_soon(member.run)  # keeps the lease alive
             if ninep is not None:
@@ -440,7 +439,7 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
                 ops.closing = True  # wake blocked `wait` readers
                 if ninep is not None:
                     await ninep.close()  # and answer those over 9P (EIO), before connections close
-                await engine.shutdown(keep_instances=a.keep_instances)
+                await here.shutdown(keep_instances=a.keep_instances)
                 if not a.keep_instances:
                     await router.quit()  # kept instances stay routed
                 if a.no_mount:

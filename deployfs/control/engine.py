@@ -4,9 +4,9 @@ Each service runs a loop: look at the instances as they are, ask
 :func:`rollout.plan` what to do, do it, sleep until something changes.  The engine
 is the controller (DESIGN §9): it never touches a process.  It writes its intent
 into each instance record (``desired`` run | drain | stop, ``restarts`` bumped for
-a fresh process) and the node agent (node/agent.py), which it starts beside itself
-on the same store, runs, probes, stops and adopts the processes and writes back
-what it sees; the engine hears of that through the store's watch and turns it
+a fresh process) and the node agent (node/agent.py), which ``deployfs serve`` runs
+beside it on the same store (serve/local.py LocalNode; neither calls the other),
+runs, probes, stops and adopts the processes and writes back what it sees; the engine hears of that through the store's watch and turns it
 into the :class:`Phase` plan() reads.  Draining stays here: the engine owns the
 router.
 
@@ -35,17 +35,12 @@ from ..model.errors import CommandError, Kind
 from ..model.manifest import (MAX_REPLICAS, Manifest, ManifestError, Parsed, format_seconds, parse,
                               set_replicas_line, valid_name)
 from ..model.rollout import Phase
-from ..node.cgroups import Limits
-from ..node.health import Prober
-from ..node.identity import UserPolicy, deployer_uid
-from ..node.agent import NodeAgent
-from ..node.runtime import Runtime
+from ..node.identity import UserPolicy, deployer_uid  # (the one exception: docs/architecture.md)
 from ..state.events import CLUSTER, EventLog
 from ..state.kv import Change
 from ..state.members import canaries_of, member_of, phase_of, rolling_back_of, standing_of
 from ..state.records import DRAIN, INSTANCES, RUN, STOP, decode
 from ..state.store import InstanceRecord, ServiceRecord, Store, StoreFull
-from ..node.ticker import Ticker
 from .nodes import Nodes
 from .stats import ServiceStats
 
@@ -57,11 +52,11 @@ MAX_INSTANCES = 5000
 STORE_RETRY = 1.0  # seconds between tries of a full state disk
 # Who writes which fields of an instance record (no lost updates: each writes only its own,
 # read-modify-write). The controller: where and what it should run, and its restart budget.
-CONTROLLER_FIELDS = ("slot", "version", "generation", "port", "node", "address", "desired", "restarts",
+CONTROLLER_FIELDS = ("slot", "version", "generation", "node", "address", "desired", "restarts",
                      "restart_times")
 # The node agent: what it saw. GiveUp is the one place the controller records a state: failed.
 AGENT_FIELDS = ("pid", "start_time", "state", "health", "phase", "why", "exit_ok", "last_exit", "started",
-                "incarnation", "oom_kills", "first_bad")
+                "incarnation", "oom_kills", "first_bad", "port")  # port: where the node had it listen
 
 
 class Routing(Protocol):
@@ -377,8 +372,9 @@ class Service:
             self._unplaced = ""
             version, generation = a.key or self.target().key
             m = self.manifest_for((version, generation))
-            port = e.runtime.allocate_port() if m.port else None
-            rec = InstanceRecord(self.name, e.next_instance_id(), a.slot, version, generation, port=port,
+            # No port: its node agent gives one and records it with the pid; until then it has no
+            # backend, so nothing routes to it (docs/architecture.md "Ports").
+            rec = InstanceRecord(self.name, e.next_instance_id(), a.slot, version, generation,
                                  node=where.node, address=e.nodes.address_of(where.node))
             inst = Instance(rec, m)
             self.instances[rec.id] = inst
@@ -527,9 +523,7 @@ class Service:
         if now is not None and not (now.pid is None and now.state in ("stopped", "failed")):
             await inst.stopped.wait()  # the agent stops it (stop_signal, SIGKILL at stop_timeout) and says so
         self.instances.pop(inst.rec.id, None)
-        e.store.delete_instance(self.name, inst.rec.id)
-        if inst.rec.port:
-            e.runtime.release_port(inst.rec.port)
+        e.store.delete_instance(self.name, inst.rec.id)  # (its agent frees its port)
         self.poke()
 
     # -- bookkeeping ---------------------------------------------------------------------
@@ -597,29 +591,28 @@ class Service:
         self.engine.events.emit(self.name, text)
 
 
+# A manifest's limit this host has no cgroup controller for: (its field, why), or None.
+LimitCheck = Callable[[Manifest], "tuple[str, str] | None"]
+
+
 class Engine:
-    def __init__(self, store: Store, runtime: Runtime, prober: Prober, *, events: EventLog | None = None,
-                 router: Routing | None = None, state_dir: str | None = None,
-                 max_services: int = MAX_SERVICES, max_instances: int = MAX_INSTANCES,
-                 log_check_every: float = 0.05, users: UserPolicy | None = None,
-                 node: str = NODE, address: str = LOOPBACK) -> None:
-        self.store, self.runtime, self.prober = store, runtime, prober
+    def __init__(self, store: Store, *, events: EventLog | None = None,
+                 router: Routing | None = None, max_services: int = MAX_SERVICES,
+                 max_instances: int = MAX_INSTANCES, users: UserPolicy | None = None,
+                 limit_problem: LimitCheck | None = None, node: str = NODE, address: str = LOOPBACK) -> None:
+        """``limit_problem``: what this host cannot enforce of a manifest's limits, checked at apply
+        (docs/architecture.md "Controller and node agent"); None: nothing is refused for it."""
+        self.store = store
         # The node this process's instances run on and where they listen (--node/--address in a cluster).
         self.node, self.address = node, address
         self.nodes = Nodes(self, node, address)  # the node records: placement, cordon, drain
         self.events = events or EventLog(store)
         self.router = router or NullRouter()
-        self.state_dir = state_dir
         self.max_services, self.max_instances = max_services, max_instances
-        self.log_check_every = log_check_every
+        self.limit_problem = limit_problem
         self.users = users  # who instances run as, and who may say so (None: as deployfs, no check)
         self.services: dict[str, Service] = {}
         self.listeners: list = []  # called with a service name when anything about it changes
-        self.ticker = Ticker()
-        # The node agent of this node, on the same records: it alone touches processes.
-        self.agent = NodeAgent(store.records, runtime, node, prober=prober, users=users, events=self.events,
-                               ticker=self.ticker, state_dir=state_dir, log_check_every=log_check_every,
-                               on_probe=self._probed, cache=store.cache(INSTANCES))
         self.stopping = False  # set by shutdown: nothing starts after it
         self.nursery: trio.Nursery
 
@@ -633,26 +626,23 @@ class Engine:
     def instance_count(self) -> int:
         return sum(len(s.instances) for s in self.services.values())
 
+    def prepare(self) -> None:
+        """Join the nodes and give old records their intent: before this node's agent adopts
+        anything (serve/local.py LocalNode runs them in that order)."""
+        self.nodes.join()
+        self._intents_for_old_records()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Supervise every service; :meth:`prepare` first, and this node's agent adopted what runs."""
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
-            nursery.start_soon(self.ticker.run)
-            self.nodes.join()
-            self._intents_for_old_records()
             cache = self.store.cache(INSTANCES)  # what the agent reports, heard after commit (or kept in memory)
             await nursery.start(cache.run)
             cache.subscribe(self._observed)
-            await nursery.start(self.agent.run)  # adopts what runs, before anything is planned
             self._recover()
             nursery.start_soon(self._watch_store)  # (once the services are known: it tells each of a full disk)
             task_status.started()
             await trio.sleep_forever()
-
-    def _probed(self, service: str, seconds: float, ok: bool) -> None:
-        svc = self.services.get(service)
-        if svc is not None:
-            svc.stats.probe_seconds.observe(seconds)
-            svc.stats.probe_failures += not ok
 
     def _observed(self, changes: list[Change]) -> None:
         for c in changes:
@@ -700,8 +690,6 @@ class Engine:
                 if inst.phase is Phase.EXITED and inst.last_exit is None:
                     inst.last_exit = trio.current_time()
                 svc.instances[irec.id] = inst
-                if irec.port:
-                    self.runtime.claim_port(irec.port)
                 if member.leaving:
                     leaving.append(inst)
             # Routing only once every instance is known, then finish what was leaving.
@@ -979,7 +967,7 @@ class Engine:
         try:
             if self.users is not None:
                 self.users.check(parsed, source, deployer_uid(who))
-            problem = self.runtime.limit_problem(Limits(m.memory, m.cpus, m.pids), m.nofile)
+            problem = self.limit_problem(m) if self.limit_problem is not None else None
             if problem is not None:
                 raise ManifestError(source, parsed.lines.get(problem[0]), problem[1])
         except ManifestError as e:

@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 
 from ..node.usage import Usage
 from .engine import Engine, Instance
-from .stats import Histogram
+from ..model.histogram import Histogram
 
 F = TypeVar("F", bound=Metric)
 RENDER_REUSE = 0.5  # seconds the file's text is reused (getattr, then open, of one read)
@@ -42,7 +42,12 @@ def _histogram(name: str, doc: str, service: str, h: Histogram) -> HistogramMetr
     return f
 
 
-def families(engine: Engine, usage: Usage, router_stats: dict | None) -> list[Metric]:
+# Per service: its probes' failures and durations, as the node agent counts them (None: none yet).
+ProbeCounts = Callable[[str], "tuple[int, Histogram] | None"]
+
+
+def families(engine: Engine, usage: Usage, router_stats: dict | None,
+             probes: ProbeCounts = lambda name: None) -> list[Metric]:
     """Every deployfs family, now.  Runs in the trio thread: it reads the engine's live objects."""
     def gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
         return GaugeMetricFamily(name, doc, labels=labels)
@@ -114,11 +119,12 @@ def families(engine: Engine, usage: Usage, router_stats: dict | None) -> list[Me
         completed.add_metric([name], stats.rollouts_completed)
         failed.add_metric([name], stats.rollouts_failed)
         restarts.add_metric([name], stats.restarts)
-        probe_failures.add_metric([name], stats.probe_failures)
+        failures, seconds = probes(name) or (0, Histogram(()))
+        probe_failures.add_metric([name], failures)
         histograms.append(_histogram("deployfs_rollout_duration_seconds",
                                      "How long completed rollouts took, apply to done.", name, stats.rollout_seconds))
         histograms.append(_histogram("deployfs_probe_duration_seconds", "How long health checks took.", name,
-                                     stats.probe_seconds))
+                                     seconds))
         for i in insts:
             slot = str(i.rec.slot)
             i_info.add_metric([name, slot, i.rec.version, instance_state(i), i.rec.health], 1)
@@ -197,8 +203,9 @@ class _Collector(Collector):
 class Metrics:
     """The exposition of one engine: ``render()`` for the file, ``serve()`` for --metrics."""
 
-    def __init__(self, engine: Engine, usage: Usage | None = None) -> None:
-        self.engine = engine
+    def __init__(self, engine: Engine, usage: Usage | None = None, probes: ProbeCounts = lambda name: None) -> None:
+        """``probes``: the node agent's probe counts (serve/local.py wires them: never through the engine)."""
+        self.engine, self.probes = engine, probes
         self.usage = usage or Usage()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self._families))
@@ -209,7 +216,7 @@ class Metrics:
         return getattr(self.engine.router, "last_stats", None)
 
     def _families(self) -> list[Metric]:
-        return families(self.engine, self.usage, self._router_stats())
+        return families(self.engine, self.usage, self._router_stats(), self.probes)
 
     def render(self) -> bytes:
         """The text, from the trio thread (the /deploy/metrics file).

@@ -41,6 +41,7 @@ from typing import Callable
 import trio
 
 from ..model import probing
+from ..model.histogram import Histogram
 from ..model.manifest import Manifest, ManifestError, format_size, parse
 from ..model.rollout import Phase
 from ..state.cache import Cache
@@ -85,16 +86,26 @@ class _Held:
     first_bad: float | None = None
     fails: int = 0
     probes: int = 0
+    port: int | None = None  # the port this agent gave it (released when its record goes)
 
 
-ProbeHook = Callable[[str, float, bool], None]  # (service, seconds the probe took, ok): counted for metrics
+# Probes: a good check answers in milliseconds; health_timeout defaults to 5 s.  Few buckets:
+# each is a line per service in every scrape (bench/supervise.py: 200 services).
+PROBE_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+
+
+@dataclass
+class ProbeStats:
+    """The probes of one service on this node, for the metrics (since this agent started)."""
+    failures: int = 0
+    seconds: Histogram = field(default_factory=lambda: Histogram(PROBE_BUCKETS))
 
 
 class NodeAgent:
     def __init__(self, store: KVStore, runtime: Runtime, node: str, *, prober: Prober | None = None,
                  users: UserPolicy | None = None, events: EventLog | None = None, ticker: Ticker | None = None,
                  state_dir: str | None = None, log_check_every: float = 0.05,
-                 on_probe: ProbeHook | None = None, cache: Cache | None = None) -> None:
+                 cache: Cache | None = None) -> None:
         """``cache``: of ``instances/`` on ``store`` (default: one of its own; SQLite in one process
         passes :meth:`~deployfs.state.store.SqliteStore.cache`, which also shows writes kept in memory)."""
         self.store, self.runtime, self.node, self.users = store, runtime, node, users
@@ -102,7 +113,7 @@ class NodeAgent:
         self.ticker = ticker  # shared probe sleeps (None: each its own timer)
         self.state_dir = state_dir  # where stray marked processes are looked for at adoption
         self.log_check_every = log_check_every
-        self.on_probe = on_probe
+        self.probe_stats: dict[str, ProbeStats] = {}  # per service: what the metrics show of probes
         self._own_prober: Probes | None = None  # made here, so closed with the agent
         if prober is None:
             prober = self._own_prober = Probes()
@@ -115,6 +126,11 @@ class NodeAgent:
         """The pid of the process the agent holds for an instance (tests, diagnostics)."""
         held = self._held.get(instance_key(service, id))
         return held.proc.pid if held is not None and held.proc is not None else None
+
+    def probes_of(self, service: str) -> tuple[int, Histogram]:
+        """A service's probe failures and durations here (the metrics read them)."""
+        stats = self.probe_stats.get(service) or ProbeStats()
+        return stats.failures, stats.seconds
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Adopt what runs already, then act on every change of this node's records until cancelled."""
@@ -164,7 +180,9 @@ class NodeAgent:
         if held is not None:
             held.wake.set()
         elif (rec := self._mine(key)) is not None:
-            held = self._held[key] = _Held(slot=rec.slot, incarnation=rec.incarnation)
+            held = self._held[key] = _Held(slot=rec.slot, incarnation=rec.incarnation, port=rec.port)
+            if rec.port is not None:
+                self.runtime.claim_port(rec.port)
             assert self._nursery is not None
             self._nursery.start_soon(self._work, key, held)
 
@@ -182,7 +200,9 @@ class NodeAgent:
                 others.add(_split(kv.key))
                 continue
             mine.append((kv.key, rec))
-            held = self._held[kv.key] = _Held(slot=rec.slot, incarnation=rec.incarnation)
+            held = self._held[kv.key] = _Held(slot=rec.slot, incarnation=rec.incarnation, port=rec.port)
+            if rec.port is not None:
+                self.runtime.claim_port(rec.port)  # given by the agent before: still this instance's
             ident = (rec.service, rec.id)
             if rec.pid and rec.start_time and rec.state not in ("exited", "stopped", "failed"):
                 held.proc = self.runtime.adopt(rec.pid, rec.start_time, rec.service, rec.id)
@@ -261,6 +281,9 @@ class NodeAgent:
                 await self._stop(key, held, rec)
                 if rec is None:
                     self.runtime.remove_log(*_split(key))
+                    if held.port is not None:
+                        self.runtime.release_port(held.port)
+                        held.port = None
                 return rec is not None
             if rec.desired == DRAIN and held.probes_scope is not None:
                 self._end_probes(held)  # leaving: its stop signal is coming, a probe decides nothing
@@ -278,16 +301,20 @@ class NodeAgent:
         held.incarnation = rec.restarts
         try:
             m = await self._manifest(rec)
+            if m.port and rec.port is None:
+                # Where it listens is this node's to say (docs/architecture.md "Ports"): given at its
+                # first start, recorded with its pid, kept across restarts, freed with its record.
+                rec.port = held.port = self.runtime.allocate_port()
             proc = self.runtime.start(launch_spec(m, rec, self.users))
         except (StartError, ManifestError, KeyError) as e:
             why = str(e) if not isinstance(e, KeyError) else f"no manifest for version {rec.version}"
             await self._record(key, lambda r: _set(r, pid=None, start_time=None, state="exited", health="stopped",
                                                    phase="exited", why=why, exit_ok=False, last_exit=time.time(),
-                                                   incarnation=held.incarnation))
+                                                   incarnation=held.incarnation, port=rec.port))
             self._say(rec.service, rec.slot, f"failed to start: {why}")  # (after the record it tells of)
             return
         held.proc, held.manifest = proc, m
-        await self._record(key, self._running(proc, held.incarnation))
+        await self._record(key, self._running(proc, held.incarnation, rec.port))
         port = f" port={rec.port}" if rec.port else ""
         self._say(rec.service, rec.slot, f"started version={rec.version} pid={proc.pid}{port}")
         assert self._nursery is not None
@@ -328,8 +355,9 @@ class NodeAgent:
             while True:
                 now = trio.current_time()
                 verdict = await self.prober.probe(check, m.health_timeout, env=env)
-                if self.on_probe is not None:
-                    self.on_probe(rec.service, trio.current_time() - now, verdict.ok)
+                stats = self.probe_stats.setdefault(rec.service, ProbeStats())
+                stats.seconds.observe(trio.current_time() - now)
+                stats.failures += not verdict.ok
                 await self._verdict(key, held, m, verdict.ok, verdict.detail)
                 wake, period = probing.next_probe(held, m, now)
                 # Shared ticks of at most 1/20 of the period: cheap for a thousand instances.
@@ -401,10 +429,11 @@ class NodeAgent:
                                                phase="exited", why=why, exit_ok=False, last_exit=time.time(),
                                                oom_kills=r.oom_kills + oom))
 
-    def _running(self, proc: Process, incarnation: int) -> Callable[[InstanceRecord], bool]:
+    def _running(self, proc: Process, incarnation: int, port: int | None = None) -> Callable[[InstanceRecord], bool]:
         now = time.time()
         return lambda r: _set(r, pid=proc.pid, start_time=proc.start_time, state="running", incarnation=incarnation,
-                              health="starting", phase="starting", why="", started=now)
+                              health="starting", phase="starting", why="", started=now,
+                              port=port if port is not None else r.port)
 
     async def _manifest(self, rec: InstanceRecord) -> Manifest:
         read = await self.store.get(version_key(rec.service, rec.version))

@@ -3,6 +3,7 @@ from __future__ import annotations
 import trio
 
 from deployfs.control.engine import Engine
+from deployfs.serve.local import LocalNode
 from deployfs.model.manifest import parse
 from deployfs.state.store import SqliteStore
 from tests.fakes import FakeProber, FakeRuntime
@@ -25,7 +26,13 @@ class Harness:
         self.store = SqliteStore(str(tmp_path))
         self.rt = FakeRuntime()
         self.prober = FakeProber(self.rt)
-        self.engine = Engine(self.store, self.rt, self.prober)
+        self.local()
+
+    def local(self, **kw: object) -> Engine:
+        """A fresh engine and node agent on this store, as ``deployfs serve`` builds them; run ``h.node.run``."""
+        self.node = LocalNode(self.store, self.rt, self.prober, **kw)  # type: ignore[arg-type]
+        self.engine = self.node.engine
+        return self.engine
 
     def write(self, text: bytes, name: str = "web") -> str:
         self.store.put_file(name, text)

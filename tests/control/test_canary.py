@@ -186,9 +186,9 @@ class WeightRouter(NullRouter):
 async def test_canary_weight_reaches_the_router(tmp_path, autojump_clock, weight, canaries, want):
     h = Harness(tmp_path)
     router = WeightRouter()
-    h.engine = Engine(h.store, h.rt, h.prober, router=router)
+    h.local(router=router)
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         await deploy_v1(h, port=8080)
         kw = {"canary_weight": weight} if weight is not None else {}
         h.write(canary(port=8080, canary=canaries, **kw))
@@ -207,16 +207,16 @@ async def test_a_restarted_server_carries_on_with_the_canary(tmp_path, autojump_
     # instances and holds the canary (nothing old stops), then promote works as before.
     h = Harness(tmp_path)
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         v1 = await deploy_v1(h)
         v2 = h.write(canary())
         h.cmd("apply")
         assert await h.settle() == "canary"
         n.cancel_scope.cancel()  # "killed": the instances go on
     old = pids(h, v1)
-    h.engine = Engine(h.store, h.rt, h.prober)
+    h.local()
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         assert h.svc.rec.update_status == "canary" and h.svc.rec.canary_phase
         await trio.sleep(10)
         assert await h.settle() == "canary" and pids(h, v1) == old and len(pids(h, v2)) == 1
@@ -231,16 +231,16 @@ async def test_auto_promote_counts_across_a_restart_of_the_server(tmp_path, auto
     monkeypatch.setattr(engine_module.time, "time", lambda: 1.9e9 + trio.current_time())
     h = Harness(tmp_path)
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         await deploy_v1(h)
         v2 = h.write(canary(auto_promote=60))
         h.cmd("apply")
         assert await h.settle() == "canary"
         await trio.sleep(40)
         n.cancel_scope.cancel()
-    h.engine = Engine(h.store, h.rt, h.prober)
+    h.local()
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         t0 = trio.current_time()
         while h.svc.rec.update_status == "canary":
             await h.svc.wait_change()
@@ -271,9 +271,9 @@ async def test_a_promote_refused_on_a_full_disk_leaves_the_router_as_it_was(tmp_
 
     h = Harness(tmp_path)
     router = WeightRouter()
-    h.engine = Engine(h.store, h.rt, h.prober, router=router)
+    h.local(router=router)
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         await deploy_v1(h, port=8080)
         h.write(canary(port=8080, canary_weight=10))
         h.cmd("apply")

@@ -217,9 +217,9 @@ async def test_command_errors(h, autojump_clock):
 async def test_service_and_instance_caps(tmp_path, autojump_clock):
     from deployfs.control.engine import Engine
     h = Harness(tmp_path)
-    h.engine = Engine(h.store, h.rt, h.prober, max_services=1, max_instances=4)
+    h.local(max_services=1, max_instances=4)
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         await deploy_v1(h)
         h.write(manifest(), name="other")
         with pytest.raises(CommandError) as e:
@@ -237,7 +237,7 @@ def held_router_harness(tmp_path):
     from tests.fakes import HeldRouter
     h = Harness(tmp_path)
     router = HeldRouter()
-    h.engine = Engine(h.store, h.rt, h.prober, router=router)
+    h.local(router=router)
     return h, router
 
 
@@ -246,7 +246,7 @@ async def test_done_waits_until_the_router_has_the_ready_instances(tmp_path, aut
     # connects right after must not meet a router still being told.
     h, router = held_router_harness(tmp_path)
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         h.write(manifest(port=8080))
         h.cmd("apply")
         with trio.move_on_after(30):
@@ -266,7 +266,7 @@ async def test_done_waits_until_the_router_has_the_ready_instances(tmp_path, aut
 async def test_changing_only_the_protocol_reroutes_without_a_rollout(tmp_path, autojump_clock):
     h, router = held_router_harness(tmp_path)
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         h.write(manifest(port=8080))
         h.cmd("apply")
         with trio.move_on_after(30):
@@ -289,7 +289,7 @@ async def test_a_router_that_cannot_listen_fails_the_rollout(tmp_path, autojump_
     # it: `done` would promise a port that serves another program.
     h, router = held_router_harness(tmp_path)
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         h.write(manifest(port=8080))
         h.cmd("apply")
         router.refused["web"] = "cannot listen on 127.0.0.1:8080: Address already in use"
@@ -359,7 +359,7 @@ async def test_delete_survives_a_restart_of_the_server_and_frees_the_name(tmp_pa
     h = Harness(tmp_path)
     h.rt.stop_delay = 3.0  # the instances take a while to stop
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         h.write(manifest(replicas=2))
         h.cmd("apply")
         assert (await h.settle()).startswith("done")
@@ -370,9 +370,9 @@ async def test_delete_survives_a_restart_of_the_server_and_frees_the_name(tmp_pa
         await trio.sleep(0.5)
         n.cancel_scope.cancel()  # "killed" while the instances are still stopping
     assert h.store.get_service("web").deleting
-    engine = Engine(h.store, h.rt, h.prober)
+    engine = h.local()
     async with trio.open_nursery() as n:
-        await n.start(engine.run)
+        await n.start(h.node.run)
         with trio.fail_after(60):
             while "web" in engine.services:
                 await trio.sleep(0.1)

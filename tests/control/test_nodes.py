@@ -20,9 +20,9 @@ HERE = "n1"
 @pytest.fixture
 async def h(tmp_path):
     h = Harness(tmp_path)
-    h.engine = type(h.engine)(h.store, h.rt, h.prober, node=HERE, address="127.0.1.1")
+    h.local(node=HERE, address="127.0.1.1")
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         h.nursery = n
         yield h
         n.cancel_scope.cancel()

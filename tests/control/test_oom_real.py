@@ -6,7 +6,7 @@ import trio
 from deployfs.node.cgroups import detect
 from deployfs.serve.local import local_source
 from deployfs.view.namespace import render_instance
-from tests.control.test_supervise_real import deploy, real, until  # noqa: F401 (real is a fixture)
+from tests.control.test_supervise_real import deploy, real, real_node, until  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.skipif("memory" not in detect().controllers, reason="no memory cgroup controller here")
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif("memory" not in detect().controllers, reason="no
 HOG = "import time; time.sleep(0.5); x = [bytearray(1 << 20) for _ in range(200)]; time.sleep(60)"
 
 
-async def test_an_oom_kill_is_reported_restarted_and_shown(real):
+async def test_an_oom_kill_is_reported_restarted_and_shown(real, real_node):
     deploy(real, f"image /usr/bin/python3\nargs -c '{HOG}'\nmemory 32M\nrestart always\nhealth_interval 0.2\n")
     svc = real.services["web"]
     await until(lambda: svc.by_slot() and svc.by_slot()[0].rec.restarts >= 1)
@@ -23,7 +23,7 @@ async def test_an_oom_kill_is_reported_restarted_and_shown(real):
     assert "instance 0 killed: out of memory (limit 32M)\n" in events
     assert "instance 0 killed: out of memory (limit 32M), restarting (1/5)\n" in events
     inst = svc.by_slot()[0]
-    source, cache = local_source(real)  # what instances/0 renders: the record the engine wrote
+    source, cache = local_source(real_node)  # what instances/0 renders: the record the engine wrote
     async with trio.open_nursery() as n:
         await n.start(cache.run)
         shown = source.service("web").instances[0]

@@ -89,7 +89,7 @@ def test_random_operations_keep_the_invariants(tmp_path_factory, script, batch, 
 
     async def main():
         async with trio.open_nursery() as n:
-            await n.start(h.engine.run)
+            await n.start(h.node.run)
             h.write(manifest(replicas=replicas, update_batch=batch, image="/bin/a"))
             h.cmd("apply")
             await h.settle()
@@ -208,7 +208,7 @@ def test_canary_operations_keep_the_invariants(tmp_path_factory, script, canarie
 
     h = Harness(tmp_path_factory.mktemp("c"))
     problems: list[str] = []
-    h.engine = Engine(h.store, h.rt, h.prober, router=WeightRouter(problems))  # type: ignore[arg-type]
+    h.local(router=WeightRouter(problems))  # type: ignore[arg-type]
     extra: dict[str, object] = {"update": "canary", "canary": canaries, "port": 8080}
     if weight is not None:
         extra["canary_weight"] = weight
@@ -235,7 +235,7 @@ def test_canary_operations_keep_the_invariants(tmp_path_factory, script, canarie
 
     async def main():
         async with trio.open_nursery() as n:
-            await n.start(h.engine.run)
+            await n.start(h.node.run)
             h.write(manifest(replicas=replicas, image="/bin/a", **extra))
             h.cmd("apply")
             await h.settle()

@@ -21,13 +21,13 @@ async def restarted(h: Harness, nursery_scope: trio.CancelScope, down: float) ->
     """deployfs is killed (its instances live on) and started again ``down`` seconds later."""
     nursery_scope.cancel()
     await trio.sleep(down)
-    h.engine = Engine(h.store, h.rt, h.prober)
+    h.local()
 
 
 async def test_the_restart_budget_carries_on_across_a_restart_of_deployfs(tmp_path, autojump_clock, wall):
     h = Harness(tmp_path)
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         await deploy_v1(h, replicas=1, max_restarts=2)
         for restarts in (1, 2):  # two crashes, two restarts: the budget is spent
             h.rt.procs[h.svc.by_slot()[0].rec.pid].exit(1)
@@ -37,7 +37,7 @@ async def test_the_restart_budget_carries_on_across_a_restart_of_deployfs(tmp_pa
     [rec] = h.store.list_instances("web")
     assert len(rec.restart_times) == 2 and rec.phase == "ready"
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         inst = h.svc.by_slot()[0]
         assert len(inst.restart_times) == 2  # from the records, on the trio clock
         h.rt.procs[inst.rec.pid].exit(1)  # the third crash within the window: given up, not restarted
@@ -50,7 +50,7 @@ async def test_the_restart_budget_carries_on_across_a_restart_of_deployfs(tmp_pa
 async def test_a_pause_between_batches_carries_on_across_a_restart_of_deployfs(tmp_path, autojump_clock, wall):
     h = Harness(tmp_path)
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         await deploy_v1(h, replicas=2)
         v2 = h.write(manifest(image="/bin/v2", replicas=2, update_pause=30))
         h.cmd("apply")
@@ -60,7 +60,7 @@ async def test_a_pause_between_batches_carries_on_across_a_restart_of_deployfs(t
         ended = trio.current_time()
         await restarted(h, n.cancel_scope, down=5)
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         assert await h.settle() == f"done {v2}"
         n.cancel_scope.cancel()
     second = max(p.started for p in h.rt.procs.values() if p.version == v2)
@@ -79,9 +79,9 @@ async def test_an_instance_record_says_where_it_runs(h, autojump_clock):
 async def test_the_node_is_the_engines_own(tmp_path, autojump_clock):
     """--node in a cluster: the records name the node the engine was given, not this host's name."""
     h = Harness(tmp_path)
-    h.engine = Engine(h.store, h.rt, h.prober, node="n7")
+    h.local(node="n7")
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         await deploy_v1(h, replicas=2)
         assert [r.node for r in h.store.list_instances("web")] == ["n7", "n7"]
         n.cancel_scope.cancel()
@@ -89,7 +89,7 @@ async def test_the_node_is_the_engines_own(tmp_path, autojump_clock):
 
 def _two_nodes(h: Harness) -> Engine:
     """An engine on node n1 that takes n2 (run by a node agent of its own) for alive."""
-    e = Engine(h.store, h.rt, h.prober, node="n1", address="127.0.1.1")
+    e = h.local(node="n1", address="127.0.1.1")
     e.nodes.alive = lambda name: name in ("n1", "n2")
     return e
 
@@ -109,7 +109,7 @@ async def test_a_drain_carries_on_across_a_restart_of_deployfs_never_below_repli
                                    cache=h.store.cache(INSTANCES)).run)
         h.engine = _two_nodes(h)
         async with trio.open_nursery() as n:
-            await n.start(h.engine.run)
+            await n.start(h.node.run)
             v1 = await deploy_v1(h, replicas=4, update="replace")
             assert sorted(i.rec.node for i in h.svc.instances.values()) == ["n1", "n1", "n2", "n2"]
             assert h.engine.command("n2", "drain", None, "uid=0") == "ok draining 2 instances"
@@ -117,7 +117,7 @@ async def test_a_drain_carries_on_across_a_restart_of_deployfs_never_below_repli
         h.engine = _two_nodes(h)
         seen = watch(h, replicas=4)
         async with trio.open_nursery() as n:
-            await n.start(h.engine.run)
+            await n.start(h.node.run)
             assert h.svc.target().strategy == "rolling"
             assert await h.settle() == f"done {v1}"
             assert sorted(i.rec.node for i in h.svc.instances.values()) == ["n1"] * 4
@@ -132,7 +132,7 @@ async def test_a_paused_canary_keeps_its_auto_promote_clock_across_a_restart(tmp
     """Paused 5 s into auto_promote 20, deployfs restarted, resumed: 15 s left, not none."""
     h = Harness(tmp_path)
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         await deploy_v1(h)
         h.write(manifest(image="/bin/v2", update="canary", auto_promote=20))
         h.cmd("apply")
@@ -142,7 +142,7 @@ async def test_a_paused_canary_keeps_its_auto_promote_clock_across_a_restart(tmp
         await restarted(h, n.cancel_scope, down=10)
     assert h.store.get_service("web").paused_at is not None
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         await trio.sleep(20)  # longer than auto_promote: nothing promotes while paused
         assert h.svc.rec.canary_phase
         h.cmd("resume")
@@ -181,7 +181,7 @@ async def test_a_restart_in_flight_comes_back_busy_not_routed(tmp_path, autojump
     rec = _running_record(h, health="healthy", phase="ready", restarts=1, incarnation=0)
     await trio.sleep(1)
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         inst = h.svc.instances[rec.id]
         assert inst.busy and h.svc.endpoints() == [] and h.svc.progress() == (0, 1)
         with trio.fail_after(10):  # the agent starts the incarnation asked for; then it is ready again
@@ -201,7 +201,7 @@ async def test_an_unhealthy_instance_comes_back_unhealthy_with_its_failing_strea
                           first_bad=since)
     await trio.sleep(1)
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         inst = h.svc.instances[rec.id]
         assert inst.phase.value == "unhealthy" and h.svc.health() == "unhealthy"
         assert inst.first_bad is not None and abs(inst.first_bad - _from_wall(since)) < 0.01
@@ -213,13 +213,13 @@ async def test_a_server_started_under_another_node_name_takes_its_instances_on(t
     # the old name they were supervised by nobody (a kill went unnoticed, a restart hung in draining).
     h = Harness(tmp_path)
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         await deploy_v1(h, replicas=2)
         pids = sorted(i.rec.pid for i in h.svc.instances.values())
         n.cancel_scope.cancel()
-    h.engine = Engine(h.store, h.rt, h.prober, node="renamed")
+    h.local(node="renamed")
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         assert {r.node for r in h.store.list_instances("web")} == {"renamed"}
         assert sorted(i.rec.pid for i in h.svc.instances.values()) == pids  # adopted, not restarted
         h.rt.procs[pids[0]].exit(1)  # supervised: the kill is seen and the instance restarted

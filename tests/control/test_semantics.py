@@ -147,16 +147,16 @@ async def test_rollout_duration_counts_from_its_start_across_a_restart_of_deploy
     monkeypatch.setattr(engine_module, "time", types.SimpleNamespace(time=lambda: 1.8e9 + trio.current_time()))
     h = Harness(tmp_path)
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         v1 = await deploy_v1(h, replicas=2)
         v2 = h.write(manifest(image="/bin/v2", replicas=2, update_pause=5))
         h.cmd("apply")
         await trio.sleep(3)  # the first batch is done, the pause runs
         n.cancel_scope.cancel()  # deployfs is killed mid-rollout; the instances live on
     await trio.sleep(7)
-    h.engine = Engine(h.store, h.rt, h.prober)
+    h.local()
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         assert any(e.startswith("instance") and "adopted" in e for e in h.events())
         assert await h.settle() == f"done {v2}"
         n.cancel_scope.cancel()
@@ -199,7 +199,7 @@ async def test_a_record_from_before_good_versions_were_kept_keeps_its_rollback_t
     # A state database written by an older deployfs: no good_* fields, previous_version as it was kept.
     h = Harness(tmp_path)
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         v1 = await deploy_v1(h)
         v2 = h.write(manifest(image="/bin/v2"))
         h.cmd("apply")
@@ -208,9 +208,9 @@ async def test_a_record_from_before_good_versions_were_kept_keeps_its_rollback_t
     old = h.store.get_service("web")
     old.good_version, old.good_manifest, old.before_good_version, old.before_good_manifest = None, "", None, ""
     h.store.put_service(old)
-    h.engine = Engine(h.store, h.rt, h.prober)
+    h.local()
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         await apply(h, "/bin/v3", "exit")
         assert (await h.settle()).startswith("failed")
         assert h.svc.rec.previous_version == v2

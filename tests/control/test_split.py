@@ -27,10 +27,10 @@ async def test_an_agent_acts_only_on_its_nodes_records(tmp_path, autojump_clock)
     """The engine places its instances on node b while its own agent is node a's: nothing runs
     until an agent for b, on the same store and called by nobody, picks the intents up."""
     h = Harness(tmp_path)
-    h.engine = engine_module.Engine(h.store, h.rt, h.prober, node="b")
-    h.engine.agent = NodeAgent(h.store.records, h.rt, "a", prober=h.prober, events=h.engine.events)
+    h.local(node="b")
+    h.node.agent = NodeAgent(h.store.records, h.rt, "a", prober=h.prober, events=h.engine.events)
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         h.write(manifest(replicas=2))
         h.cmd("apply")
         await trio.sleep(5)
@@ -62,7 +62,7 @@ async def test_records_of_a_deployfs_before_the_agent_are_adopted_not_restarted(
     h.store.put_instance(rec)
     await trio.sleep(1)  # (the fake prober calls a process younger than ready_after not listening yet)
     async with trio.open_nursery() as n:
-        await n.start(h.engine.run)
+        await n.start(h.node.run)
         await trio.sleep(3)
         assert [p.pid for p in h.rt.running("web")] == [proc.pid], h.events()  # adopted, never started again
         now = h.store.list_instances("web")[0]

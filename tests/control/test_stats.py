@@ -1,8 +1,8 @@
-"""What the engine counts for the metrics: rollouts, their durations, restarts, probes."""
+"""What the engine counts for the metrics (rollouts, their durations, restarts), and the node agent (probes)."""
 
 import trio
 
-from deployfs.control.stats import Histogram
+from deployfs.model.histogram import Histogram
 from tests.control.harness import deploy_v1, manifest
 
 
@@ -26,7 +26,12 @@ async def test_rollouts_counted_with_their_outcome(h, autojump_clock):
     assert (await h.settle()).startswith("failed:")
     assert (s.rollouts_started, s.rollouts_completed, s.rollouts_failed) == (3, 2, 1)
     assert sum(s.rollout_seconds.counts) == 2 and s.rollout_seconds.sum > 0  # completed ones only
-    assert s.probe_failures > 0 and sum(s.probe_seconds.counts) > s.probe_failures
+    # Probes are the node agent's to count; the metrics read them from it, never through the engine.
+    p = h.node.agent.probe_stats["web"]
+    assert p.failures > 0 and sum(p.seconds.counts) > p.failures
+    text = h.node.metrics().render().decode()
+    assert f'deployfs_probe_failures_total{{service="web"}} {float(p.failures)}' in text
+    assert f'deployfs_probe_duration_seconds_count{{service="web"}} {float(sum(p.seconds.counts))}' in text
 
 
 async def test_restarts_counted(h, autojump_clock):
@@ -52,7 +57,7 @@ async def test_the_exposition_passes_promtool(h, autojump_clock):
         "port": 8080, "backends": [["127.0.0.1", 24001]], "open": 1, "refused": 2, "rejected": 0,
         "active": {"127.0.0.1:24001": 1}, "total": {"127.0.0.1:24001": 7, "127.0.0.1:24000": 3},
         "failed": {"127.0.0.1:24000": 1}}}}
-    text = Metrics(h.engine).render().decode()
+    text = h.node.metrics().render().decode()
     r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=10)
     assert r.returncode == 0, r.stdout + r.stderr + text
     assert 'deployfs_rollouts_completed_total{service="web"} 1.0' in text

@@ -8,6 +8,7 @@ import pytest
 import trio
 
 from deployfs.control.engine import Engine
+from deployfs.serve.local import LocalNode
 from deployfs.node.health import Probes
 from deployfs.node.runtime import LocalRuntime, marked_processes, marker_prefix, proc_start_time
 from deployfs.state.store import SqliteStore
@@ -16,16 +17,22 @@ SERVICE = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "e
 
 
 @pytest.fixture
-async def real(tmp_path):
+async def real_node(tmp_path):
+    """The engine and its node agent on real processes, as ``deployfs serve`` runs them."""
     store = SqliteStore(str(tmp_path / "state"))
     probes = Probes()
-    engine = Engine(store, LocalRuntime(str(tmp_path / "state")), probes, state_dir=str(tmp_path / "state"))
+    node = LocalNode(store, LocalRuntime(str(tmp_path / "state")), probes, state_dir=str(tmp_path / "state"))
     async with trio.open_nursery() as n:
-        await n.start(engine.run)
-        yield engine
+        await n.start(node.run)
+        yield node
         with trio.fail_after(30):
-            await engine.shutdown()
+            await node.shutdown()
     await probes.aclose()
+
+
+@pytest.fixture
+async def real(real_node):
+    return real_node.engine
 
 
 def deploy(engine, text: str, name="web"):
@@ -43,7 +50,7 @@ def ready(svc):
     return [i for i in svc.by_slot() if i.phase.value == "ready" and not i.leaving]
 
 
-async def test_file_health_check_then_kill_and_recover(real, tmp_path):
+async def test_file_health_check_then_kill_and_recover(real, real_node, tmp_path):
     flag = tmp_path / "up-$INSTANCE"
     deploy(real, f"image {sys.executable}\nargs {SERVICE} --touch {flag}\nreplicas 2\nport 18080\n"
                  f"health {flag}\nhealth_interval 0.2\nhealth_retries 2\n")
@@ -72,7 +79,7 @@ async def test_failing_health_restarts_after_retries_then_gives_up(real):
     assert svc.health() == "unhealthy"
 
 
-async def test_a_program_nobody_here_wrote(real, tmp_path):
+async def test_a_program_nobody_here_wrote(real, real_node, tmp_path):
     deploy(real, f"image {sys.executable}\nargs -m http.server $PORT --bind 127.0.0.1\ndir {tmp_path}\n"
                  "replicas 2\nport 18082\nhealth http://127.0.0.1:$PORT/\nhealth_interval 0.2\n")
     svc = real.services["web"]
@@ -94,15 +101,15 @@ async def test_no_health_line_means_healthy_after_one_interval(real):
     assert trio.current_time() - t0 >= 0.29
 
 
-async def test_instance_logs_stay_bounded(real, tmp_path):
+async def test_instance_logs_stay_bounded(real, real_node, tmp_path):
     # 200,000 lines of output, then quiet: what is kept on disk and shown is bounded.
     deploy(real, "image sh\nargs -c 'seq 200000; exec sleep 60'\nreplicas 1\nlog_lines 100\nhealth_interval 0.2\n")
     svc = real.services["web"]
     await until(lambda: len(ready(svc)) == 1)
     inst = svc.by_slot()[0]
-    path = real.runtime.log_path("web", inst.rec.id)
+    path = real_node.runtime.log_path("web", inst.rec.id)
     await until(lambda: os.path.getsize(path) < 20_000, timeout=10)
-    lines = real.runtime.read_log("web", inst.rec.id, 100).splitlines()
+    lines = real_node.runtime.read_log("web", inst.rec.id, 100).splitlines()
     assert len(lines) <= 100
     assert os.path.getsize(path + ".1") < 2_000  # the last 100 lines, not the 1.3 MB written
 
@@ -119,7 +126,7 @@ async def test_an_instance_killed_at_stop_timeout_says_so(real):
     assert "instance 1 stopped (killed: still running 0.3s after SIGTERM)" in text
 
 
-async def test_an_unhealthy_instance_that_exits_on_term_is_replaced_at_once(real, tmp_path):
+async def test_an_unhealthy_instance_that_exits_on_term_is_replaced_at_once(real, real_node, tmp_path):
     # Issue 14.6: the restart waited the whole stop_timeout although the process
     # was gone (a zombie) a moment after SIGTERM.
     flag = tmp_path / "ready"
@@ -138,10 +145,10 @@ async def test_an_unhealthy_instance_that_exits_on_term_is_replaced_at_once(real
     flag.write_text("ok\n")
 
 
-async def _engine(state: str, nursery) -> Engine:
-    engine = Engine(SqliteStore(state), LocalRuntime(state), Probes(), state_dir=state)
-    await nursery.start(engine.run)
-    return engine
+async def _engine(state: str, nursery) -> LocalNode:
+    node = LocalNode(SqliteStore(state), LocalRuntime(state), Probes(), state_dir=state)
+    await nursery.start(node.run)
+    return node
 
 
 def _marked(state: str) -> dict[int, str]:
@@ -149,10 +156,10 @@ def _marked(state: str) -> dict[int, str]:
             if proc_start_time(pid) is not None and not v.endswith(":router:0")}
 
 
-async def _crash(engine: Engine, nursery) -> None:
+async def _crash(node: LocalNode, nursery) -> None:
     """What a SIGKILL leaves: the instances run on, the records stay as they were."""
-    await engine.shutdown(keep_instances=True)
-    await engine.prober.aclose()
+    await node.shutdown(keep_instances=True)
+    await node.agent.prober.aclose()
 
 
 async def test_a_process_started_but_never_recorded_is_adopted_not_duplicated(tmp_path):
@@ -161,19 +168,21 @@ async def test_a_process_started_but_never_recorded_is_adopted_not_duplicated(tm
     # second one beside it; an instance whose process never started is started.
     state = str(tmp_path / "state")
     async with trio.open_nursery() as n:
-        e1 = await _engine(state, n)
+        l1 = await _engine(state, n)
+        e1 = l1.engine
         deploy(e1, "image sleep\nargs 60\nreplicas 2\nhealth_interval 0.1\n")
         await until(lambda: len(ready(e1.services["web"])) == 2)
         running, never = e1.services["web"].by_slot()
         running_pid, never_pid = running.rec.pid, never.rec.pid
-        await _crash(e1, n)
+        await _crash(l1, n)
         for inst in (running, never):  # the window: saved as starting, pid not yet saved
             inst.rec.pid, inst.rec.start_time, inst.rec.state, inst.rec.health = None, None, "starting", "starting"
             e1.store.put_instance(inst.rec)
         os.kill(never_pid, signal.SIGKILL)  # as if the kill came before its Popen
         await until(lambda: proc_start_time(never_pid) is None)
 
-        e2 = await _engine(state, n)
+        l2 = await _engine(state, n)
+        e2 = l2.engine
         svc = e2.services["web"]
         await until(lambda: len(ready(svc)) == 2)
         by_id = {i.rec.id: i for i in svc.instances.values()}
@@ -184,8 +193,8 @@ async def test_a_process_started_but_never_recorded_is_adopted_not_duplicated(tm
         # Exactly one process per instance, and none that no record lists.
         assert sorted(_marked(state)) == sorted(i.rec.pid for i in svc.instances.values())
         with trio.fail_after(30):
-            await e2.shutdown()
-        await e2.prober.aclose()
+            await l2.shutdown()
+        await l2.agent.prober.aclose()
 
 
 async def test_grandchildren_of_a_leader_that_died_while_deployfs_was_down_are_killed(tmp_path):
@@ -193,25 +202,27 @@ async def test_grandchildren_of_a_leader_that_died_while_deployfs_was_down_are_k
     state = str(tmp_path / "state")
     pids = tmp_path / "pids"
     async with trio.open_nursery() as n:
-        e1 = await _engine(state, n)
+        l1 = await _engine(state, n)
+        e1 = l1.engine
         deploy(e1, f"image sh\nargs -c 'sleep 1011 & setsid sleep 1012 & echo $! > {pids}; exec sleep 60'\n"
                    "replicas 1\nrestart never\nhealth_interval 0.1\n")
         await until(lambda: len(ready(e1.services["web"])) == 1 and pids.exists() and pids.read_text())
         leader = e1.services["web"].by_slot()[0].rec.pid
-        await _crash(e1, n)
+        await _crash(l1, n)
         os.kill(leader, signal.SIGKILL)  # dies while deployfs is down
         await until(lambda: proc_start_time(leader) is None)
         left = list(_marked(state))
         assert len(left) == 2  # both grandchildren, one in its own session
 
-        e2 = await _engine(state, n)
+        l2 = await _engine(state, n)
+        e2 = l2.engine
         await until(lambda: not any(proc_start_time(p) for p in left), timeout=5)
         with trio.fail_after(30):  # right after the start: nothing may be started behind the shutdown
-            await e2.shutdown()
-        await e2.prober.aclose()
+            await l2.shutdown()
+        await l2.agent.prober.aclose()
 
 
-async def test_exec_probes_leave_nothing_behind(real, tmp_path):
+async def test_exec_probes_leave_nothing_behind(real, real_node, tmp_path):
     # Issue 18.6 (adversarial F7): every probe leaked the child it put in the
     # background, and `stop` did not clean them.
     pids = tmp_path / "pids"
@@ -237,13 +248,13 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-async def test_a_flood_of_output_is_bounded_on_disk_all_the_time(real):
+async def test_a_flood_of_output_is_bounded_on_disk_all_the_time(real, real_node):
     # Issue 18.4: logs were bounded every 10 s, by reading the whole file: `yes`
     # wrote gigabytes in between and the trim got the server OOM-killed.
     deploy(real, "image yes\nargs flood-line-from-yes\nreplicas 1\nlog_lines 100\nhealth_interval 0.1\n")
     svc = real.services["web"]
     await until(lambda: len(ready(svc)) == 1)
-    path = real.runtime.log_path("web", svc.by_slot()[0].rec.id)
+    path = real_node.runtime.log_path("web", svc.by_slot()[0].rec.id)
     biggest = 0
     t0 = trio.current_time()
     while trio.current_time() - t0 < 2:
@@ -252,6 +263,6 @@ async def test_a_flood_of_output_is_bounded_on_disk_all_the_time(real):
         await trio.sleep(0.01)
     print(f"\nyes for 2 s: at most {biggest / 1e6:.1f} MB of log on disk")
     assert biggest < 128e6  # the bound plus what yes writes in a few checks (it writes ~0.7 GB/s here)
-    tail = real.runtime.read_log("web", svc.by_slot()[0].rec.id, 100).splitlines()
+    tail = real_node.runtime.read_log("web", svc.by_slot()[0].rec.id, 100).splitlines()
     # yes writes in blocks, so a truncation can fall mid-line: pieces of the line, never anything else.
     assert 50 <= len(tail) <= 100 and all(line in b"flood-line-from-yes" for line in tail)

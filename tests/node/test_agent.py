@@ -287,3 +287,41 @@ async def test_an_event_is_said_only_once_the_record_it_tells_of_is_written(kv, 
     assert told["exited with status 3"] == "exited"
     assert told["failed to start"] == "exited"
     assert told["stopped"] == "stopped"
+
+
+async def test_the_agent_gives_ports_records_them_and_frees_them_with_the_record(kv, tmp_path):
+    """Where an instance listens is its node's to say (docs/architecture.md "Ports"): the
+    controller writes no port; the agent gives a free one of its range at the first start,
+    records it with the pid (nothing routes to the instance before), keeps it across restarts,
+    and frees it when the record goes."""
+    import socket
+
+    runtime = LocalRuntime(str(tmp_path / "state"), ports=(20750, 20751))
+    wants_port = SLEEP + "port 20790\n"
+    with socket.socket() as other:  # another program holds the first port of the range
+        other.bind(("127.0.0.1", 20750))
+        async with trio.open_nursery() as n:
+            _, scope = await start_agent(n, kv, runtime)
+            await desire(kv, 1, manifest=wants_port)
+            rec = await until(kv, 1, lambda r: r.state == "running")
+            assert rec.port == 20751  # the held one skipped
+            await desire(kv, 1, restarts=1, manifest=wants_port)
+            rec = await until(kv, 1, lambda r: r.state == "running" and r.incarnation == 1)
+            assert rec.port == 20751  # a restart keeps its port
+            await desire(kv, 2, manifest=wants_port)
+            rec = await until(kv, 2, lambda r: r.state == "exited")
+            assert rec.port is None and rec.why == "no free port in 20750-20751"
+            await desire(kv, 1, "stop", manifest=wants_port)
+            await until(kv, 1, lambda r: r.state == "stopped")
+            await kv.delete(instance_key("web", 1))  # (the controller deletes a stopped instance)
+            # As the controller would: restart what exited, until the port is free (the agent acts
+            # on the deletion and on the restart in no set order).
+            for restarts in range(1, 50):
+                await desire(kv, 2, restarts=restarts, manifest=wants_port)
+                rec = await until(kv, 2, lambda r: r.incarnation == restarts and r.state in ("running", "exited"))
+                if rec.state == "running":
+                    break
+            assert rec.state == "running" and rec.port == 20751  # freed with instance 1's record
+            await desire(kv, 2, "stop")
+            await until(kv, 2, lambda r: r.state == "stopped")
+            scope.cancel()

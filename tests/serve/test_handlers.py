@@ -23,8 +23,8 @@ def ctx(uid=0, gid=0, pid=None):
 @pytest.fixture
 async def fs(tmp_path, nursery):
     h = Harness(tmp_path)
-    await nursery.start(h.engine.run)
-    source, cache = local_source(h.engine)
+    await nursery.start(h.node.run)
+    source, cache = local_source(h.node)
     await nursery.start(cache.run)
     return DeployFS(source, access=Access(uid=1000, gid=1000))
 

@@ -11,9 +11,8 @@ import pyfuse3
 import pytest
 import trio
 
-from deployfs.control.engine import Engine
 from deployfs.serve.fuse import Access, DeployFS
-from deployfs.serve.local import local_source
+from deployfs.serve.local import LocalNode, local_source
 from deployfs.state.kv import Delete, Put
 from deployfs.state.records import InstanceRecord, ServiceRecord, encode, instance_key, service_key
 from deployfs.state.store import SqliteStore
@@ -26,8 +25,8 @@ MANIFEST = "image /bin/sleep\nargs infinity\nreplicas 2\n"
 async def mounted(tmp_path):
     store = SqliteStore(str(tmp_path / "state"))
     rt = FakeRuntime()
-    engine = Engine(store, rt, FakeProber(rt))  # never run: it knows no service, whatever the records say
-    source, cache = local_source(engine)
+    node = LocalNode(store, rt, FakeProber(rt))  # never run: it knows no service, whatever the records say
+    source, cache = local_source(node)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     ops = None

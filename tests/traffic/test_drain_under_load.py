@@ -12,6 +12,7 @@ import sys
 import trio
 
 from deployfs.control.engine import Engine
+from deployfs.serve.local import LocalNode
 from deployfs.node.agent import NodeAgent
 from deployfs.node.health import Probes
 from deployfs.node.runtime import LocalRuntime
@@ -73,22 +74,24 @@ async def test_drain_moves_every_instance_and_no_request_fails(tmp_path):
     state = str(tmp_path / "state")
     store, probes = SqliteStore(state), Probes()
     router = RouterClient(state)
-    engine = Engine(store, LocalRuntime(state), probes, router=router, state_dir=state, node="n1",
-                    address="127.0.1.1")
+    here = LocalNode(store, LocalRuntime(state), probes, router=router, state_dir=state, node="n1",
+                     address="127.0.1.1")
+    engine = here.engine
     await router.start()
     try:
         async with trio.open_nursery() as n:
             await n.start(router.run)
-            await n.start(engine.run)
-            # n2's agent: it runs what the engine places on n2 (the engine's own agent runs n1's).
-            n2 = NodeAgent(store.records, LocalRuntime(state), "n2", prober=probes, events=engine.events,
+            await n.start(here.run)
+            # n2's agent: it runs what the engine places on n2 (n1's agent runs n1's). Its own
+            # port range: each node's agent gives its instances ports (docs/architecture.md "Ports").
+            n2 = NodeAgent(store.records, LocalRuntime(state, ports=(20750, 20799)), "n2", prober=probes, events=engine.events,
                            cache=store.cache(INSTANCES))
             await n.start(n2.run)
             try:
                 await drain_under_load(engine, store)
             finally:  # every instance and the router go, whatever failed
                 with trio.CancelScope(shield=True), trio.fail_after(60):
-                    await engine.shutdown()
+                    await here.shutdown()
                     await router.quit()
                 n.cancel_scope.cancel()
     finally:

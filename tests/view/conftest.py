@@ -10,7 +10,7 @@ from tests.control.conftest import h  # noqa: F401  (the engine on a fake runtim
 @pytest.fixture
 async def ns(h, nursery):
     """The view over that engine's records, served by uid 1000: no front end, no FUSE."""
-    source, cache = local_source(h.engine)
+    source, cache = local_source(h.node)
     await nursery.start(cache.run)
     return Namespace(source, Access(uid=1000, gid=1000))
 

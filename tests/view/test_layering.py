@@ -54,3 +54,17 @@ def test_the_view_reads_records_and_the_front_ends_read_the_view():
     for f, names in fronts.items():
         if f != "serve/local.py":
             assert not {n for n in names if "control" in n}, (f, names)
+
+
+# The controller's only imports of node/, each for a reason in docs/architecture.md
+# ("Controller and node agent"): the user policy checked at apply, and the metrics' pass over /proc.
+CONTROL_FROM_NODE = {("control/engine.py", "..node.identity"), ("control/metrics.py", "..node.usage")}
+
+
+def test_the_controller_and_the_node_agent_import_nothing_of_each_other():
+    """They meet only in the store's records (issue 12 item 3): serve/local.py builds both."""
+    from_node = {(f, n) for f, names in imports("control").items() for n in names
+                 if n.lstrip(".").split(".")[0] == "node" or n.startswith("deployfs.node")}
+    assert from_node == CONTROL_FROM_NODE
+    for f, names in imports("node").items():
+        assert not {n for n in names if n.lstrip(".").split(".")[0] == "control" or "deployfs.control" in n}, (f, names)
