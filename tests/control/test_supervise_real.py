@@ -230,7 +230,7 @@ async def test_exec_probes_leave_nothing_behind(real, real_node, tmp_path):
                  f"health exec sh -c 'sleep 301 & setsid sleep 302 & echo $! >> {pids}; exit 0'\n")
     svc = real.services["web"]
     await until(lambda: len(ready(svc)) == 1 and pids.exists() and len(pids.read_text().split()) >= 5)
-    state = real.state_dir
+    state = real_node.agent.state_dir
     # The backgrounded child goes with its probe's group: only the leader and
     # the setsid'd ones (which carry the instance's marker) are left.
     await until(lambda: not any("sleep 301" in _cmdline(p) for p in _marked(state)), timeout=5)

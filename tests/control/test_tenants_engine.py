@@ -23,14 +23,14 @@ async def test_user_and_limits_reach_the_runtime_and_a_limit_change_rolls(h, aut
 
 
 async def test_the_default_user_is_what_the_runtime_is_asked_for(h, autojump_clock):
-    h.engine.users = UserPolicy(default_user="nobody")
+    h.engine.users = h.node.agent.users = UserPolicy(default_user="nobody")  # (as serve gives both the one policy)
     h.write(manifest())
     assert h.cmd("apply").startswith("ok deployed")
     assert (await h.settle()).startswith("done")
     assert {p.spec.user for p in h.rt.running("web")} == {"nobody"}
     # Recorded with the version: a server now without the default restarts it as nobody still.
     assert "user nobody  # --default-user when applied" in h.svc.rec.manifest
-    h.engine.users = UserPolicy()
+    h.engine.users = h.node.agent.users = UserPolicy()  # (as serve gives both the one policy)
     h.cmd("restart")
     assert (await h.settle()).startswith("done")
     assert {p.spec.user for p in h.rt.running("web")} == {"nobody"}
@@ -53,7 +53,7 @@ async def test_an_oom_kill_is_an_exit_reported_with_its_limit_and_restarted(h, a
 
 async def test_a_refused_user_changes_nothing(h, autojump_clock):
     v1 = await deploy_v1(h)
-    h.engine.users = UserPolicy()
+    h.engine.users = h.node.agent.users = UserPolicy()  # (as serve gives both the one policy)
     h.write(manifest(user="root"))
     with pytest.raises(CommandError) as e:
         h.engine.command("web", "apply", None, "uid=1000")

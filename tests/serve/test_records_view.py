@@ -38,7 +38,7 @@ async def mounted(tmp_path):
             ops.mounted = True
             nursery.start_soon(pyfuse3.main)
             try:
-                yield store, engine, str(mnt)
+                yield store, node.engine, str(mnt)
             finally:
                 pyfuse3.terminate()
                 nursery.cancel_scope.cancel()
