@@ -2,7 +2,7 @@
 
 Each service runs a loop: look at the instances as they are, ask
 :func:`rollout.plan` what to do, do it, sleep until something changes.  The engine
-is the controller (DESIGN §9): it never touches a process.  It writes its intent
+is the controller (docs/architecture.md, "Controller and node agent"): it never touches a process.  It writes its intent
 into each instance record (``desired`` run | drain | stop, ``restarts`` bumped for
 a fresh process) and the node agent (node/agent.py), which ``deployfs serve`` runs
 beside it on the same store (serve/local.py LocalNode; neither calls the other),
@@ -65,7 +65,7 @@ class Routing(Protocol):
     def set_backends(self, service: str, port: int | None, backends: list[tuple[str, int]],
                      weights: list[int] | None = None, *, protocol: str = "tcp") -> None:
         """``weights``: one per backend, the share of connections (requests) each gets; None: even.
-        ``protocol``: tcp (bytes) or http (per request), DESIGN §6."""
+        ``protocol``: tcp (bytes) or http (per request), docs/traffic.md."""
         ...
     async def drain(self, service: str, backend: tuple[str, int], timeout: float) -> int | None:
         """Wait for ``backend``'s connections to end, at most ``timeout``; how many were still

@@ -1,6 +1,6 @@
 """The node agent: runs the instances the store assigns to this node, and records what it sees.
 
-The controller and the agent meet only in the store (issue 12 item 3, DESIGN §9).  The
+The controller and the agent meet only in the store (docs/architecture.md, "Controller and node agent").  The
 controller writes an instance record naming a ``node`` and an intent, ``desired``:
 
 - ``run``: a process of this instance should be running.  Bumping ``restarts`` asks for a

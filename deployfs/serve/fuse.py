@@ -431,7 +431,10 @@ class DeployFS(pyfuse3.Operations):
         self._pollers.pop(fh, None)
         if o is not None:
             try:
-                o.handle.commit(last=True)  # O_TRUNC with no write: nobody waits for this answer
+                # O_TRUNC with no write (or a release with no FLUSH before it): once answered, a
+                # read must see it, as after a FLUSH
+                if o.handle.commit(last=True):
+                    await self.source.settled()
             finally:
                 o.handle.release()
 

@@ -2,8 +2,8 @@
 
 What ``deployfs serve`` wires between the layers (and what tests use to build the same).
 :class:`LocalNode` builds the engine (the controller) and this node's agent, each with its
-own objects, and runs them side by side: they meet only in the store's records (DESIGN §9,
-docs/architecture.md "Controller and node agent").  :func:`local_source` is the cache of the
+own objects, and runs them side by side: they meet only in the store's records
+(docs/architecture.md, "Controller and node agent").  :func:`local_source` is the cache of the
 records (fed by the store's watch, shown the writes a full disk keeps in memory), and the
 narrow calls the view has besides the records -- commands to the engine, events from its log,
 instances' output from the runtime's files, CPU and memory from ``/proc``, the metrics.
