@@ -181,19 +181,28 @@ class WeightRouter(NullRouter):
         self.tables.append((list(backends), weights))
 
 
+def weighted(tmp_path) -> tuple[Harness, WeightRouter]:
+    """An engine whose router keeps every table (backends, weights) it was given."""
+    h, router = Harness(tmp_path), WeightRouter()
+    h.local(router=router)
+    return h, router
+
+
+async def into_canary(h: Harness, **kw: object) -> None:
+    """v1 serving on 8080, then a canary release of it applied and holding."""
+    await deploy_v1(h, port=8080)
+    h.write(canary(port=8080, **kw))
+    h.cmd("apply")
+    assert await h.settle() == "canary"
+
+
 @pytest.mark.parametrize("weight, canaries, want", [(10, 1, [30, 30, 30, 10]), (10, 2, [30, 30, 30, 5, 5]),
                                                     (None, 1, None)])
 async def test_canary_weight_reaches_the_router(tmp_path, autojump_clock, weight, canaries, want):
-    h = Harness(tmp_path)
-    router = WeightRouter()
-    h.local(router=router)
+    h, router = weighted(tmp_path)
     async with trio.open_nursery() as n:
         await n.start(h.node.run)
-        await deploy_v1(h, port=8080)
-        kw = {"canary_weight": weight} if weight is not None else {}
-        h.write(canary(port=8080, canary=canaries, **kw))
-        h.cmd("apply")
-        assert await h.settle() == "canary"
+        await into_canary(h, canary=canaries, **({"canary_weight": weight} if weight is not None else {}))
         backends, weights = router.tables[-1]
         assert len(backends) == 3 + canaries and weights == want
         h.cmd("promote")
@@ -269,15 +278,10 @@ async def test_a_promote_refused_on_a_full_disk_leaves_the_router_as_it_was(tmp_
     (the engine's memory restored) never reaches the router."""
     from deployfs.state.store import StoreFull
 
-    h = Harness(tmp_path)
-    router = WeightRouter()
-    h.local(router=router)
+    h, router = weighted(tmp_path)
     async with trio.open_nursery() as n:
         await n.start(h.node.run)
-        await deploy_v1(h, port=8080)
-        h.write(canary(port=8080, canary_weight=10))
-        h.cmd("apply")
-        assert await h.settle() == "canary"
+        await into_canary(h, canary_weight=10)
         table = router.tables[-1]
         assert table[1] == [30, 30, 30, 10]
         exec_ = h.store._exec
