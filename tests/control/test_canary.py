@@ -4,7 +4,7 @@ auto_promote, auto_rollback, and the weights handed to the router (docs/manifest
 import pytest
 import trio
 
-from deployfs.control.engine import Engine, NullRouter
+from deployfs.control.engine import NullRouter
 from deployfs.model.errors import CommandError, Kind
 from tests.control.harness import Harness, deploy_v1, manifest, watch
 

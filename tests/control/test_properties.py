@@ -204,8 +204,6 @@ def test_canary_operations_keep_the_invariants(tmp_path_factory, script, canarie
     """Never an old instance stopped before promotion (unless it went bad itself); after an abort
     (or rollback) of a canary exactly the old set remains; weights always sum to 100; never more
     than replicas + max(update_batch, canary) run."""
-    from deployfs.control.engine import Engine
-
     h = Harness(tmp_path_factory.mktemp("c"))
     problems: list[str] = []
     h.local(router=WeightRouter(problems))  # type: ignore[arg-type]

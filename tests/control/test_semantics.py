@@ -6,7 +6,6 @@ import pytest
 import trio
 
 from deployfs.control import engine as engine_module
-from deployfs.control.engine import Engine
 from tests.control.harness import Harness, deploy_v1, manifest, watch
 
 

@@ -7,7 +7,6 @@ import sys
 import pytest
 import trio
 
-from deployfs.control.engine import Engine
 from deployfs.serve.local import LocalNode
 from deployfs.node.health import Probes
 from deployfs.node.runtime import LocalRuntime, marked_processes, marker_prefix, proc_start_time
