@@ -22,6 +22,7 @@ class FakeProcess:
         self.rt, self.pid, self.start_time, self.spec = rt, pid, pid, spec
         self.version = spec.env["VERSION"]
         self.exit_status: int | None = None
+        self.killed_by: int | None = None
         self.oom_kills = 0
         self.signals: list[int] = []
         self.signalled_at: list[float] = []

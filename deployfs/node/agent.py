@@ -384,6 +384,8 @@ class NodeAgent:
         self._end_probes(held)
         status = proc.exit_status
         why = "exited" if status is None else f"exited with status {status}"
+        if proc.killed_by is not None:  # `kill -9` by hand: say so, not "status 137"
+            why = f"killed by signal {proc.killed_by} ({_signame(proc.killed_by)})"
         oom = 1 if proc.oom_kills else 0
         m = held.manifest
         if oom:
@@ -491,6 +493,13 @@ class NodeAgent:
             await trio.sleep(0)
             for key in set(due) - live:
                 del due[key]
+
+
+def _signame(n: int) -> str:
+    try:
+        return signal.Signals(n).name
+    except ValueError:
+        return f"signal {n}"
 
 
 def _set(rec: InstanceRecord, **values: object) -> bool:

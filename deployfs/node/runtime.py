@@ -71,7 +71,8 @@ class LaunchSpec:
 class Process(Protocol):
     pid: int
     start_time: int
-    exit_status: int | None  # None while running, or when unknown (adopted)
+    exit_status: int | None  # None while running, or when unknown (adopted); 128 + n for signal n
+    killed_by: int | None  # the signal that ended it (exit_status alone cannot tell it from an exit(137))
     oom_kills: int  # processes of it the kernel killed for its memory limit (known once it exited)
 
     @property
@@ -125,6 +126,7 @@ class LocalProcess:
         self.marker, self._sweeper = marker, sweeper
         self.cgroup = cgroup
         self.exit_status: int | None = None
+        self.killed_by: int | None = None
         self.oom_kills = 0
         self._pidfd: int | None = pidfd
         self._popen = popen  # held so subprocess never reaps behind our back
@@ -158,6 +160,7 @@ class LocalProcess:
             self._popen.poll()
             rc = self._popen.returncode
             self.exit_status = None if rc is None else (rc if rc >= 0 else 128 - rc)
+            self.killed_by = -rc if rc is not None and rc < 0 else None
         if self.cgroup is not None:
             self.oom_kills = self.cgroup.oom_kills()  # before the stop removes the cgroup
             # Nothing else left in it (the usual case): gone now, even if no stop follows.

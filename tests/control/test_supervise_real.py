@@ -64,7 +64,7 @@ async def test_file_health_check_then_kill_and_recover(real, real_node, tmp_path
     assert trio.current_time() - t0 < 0.2 + 2  # detected within health_interval, restarted, healthy
     assert victim.rec.restarts == 1
     text = real.events.current("web").decode()
-    assert "instance 0 exited" in text and "restarting (1/5)" in text
+    assert "instance 0 killed by signal 9 (SIGKILL)" in text and "restarting (1/5)" in text
 
 
 async def test_failing_health_restarts_after_retries_then_gives_up(real):

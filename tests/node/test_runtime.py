@@ -33,6 +33,17 @@ async def test_start_records_identity_and_captures_output(tmp_path):
     assert p.exited and p.exit_status == 0 and not alive(p.pid)
 
 
+async def test_a_signal_death_is_told_from_an_exit_status(tmp_path):
+    # 137 is both exit(137) and SIGKILL's 128 + 9: only the wait status tells them apart
+    rt = LocalRuntime(str(tmp_path))
+    killed = rt.start(LaunchSpec("web", 1, ["sleep", "30"], {}, None, 10))
+    exited = rt.start(LaunchSpec("web", 2, ["sh", "-c", "exit 137"], {}, None, 10))
+    os.kill(killed.pid, signal.SIGKILL)
+    with trio.fail_after(10):
+        assert await killed.wait() == 137 and await exited.wait() == 137
+    assert killed.killed_by == signal.SIGKILL and exited.killed_by is None
+
+
 async def test_missing_image_is_a_start_error(tmp_path):
     with pytest.raises(StartError, match="No such file"):
         LocalRuntime(str(tmp_path)).start(LaunchSpec("web", 1, ["/nonexistent/x"], {}, None, 10))
