@@ -720,7 +720,12 @@ class Engine:
         self.stopping = True
         for svc in self.services.values():
             svc.loop_scope.cancel()  # nothing may restart what we stop
-        if not keep_instances:
+        if keep_instances:
+            for svc in self.services.values():  # the history says why nothing was drained
+                if n := sum(1 for i in svc.instances.values() if i.running):
+                    svc.event(f"deployfs stopping: {n} instance{'s' if n != 1 else ''} kept running "
+                              "(--keep-instances); the next start adopts them")
+        else:
             for svc in self.services.values():
                 for inst in list(svc.instances.values()):
                     if not inst.leaving:

@@ -72,6 +72,7 @@ def test_keep_instances_upgrade_drops_nothing(tmp_path):
         m.proc, m.log = m2.proc, m2.log
         assert m.read("active/web/health") in ("healthy\n", "degraded\n")
         assert pids(m) == before  # adopted, not restarted
+        assert f"deployfs stopping: {len(before)} instances kept running (--keep-instances)" in m.read("active/web/events")
         time.sleep(0.5)
         result = load.stop()
         print(f"\nkeep-instances upgrade: {result}")
