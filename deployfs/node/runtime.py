@@ -40,6 +40,7 @@ import trio
 from ..state import statedir
 from .cgroups import CgroupError, Cgroups, InstanceCgroup, Limits
 from .identity import Identity, IdentityError, resolve
+from .portlocks import PortLocks
 
 log = logging.getLogger(__name__)
 
@@ -256,13 +257,14 @@ def kill_marked(prefix: str, markers: frozenset[str]) -> list[int]:
 
 class LocalRuntime:
     def __init__(self, state_dir: str, *, ports: tuple[int, int] = DEFAULT_PORTS, bind_host: str = "127.0.0.1",
-                 cgroups: Cgroups | None = None) -> None:
+                 cgroups: Cgroups | None = None, port_locks: PortLocks | None = None) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.log_dir = os.path.join(self.state_dir, "logs")
         self.ports = ports
         self.bind_host = bind_host
         self._ports_used: set[int] = set()
         self._next_port = ports[0]
+        self.port_locks = port_locks if port_locks is not None else PortLocks()  # shared with this host's other servers
         self.sweeper = Sweeper(self.state_dir)
         self.cgroups = cgroups if cgroups is not None else Cgroups(self.state_dir)
 
@@ -413,15 +415,19 @@ class LocalRuntime:
             port = self._next_port
             self._next_port = lo if port >= hi else port + 1
             if port not in self._ports_used and _port_free(self.bind_host, port):
+                if not self.port_locks.hold(port):
+                    continue  # given by another deployfs on this host to an instance not listening yet
                 self._ports_used.add(port)
                 return port
         raise StartError(f"no free port in {lo}-{hi}")
 
     def claim_port(self, port: int) -> None:
         self._ports_used.add(port)
+        self.port_locks.hold(port)  # (held elsewhere too: the instance is this server's all the same)
 
     def release_port(self, port: int) -> None:
         self._ports_used.discard(port)
+        self.port_locks.release(port)
 
     # -- logs ------------------------------------------------------------------------
 

@@ -270,3 +270,18 @@ async def test_bounding_a_flooded_log_does_not_hold_the_loop(tmp_path):
         n.cancel_scope.cancel()
     assert ticks > 10, ticks  # the loop ran while the copy did
     assert os.path.getsize(path) == 0 and await rt.bound_log("web", 1, 65536) is False
+
+
+def test_two_servers_on_one_host_never_give_out_the_same_port(tmp_path):
+    # The second server sees the port free (nothing listens yet) but another server gave it out
+    from deployfs.node.portlocks import PortLocks
+
+    locks = str(tmp_path / "locks")
+    one = LocalRuntime(str(tmp_path / "a"), ports=(20890, 20892), port_locks=PortLocks(locks))
+    two = LocalRuntime(str(tmp_path / "b"), ports=(20890, 20892), port_locks=PortLocks(locks))
+    assert one.allocate_port() == 20890
+    assert two.allocate_port() == 20891
+    one.release_port(20890)
+    assert [two.allocate_port(), two.allocate_port()] == [20892, 20890]  # given back: free for the other
+    with pytest.raises(StartError, match="no free port"):
+        one.allocate_port()  # all three are the other server's
