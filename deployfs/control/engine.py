@@ -1023,8 +1023,11 @@ class Engine:
                 canary += f" canary_weight={m.canary_weight}%"
             svc.event(f"{what} started {frm}→{m.version} strategy={m.update}{canary} batch={m.update_batch} "
                       f"pause={format_seconds(m.update_pause)}s by {who}" + _protocol_change(old, m))
-        if self.router.failure(svc.name):
-            svc.routing_changed()  # the router refused the port before: let it try again
+        if self.router.failure(svc.name) or (old.port, old.traffic_protocol) != (m.port, m.traffic_protocol):
+            # The router refused the port before (let it try again), or the port is another now: a
+            # rollback to the version with a port the failed release dropped must listen on it again
+            # even though no instance changes.
+            svc.routing_changed()
         svc.poke()
 
     def auto_rollback(self, svc: Service) -> None:

@@ -323,7 +323,7 @@ class DeployFS(pyfuse3.Operations):
     @_guard
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         mode = OpenMode(write=flags & os.O_ACCMODE != os.O_RDONLY, truncate=bool(flags & os.O_TRUNC),
-                        nonblock=bool(flags & os.O_NONBLOCK))
+                        nonblock=bool(flags & os.O_NONBLOCK), append=bool(flags & os.O_APPEND))
         h = self._node(inode)[1].open(ctx, mode)
         if mode.truncate:
             await self.source.settled()

@@ -64,6 +64,7 @@ class OpenMode:
     write: bool = False
     truncate: bool = False
     nonblock: bool = False
+    append: bool = False  # O_APPEND: every write goes to the end of the file as it is when committed
 
 
 def check_name(raw: bytes) -> str:
@@ -502,7 +503,8 @@ class ManifestEntry(File):
     def open(self, caller: Caller, mode: OpenMode) -> Handle:
         if mode.write and not self.ns.access.may_write(caller):
             raise Error(Kind.PERMISSION, "only the serving user, root and --group may change manifests")
-        return ManifestHandle(self, may_write=mode.write, truncate=mode.write and mode.truncate)
+        return ManifestHandle(self, may_write=mode.write, truncate=mode.write and mode.truncate,
+                              append=mode.write and mode.append)
 
     def setattr(self, caller: Caller, size: int | None, chmod: bool, handle: Handle | None = None) -> None:
         if not self.ns.access.may_write(caller):
@@ -523,8 +525,13 @@ class ManifestHandle(Handle):
     """An open manifest; open for writing, it holds the bytes being edited until commit."""
     writable = True
 
-    def __init__(self, entry: ManifestEntry, may_write: bool, truncate: bool = False) -> None:
+    def __init__(self, entry: ManifestEntry, may_write: bool, truncate: bool = False, append: bool = False) -> None:
         self.entry, self.may_write = entry, may_write
+        # O_APPEND (`echo … >> manifests/x`): what it wrote is added at the end of the manifest as the store
+        # has it at commit, not at the offsets the kernel passes (its idea of the size may be older than
+        # another writer's commit): appends that overlap in time all land whole, as on a disk.
+        self.append = append and not truncate
+        self.appended = bytearray()
         # O_TRUNC empties only this copy: a truncated manifest is never what others see.
         self.buffer: bytearray | None = None
         if may_write:
@@ -544,6 +551,8 @@ class ManifestHandle(Handle):
             raise Error(Kind.BAD_HANDLE, "not open for writing")
         if self.refused is not None:
             raise self.refused
+        if self.append:
+            off = len(self.buffer)
         try:
             if off + len(data) > MAX_MANIFEST_BYTES:
                 raise Error(Kind.TOO_BIG, f"a manifest is at most {MAX_MANIFEST_BYTES} bytes")
@@ -557,6 +566,8 @@ class ManifestHandle(Handle):
         if off > len(self.buffer):
             self.buffer.extend(bytes(off - len(self.buffer)))
         self.buffer[off: off + len(data)] = data
+        if self.append:
+            self.appended += data
         self.dirty = True
         return len(data)
 
@@ -565,6 +576,7 @@ class ManifestHandle(Handle):
             return False
         if self.refused is not None:
             raise self.refused
+        self.append = False  # cut to a size: what it holds now is the whole file, as written
         del self.buffer[size:]
         self.buffer.extend(bytes(size - len(self.buffer)))
         self.dirty = True
@@ -577,6 +589,17 @@ class ManifestHandle(Handle):
             return False  # a second close of a dup'ed descriptor commits again only what changed since
         # A manifest removed or renamed away since the open keeps its new state: the edit is dropped,
         # as a write to an unlinked file is.
-        self.entry.ns.source.replace_manifest(self.entry.name, bytes(self.buffer))
+        source, name = self.entry.ns.source, self.entry.name
+        if self.append and self.appended:
+            added = bytes(self.appended)
+            if source.manifest_file(name) is not None:
+                def add(old: bytes) -> bytes:
+                    if len(old) + len(added) > MAX_MANIFEST_BYTES:
+                        raise Error(Kind.TOO_BIG, f"a manifest is at most {MAX_MANIFEST_BYTES} bytes")
+                    return old + added
+                source.edit_manifest(name, add)
+            self.appended = bytearray()
+        elif not self.append:
+            source.replace_manifest(name, bytes(self.buffer))
         self.dirty = self.truncated = False
         return True

@@ -382,3 +382,31 @@ async def test_delete_survives_a_restart_of_the_server_and_frees_the_name(tmp_pa
         assert "deleting web by uid=0" in cluster and "deleted web" in cluster
         assert engine.command("web", "apply", None, "uid=0").startswith("ok deployed")  # the name is free again
         n.cancel_scope.cancel()
+
+
+async def test_a_rollback_gives_the_router_back_the_port_of_the_version_it_restores(tmp_path, autojump_clock):
+    # newcomer pass: a failed release that dropped the `port` line took the listener with it, and
+    # `rollback` to the version with the port said done while nothing listened on it
+    from deployfs.control.engine import NullRouter
+
+    class PortRouter(NullRouter):
+        port: int | None = None
+
+        def set_backends(self, service, port, backends, weights=None, *, protocol="tcp"):  # type: ignore[no-untyped-def]
+            self.port = port
+
+    h, router = Harness(tmp_path), PortRouter()
+    h.local(router=router)
+    async with trio.open_nursery() as n:
+        await n.start(h.node.run)
+        await deploy_v1(h, port=8080)
+        assert router.port == 8080
+        h.prober.behaviour[h.write(manifest(image="/bin/v2"))] = "exit"  # no port line
+        h.cmd("apply")
+        with trio.fail_after(30):
+            assert (await h.settle()).startswith("failed")
+        h.cmd("rollback")
+        with trio.fail_after(30):
+            assert (await h.settle()).startswith("done")
+        assert router.port == 8080
+        n.cancel_scope.cancel()

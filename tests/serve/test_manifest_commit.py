@@ -116,3 +116,21 @@ def test_on_a_full_disk_close_says_enospc_and_the_old_bytes_stay(tmp_path):
             assert m.read("manifests/web") == V2
         finally:
             _mount.stop(m)
+
+
+def test_appends_that_overlap_in_time_all_land_whole(mnt):
+    # `>>` from ten shells at once, and one descriptor opened for append before another's append
+    # commits: on a disk every line survives, none is cut or padded with NULs
+    mnt.write_manifest("web", "image /bin/sleep\n")
+    mnt.sh("for i in $(seq 1 10); do echo \"env K$i=1\" >> manifests/web & done; wait", check=True, timeout=30)
+    lines = mnt.read("manifests/web").splitlines()
+    assert lines[0] == "image /bin/sleep" and sorted(lines[1:]) == sorted(f"env K{i}=1" for i in range(1, 11))
+    path = mnt.p("manifests/web")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        mnt.sh("echo 'env B=2' >> manifests/web", check=True)  # commits while fd is open
+        os.write(fd, b"env A=1\n")
+    finally:
+        os.close(fd)
+    text = mnt.read("manifests/web")
+    assert "\0" not in text and text.endswith("env B=2\nenv A=1\n")

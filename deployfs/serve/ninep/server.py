@@ -508,7 +508,8 @@ class Session:
             f.names = node.names()
         else:
             f.handle = node.open(f.who, OpenMode(write=write, truncate=bool(m.flags & os.O_TRUNC),
-                                                 nonblock=bool(m.flags & os.O_NONBLOCK)))
+                                                 nonblock=bool(m.flags & os.O_NONBLOCK),
+                                                 append=bool(m.flags & os.O_APPEND)))
         return c.Rlopen(self._qid(node, f.path, st), self._iounit())
 
     async def read(self, m: c.Tread) -> c.Message:
