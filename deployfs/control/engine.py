@@ -320,9 +320,9 @@ class Service:
             for action in p.actions:
                 changed.append(self.do(action))
                 if isinstance(action, rollout.Start):
-                    # A spawn costs a fork and three commits: `scale 1000` in one
-                    # stretch held every FUSE request (the ctl write's own reply
-                    # too) for over a second. Let them in between spawns.
+                    # A start is a placement and a commit, and the node agent forks on
+                    # the same loop: `scale 1000` in one stretch held every FUSE request
+                    # (the ctl write's own reply too) for over a second. Let them in between.
                     await trio.sleep(0)
                     if self.commands != commands:
                         break

@@ -3,22 +3,14 @@
 
 import os
 import signal
-import socket
 
 import pytest
 
 from tests import mount as _mount
+from tests.traffic.test_haproxy import listening
 from tests.traffic.test_zero_downtime import PORT as _OLD_PORT, manifest
 
 PORT = 20640
-
-
-def listening(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
 
 
 def alive(pid):
