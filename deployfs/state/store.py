@@ -148,7 +148,174 @@ ROOM_NEEDED = 512 * 1024
 _FULL_CODES = {13, 4874}  # SQLITE_FULL, SQLITE_IOERR_SHMSIZE
 
 
-class SqliteStore:
+class RecordStore:
+    """The records as the engine reads and writes them, on a few primitives a store provides:
+    ``_read``/``_get`` (what the store has, with writes not yet kept on top), ``_write`` (a write
+    people asked for: refused when it cannot be kept now), ``_record_write`` (a record of what
+    happened: never refused, kept in order), ``transaction``, and the two event queries."""
+
+    _next_id: int | None
+    _handed: int
+    _seqs: dict[str, int]
+    _pending: dict[str, Op]
+    events_kept: int
+
+    def _read(self, prefix: str, *, exact: bool = False) -> dict[str, bytes]:
+        raise NotImplementedError
+
+    def _get(self, key: str) -> bytes | None:
+        return self._read(key, exact=True).get(key)
+
+    def _write(self, *ops: Op) -> None:
+        raise NotImplementedError
+
+    def _record_write(self, *ops: Op) -> None:
+        raise NotImplementedError
+
+    def transaction(self, *, refuse_when_full: bool = False) -> contextlib.AbstractContextManager[None]:
+        raise NotImplementedError
+
+    def _events_past_kept(self, service: str) -> list[str]:
+        raise NotImplementedError
+
+    def _last_event_stored(self, service: str) -> Event | None:
+        raise NotImplementedError
+
+    # -- manifest files (what users write under manifests/) ---------------------
+
+    def get_file(self, name: str) -> ManifestFile | None:
+        value = self._get(manifest_key(name))
+        return None if value is None else decode_file(name, value)
+
+    def put_file(self, name: str, data: bytes) -> None:
+        self._write(Put(manifest_key(name), encode_file(data, time.time())))
+
+    def delete_file(self, name: str) -> None:
+        if self._get(manifest_key(name)) is not None:
+            self._write(Delete(manifest_key(name)))
+
+    def list_files(self) -> list[str]:
+        return [k.split("/", 1)[1] for k in self._read(manifest_key(""))]
+
+    # -- versions (every manifest ever applied, by hash) -----------------------
+
+    def put_version(self, service: str, version: str, text: str) -> None:
+        if self._get(version_key(service, version)) is None:  # a version's text never changes
+            self._write(Put(version_key(service, version), text.encode()))
+
+    def get_version(self, service: str, version: str) -> str | None:
+        value = self._get(version_key(service, version))
+        return None if value is None else value.decode()
+
+    # -- services and instances ----------------------------------------------------
+
+    def get_service(self, name: str) -> ServiceRecord | None:
+        value = self._get(service_key(name))
+        return None if value is None else decode(ServiceRecord, value)
+
+    def put_service(self, rec: ServiceRecord) -> None:
+        self._record_write(Put(service_key(rec.name), encode(rec)))
+
+    def list_services(self) -> list[ServiceRecord]:
+        return [decode(ServiceRecord, v) for v in self._read(service_key("")).values()]
+
+    def delete_service(self, name: str) -> None:
+        # The instances are gone already: a record of that, kept like any other on a full disk.
+        self._record_write(Delete(service_key(name)), Delete(instances_prefix(name), prefix=True),
+                           Delete(version_key(name, ""), prefix=True), Delete(events_prefix(name), prefix=True))
+        self._seqs.pop(name, None)
+
+    def list_instances(self, service: str) -> list[InstanceRecord]:
+        return [decode(InstanceRecord, v) for v in self._read(instances_prefix(service)).values()]
+
+    def put_instance(self, rec: InstanceRecord) -> None:
+        ops: list[Op] = [Put(instance_key(rec.service, rec.id), encode(rec))]
+        if rec.id >= self._id_counter():  # the first record of a new id moves the counter past it, in one write
+            self._next_id = rec.id + 1
+            ops.append(Put(NEXT_INSTANCE_ID, str(self._next_id).encode()))
+        self._record_write(*ops)
+
+    def put_instance_fields(self, rec: InstanceRecord, names: Iterable[str]) -> None:
+        """Write only these fields of ``rec`` over the record as it is (its other fields are
+        another writer's: the node agent's observations). Read and write with no await
+        between them, in one transaction: on SQLite in one process that is the conditional
+        write etcd would need a Compare for."""
+        with self.transaction():
+            value = self._get(instance_key(rec.service, rec.id))
+            if value is None:
+                self.put_instance(rec)
+                return
+            now = decode(InstanceRecord, value)
+            for name in names:
+                setattr(now, name, getattr(rec, name))
+            self.put_instance(now)
+
+    def get_instance(self, service: str, id: int) -> InstanceRecord | None:
+        value = self._get(instance_key(service, id))
+        return None if value is None else decode(InstanceRecord, value)
+
+    def delete_instance(self, service: str, id: int) -> None:
+        self._record_write(Delete(instance_key(service, id)))
+
+    def next_instance_id(self) -> int:
+        """A new instance id, never one a record used before.
+
+        An id is used once an instance record has it, and that record's write moves the
+        counter in the records past it (:meth:`put_instance`): no write of its own, and an
+        id handed out but never recorded (a crash in between) may be handed out again."""
+        id = max(self._id_counter(), self._handed)
+        self._handed = id + 1
+        return id
+
+    def _id_counter(self) -> int:
+        if self._next_id is None:
+            value = self._get(NEXT_INSTANCE_ID)
+            self._next_id = int(value) if value else 1
+        return self._next_id
+
+    # -- nodes (the same records as node/membership.py's in a cluster) ---------------
+
+    def list_nodes(self) -> list[NodeRecord]:
+        return [decode_node(k, v) for k, v in self._read(NODES).items()]
+
+    def put_node(self, rec: NodeRecord) -> None:
+        self._record_write(Put(node_key(rec.name), encode(rec)))
+
+    def delete_node(self, name: str) -> None:
+        self._record_write(Delete(node_key(name)))
+
+    # -- events ------------------------------------------------------------------
+
+    def append_event(self, service: str, segment: int, ts: float, text: str) -> Event:
+        seq = self._last_seq(service) + 1
+        self._seqs[service] = seq
+        ops: list[Op] = [Put(event_key(service, segment, seq), encode_event(ts, text))]
+        if seq % EVENTS_TRIM_EVERY == 0:
+            ops += [Delete(k) for k in self._events_past_kept(service)]
+        self._record_write(*ops)
+        return Event(seq, segment, ts, text)
+
+    def _last_seq(self, service: str) -> int:
+        if service not in self._seqs:
+            last = self.last_event(service)
+            self._seqs[service] = last.seq if last else 0
+        return self._seqs[service]
+
+    def events(self, service: str, segment: int) -> list[Event]:
+        return [decode_event(k, v) for k, v in self._read(events_prefix(service, segment)).items()]
+
+    def last_event(self, service: str) -> Event | None:
+        prefix = events_prefix(service)
+        waiting = [k for k, op in self._pending.items() if isinstance(op, Put) and k.startswith(prefix)]
+        if waiting:
+            key = max(waiting)
+            value = self._pending[key]
+            assert isinstance(value, Put)
+            return decode_event(key, value.value)
+        return self._last_event_stored(service)
+
+
+class SqliteStore(RecordStore):
     def __init__(self, state_dir: str, *, events_kept: int = EVENTS_KEPT) -> None:
         statedir.makedirs(state_dir)
         self.path = os.path.join(state_dir, statedir.DB_NAME)
@@ -487,129 +654,6 @@ class SqliteStore:
             out = dict(sorted(out.items()))
         return out
 
-    def _get(self, key: str) -> bytes | None:
-        return self._read(key, exact=True).get(key)
-
-    # -- manifest files (what users write under manifests/) ---------------------
-
-    def get_file(self, name: str) -> ManifestFile | None:
-        value = self._get(manifest_key(name))
-        return None if value is None else decode_file(name, value)
-
-    def put_file(self, name: str, data: bytes) -> None:
-        self._write(Put(manifest_key(name), encode_file(data, time.time())))
-
-    def delete_file(self, name: str) -> None:
-        if self._get(manifest_key(name)) is not None:
-            self._write(Delete(manifest_key(name)))
-
-    def list_files(self) -> list[str]:
-        return [k.split("/", 1)[1] for k in self._read(manifest_key(""))]
-
-    # -- versions (every manifest ever applied, by hash) -----------------------
-
-    def put_version(self, service: str, version: str, text: str) -> None:
-        if self._get(version_key(service, version)) is None:  # a version's text never changes
-            self._write(Put(version_key(service, version), text.encode()))
-
-    def get_version(self, service: str, version: str) -> str | None:
-        value = self._get(version_key(service, version))
-        return None if value is None else value.decode()
-
-    # -- services and instances ----------------------------------------------------
-
-    def get_service(self, name: str) -> ServiceRecord | None:
-        value = self._get(service_key(name))
-        return None if value is None else decode(ServiceRecord, value)
-
-    def put_service(self, rec: ServiceRecord) -> None:
-        self._record_write(Put(service_key(rec.name), encode(rec)))
-
-    def list_services(self) -> list[ServiceRecord]:
-        return [decode(ServiceRecord, v) for v in self._read(service_key("")).values()]
-
-    def delete_service(self, name: str) -> None:
-        # The instances are gone already: a record of that, kept like any other on a full disk.
-        self._record_write(Delete(service_key(name)), Delete(instances_prefix(name), prefix=True),
-                           Delete(version_key(name, ""), prefix=True), Delete(events_prefix(name), prefix=True))
-        self._seqs.pop(name, None)
-
-    def list_instances(self, service: str) -> list[InstanceRecord]:
-        return [decode(InstanceRecord, v) for v in self._read(instances_prefix(service)).values()]
-
-    def put_instance(self, rec: InstanceRecord) -> None:
-        ops: list[Op] = [Put(instance_key(rec.service, rec.id), encode(rec))]
-        if rec.id >= self._id_counter():  # the first record of a new id moves the counter past it, in one write
-            self._next_id = rec.id + 1
-            ops.append(Put(NEXT_INSTANCE_ID, str(self._next_id).encode()))
-        self._record_write(*ops)
-
-    def put_instance_fields(self, rec: InstanceRecord, names: Iterable[str]) -> None:
-        """Write only these fields of ``rec`` over the record as it is (its other fields are
-        another writer's: the node agent's observations). Read and write with no await
-        between them, in one transaction: on SQLite in one process that is the conditional
-        write etcd would need a Compare for."""
-        with self.transaction():
-            value = self._get(instance_key(rec.service, rec.id))
-            if value is None:
-                self.put_instance(rec)
-                return
-            now = decode(InstanceRecord, value)
-            for name in names:
-                setattr(now, name, getattr(rec, name))
-            self.put_instance(now)
-
-    def get_instance(self, service: str, id: int) -> InstanceRecord | None:
-        value = self._get(instance_key(service, id))
-        return None if value is None else decode(InstanceRecord, value)
-
-    def delete_instance(self, service: str, id: int) -> None:
-        self._record_write(Delete(instance_key(service, id)))
-
-    def next_instance_id(self) -> int:
-        """A new instance id, never one a record used before.
-
-        An id is used once an instance record has it, and that record's write moves the
-        counter in the records past it (:meth:`put_instance`): no write of its own, and an
-        id handed out but never recorded (a crash in between) may be handed out again."""
-        id = max(self._id_counter(), self._handed)
-        self._handed = id + 1
-        return id
-
-    def _id_counter(self) -> int:
-        if self._next_id is None:
-            value = self._get(NEXT_INSTANCE_ID)
-            self._next_id = int(value) if value else 1
-        return self._next_id
-
-    # -- nodes (the same records as node/membership.py's in a cluster) ---------------
-
-    def list_nodes(self) -> list[NodeRecord]:
-        return [decode_node(k, v) for k, v in self._read(NODES).items()]
-
-    def put_node(self, rec: NodeRecord) -> None:
-        self._record_write(Put(node_key(rec.name), encode(rec)))
-
-    def delete_node(self, name: str) -> None:
-        self._record_write(Delete(node_key(name)))
-
-    # -- events ------------------------------------------------------------------
-
-    def append_event(self, service: str, segment: int, ts: float, text: str) -> Event:
-        seq = self._last_seq(service) + 1
-        self._seqs[service] = seq
-        ops: list[Op] = [Put(event_key(service, segment, seq), encode_event(ts, text))]
-        if seq % EVENTS_TRIM_EVERY == 0:
-            ops += [Delete(k) for k in self._events_past_kept(service)]
-        self._record_write(*ops)
-        return Event(seq, segment, ts, text)
-
-    def _last_seq(self, service: str) -> int:
-        if service not in self._seqs:
-            last = self.last_event(service)
-            self._seqs[service] = last.seq if last else 0
-        return self._seqs[service]
-
     def _events_past_kept(self, service: str) -> list[str]:
         prefix = events_prefix(service)
         row = self._db.execute("SELECT key FROM kv WHERE key >= ? AND key < ? ORDER BY key DESC LIMIT 1 OFFSET ?",
@@ -618,17 +662,8 @@ class SqliteStore:
             return []
         return [k for (k,) in self._db.execute("SELECT key FROM kv WHERE key >= ? AND key <= ?", (prefix, row[0]))]
 
-    def events(self, service: str, segment: int) -> list[Event]:
-        return [decode_event(k, v) for k, v in self._read(events_prefix(service, segment)).items()]
-
-    def last_event(self, service: str) -> Event | None:
+    def _last_event_stored(self, service: str) -> Event | None:
         prefix = events_prefix(service)
-        waiting = [k for k, op in self._pending.items() if isinstance(op, Put) and k.startswith(prefix)]
-        if waiting:
-            key = max(waiting)
-            value = self._pending[key]
-            assert isinstance(value, Put)
-            return decode_event(key, value.value)
         row = self._db.execute("SELECT key, value FROM kv WHERE key >= ? AND key < ? ORDER BY key DESC LIMIT 1",
                                (prefix, prefix_end(prefix))).fetchone()
         return decode_event(row[0], bytes(row[1])) if row else None
