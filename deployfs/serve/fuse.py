@@ -393,7 +393,7 @@ class DeployFS(pyfuse3.Operations):
     @_guard
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         try:
-            return self._handles[fh].handle.write(off, buf)
+            return await self._handles[fh].handle.write(off, buf)
         finally:  # answered once what it wrote can be read (a refused command writes its event)
             await self.source.settled()
 

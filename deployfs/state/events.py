@@ -15,7 +15,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .store import Store
+from .kv import Change
+from .records import EVENTS, decode_event
+from .store import RecordStore, Store
 
 SEGMENT_BYTES = 1024 * 1024
 # The cluster-wide log, /deploy/events (deletions, router trouble): kept like a
@@ -63,10 +65,10 @@ class EventLog:
             self._logs[service] = log
         return log
 
-    def emit(self, service: str, text: str) -> None:
+    def emit(self, service: str, text: str, ts: float | None = None) -> None:
         text = " ".join(text.split())[:MAX_EVENT_CHARS]  # one event, one line
         log = self._log(service)
-        ts = self.clock()
+        ts = self.clock() if ts is None else ts
         line = _line(ts, text)
         segment = log.segment
         if log.current and len(log.current) + len(line) > self.segment_bytes:
@@ -111,6 +113,43 @@ class EventLog:
 
     def mtime(self, service: str) -> float:
         return self._log(service).mtime
+
+
+class EventFollower(EventLog):
+    """A cluster node's copy of every service's events, shown as the store's watch brings them
+    (whoever wrote them: the controller is on one node); ``emit`` hands an event to ``say``,
+    which gets it to the controller (control/mailbox.py) to be written in order there."""
+
+    def __init__(self, store: "RecordStore", say: Callable[[str, float, str], None], *,
+                 segment_bytes: int = SEGMENT_BYTES) -> None:
+        super().__init__(store, segment_bytes=segment_bytes)  # type: ignore[arg-type]
+        self.say = say
+
+    def emit(self, service: str, text: str, ts: float | None = None) -> None:
+        self.say(service, self.clock() if ts is None else ts, " ".join(text.split())[:MAX_EVENT_CHARS])
+
+    def heard(self, changes: list[Change]) -> None:
+        """The events cache's listener: each event committed anywhere, in the store's order."""
+        for c in changes:
+            if not c.kv.key.startswith(EVENTS):
+                continue
+            service, segment, _ = _parts(c.kv.key)
+            if c.kind == "delete":  # old ones trimmed, or all of them: the service was deleted
+                if self.store.last_event(service) is None:
+                    self.forget(service)
+                continue
+            if service not in self._logs:  # loaded from the cache, which has this one already
+                self._log(service)
+                for listener in self.listeners:
+                    listener(service)
+                continue
+            ev = decode_event(c.kv.key, c.kv.value)
+            self._show(service, segment, ev.ts, _line(ev.ts, ev.text))
+
+
+def _parts(key: str) -> tuple[str, int, int]:
+    service, segment, seq = key[len(EVENTS):].split("/", 2)
+    return service, int(segment), int(seq)
 
 
 def _line(ts: float, text: str) -> bytes:

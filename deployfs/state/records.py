@@ -136,6 +136,12 @@ MANIFESTS = "manifests/"
 EVENTS = "events/"
 NEXT_INSTANCE_ID = "meta/next-instance-id"
 NODES = "nodes/"  # the same keys as node/membership.py's
+# A cluster's (docs/cluster.md): the controller's key, held under its node's lease; ctl
+# writes on any node for it, its replies, and events said on any node for it to write.
+LEADER = "leader"
+COMMANDS = "commands/"
+REPLIES = "replies/"
+SAY = "say/"
 
 
 def service_key(name: str) -> str:

@@ -25,7 +25,7 @@ import contextlib
 import time
 from collections import Counter
 from functools import partial
-from typing import Callable, Iterator, Protocol, TypeVar
+from typing import Awaitable, Callable, Iterator, Protocol, TypeVar
 
 import trio
 
@@ -46,9 +46,10 @@ T = TypeVar("T")
 
 
 class Commands(Protocol):
-    """The one narrow interface commands go through (the controller: control/engine.Engine)."""
+    """The one narrow interface commands go through: the controller (control/engine.Engine) on one
+    machine; in a cluster, the records that reach it (control/mailbox.Outbox), awaited."""
 
-    def command(self, service: str, verb: str, arg: str | None, who: str) -> str:
+    def command(self, service: str, verb: str, arg: str | None, who: str) -> str | Awaitable[str]:
         """Carry out a ctl verb; the reply, or CommandError."""
         ...
 
@@ -261,8 +262,9 @@ class CachedSource:
 
     # -- commands ---------------------------------------------------------------------------------
 
-    def command(self, service: str, verb: str, arg: str | None, who: str) -> str:
-        return self.commands.command(service, verb, arg, who)
+    async def command(self, service: str, verb: str, arg: str | None, who: str) -> str:
+        reply = self.commands.command(service, verb, arg, who)
+        return reply if isinstance(reply, str) else await reply
 
     def refused(self, service: str | None, who: str, reason: str) -> None:
         self.commands.refused(service, who, reason)

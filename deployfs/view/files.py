@@ -94,7 +94,7 @@ class Handle:
     async def read(self, off: int, size: int) -> bytes:
         return b""
 
-    def write(self, off: int, data: bytes) -> int:
+    async def write(self, off: int, data: bytes) -> int:
         raise Error(Kind.BAD_HANDLE, "not open for writing")
 
     def readable(self) -> bool:
@@ -406,13 +406,13 @@ class CtlHandle(Handle):
         self.reply = b""
         self.reply_at: int | None = None  # the file offset the reply is read from
 
-    def write(self, off: int, data: bytes) -> int:
+    async def write(self, off: int, data: bytes) -> int:
         src = self.ctl.ns.source
         service = self.ctl.service
         try:
             cmd = parse_command(data, service)
             service = cmd.service
-            reply = src.command(cmd.service, cmd.verb, cmd.arg, self.who)
+            reply = await src.command(cmd.service, cmd.verb, cmd.arg, self.who)
         except CommandError as e:
             self.reply, self.reply_at = f"error: {e.message}\n".encode(), None
             src.refused(service, self.who, e.message)
@@ -546,7 +546,7 @@ class ManifestHandle(Handle):
         data = self.entry.data() if self.buffer is None else self.buffer
         return bytes(data[off: off + size])
 
-    def write(self, off: int, data: bytes) -> int:
+    async def write(self, off: int, data: bytes) -> int:
         if self.buffer is None:
             raise Error(Kind.BAD_HANDLE, "not open for writing")
         if self.refused is not None:

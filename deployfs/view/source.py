@@ -83,7 +83,7 @@ class Source(Protocol):
         ...
 
     # -- commands ----------------------------------------------------------------------------
-    def command(self, service: str, verb: str, arg: str | None, who: str) -> str:
+    async def command(self, service: str, verb: str, arg: str | None, who: str) -> str:
         """Carry out a ctl verb; the reply, or CommandError."""
         ...
 

@@ -20,6 +20,12 @@ def kind(fn, *args, **kw) -> Kind:
     return e.value.kind
 
 
+async def akind(fn, *args, **kw) -> Kind:
+    with pytest.raises(Error) as e:
+        await fn(*args, **kw)
+    return e.value.kind
+
+
 async def cat(ns, *path: str) -> bytes:
     h = ns.resolve(path).open(OWNER, READ)
     try:
@@ -31,7 +37,7 @@ async def cat(ns, *path: str) -> bytes:
 async def deploy(h, ns, text=None) -> str:
     h.write(text or manifest(replicas=1))
     ctl = ns.resolve(("ctl",)).open(OWNER, WRITE)
-    assert ctl.write(0, b"apply web\n") == 10
+    assert await ctl.write(0, b"apply web\n") == 10
     await ns.source.settled()  # as a front end does before it answers a write
     assert (await ctl.read(10, 100)).startswith(b"ok deployed ")
     return (await cat(ns, "active", "web", "wait")).decode()
@@ -50,12 +56,12 @@ async def test_a_refused_command_is_a_kind_with_its_reply_and_event(h, ns, autoj
     await deploy(h, ns)
     ctl = ns.resolve(("active", "web", "ctl")).open(OWNER, WRITE)
     with pytest.raises(CommandError) as e:
-        ctl.write(0, b"pause\n")
+        await ctl.write(0, b"pause\n")
     assert e.value.kind is Kind.BUSY
     assert await ctl.read(0, 100) == b"error: web: no rollout in flight to pause (update_status none)\n"
     assert any("command refused (uid=1000)" in line for line in h.events())
-    assert kind(ctl.write, 0, b"frobnicate\n") is Kind.INVALID
-    assert kind(ns.resolve(("ctl",)).open(OWNER, WRITE).write, 0, b"apply nosuch\n") is Kind.NOT_FOUND
+    assert await akind(ctl.write, 0, b"frobnicate\n") is Kind.INVALID
+    assert await akind(ns.resolve(("ctl",)).open(OWNER, WRITE).write, 0, b"apply nosuch\n") is Kind.NOT_FOUND
 
 
 async def test_a_blocked_wait_is_cancelled_by_its_front_end(h, ns, autojump_clock):
@@ -107,7 +113,7 @@ async def test_who_may_write(h, ns, autojump_clock):
     assert kind(ns.resolve(("active", "web", "version")).setattr, OWNER, 0, False) is Kind.NOT_PERMITTED
     assert kind(ns.resolve(("manifests", "web")).setattr, OTHER, None, False) is Kind.NOT_PERMITTED
     assert (await ns.resolve(("manifests", "web")).open(OTHER, READ).read(0, 5)) == b"image"
-    assert kind(ns.resolve(("manifests", "web")).open(OWNER, READ).write, 0, b"x") is Kind.BAD_HANDLE
+    assert await akind(ns.resolve(("manifests", "web")).open(OWNER, READ).write, 0, b"x") is Kind.BAD_HANDLE
 
 
 async def test_names_and_manifests(h, ns, autojump_clock):
@@ -122,11 +128,11 @@ async def test_names_and_manifests(h, ns, autojump_clock):
     name, entry, fh = mdir.create(OWNER, b"api", False, False)
     await ns.source.settled()  # as a front end does before it answers a write
     assert name == "api" and entry.stat().size == 0
-    assert kind(fh.write, 1 << 20, b"x") is Kind.TOO_BIG
-    assert kind(fh.write, 0, b"x") is Kind.TOO_BIG  # a refused write abandons the edit: nothing more is taken
+    assert await akind(fh.write, 1 << 20, b"x") is Kind.TOO_BIG
+    assert await akind(fh.write, 0, b"x") is Kind.TOO_BIG  # a refused write abandons the edit: nothing more is taken
     assert kind(fh.commit) is Kind.TOO_BIG  # and close says so, committing nothing
     fh = entry.open(OWNER, WRITE)
-    assert fh.write(0, b"image x\n") == 8
+    assert await fh.write(0, b"image x\n") == 8
     await ns.source.settled()
     # What a handle writes is its own until it is closed: readers see the committed (empty) bytes.
     assert await fh.read(0, 100) == b"image x\n" and entry.stat().size == 0

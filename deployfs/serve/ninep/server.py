@@ -540,7 +540,7 @@ class Session:
         return c.Rreaddir(bytes(out))
 
     async def write(self, m: c.Twrite) -> c.Message:
-        return c.Rwrite(self._opened(m.fid).write(m.offset, m.data))
+        return c.Rwrite(await self._opened(m.fid).write(m.offset, m.data))
 
     async def lcreate(self, m: c.Tlcreate) -> c.Message:
         f = self._unopened(m.fid)
