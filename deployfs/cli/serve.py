@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import urllib.parse
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -107,6 +107,10 @@ def main(argv: list[str] | None = None) -> None:
             check_mountpoint(a.mountpoint)
         a.state = check_state(a.state)  # resolved: never walk a link in its path again
         a.state_lock = lock_state(a.state)  # before the database, the router or the cluster is touched
+        if a.cluster:
+            from ..state.statedir import CLUSTER_NAME, open_file
+            with open_file(os.path.join(a.state, CLUSTER_NAME), "wb") as f:
+                f.write(f"{','.join(a.cluster)}\n".encode())
         if group is not None and not a.allow_other and not a.no_mount:
             # The kernel refuses every other uid at the mount itself, before deployfs sees the group.
             log.warning("--group %s without --allow-other: the kernel lets no user but deployfs's own into the "
@@ -326,7 +330,7 @@ async def serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None
         log.info("node %s (%s) %s the cluster at %s (lease TTL %d s)", a.node, a.address,
                  "is back in" if member.adopted else "joined", ",".join(a.cluster), a.node_ttl)
         try:
-            await _serve(a, ports, group, member)
+            await _serve(a, ports, group, member, kv)
         finally:
             if not a.keep_instances:  # kept instances still run here: keep the name (a restart takes it back)
                 with trio.CancelScope(shield=True), trio.move_on_after(3):
@@ -337,10 +341,12 @@ async def serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None
                                     a.node, e)
 
 
-async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None, member: Membership | None) -> None:
+async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None, member: Membership | None,
+                 kv: Any = None) -> None:
     import pyfuse3
 
     from ..state.events import CLUSTER, EventLog
+    from ..serve.cluster import ClusterNode
     from ..serve.local import LocalNode, local_source
     from ..serve.fuse import Access, DeployFS
     from ..view.namespace import Namespace
@@ -352,25 +358,39 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
     from ..node.runtime import LocalRuntime
     from ..state.store import SqliteStore, StoreError
 
-    try:
-        store = SqliteStore(a.state)
-    except StoreError as e:
-        raise SetupError(str(e)) from None
-    if store.full:
-        log.warning("starting in degraded mode: %s. Supervision runs; commands and manifest changes are "
-                    "refused (ENOSPC) until there is room, and every service's events say so", store.full)
+    store: SqliteStore | None = None
+    if member is None:
+        try:
+            store = SqliteStore(a.state)
+        except StoreError as e:
+            raise SetupError(str(e)) from None
+        if store.full:
+            log.warning("starting in degraded mode: %s. Supervision runs; commands and manifest changes are "
+                        "refused (ENOSPC) until there is room, and every service's events say so", store.full)
     probes = Probes()
-    events = EventLog(store, segment_bytes=a.events_max_bytes)
     router_class = HAProxyRouter if a.router == "haproxy" else RouterClient
+    said: list[EventLog] = []
     router = router_class(a.state, bind=a.bind, balance=a.balance, max_conns=a.max_conns, idle_timeout=a.idle_timeout,
-                          on_error=lambda service, msg: events.emit(service, f"router: {msg}"))
+                          on_error=lambda service, msg: said[0].emit(service, f"router: {msg}"))
     runtime = LocalRuntime(a.state, ports=ports)
     log.info("cgroups: %s", runtime.cgroups.layout.describe())
-    # The controller and this node's agent: one process runs both, meeting only in the store.
-    here = LocalNode(store, runtime, probes, state_dir=a.state, users=a.users, events=events, router=router,
-                     node=a.node, address=a.address)
-    metrics = here.metrics()
-    source, cache = local_source(here, metrics)  # the records, through a cache fed by the store's watch
+    here: LocalNode | ClusterNode
+    if store is not None:
+        events = EventLog(store, segment_bytes=a.events_max_bytes)
+        # The controller and this node's agent: one process runs both, meeting only in the store.
+        here = LocalNode(store, runtime, probes, state_dir=a.state, users=a.users, events=events, router=router,
+                         node=a.node, address=a.address)
+        metrics = here.metrics()
+        source, cache = local_source(here, metrics)  # the records, through a cache fed by the store's watch
+    else:
+        assert member is not None
+        # Every node its agent, view and router; the one holding the lead runs the controller too.
+        here = ClusterNode(kv, member, runtime, probes, router=router, state_dir=a.state, users=a.users,
+                           segment_bytes=a.events_max_bytes)
+        events = here.events
+        metrics = None
+        source, cache = here.source(logs=runtime.log_parts), here.cache
+    said.append(events)
     view = Namespace(source, Access(group=group))  # one view, whichever front ends serve it
     ops = DeployFS(view, debug=a.debug)
     ninep = None
@@ -387,7 +407,7 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
             log.warning(warning)
             events.emit(CLUSTER, f"warning: {warning}")
     stop_metrics = None  # before the router starts: a refused address must leave nothing running
-    if a.metrics:
+    if a.metrics and metrics is not None:
         try:
             stop_metrics = metrics.serve(*a.metrics)
         except OSError as e:
@@ -418,7 +438,8 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(router.run)
-            await nursery.start(cache.run)
+            if store is not None:
+                await nursery.start(cache.run)
             await nursery.start(here.run)
             if member is not None:
                 nursery.start_soon(member.run)  # keeps the lease alive
@@ -458,5 +479,6 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
             ops.mounted = False
             pyfuse3.close(unmount=True)
         await probes.aclose()
-        store.close()
+        if store is not None:
+            store.close()
         log.info("stopped" if a.no_mount else f"unmounted {a.mountpoint}")

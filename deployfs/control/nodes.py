@@ -35,6 +35,7 @@ class Nodes:
         self.draining: frozenset[str] = frozenset()  # read on every plan: kept, not worked out
         # One machine: this server is the only node, alive while it runs. A cluster's come from alive/<name>.
         self.alive: Callable[[str], bool] = lambda name: name == self.name
+        self.cluster = False  # True: the records are a cluster's, written by each node as it joins
 
     def join(self) -> None:
         """Record this node (its address, when it started), keeping its cordon.
@@ -45,6 +46,11 @@ class Nodes:
         adopts them; left under the old name, nobody would supervise or stop them)."""
         store = self.engine.store
         recs = {r.name: r for r in store.list_nodes()}
+        if self.cluster:  # each node records itself when it joins (node/membership.py)
+            self.records = recs
+            self.records.setdefault(self.name, NodeRecord(self.name, self.address))
+            self._changed()
+            return
         with store.transaction():
             renamed = {n for n in recs if n != self.name and not self.alive(n)}
             for other in renamed:
@@ -60,6 +66,11 @@ class Nodes:
             mine.address, mine.joined = self.address, round(time.time(), 3)
             store.put_node(mine)
         self.records = recs
+        self._changed()
+
+    def reload(self) -> None:
+        """A cluster's node records changed (a node joined, another wrote one): read them again."""
+        self.records = {r.name: r for r in self.engine.store.list_nodes()}
         self._changed()
 
     def put(self, rec: NodeRecord) -> None:

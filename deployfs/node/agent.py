@@ -120,6 +120,7 @@ class NodeAgent:
         self.prober = prober
         self.cache = cache if cache is not None else Cache(store, INSTANCES)
         self._held: dict[str, _Held] = {}  # instance key -> what runs for it here
+        self.leaving = False  # this node leaves the cluster: nothing starts here any more
         self._nursery: trio.Nursery | None = None
 
     def pid(self, service: str, id: int) -> int | None:
@@ -151,6 +152,15 @@ class NodeAgent:
             if self._own_prober is not None:
                 with trio.CancelScope(shield=True):
                     await self._own_prober.aclose()
+
+    async def stop_all(self) -> None:
+        """Stop every process held here, recording it: a node leaving a cluster (its instances'
+        records stay for the controller, which replaces them on other nodes)."""
+        self.leaving = True
+        async with trio.open_nursery() as nursery:
+            for key, held in list(self._held.items()):
+                if held.proc is not None:
+                    nursery.start_soon(self._stop, key, held, self._mine(key))
 
     def _say(self, service: str, slot: int, text: str) -> None:
         if self.events is not None:
@@ -291,7 +301,7 @@ class NodeAgent:
             if held.proc is not None and held.incarnation != rec.restarts:
                 await self._stop(key, held, None)  # a restart: the new process is recorded next
                 continue
-            if held.proc is None and held.incarnation != rec.restarts and rec.desired == RUN:
+            if held.proc is None and held.incarnation != rec.restarts and rec.desired == RUN and not self.leaving:
                 await self._start(key, held, rec)
             elif held.proc is not None and held.proc.exited:
                 await self._exited(key, held, rec)

@@ -32,6 +32,8 @@ DIR_MODE = 0o700
 FILE_MODE = 0o600
 DB_NAME = "deployfs.db"
 LOCK_NAME = "serve.lock"
+# A cluster node keeps no database here (the records are in etcd): this file says the directory is deployfs's.
+CLUSTER_NAME = "cluster-node"
 
 
 class StateDirError(Exception):
@@ -96,7 +98,7 @@ def prepare(state_dir: str) -> str:
     if not stat.S_ISDIR(top.st_mode):
         raise StateDirError(f"--state {state_dir} is not a directory")
     names = os.listdir(real)
-    if set(names) - {LOCK_NAME} and DB_NAME not in names:
+    if set(names) - {LOCK_NAME} and DB_NAME not in names and CLUSTER_NAME not in names:
         # Never tighten (chmod) a directory deployfs did not make: --state /var/lib is a typo.
         raise StateDirError(f"--state {state_dir} is not empty and holds no {DB_NAME}: "
                             "point --state at a new or empty directory")

@@ -56,6 +56,15 @@ class Commands(Protocol):
     def refused(self, service: str | None, who: str, reason: str) -> None: ...
 
 
+class ClusterFacts(Protocol):
+    """What a cluster node knows beside the records (serve/cluster.py)."""
+
+    def alive(self, node: str) -> bool: ...
+    def leader(self) -> str: ...
+    def unreachable(self) -> bool: ...
+    async def settled(self) -> None: ...
+
+
 @contextlib.contextmanager
 def _room() -> Iterator[None]:
     try:
@@ -68,13 +77,15 @@ class CachedSource:
     def __init__(self, cache: Cache, store: Store, events: EventLog, commands: Commands, *,
                  revision: Callable[[], int], logs: Callable[[str, int], list[str]],
                  metrics: Callable[[], bytes] = lambda: b"",
-                 cost: Callable[[int], tuple[float, int] | None] = lambda pid: None, node: str = "") -> None:
+                 cost: Callable[[int], tuple[float, int] | None] = lambda pid: None, node: str = "",
+                 cluster: "ClusterFacts | None" = None) -> None:
         """``revision``: the store's revision after this process's last write (what `settled` waits
         for); ``cost``: an instance's (CPU seconds, resident bytes) by its pid, None if not running;
         ``node``: this server's node, on one machine the one live node, leading every service
         (a cluster's liveness and leaders will be records too: alive/<name>, an election)."""
         self.cache, self.store, self.events, self.commands = cache, store, events, commands
         self._node = node
+        self._facts = cluster
         self._revision, self._logs, self._metrics, self._cost = revision, logs, metrics, cost
         self._decoded: dict[str, tuple[KeyValue, object]] = {}  # key -> (the value decoded, its record)
         self._parsed: dict[str, Manifest | None] = {}  # manifest text -> parsed (the last few)
@@ -114,6 +125,8 @@ class CachedSource:
 
     async def settled(self) -> None:
         """Until the records read here show every write this process made."""
+        if self._facts is not None:
+            await self._facts.settled()  # committed (or refused: EIO) before it can be read
         await self.cache.wait_for(self._revision())
 
     def _record(self, cls: type[T], kv: KeyValue, decoder: Callable[[bytes], T] | None = None) -> T:
@@ -193,6 +206,10 @@ class CachedSource:
         here = self._node  # (an instance record from before nodes were recorded names none: this machine's)
         counts = Counter(self._record(InstanceRecord, kv).node or here for kv in self.cache.range(INSTANCES))
         nodes = [self._record(NodeRecord, kv, partial(decode_node, kv.key)) for kv in self.cache.range(NODES)]
+        if self._facts is not None:
+            f = self._facts
+            return cluster_status(nodes, counts, self.service_names(), alive=f.alive, leader=f.leader(),
+                                  now=time.time(), store="unreachable" if f.unreachable() else "ok")
         return cluster_status(nodes, counts, self.service_names(), alive=lambda name: name == here, leader=here,
                               now=time.time())
 
@@ -222,6 +239,8 @@ class CachedSource:
         return True
 
     def check_room(self) -> None:
+        if self._facts is not None and self._facts.unreachable():
+            raise Error(Kind.UNAVAILABLE, "cluster store unreachable; nothing was changed")
         if self.store.full is not None and not self.store.flush():
             raise Error(Kind.NO_SPACE, f"{self.store.full}: nothing was changed; free some space and try again")
 

@@ -1,0 +1,130 @@
+"""A node of a cluster: what ``deployfs serve --cluster`` runs on every machine.
+
+Every node runs its node agent (the instances the records place here), a cache of the
+records for the view, its router, and an outbox to the controller (control/mailbox.py).  The
+node that holds the ``leader`` key (control/leader.py) also runs the controller, over a
+:class:`~deployfs.state.clusterstore.ClusterStore` fenced by that key, with the mailbox that
+carries out every node's commands and writes every node's events.  Nothing passes between
+nodes except through etcd (docs/cluster.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+
+from ..control.engine import Engine, Routing
+from ..control.leader import Leadership
+from ..control.mailbox import Mailbox, Outbox
+from ..model.manifest import Manifest
+from ..node.agent import NodeAgent
+from ..node.cgroups import Limits
+from ..node.health import Prober
+from ..node.identity import UserPolicy
+from ..node.membership import ALIVE, Membership
+from ..node.runtime import Runtime
+from ..state.cache import Cache
+from ..state.clusterstore import ClusterStore, Deposed
+from ..state.events import SEGMENT_BYTES, EventFollower, EventLog
+from ..state.kv import Change, Compare, KVStore
+from ..state.records import EVENTS, INSTANCES, NODES, VERSIONS
+from ..view.cached import CachedSource
+
+log = logging.getLogger(__name__)
+
+
+class ClusterNode:
+    def __init__(self, kv: KVStore, member: Membership, runtime: Runtime, prober: Prober | None = None, *,
+                 router: Routing, state_dir: str | None = None, users: UserPolicy | None = None,
+                 segment_bytes: int = SEGMENT_BYTES, **engine_kw: Any) -> None:
+        self.kv, self.member, self.runtime, self.router = kv, member, runtime, router
+        self.node, self.address = member.name, member.address
+        self.users, self.segment_bytes, self.engine_kw = users, segment_bytes, engine_kw
+        self.cache = Cache(kv, "", skip=(EVENTS, VERSIONS))  # what the view reads
+        self.outbox = Outbox(kv, self.cache, self.node)
+        self.events_cache = Cache(kv, EVENTS)
+        self.events = EventFollower(ClusterStore(kv, self.events_cache), self.outbox.say, segment_bytes=segment_bytes)
+        self.events_cache.subscribe(self.events.heard)
+        self.store = ClusterStore(kv, self.cache, give_up=True)  # the view's writes (manifests)
+        self.agent = NodeAgent(kv, runtime, self.node, prober=prober, users=users, events=self.events,
+                               state_dir=state_dir, cache=Cache(kv, INSTANCES))
+        self.leadership = Leadership(kv, self.cache, self.node, lambda: member.lease)
+        self.engine: Engine | None = None  # while this node leads
+
+        def limit_problem(m: Manifest) -> tuple[str, str] | None:
+            return runtime.limit_problem(Limits(m.memory, m.cpus, m.pids), m.nofile)
+        self._limit_problem = limit_problem
+        self._scope: trio.CancelScope | None = None
+
+    # -- what the view asks of a cluster (view/cached.py ClusterFacts) ----------------------
+
+    def alive(self, node: str) -> bool:
+        return self.cache.get(ALIVE + node) is not None
+
+    def leader(self) -> str:
+        return self.leadership.holder() or ""
+
+    def unreachable(self) -> bool:
+        return self.store.unreachable is not None or (self.engine is not None and
+                                                      self.engine.store.unreachable is not None)  # type: ignore[attr-defined]
+
+    async def settled(self) -> None:
+        await self.store.settled()
+
+    def source(self, *, logs: Any, metrics: Any = lambda: b"", cost: Any = lambda pid: None) -> CachedSource:
+        return CachedSource(self.cache, self.store, self.events, self.outbox,
+                            revision=lambda: self.store.last_revision, logs=logs, metrics=metrics, cost=cost,
+                            node=self.node, cluster=self)
+
+    # -- running -------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as self._scope:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.cache.run)
+                await nursery.start(self.events_cache.run)
+                nursery.start_soon(self.store.run)
+                nursery.start_soon(self.outbox.run)
+                await nursery.start(self.agent.run)
+                nursery.start_soon(self.leadership.run, self._lead)
+                task_status.started()
+
+    async def _lead(self, fence: Compare) -> None:
+        """This node leads: the controller runs here, from the records, until the lead is lost."""
+        main = Cache(self.kv, "")
+        store = ClusterStore(self.kv, main, fence=lambda: [fence])
+        engine = Engine(store, events=EventLog(store, segment_bytes=self.segment_bytes), router=self.router,
+                        users=self.users, limit_problem=self._limit_problem, node=self.node, address=self.address,
+                        **self.engine_kw)
+        engine.nodes.cluster = True
+        engine.nodes.alive = lambda name: main.get(ALIVE + name) is not None
+
+        def heard(changes: list[Change]) -> None:
+            if any(c.kv.key.startswith((NODES, ALIVE)) for c in changes):
+                engine.nodes.reload()
+                for svc in engine.services.values():
+                    svc.poke()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(main.run)
+                nursery.start_soon(store.run)
+                engine.prepare()
+                await nursery.start(engine.run)
+                main.subscribe(heard)
+                await nursery.start(Mailbox(engine, store).run)
+                self.engine = engine
+                await trio.sleep_forever()
+        except Deposed as e:
+            log.warning("node %s: %s", self.node, e)
+        finally:
+            self.engine = None
+
+    async def shutdown(self, *, keep_instances: bool = False) -> None:
+        """Leave: hand the lead on, and (unless kept) stop this node's instances."""
+        if not keep_instances:
+            with trio.move_on_after(30):
+                await self.agent.stop_all()
+        if self._scope is not None:
+            self._scope.cancel()
