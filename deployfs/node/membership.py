@@ -70,6 +70,7 @@ class Membership:
     lease: int = 0  # 0: not joined (or lost)
     adopted: bool = False  # joined under the lease it held before a restart
     rejoins: int = 0  # how often the lease was lost and the name claimed again
+    unreachable: str | None = None  # why the last keepalive failed, while the store is out of reach
 
     @property
     def node_key(self) -> str:
@@ -171,13 +172,16 @@ class Membership:
             await trio.sleep(every)
             try:
                 await self.store.keepalive(self.lease)
+                self.unreachable = None
             except LeaseNotFound:
+                self.unreachable = None
                 log.warning("node %s: the lease expired (the cluster store was out of reach, or this machine "
                             "stood still, longer than --node-ttl %g s): claiming the name again", self.name, self.ttl)
                 self.lease = 0
                 await self._rejoin()
             except StoreError as e:  # unreachable: keep trying, the lease may well outlive the outage
                 log.warning("node %s: lease keepalive failed: %s", self.name, e)
+                self.unreachable = str(e)
 
     async def _rejoin(self) -> None:
         while not self.lease:

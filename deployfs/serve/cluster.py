@@ -52,6 +52,7 @@ class ClusterNode:
                                state_dir=state_dir, cache=Cache(kv, INSTANCES))
         self.leadership = Leadership(kv, self.cache, self.node, lambda: member.lease)
         self.engine: Engine | None = None  # while this node leads
+        self._controller: ClusterStore | None = None  # the engine's store, while this node leads
 
         def limit_problem(m: Manifest) -> tuple[str, str] | None:
             return runtime.limit_problem(Limits(m.memory, m.cpus, m.pids), m.nofile)
@@ -67,8 +68,8 @@ class ClusterNode:
         return self.leadership.holder() or ""
 
     def unreachable(self) -> bool:
-        return self.store.unreachable is not None or (self.engine is not None and
-                                                      self.engine.store.unreachable is not None)  # type: ignore[attr-defined]
+        return (self.member.unreachable is not None or self.store.unreachable is not None
+                or (self._controller is not None and self._controller.unreachable is not None))
 
     async def settled(self) -> None:
         await self.store.settled()
@@ -106,20 +107,24 @@ class ClusterNode:
                 engine.nodes.reload()
                 for svc in engine.services.values():
                     svc.poke()
+        async def commit(scope: trio.CancelScope) -> None:
+            try:
+                await store.run()
+            except Deposed as e:  # another node leads: this controller stops before it acts again
+                log.warning("node %s: %s", self.node, e)
+                scope.cancel()
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(main.run)
-                nursery.start_soon(store.run)
+                nursery.start_soon(commit, nursery.cancel_scope)
                 engine.prepare()
                 await nursery.start(engine.run)
                 main.subscribe(heard)
                 await nursery.start(Mailbox(engine, store).run)
-                self.engine = engine
+                self.engine, self._controller = engine, store
                 await trio.sleep_forever()
-        except Deposed as e:
-            log.warning("node %s: %s", self.node, e)
         finally:
-            self.engine = None
+            self.engine = self._controller = None
 
     async def shutdown(self, *, keep_instances: bool = False) -> None:
         """Leave: hand the lead on, and (unless kept) stop this node's instances."""

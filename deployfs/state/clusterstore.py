@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -257,7 +256,7 @@ class ClusterStore(RecordStore):
                 if self.unreachable is None:
                     log.warning("cluster store unreachable: %s; %d writes wait", e.detail, len(self._queue))
                 self.unreachable = e.detail or "no member answered"
-                now = time.monotonic()
+                now = trio.current_time()
                 for t in [t for t in self._queue if t.refusable and self.give_up]:  # asked for: answered EIO, so given up
                     started = getattr(t, "_since", None)
                     if started is None:
