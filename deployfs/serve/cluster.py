@@ -10,6 +10,7 @@ nodes except through etcd (docs/cluster.md).
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -18,6 +19,7 @@ import trio
 from ..control.engine import Engine, Routing
 from ..control.leader import Leadership
 from ..control.mailbox import Mailbox, Outbox
+from ..model.errors import Error
 from ..model.manifest import Manifest
 from ..node.agent import NodeAgent
 from ..node.cgroups import Limits
@@ -33,6 +35,9 @@ from ..state.records import EVENTS, INSTANCES, NODES, VERSIONS
 from ..view.cached import CachedSource
 
 log = logging.getLogger(__name__)
+
+# How long a stopping node waits for its instances to move elsewhere before it stops them.
+DRAIN_WAIT = 90.0
 
 
 class ClusterNode:
@@ -127,9 +132,34 @@ class ClusterNode:
             self.engine = self._controller = None
 
     async def shutdown(self, *, keep_instances: bool = False) -> None:
-        """Leave: hand the lead on, and (unless kept) stop this node's instances."""
+        """Leave the cluster: (unless kept) its instances move to other nodes first, the way
+        ``drain`` moves them (replacements ready before these stop: no request fails), then what
+        is left stops; the lead passes on when the lease is revoked (cli/serve.py)."""
         if not keep_instances:
+            await self._drain_self()
             with trio.move_on_after(30):
                 await self.agent.stop_all()
         if self._scope is not None:
             self._scope.cancel()
+
+    async def _drain_self(self) -> None:
+        rec = self.cache.get(NODES + self.node)
+        was_cordoned = rec is not None and json.loads(rec.value).get("cordoned", False)
+        who = f"deployfs stopping on {self.node}"
+        try:
+            reply = await self.outbox.command(self.node, "drain", None, who)
+        except Error as e:  # nowhere to move (the last node), no controller, no store: stop them here
+            log.warning("node %s: its instances cannot move before it stops: %s", self.node, e.message)
+            return
+        log.info("node %s: %s; waiting for them to move", self.node, reply)
+        with trio.move_on_after(DRAIN_WAIT) as waited:
+            while any(json.loads(kv.value).get("node") == self.node for kv in self.cache.range(INSTANCES)):
+                await trio.sleep(0.1)
+        if waited.cancelled_caught:
+            log.warning("node %s: instances still here after %g s; stopping them", self.node, DRAIN_WAIT)
+        if not was_cordoned:  # a restart of this server takes instances again (the drain cordoned it)
+            with trio.move_on_after(5):
+                try:
+                    await self.outbox.command(self.node, "uncordon", None, who)
+                except Error as e:
+                    log.warning("node %s: stays cordoned: %s", self.node, e.message)
