@@ -46,7 +46,7 @@ from ..model.manifest import Manifest, ManifestError, format_size, parse
 from ..model.rollout import Phase
 from ..state.cache import Cache
 from ..state.events import EventLog
-from ..state.kv import Change, Compare, Conflict, KVStore, Put
+from ..state.kv import Change, Compare, Conflict, KVStore, LeaseNotFound, Put, Read, StoreError
 from ..state.records import DRAIN, INSTANCES, RUN, STOP, InstanceRecord, decode, encode, instance_key, version_key
 from .cgroups import Limits
 from .health import Prober, Probes
@@ -56,6 +56,7 @@ from .ticker import Ticker
 
 log = logging.getLogger(__name__)
 
+UNREACHABLE_RETRY = 1.0  # seconds between tries while the store (a cluster's etcd) cannot be reached
 LOG_CHECK = 0.25  # seconds between looks at a quiet instance's log size
 GONE = "gone while deployfs was down"  # (one process runs controller and agent: deployfs, to its users)
 
@@ -447,8 +448,22 @@ class NodeAgent:
                               health="starting", phase="starting", why="", started=now,
                               port=port if port is not None else r.port)
 
+    async def _get(self, key: str) -> Read:
+        """Read, waiting out a store that cannot be reached (a cluster's etcd): what runs here
+        goes on meanwhile, and what the agent has to say is said once it is back."""
+        delay = 0.1
+        while True:
+            try:
+                return await self.store.get(key)
+            except (Conflict, LeaseNotFound):
+                raise
+            except StoreError as e:
+                log.warning("node agent: cannot read %s yet: %s", key, e)
+                await trio.sleep(delay)
+                delay = min(delay * 2, UNREACHABLE_RETRY)
+
     async def _manifest(self, rec: InstanceRecord) -> Manifest:
-        read = await self.store.get(version_key(rec.service, rec.version))
+        read = await self._get(version_key(rec.service, rec.version))
         if read.kv is None:
             raise KeyError(rec.version)
         return parse(read.kv.value, name=rec.service).manifest
@@ -463,7 +478,7 @@ class NodeAgent:
     async def _record(self, key: str, change: Callable[[InstanceRecord], bool]) -> None:
         """Write what was observed into the record, on condition it did not change meanwhile (else retry)."""
         while True:
-            read = await self.store.get(key)
+            read = await self._get(key)
             if read.kv is None:
                 return  # the controller dropped it: nothing left to tell
             rec = decode(InstanceRecord, read.kv.value)
@@ -474,6 +489,9 @@ class NodeAgent:
                 return
             except Conflict:
                 continue
+            except StoreError as e:  # unknown whether it was written: read again and see
+                log.warning("node agent: cannot record %s yet: %s", key, e)
+                await trio.sleep(UNREACHABLE_RETRY)
 
     async def _bound_logs(self) -> None:
         """Instances write their own log files: hold each to its bound, all the time.

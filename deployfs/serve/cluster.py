@@ -52,7 +52,8 @@ class ClusterNode:
         self.events_cache = Cache(kv, EVENTS)
         self.events = EventFollower(ClusterStore(kv, self.events_cache), self.outbox.say, segment_bytes=segment_bytes)
         self.events_cache.subscribe(self.events.heard)
-        self.store = ClusterStore(kv, self.cache, give_up=True)  # the view's writes (manifests)
+        # the view's writes (manifests), refused at once while this node's keepalives fail
+        self.store = ClusterStore(kv, self.cache, give_up=True, health=lambda: member.unreachable)
         self.agent = NodeAgent(kv, runtime, self.node, prober=prober, users=users, events=self.events,
                                state_dir=state_dir, cache=Cache(kv, INSTANCES))
         self.leadership = Leadership(kv, self.cache, self.node, lambda: member.lease)

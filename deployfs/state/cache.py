@@ -20,11 +20,12 @@ from typing import Callable, Sequence
 
 import trio
 
-from .kv import Change, Compacted, Delete, KeyValue, KVStore, Put, prefix_end
+from .kv import Change, Compacted, Delete, KeyValue, KVStore, Put, StoreError, prefix_end
 
 log = logging.getLogger(__name__)
 
 Listener = Callable[[list[Change]], None]
+RETRY = 1.0  # seconds between tries while the store cannot be reached
 
 
 class Cache:
@@ -76,7 +77,19 @@ class Cache:
             except Compacted as e:
                 self.relists += 1
                 log.warning("cache of %r: %s; listing again", self.prefix, e)
+                await self._relist()
+            except StoreError as e:  # out of reach (a cluster's etcd): readers keep the last known state
+                log.warning("cache of %r: %s; trying again", self.prefix, e)
+                await trio.sleep(RETRY)
+
+    async def _relist(self) -> None:
+        while True:
+            try:
                 await self._list()
+                return
+            except StoreError as e:
+                log.warning("cache of %r: cannot list: %s; trying again", self.prefix, e)
+                await trio.sleep(RETRY)
 
     async def _list(self) -> None:
         read = await self.store.range(self.prefix)

@@ -62,16 +62,19 @@ class _Txn:
     done: trio.Event = field(default_factory=trio.Event)
     error: Exception | None = None
     revision: int = 0
+    since: float | None = None  # when it first found the store out of reach
 
 
 class ClusterStore(RecordStore):
     def __init__(self, kv: KVStore, cache: Cache, *, fence: Callable[[], Sequence[Compare]] = lambda: (),
-                 give_up: bool = False, events_kept: int = EVENTS_KEPT) -> None:
+                 give_up: bool = False, health: Callable[[], str | None] = lambda: None,
+                 events_kept: int = EVENTS_KEPT) -> None:
         """``cache``: of the whole store, what reads read (the caller runs it).  ``give_up``: a
         write people asked for is dropped once the store was out of reach for :data:`GIVE_UP`
         (a node's view: its writer was answered EIO); the controller's never are (its memory
         has them: it goes on from them)."""
         self.give_up = give_up
+        self.health = health  # why the store is out of reach as others see it (a node's keepalives), or None
         self.kv, self.main = kv, cache
         self.fence = fence
         self.events_kept = events_kept
@@ -115,8 +118,9 @@ class ClusterStore(RecordStore):
                 fn()
 
     def _refuse_if_unreachable(self) -> None:
-        if self.unreachable is not None:
-            raise Unavailable(f"{self.unreachable}; nothing was changed")
+        why = self.unreachable or self.health()
+        if why is not None:
+            raise Unavailable(f"{why}; nothing was changed")
         if self.deposed.is_set():
             raise Unavailable("this node no longer leads the cluster; nothing was changed")
 
@@ -253,20 +257,14 @@ class ClusterStore(RecordStore):
                 self._pending.clear()
                 raise
             except Unavailable as e:
-                if self.unreachable is None:
-                    log.warning("cluster store unreachable: %s; %d writes wait", e.detail, len(self._queue))
-                self.unreachable = e.detail or "no member answered"
-                now = trio.current_time()
-                for t in [t for t in self._queue if t.refusable and self.give_up]:  # asked for: answered EIO, so given up
-                    started = getattr(t, "_since", None)
-                    if started is None:
-                        setattr(t, "_since", now)
-                    elif now - started > GIVE_UP:
-                        t.error = e
-                        t.done.set()
-                        self._queue.remove(t)
+                await self._unavailable(e)
+                continue
+            except StoreError as e:  # refused for good (too large, a bug): say so, never retry for ever
+                log.error("cluster store refused a write of %s: %s", sorted({op.key for op in txn.ops})[:5], e)
+                self._queue.pop(0)
                 self._rebuild_pending()
-                await trio.sleep(RETRY)
+                txn.error = e
+                txn.done.set()
                 continue
             if self.unreachable is not None:
                 log.warning("cluster store reachable again")
@@ -281,6 +279,24 @@ class ClusterStore(RecordStore):
                     fn()
                 except Exception:
                     log.exception("after commit")
+
+    async def _unavailable(self, e: Unavailable) -> None:
+        """Wait to try again; a write people asked for is given up after GIVE_UP (``give_up``)."""
+        if self.unreachable is None:
+            log.warning("cluster store unreachable: %s; %d writes wait", e.detail, len(self._queue))
+        self.unreachable = e.detail or "no member answered"
+        now = trio.current_time()
+        for t in [t for t in self._queue if t.refusable and self.give_up]:  # answered EIO: nothing may change
+            if t.since is None:
+                t.since = now
+            elif now - t.since > GIVE_UP:
+                t.error = e
+                t.done.set()
+                self._queue.remove(t)
+        self._rebuild_pending()
+        if not self._queue:  # nothing left to find out with: the store's health says from now on
+            self.unreachable = None
+        await trio.sleep(RETRY)
 
     def _rebuild_pending(self) -> None:
         self._pending.clear()
