@@ -388,8 +388,8 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
         here = ClusterNode(kv, member, runtime, probes, router=router, state_dir=a.state, users=a.users,
                            segment_bytes=a.events_max_bytes)
         events = here.events
-        metrics = None
-        source, cache = here.source(logs=runtime.log_parts), here.cache
+        metrics = here.metrics()
+        source, cache = here.source(metrics, logs=runtime.log_parts), here.cache
     said.append(events)
     view = Namespace(source, Access(group=group))  # one view, whichever front ends serve it
     ops = DeployFS(view, debug=a.debug)
@@ -407,7 +407,7 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
             log.warning(warning)
             events.emit(CLUSTER, f"warning: {warning}")
     stop_metrics = None  # before the router starts: a refused address must leave nothing running
-    if a.metrics and metrics is not None:
+    if a.metrics:
         try:
             stop_metrics = metrics.serve(*a.metrics)
         except OSError as e:

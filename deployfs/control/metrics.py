@@ -203,20 +203,37 @@ class _Collector(Collector):
 class Metrics:
     """The exposition of one engine: ``render()`` for the file, ``serve()`` for --metrics."""
 
-    def __init__(self, engine: Engine, usage: Usage | None = None, probes: ProbeCounts = lambda name: None) -> None:
-        """``probes``: the node agent's probe counts (serve/local.py wires them: never through the engine)."""
-        self.engine, self.probes = engine, probes
+    def __init__(self, engine: Engine | Callable[[], Engine | None], usage: Usage | None = None,
+                 probes: ProbeCounts = lambda name: None, router: object = None) -> None:
+        """``probes``: the node agent's probe counts (serve/local.py wires them: never through the engine).
+        ``engine`` may be a function: a cluster node has the controller's families only while it leads
+        (serve/cluster.py); its router's and its process's it always has."""
+        self._engine = engine if callable(engine) and not isinstance(engine, Engine) else (lambda: engine)
+        self.router = router if router is not None else engine.router if isinstance(engine, Engine) else None
+        self.probes = probes
         self.usage = usage or Usage()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self._families))
         self._rendered: tuple[float, bytes] | None = None
         ProcessCollector(registry=self.registry)  # the server's own process_cpu_seconds_total, RSS, fds
 
+    def cost(self, pid: int) -> tuple[float, int] | None:
+        """A process's (CPU seconds, resident bytes), from the last pass over /proc; None if gone."""
+        c = self.usage.of(pid)
+        return None if c is None else (c.cpu, c.rss)
+
+    @property
+    def engine(self) -> Engine | None:
+        return self._engine()
+
     def _router_stats(self) -> dict | None:  # a TableFeeder's; other routers have none
-        return getattr(self.engine.router, "last_stats", None)
+        return getattr(self.router, "last_stats", None)
 
     def _families(self) -> list[Metric]:
-        return families(self.engine, self.usage, self._router_stats(), self.probes)
+        engine = self.engine
+        if engine is None:
+            return router_families(self._router_stats())
+        return families(engine, self.usage, self._router_stats(), self.probes)
 
     def render(self) -> bytes:
         """The text, from the trio thread (the /deploy/metrics file).

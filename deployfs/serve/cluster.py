@@ -19,6 +19,7 @@ import trio
 from ..control.engine import Engine, Routing
 from ..control.leader import Leadership
 from ..control.mailbox import Mailbox, Outbox
+from ..control.metrics import Metrics
 from ..model.errors import Error
 from ..model.manifest import Manifest
 from ..node.agent import NodeAgent
@@ -80,10 +81,14 @@ class ClusterNode:
     async def settled(self) -> None:
         await self.store.settled()
 
-    def source(self, *, logs: Any, metrics: Any = lambda: b"", cost: Any = lambda pid: None) -> CachedSource:
+    def metrics(self) -> Metrics:
+        """This node's router and process; the controller's families while it leads."""
+        return Metrics(lambda: self.engine, probes=self.agent.probes_of, router=self.router)
+
+    def source(self, metrics: Metrics, *, logs: Any) -> CachedSource:
         return CachedSource(self.cache, self.store, self.events, self.outbox,
-                            revision=lambda: self.store.last_revision, logs=logs, metrics=metrics, cost=cost,
-                            node=self.node, cluster=self)
+                            revision=lambda: self.store.last_revision, logs=logs, metrics=metrics.render,
+                            cost=metrics.cost, node=self.node, cluster=self)
 
     # -- running -------------------------------------------------------------------------------
 

@@ -75,14 +75,8 @@ class LocalNode:
 def local_source(node: LocalNode, metrics: Metrics | None = None) -> tuple[CachedSource, Cache]:
     store, engine = node.store, node.engine
     metrics = metrics or node.metrics()
-    usage = metrics.usage
     cache = store.cache()
     kv = store.kv
-
-    def cost(pid: int) -> tuple[float, int] | None:  # from the metrics' pass over /proc
-        c = usage.of(pid)
-        return None if c is None else (c.cpu, c.rss)
-
     source = CachedSource(cache, store, engine.events, engine, revision=lambda: kv.revision,
-                          logs=node.runtime.log_parts, metrics=metrics.render, cost=cost, node=engine.node)
+                          logs=node.runtime.log_parts, metrics=metrics.render, cost=metrics.cost, node=engine.node)
     return source, cache
