@@ -23,7 +23,7 @@ from typing import Awaitable, Callable
 import trio
 
 from ..state.cache import Cache
-from ..state.kv import Change, Compare, Conflict, KVStore, Put, StoreError
+from ..state.kv import Change, Compare, Conflict, Delete, KVStore, Put, StoreError
 from ..state.records import LEADER
 
 log = logging.getLogger(__name__)
@@ -37,10 +37,14 @@ class Leadership:
         self.kv, self.cache, self.node, self.lease = kv, cache, node, lease
         self._moved = trio.Event()
         self.terms = 0  # how often this node won
+        self.last_holder: str | None = None  # who held the key before (a node that died, if it lapsed)
         cache.subscribe(self._heard)
 
     def _heard(self, changes: list[Change]) -> None:
         if any(c.kv.key == LEADER for c in changes):
+            holder = self.holder()
+            if holder is not None and holder != self.node:
+                self.last_holder = holder
             self._moved.set()
             self._moved = trio.Event()
 
@@ -97,7 +101,6 @@ class Leadership:
     async def resign(self, fence: Compare) -> None:
         """Hand the key on now (a node stopping): another node leads at once."""
         try:
-            from ..state.kv import Delete
             await self.kv.txn([fence], [Delete(LEADER)])
         except StoreError as e:
             log.warning("could not resign the lead (it passes on when the lease runs out): %s", e)

@@ -111,13 +111,31 @@ class ClusterNode:
                         users=self.users, limit_problem=self._limit_problem, node=self.node, address=self.address,
                         **self.engine_kw)
         engine.nodes.cluster = True
-        engine.nodes.alive = lambda name: main.get(ALIVE + name) is not None
+        # A new controller gives every node one keepalive round to show its lease before it counts
+        # the node down: after an etcd outage every lease may have lapsed at once, and the nodes
+        # claim their names again at their next keepalive (ETCD-NOTES.md); the first to come back
+        # must not replace everybody else's instances.
+        # The controller before this one is known dead (its lapsed lease is why this node leads):
+        # its instances are replaced at once.
+        grace_until = trio.current_time() + self.member.ttl / 2
+        dead = self.leadership.last_holder
+
+        def alive(name: str) -> bool:
+            return main.get(ALIVE + name) is not None or (name != dead and trio.current_time() < grace_until)
+        engine.nodes.alive = alive
+
+        def nodes_changed() -> None:
+            engine.nodes.reload()
+            for svc in engine.services.values():
+                svc.poke()
 
         def heard(changes: list[Change]) -> None:
             if any(c.kv.key.startswith((NODES, ALIVE)) for c in changes):
-                engine.nodes.reload()
-                for svc in engine.services.values():
-                    svc.poke()
+                nodes_changed()
+
+        async def grace_over() -> None:
+            await trio.sleep_until(grace_until)
+            nodes_changed()
         async def commit(scope: trio.CancelScope) -> None:
             try:
                 await store.run()
@@ -131,6 +149,7 @@ class ClusterNode:
                 engine.prepare()
                 await nursery.start(engine.run)
                 main.subscribe(heard)
+                nursery.start_soon(grace_over)
                 await nursery.start(Mailbox(engine, store).run)
                 self.engine, self._controller = engine, store
                 await trio.sleep_forever()
