@@ -53,7 +53,7 @@ STORE_RETRY = 1.0  # seconds between tries of a full state disk
 # Who writes which fields of an instance record (no lost updates: each writes only its own,
 # read-modify-write). The controller: where and what it should run, and its restart budget.
 CONTROLLER_FIELDS = ("slot", "version", "generation", "node", "address", "desired", "restarts",
-                     "restart_times")
+                     "restart_times", "lost")
 # The node agent: what it saw. GiveUp is the one place the controller records a state: failed.
 AGENT_FIELDS = ("pid", "start_time", "state", "health", "phase", "why", "exit_ok", "last_exit", "started",
                 "incarnation", "oom_kills", "first_bad", "port")  # port: where the node had it listen
@@ -134,6 +134,10 @@ class Service:
         self.rec = rec
         self.manifest = parse(rec.manifest, name=rec.name).manifest
         self.instances: dict[int, Instance] = {}
+        # Lost with their node (it went down): not the service's any more, kept until that node
+        # stops them or is forgotten (control/nodes.py liveness_changed).
+        self.lost: dict[int, Instance] = {}
+        self._replacing: list[tuple[int, str]] = []  # (slot, node) of lost ones no start has replaced yet
         # The pause boundary is in the record (wall clock): a restarted server waits out the same pause.
         # A rollout in flight when the server started (again): its instances may be gone with a clean
         # stop, and the good version's strength comes back before the rollout goes on (rollout.py).
@@ -380,6 +384,9 @@ class Service:
             self.instances[rec.id] = inst
             rec.desired = RUN
             e.store.put_instance(rec)  # recorded before it exists: a crash in between leaves a findable stray
+            if self._replacing:
+                slot, node = self._replacing.pop(0)
+                self.event(f"instance {a.slot} replaces {slot} (node {node} down)")
         elif isinstance(a, (rollout.Stop, rollout.Restart, rollout.GiveUp)) and a.id not in self.instances:
             return False  # gone while an earlier action of the same plan yielded
         elif isinstance(a, rollout.Stop):
@@ -472,6 +479,8 @@ class Service:
         """The node agent wrote what it sees of an instance: turn it into the phase plan() reads."""
         inst = self.instances.get(rec.id)
         if inst is None:
+            if rec.id in self.lost and rec.pid is None and rec.state in ("stopped", "failed"):
+                self.drop_lost(self.lost[rec.id], "its node came back and stopped it")
             return
         for name in AGENT_FIELDS:
             setattr(inst.rec, name, getattr(rec, name))
@@ -500,6 +509,44 @@ class Service:
             self.routing_changed()
             self.poke()
 
+    def lose(self, node: str) -> list[int]:
+        """``node`` is down: its instances are lost (the planner no longer sees them, so it starts
+        replacements on other nodes at once); their records stay with ``desired stop`` for that
+        node to carry out if it comes back.  The slots lost, not counting those already leaving."""
+        lost = sorted((i for i in self.instances.values() if i.rec.node == node), key=lambda i: i.rec.slot)
+        if not lost:
+            return []
+        replaced = [i.rec.slot for i in lost if not i.leaving]
+        with self.engine.store.transaction():
+            for inst in lost:
+                del self.instances[inst.rec.id]
+                inst.rec.desired, inst.rec.lost = STOP, True
+                self.lost[inst.rec.id] = inst
+                if inst.stopped is not None:
+                    inst.stopped.set()  # a stop in flight: the node carries it out if it returns
+                if inst.rec.pid is None and inst.rec.state in ("stopped", "failed"):
+                    self.drop_lost(inst, "")  # nothing of it runs there, as its node last said
+                else:
+                    self.save_instance(inst)
+            self._replacing += [(slot, node) for slot in replaced]
+            self.event(f"node {node} down: instance{'s' if len(lost) != 1 else ''} "
+                       f"{', '.join(str(i.rec.slot) for i in lost)} lost" + (", replaced on other nodes" if replaced else ""))
+        self.routing_changed()
+        self.poke()
+        return [i.rec.slot for i in lost]
+
+    def forget_lost(self, nodes: set[str]) -> None:
+        """Lost instances of a node whose record is gone (the node was removed): nobody will stop them."""
+        for inst in [i for i in self.lost.values() if i.rec.node not in nodes]:
+            self.drop_lost(inst, f"node {inst.rec.node} is no longer known")
+
+    def drop_lost(self, inst: Instance, why: str) -> None:
+        self.lost.pop(inst.rec.id, None)
+        self.engine.store.delete_instance(self.name, inst.rec.id)
+        if why:
+            self.event(f"instance {inst.rec.slot} of node {inst.rec.node} (replaced while it was down): {why}; "
+                       "its record goes")
+
     def stop_instance(self, inst: Instance, reason: str) -> None:
         inst.leaving = True
         inst.rec.desired = DRAIN
@@ -516,12 +563,16 @@ class Service:
                 # Those connections are cut by the stop signal (unless the app finishes them): say so.
                 self.event(f"instance {inst.rec.slot} drain timed out after {m.drain_timeout:g}s: "
                            f"{left} connection{'s' if left != 1 else ''} still open")
+        if inst.rec.lost:
+            return  # its node went down meanwhile: the stop is that node's if it comes back (lose)
         inst.stopped = trio.Event()
         inst.rec.desired = STOP
         self.save_instance(inst)
         now = e.store.get_instance(self.name, inst.rec.id)
         if now is not None and not (now.pid is None and now.state in ("stopped", "failed")):
             await inst.stopped.wait()  # the agent stops it (stop_signal, SIGKILL at stop_timeout) and says so
+        if inst.rec.lost:
+            return
         self.instances.pop(inst.rec.id, None)
         e.store.delete_instance(self.name, inst.rec.id)  # (its agent frees its port)
         self.poke()
@@ -626,6 +677,12 @@ class Engine:
     def instance_count(self) -> int:
         return sum(len(s.instances) for s in self.services.values())
 
+    def liveness_changed(self) -> None:
+        """The serve layer's word that some node's liveness (:attr:`Nodes.alive`) may have changed,
+        once the cluster view is loaded: nodes are declared down or back, lost instances replaced,
+        and every service's reconcile wakes at once (control/nodes.py)."""
+        self.nodes.liveness_changed()
+
     def prepare(self) -> None:
         """Join the nodes and give old records their intent: before this node's agent adopts
         anything (serve/local.py LocalNode runs them in that order)."""
@@ -689,6 +746,11 @@ class Engine:
                 inst.first_bad = _from_wall(irec.first_bad) if irec.first_bad is not None else None
                 if inst.phase is Phase.EXITED and inst.last_exit is None:
                     inst.last_exit = trio.current_time()
+                if irec.lost:  # (a controller before this one replaced it: its node has yet to stop it)
+                    svc.lost[irec.id] = inst
+                    if irec.pid is None and irec.state in ("stopped", "failed"):
+                        svc.drop_lost(inst, "its node came back and stopped it")
+                    continue
                 svc.instances[irec.id] = inst
                 if member.leaving:
                     leaving.append(inst)

@@ -36,6 +36,10 @@ class Nodes:
         # One machine: this server is the only node, alive while it runs. A cluster's come from alive/<name>.
         self.alive: Callable[[str], bool] = lambda name: name == self.name
         self.cluster = False  # True: the records are a cluster's, written by each node as it joins
+        # Liveness is acted on only when the serve layer says it changed (liveness_changed), never
+        # before: a controller that started before the cluster view was loaded would find every node down.
+        self.down: frozenset[str] = frozenset()  # declared down: their instances are lost, replaced elsewhere
+        self.all_down = False  # every node looked down at once: the store's outage, not the nodes'
 
     def join(self) -> None:
         """Record this node (its address, when it started), keeping its cordon.
@@ -116,6 +120,42 @@ class Nodes:
         if len(fit) == 1:  # one machine: no counting (a scale to 1,000 places 1,000 times)
             return placement.Choice(fit[0].name)
         return placement.place(self.loads(svc.name), allowed)
+
+    # -- liveness: nodes going down and coming back ----------------------------------------------
+
+    def liveness_changed(self) -> None:
+        """Some node's liveness changed (serve wires this to the ``alive/`` keys): a node gone
+        silent past its TTL is declared down and its instances are replaced at once; one that
+        is back gets its replaced instances stopped (their records say ``desired stop``) and
+        takes new ones again.  Every service's reconcile wakes."""
+        emit = self.engine.events.emit
+        alive = {n for n in self.records if self.alive(n)}
+        if self.records and not alive:
+            # Every lease lapsing together is an outage of the store (ETCD-NOTES.md), or of this
+            # controller's view of it: replacing everything everywhere would only double it.
+            if not self.all_down:
+                self.all_down = True
+                emit(CLUSTER, f"every node looks down at once ({', '.join(sorted(self.records))}): more likely the "
+                              "cluster store than the machines; nothing is replaced until a node is seen alive")
+            return
+        if self.all_down:
+            self.all_down = False
+            emit(CLUSTER, "a node is seen alive again: nodes that stay silent are declared down as usual")
+        down = frozenset(self.records) - alive
+        gone, back = down - self.down, (self.down - down) & set(self.records)
+        self.down = down
+        for name in sorted(back):
+            emit(CLUSTER, f"node {name} is back: it stops the instances replaced while it was down, and takes new ones")
+        for name in sorted(down):  # (every down node: a controller that just started finds their instances)
+            lost = {svc.name: svc.lose(name) for svc in self.engine.services.values()}
+            lost = {svc: slots for svc, slots in lost.items() if slots}
+            what = "; ".join(f"{svc} {', '.join(map(str, slots))}" for svc, slots in sorted(lost.items()))
+            if name in gone or lost:
+                emit(CLUSTER, f"node {name} down: " + (f"its instances are lost and replaced on other nodes ({what})"
+                                                       if lost else "no instances there"))
+        for svc in self.engine.services.values():
+            svc.forget_lost(set(self.records))
+            svc.poke()
 
     # -- what the view shows -----------------------------------------------------------------
 

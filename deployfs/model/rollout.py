@@ -15,7 +15,8 @@ Rolling (docs/manifest.md), as a reconcile rule:
 4. once the batch is ready, retire as many old instances as keeps exactly
    ``replicas`` serving;
 5. at a batch boundary: done if only ready target instances remain, else wait
-   ``update_pause``, honour pause/step, and start the next batch on new slots.
+   ``update_pause``, honour pause/step, and start the next batch on new slots
+   (``update_batch`` of them, more if fewer than ``replicas`` serve: up to the surge bound).
 
 After a failure (``failed``) the good version is held at ``replicas``: a
 release that passed its checks and then went bad may already have retired
@@ -221,7 +222,9 @@ def plan(t: Target, insts: list[Inst], st: State, now: float, routed: bool = Tru
     if now < boundary + t.pause and old:
         return Plan([], st, wake_at=boundary + t.pause)
     # Nothing old to protect (a first deploy, or a start after `stop`): start all at once.
-    count = min(t.batch, t.replicas - len(ready)) if old else t.replicas - len(ready)
+    # A batch over what serves: ``update_batch`` beside a full old set, more when some are gone
+    # (lost with their node): the surge bound, never more than ``replicas + update_batch``.
+    count = min(t.replicas + t.batch - len(old) - len(ready), t.replicas - len(ready)) if old else t.replicas - len(ready)
     top = max((i.slot for i in insts), default=-1) + 1
     steps = st.steps - 1 if st.status == "paused" else st.steps
     return Plan([Start(top + k) for k in range(count)], replace(st, steps=steps, boundary=None))

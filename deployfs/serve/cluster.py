@@ -126,8 +126,7 @@ class ClusterNode:
 
         def nodes_changed() -> None:
             engine.nodes.reload()
-            for svc in engine.services.values():
-                svc.poke()
+            engine.liveness_changed()  # down nodes' instances replaced, returned ones rejoin; every service wakes
 
         def heard(changes: list[Change]) -> None:
             if any(c.kv.key.startswith((NODES, ALIVE)) for c in changes):
@@ -149,6 +148,7 @@ class ClusterNode:
                 engine.prepare()
                 await nursery.start(engine.run)
                 main.subscribe(heard)
+                nodes_changed()  # the records are loaded: the controller before this one is known dead
                 nursery.start_soon(grace_over)
                 await nursery.start(Mailbox(engine, store).run)
                 self.engine, self._controller = engine, store

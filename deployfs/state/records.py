@@ -93,6 +93,9 @@ class InstanceRecord:
     # written by the agent (bumping ``restarts`` past it asks for a fresh process).
     desired: str = ""
     incarnation: int = -1
+    # Its node went down and the controller replaced it (docs/cluster.md): no longer one of the
+    # service's instances; kept, ``desired stop``, so that node stops it if it comes back.
+    lost: bool = False
 
 
 @dataclass

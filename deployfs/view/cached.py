@@ -164,8 +164,9 @@ class CachedSource:
         m = self._manifest(rec.manifest, name)
 
         def derived() -> Derived:  # only for a request that shows it: `cat version` reads no instance
-            insts = sorted((self._record(InstanceRecord, i) for i in self.cache.range(instances_prefix(name))),
-                           key=lambda i: i.slot)
+            recs = (self._record(InstanceRecord, i) for i in self.cache.range(instances_prefix(name)))
+            # A lost one (its node went down, a replacement took its place) is no longer the service's.
+            insts = sorted((i for i in recs if not i.lost), key=lambda i: i.slot)
             members = [member_of(i) for i in insts]
             standing = standing_of(rec, m)
             return Derived(progress=derive.progress(standing, members),
