@@ -37,7 +37,7 @@ from typing import IO, Callable, Iterable, Mapping, Protocol
 
 import trio
 
-from ..state import statedir
+from ..state import logfiles, statedir
 from .cgroups import CgroupError, Cgroups, InstanceCgroup, Limits
 from .identity import Identity, IdentityError, resolve
 from .portlocks import PortLocks
@@ -435,8 +435,7 @@ class LocalRuntime:
         return os.path.join(self.log_dir, service, f"{instance_id}.log")
 
     def log_parts(self, service: str, instance_id: int) -> list[str]:
-        path = self.log_path(service, instance_id)
-        return [path + ".1", path]
+        return logfiles.parts(self.log_dir, service, instance_id)
 
     def read_log(self, service: str, instance_id: int, lines: int) -> bytes:
         """The last ``lines`` lines, reading no more than the log's bound from the end of each part."""

@@ -261,12 +261,16 @@ class DeployFS(pyfuse3.Operations):
     @_guard
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         path, node = self._node(parent_inode)
+        await node.fresh()  # what stat and names say may need a request (another node's logs: view/files.py)
         child_name, child = node.lookup(name)
+        await child.fresh()
         return self._looked_up(self._attrs(child.inode_key((*path, child_name)), child, parent=node))
 
     @_guard
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._attrs(*self._node(inode), ino=inode)
+        path, node = self._node(inode)
+        await node.fresh()
+        return self._attrs(path, node, ino=inode)
 
     @_guard
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
@@ -280,6 +284,8 @@ class DeployFS(pyfuse3.Operations):
         d = self._dirs[fh]
         up = d.path[:-1]
         dots: list[tuple[str, Path, File | None]] = [(".", d.path, d.node), ("..", up, self.ns.resolve(up))]
+        if start_id == 0:
+            await d.node.fresh()
         names = d.node.names()
         for i in range(start_id, len(dots) + len(names)):
             if i < len(dots):  # the kernel takes no reference on "." and ".."
@@ -292,8 +298,12 @@ class DeployFS(pyfuse3.Operations):
             child = d.node.child(name)
             if child is None:
                 continue
+            await child.fresh()
             path = child.inode_key((*d.path, name))
-            attrs = self._attrs(path, child, self._inos.get(path), d.node)
+            try:
+                attrs = self._attrs(path, child, self._inos.get(path), d.node)
+            except Error:
+                continue  # (another node's log, that node not answering): its lookup says why, EIO
             if not pyfuse3.readdir_reply(token, name.encode(), attrs, i + 1):
                 return
             self._looked_up(attrs)  # readdirplus: each entry given counts as a lookup

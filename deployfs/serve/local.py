@@ -25,6 +25,7 @@ from ..node.health import Prober
 from ..node.identity import UserPolicy
 from ..node.runtime import Runtime
 from ..state.cache import Cache
+from ..state.logclient import RemoteLogs
 from ..state.records import INSTANCES
 from ..state.store import SqliteStore
 from ..view.cached import CachedSource
@@ -72,11 +73,14 @@ class LocalNode:
         return Metrics(self.engine, probes=self.agent.probes_of)
 
 
-def local_source(node: LocalNode, metrics: Metrics | None = None) -> tuple[CachedSource, Cache]:
+def local_source(node: LocalNode, metrics: Metrics | None = None,
+                 remote_logs: RemoteLogs | None = None) -> tuple[CachedSource, Cache]:
+    """``remote_logs``: how instances' output on other nodes is read (cluster mode; the caller closes it)."""
     store, engine = node.store, node.engine
     metrics = metrics or node.metrics()
     cache = store.cache()
     kv = store.kv
     source = CachedSource(cache, store, engine.events, engine, revision=lambda: kv.revision,
-                          logs=node.runtime.log_parts, metrics=metrics.render, cost=metrics.cost, node=engine.node)
+                          logs=node.runtime.log_parts, metrics=metrics.render, cost=metrics.cost, node=engine.node,
+                          remote_logs=remote_logs)
     return source, cache

@@ -107,6 +107,9 @@ class NodeRecord:
     cordoned: bool = False  # no new instance is placed there
     draining: bool = False  # `drain`: its instances move elsewhere (set with cordoned)
     joined: float = 0.0  # wall clock of its last join (a server's start)
+    # Where its log server answers, on ``address`` (node/logserver.py): other nodes read its
+    # instances' output there. 0: it serves none (one machine, --log-port 0, an older version).
+    log_port: int = 0
 
 
 @dataclass(frozen=True)

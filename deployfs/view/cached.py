@@ -36,10 +36,14 @@ from ..model.manifest import Manifest, ManifestError, parse
 from ..model.status import Derived, InstanceStatus, ServiceStatus
 from ..state.cache import Cache
 from ..state.events import EventLog
+from ..state import logfiles
 from ..state.kv import Change, KeyValue, StoreFull
+from ..state.logclient import Owner, RemoteLogs, Unreachable
+from ..state.logfiles import LogInfo
 from ..state.members import member_of, standing_of
 from ..state.records import (ALIVE, INSTANCES, MANIFESTS, NODES, SERVICES, InstanceRecord, ManifestFile, NodeRecord,
-                             ServiceRecord, decode, decode_file, decode_node, instances_prefix, manifest_key, service_key)
+                             ServiceRecord, decode, decode_file, decode_node, instance_key, instances_prefix, manifest_key,
+                             node_key, service_key)
 from ..state.store import Store
 
 T = TypeVar("T")
@@ -78,15 +82,18 @@ class CachedSource:
                  revision: Callable[[], int], logs: Callable[[str, int], list[str]],
                  metrics: Callable[[], bytes] = lambda: b"",
                  cost: Callable[[int], tuple[float, int] | None] = lambda pid: None, node: str = "",
-                 cluster: "ClusterFacts | None" = None) -> None:
+                 cluster: "ClusterFacts | None" = None, remote_logs: RemoteLogs | None = None) -> None:
         """``revision``: the store's revision after this process's last write (what `settled` waits
-        for); ``cost``: an instance's (CPU seconds, resident bytes) by its pid, None if not running;
+        for); ``logs``: the files of this node's instances' output; ``remote_logs``: how another
+        node's are read (None: never; one machine has no other node);
+        ``cost``: an instance's (CPU seconds, resident bytes) by its pid, None if not running;
         ``node``: this server's node, on one machine the one live node, leading every service
         (a cluster's liveness and leaders will be records too: alive/<name>, an election)."""
         self.cache, self.store, self.events, self.commands = cache, store, events, commands
         self._node = node
         self._facts = cluster
         self._revision, self._logs, self._metrics, self._cost = revision, logs, metrics, cost
+        self._remote_logs = remote_logs
         self._decoded: dict[str, tuple[KeyValue, object]] = {}  # key -> (the value decoded, its record)
         self._parsed: dict[str, Manifest | None] = {}  # manifest text -> parsed (the last few)
         self._mtimes: dict[str, float] = {}  # service -> wall clock of the last change to its records
@@ -274,8 +281,62 @@ class CachedSource:
     async def events_appended(self, service: str) -> None:
         await self._appended.setdefault(service, trio.Event()).wait()
 
-    def log_parts(self, service: str, instance_id: int) -> list[str]:
-        return self._logs(service, instance_id)
+    # -- logs: this node's from its files, another node's asked of it (state/logclient.py) ---------
+
+    def _log_owners(self, service: str, instance_id: int) -> list[Owner] | None:
+        """None: the log is this node's.  Else the nodes that may keep it: the one its instance record
+        names, or for an instance whose record is gone (logs/failed-N) every other node."""
+        if self._remote_logs is None:
+            return None
+        kv = self.cache.get(instance_key(service, instance_id))
+        if kv is not None:
+            node = self._record(InstanceRecord, kv).node
+            return None if node in ("", self._node) else [self._owner(node)]
+        if logfiles.info(self._logs(service, instance_id)) is not None:
+            return None
+        return [self._owner(kv.key[len(NODES):]) for kv in self.cache.range(NODES)
+                if kv.key[len(NODES):] != self._node]
+
+    def _owner(self, node: str) -> Owner:
+        kv = self.cache.get(node_key(node))
+        if kv is None:
+            return Owner(node, "", 0)
+        rec = self._record(NodeRecord, kv, partial(decode_node, kv.key))
+        return Owner(node, rec.address, rec.log_port)
+
+    def _log_where(self, service: str, instance_id: int) -> Owner | None:
+        owners = self._log_owners(service, instance_id)
+        if owners is None or len(owners) == 1:
+            return None if owners is None else owners[0]
+        assert self._remote_logs is not None
+        return next((o for o in owners if instance_id in self._remote_logs.known(o, service)), None)
+
+    def log_info(self, service: str, instance_id: int) -> LogInfo | None:
+        owner = self._log_where(service, instance_id)
+        if owner is None:
+            return logfiles.info(self._logs(service, instance_id))
+        assert self._remote_logs is not None
+        try:
+            return self._remote_logs.info(owner, service, instance_id)
+        except Unreachable as e:
+            raise Error(Kind.UNAVAILABLE, e.message) from None
+
+    async def log_fresh(self, service: str, instance_id: int) -> None:
+        owners = self._log_owners(service, instance_id)
+        if owners is not None:
+            assert self._remote_logs is not None
+            for owner in owners:
+                await self._remote_logs.fresh(owner, service)
+
+    async def log_read(self, service: str, instance_id: int, off: int, size: int) -> bytes:
+        owner = self._log_where(service, instance_id)
+        if owner is None:
+            return logfiles.read(self._logs(service, instance_id), off, size)
+        assert self._remote_logs is not None
+        try:
+            return await self._remote_logs.read(owner, service, instance_id, off, size)
+        except Unreachable as e:
+            raise Error(Kind.UNAVAILABLE, e.message) from None
 
     def metrics_text(self) -> bytes:
         return self._metrics()

@@ -15,16 +15,13 @@ cancels when the reader gives up (FUSE's interrupt, 9P's Tflush).
 from __future__ import annotations
 
 import enum
-import os
 import re
-import stat as stat_
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from ..model.errors import CommandError, Error, Kind
 from ..model.ctl import parse_command
 from ..model.manifest import MAX_MANIFEST_BYTES
-from ..state import statedir
 from .access import Caller
 
 if TYPE_CHECKING:
@@ -137,6 +134,10 @@ class File:
         """The path an inode is kept under (by default the path it was found at)."""
         return path
 
+    async def fresh(self) -> None:
+        """Bring what ``stat`` (and a directory's names) say up to date, where that needs a
+        request (another node's log): a front end awaits it before it answers with them."""
+
     def stat(self) -> Stat:
         raise NotImplementedError
 
@@ -186,6 +187,11 @@ class Dir(File):
     # Elsewhere names only appear (services), or change through the front end
     # itself (manifests/), so a kernel's dentry cache stays right.
     volatile: bool = False
+    refresh: Callable[[], Awaitable[None]] | None = None  # what `fresh` does (logs/: ask other nodes)
+
+    async def fresh(self) -> None:
+        if self.refresh is not None:
+            await self.refresh()
 
     def stat(self) -> Stat:
         return Stat(True, 0o555, changes=Changes.NEVER)
@@ -318,7 +324,8 @@ class EventsHandle(Handle):
 
 @dataclass(frozen=True)
 class LogFile(File):
-    """An instance's output, read live from the files the runtime keeps.
+    """An instance's output, read live from wherever it is kept (this node's files, or
+    the node that runs the instance: the source knows which).
 
     Not a snapshot: between two rotations it only grows, so its true size and
     a read at any offset are all `tail -f` needs.  Only the bytes asked for
@@ -331,43 +338,26 @@ class LogFile(File):
     def inode_key(self, path: Path) -> Path:
         return (*path[:-1], f"@{self.instance}")  # the inode follows the instance, not the slot
 
-    def _sizes(self) -> list[tuple[str, int, float]]:
-        out = []
-        for p in self.ns.source.log_parts(self.service, self.instance):
-            try:
-                st = os.lstat(p)
-            except OSError:
-                continue
-            if stat_.S_ISREG(st.st_mode):  # a planted link is neither followed here nor read
-                out.append((p, st.st_size, st.st_mtime))
-        return out
+    async def fresh(self) -> None:
+        await self.ns.source.log_fresh(self.service, self.instance)
 
     def exists(self) -> bool:
-        return bool(self._sizes())
+        try:
+            return self.ns.source.log_info(self.service, self.instance) is not None
+        except Error:
+            return True  # its node does not answer: shown, and reading it says so (EIO)
 
     def stat(self) -> Stat:
-        sizes = self._sizes()
-        return Stat(False, 0o444, sum(size for _, size, _ in sizes),
-                    max((m for _, _, m in sizes), default=0.0) or self.ns.started)
+        info = self.ns.source.log_info(self.service, self.instance)
+        if info is None:
+            return Stat(False, 0o444, 0, self.ns.started)
+        return Stat(False, 0o444, info.size, info.mtime or self.ns.started)
 
     def reader(self, caller: Caller, mode: OpenMode) -> Handle:
         return LogHandle(self)
 
-    def read(self, off: int, size: int) -> bytes:
-        out = bytearray()
-        for path, length, _ in self._sizes():
-            if off >= length:
-                off -= length
-                continue
-            try:
-                with statedir.open_file(path, "rb") as f:  # never a planted link's target
-                    out += os.pread(f.fileno(), min(size - len(out), length - off), off)
-            except OSError:
-                pass
-            off = 0
-            if len(out) >= size:
-                break
-        return bytes(out)
+    async def read(self, off: int, size: int) -> bytes:
+        return await self.ns.source.log_read(self.service, self.instance, off, size)
 
 
 class LogHandle(Handle):
@@ -375,7 +365,7 @@ class LogHandle(Handle):
         self.log = log
 
     async def read(self, off: int, size: int) -> bytes:
-        return self.log.read(off, size)
+        return await self.log.read(off, size)
 
 
 @dataclass(frozen=True)

@@ -202,7 +202,12 @@ class Namespace:
                 return found if found.exists() else None
             id = kept().get(name)
             return None if id is None else log(id)
-        return Dir(self, lambda: [str(i.slot) for i in s.instances] + sorted(kept()), child, volatile=True)
+
+        async def refresh() -> None:  # kept logs of instances gone may be on another node: asked there
+            for id in sorted(set(s.kept_logs.values())):
+                await self.source.log_fresh(s.name, id)
+        return Dir(self, lambda: [str(i.slot) for i in s.instances] + sorted(kept()), child, volatile=True,
+                   refresh=refresh)
 
     def nodes_dir(self) -> Dir:
         def child(name: str) -> File | None:

@@ -16,6 +16,7 @@ from typing import Callable, Protocol
 
 from ..model.cluster import ClusterStatus
 from ..model.status import ServiceStatus
+from ..state.logfiles import LogInfo
 from ..state.store import ManifestFile
 
 
@@ -69,9 +70,19 @@ class Source(Protocol):
         """Return once the next event of ``service`` is committed and readable."""
         ...
 
-    # -- logs --------------------------------------------------------------------------------
-    def log_parts(self, service: str, instance_id: int) -> list[str]:
-        """The files holding an instance's output, oldest first."""
+    # -- logs: an instance's output, kept by the node that runs it ---------------------------
+    def log_info(self, service: str, instance_id: int) -> LogInfo | None:
+        """Its size and mtime as last known (None: no output is kept); Error(UNAVAILABLE) with the
+        reason if it is another node's and that node did not answer (docs/cluster.md)."""
+        ...
+
+    async def log_fresh(self, service: str, instance_id: int) -> None:
+        """Bring ``log_info`` up to date: another node's log is asked of it (at most once per a
+        short TTL, one request for all of a service's logs there); this node's is read at once."""
+        ...
+
+    async def log_read(self, service: str, instance_id: int, off: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``off``, from wherever the log is (Error(UNAVAILABLE) as above)."""
         ...
 
     def metrics_text(self) -> bytes:

@@ -462,8 +462,10 @@ class Session:
                     path = path[:-1]
                     node = self._file(path)
                 elif raw != ".":  # not 9P, but diodls walks it
+                    await node.fresh()  # (another node's logs are asked of it: view/files.py)
                     name, node = node.lookup(raw.encode("utf-8", "surrogateescape"))
                     path = (*path, name)
+                await node.fresh()
                 qids.append(self._qid(node, path, node.stat()))
             except (Error, _Refused):
                 if i == 0:
@@ -489,6 +491,7 @@ class Session:
     async def getattr(self, m: c.Tgetattr) -> c.Message:
         f = self._fid(m.fid)
         node = self._file(f.path)
+        await node.fresh()
         st = node.stat()
         access = self.ns.access
         mode = (stat.S_IFDIR if st.is_dir else stat.S_IFREG) | st.mode
@@ -500,6 +503,7 @@ class Session:
     async def lopen(self, m: c.Tlopen) -> c.Message:
         f = self._unopened(m.fid)
         node = self._file(f.path)
+        await node.fresh()
         st = node.stat()
         write = m.flags & os.O_ACCMODE != os.O_RDONLY
         if st.is_dir:
