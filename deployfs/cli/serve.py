@@ -21,12 +21,14 @@ import trio
 from .. import __version__
 
 if TYPE_CHECKING:
+    from ..node.logserver import LogServer
     from ..node.membership import Membership
     from ..node.identity import UserPolicy
 
 log = logging.getLogger("deployfs")
 
 DEFAULT_NODE_TTL = 10
+DEFAULT_LOG_PORT = 7390  # a node's log server (node/logserver.py): --log-port
 
 
 class SetupError(Exception):
@@ -68,6 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--address", metavar="IP",
                    help="where this node's instances listen ($ADDRESS) and are reached (default: 127.0.0.1 on "
                         "one machine, the host name's address with --cluster)")
+    s.add_argument("--log-port", type=_log_port, metavar="PORT",
+                   help=f"with --cluster: serve this node's instances' output to the other nodes (logs/N) on "
+                        f"--address and this port (default {DEFAULT_LOG_PORT}; 0: not at all); cluster members "
+                        "only: firewall it like etcd's ports (docs/cluster.md)")
     s.add_argument("--node-ttl", type=_node_ttl, metavar="SECONDS",
                    help="how long a silent node keeps its name and lease (whole seconds, >= 2; default 10)")
     s.add_argument("--default-user", metavar="NAME",
@@ -172,6 +178,12 @@ def _cluster_urls(text: str) -> list[str]:
     return urls
 
 
+def _log_port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"wants a port, 0-65535 (0: serve no logs), got {text!r}")
+    return int(text)
+
+
 def _node_ttl(text: str) -> int:
     try:
         ttl = int(text)
@@ -187,6 +199,10 @@ def check_cluster(a: argparse.Namespace) -> None:
     from ..model.cluster import valid_node_name
     if not a.cluster and a.node_ttl is not None:
         raise SetupError("--node-ttl only makes sense with --cluster (the etcd members' URLs)")
+    if not a.cluster and a.log_port is not None:
+        raise SetupError("--log-port only makes sense with --cluster (one machine reads its logs from its own disk)")
+    if a.log_port is None:
+        a.log_port = DEFAULT_LOG_PORT if a.cluster else 0
     if a.node is None:
         a.node = socket.gethostname().split(".")[0]
         if not a.cluster and not valid_node_name(a.node):
@@ -319,8 +335,17 @@ async def serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None
     from ..state.etcdkv import Unavailable, open_etcd
     from ..state.kv import StoreError
 
+    logs = None
+    if a.log_port:  # bound before joining: a refused port leaves nothing behind
+        from ..node.logserver import LogServer
+        logs = LogServer(os.path.join(a.state, "logs"), a.address, a.log_port)
+        try:
+            await logs.listen()
+        except OSError as e:
+            raise SetupError(f"--log-port {a.log_port} on {a.address}: {e.strerror or e}") from None
     async with open_etcd(a.cluster) as kv:
-        member = Membership(kv, a.node, a.address, a.node_ttl, lease_file=os.path.join(a.state, "cluster-lease"))
+        member = Membership(kv, a.node, a.address, a.node_ttl, log_port=a.log_port,
+                            lease_file=os.path.join(a.state, "cluster-lease"))
         try:
             await member.join()
         except NameTaken as e:
@@ -330,7 +355,7 @@ async def serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None
         log.info("node %s (%s) %s the cluster at %s (lease TTL %d s)", a.node, a.address,
                  "is back in" if member.adopted else "joined", ",".join(a.cluster), a.node_ttl)
         try:
-            await _serve(a, ports, group, member, kv)
+            await _serve(a, ports, group, member, kv, logs)
         finally:
             if not a.keep_instances:  # kept instances still run here: keep the name (a restart takes it back)
                 with trio.CancelScope(shield=True), trio.move_on_after(3):
@@ -342,7 +367,7 @@ async def serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None
 
 
 async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | None, member: Membership | None,
-                 kv: Any = None) -> None:
+                 kv: Any = None, logs: LogServer | None = None) -> None:
     import pyfuse3
 
     from ..state.events import CLUSTER, EventLog
@@ -356,6 +381,7 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
     from ..traffic.router_client import RouterClient, RouterError
     from ..state.events import CLUSTER
     from ..node.runtime import LocalRuntime
+    from ..state.logclient import RemoteLogs
     from ..state.store import SqliteStore, StoreError
 
     store: SqliteStore | None = None
@@ -375,6 +401,7 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
     runtime = LocalRuntime(a.state, ports=ports)
     log.info("cgroups: %s", runtime.cgroups.layout.describe())
     here: LocalNode | ClusterNode
+    remote_logs: RemoteLogs | None = None  # one machine has no other node
     if store is not None:
         events = EventLog(store, segment_bytes=a.events_max_bytes)
         # The controller and this node's agent: one process runs both, meeting only in the store.
@@ -389,7 +416,9 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
                            segment_bytes=a.events_max_bytes)
         events = here.events
         metrics = here.metrics()
-        source, cache = here.source(metrics, logs=runtime.log_parts), here.cache
+        # Other nodes' instances' output is read from them (their log servers: node/logserver.py).
+        remote_logs = RemoteLogs()
+        source, cache = here.source(metrics, logs=runtime.log_parts, remote_logs=remote_logs), here.cache
     said.append(events)
     view = Namespace(source, Access(group=group))  # one view, whichever front ends serve it
     ops = DeployFS(view, debug=a.debug)
@@ -443,6 +472,8 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
             await nursery.start(here.run)
             if member is not None:
                 nursery.start_soon(member.run)  # keeps the lease alive
+            if logs is not None:
+                await nursery.start(logs.run)
             if ninep is not None:
                 await nursery.start(ninep.run)
 
@@ -479,6 +510,8 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
             ops.mounted = False
             pyfuse3.close(unmount=True)
         await probes.aclose()
+        if remote_logs is not None:
+            await remote_logs.aclose()
         if store is not None:
             store.close()
         log.info("stopped" if a.no_mount else f"unmounted {a.mountpoint}")

@@ -64,6 +64,7 @@ class Membership:
     name: str
     address: str
     ttl: float
+    log_port: int = 0  # where its log server answers, on ``address`` (node/logserver.py); 0: none
     # where the state dir remembers this node's lease, so a restart within the TTL (after
     # a crash, or --keep-instances) takes its own name back instead of being refused
     lease_file: str | None = None
@@ -109,7 +110,7 @@ class Membership:
                     lease, guard = fresh.id, Compare(self.alive_key, 0)
                 node = (await self.store.get(self.node_key)).kv
                 record: dict[str, Any] = _json(node.value) if node is not None else {"cordoned": False}
-                record.update(address=self.address, joined=round(time.time(), 3))
+                record.update(address=self.address, log_port=self.log_port, joined=round(time.time(), 3))
                 try:
                     await self.store.txn(
                         [guard, Compare(self.node_key, node.mod_revision if node else 0)],

@@ -32,6 +32,7 @@ from ..state.cache import Cache
 from ..state.clusterstore import ClusterStore, Deposed
 from ..state.events import SEGMENT_BYTES, EventFollower, EventLog
 from ..state.kv import Change, Compare, KVStore
+from ..state.logclient import RemoteLogs
 from ..state.records import EVENTS, INSTANCES, NODES, VERSIONS
 from ..view.cached import CachedSource
 
@@ -85,10 +86,10 @@ class ClusterNode:
         """This node's router and process; the controller's families while it leads."""
         return Metrics(lambda: self.engine, probes=self.agent.probes_of, router=self.router)
 
-    def source(self, metrics: Metrics, *, logs: Any) -> CachedSource:
+    def source(self, metrics: Metrics, *, logs: Any, remote_logs: RemoteLogs | None = None) -> CachedSource:
         return CachedSource(self.cache, self.store, self.events, self.outbox,
                             revision=lambda: self.store.last_revision, logs=logs, metrics=metrics.render,
-                            cost=metrics.cost, node=self.node, cluster=self)
+                            cost=metrics.cost, node=self.node, cluster=self, remote_logs=remote_logs)
 
     # -- running -------------------------------------------------------------------------------
 
