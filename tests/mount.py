@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 from deployfs.node.cgroups import Cgroups
 from deployfs.node.runtime import marked_processes, marker_prefix
@@ -58,7 +58,16 @@ class Mount:
             return ""
 
 
-def start(tmp, *extra: str, state: str | None = None, mnt: str | None = None, argv: list[str] | None = None) -> Mount:
+def start(tmp, *extra: str, state: str | None = None, mnt: str | None = None, argv: list[str] | None = None,
+          preexec_fn: Callable[[], None] | None = None) -> Mount:
+    m = spawn(tmp, *extra, state=state, mnt=mnt, argv=argv, preexec_fn=preexec_fn)
+    wait_mounted(m)
+    return m
+
+
+def spawn(tmp, *extra: str, state: str | None = None, mnt: str | None = None, argv: list[str] | None = None,
+          preexec_fn: Callable[[], None] | None = None) -> Mount:
+    """Start the server without waiting for its mount (several servers start side by side)."""
     mnt = mnt or os.path.join(tmp, "mnt")
     state = state or os.path.join(tmp, "state")
     try:
@@ -68,15 +77,18 @@ def start(tmp, *extra: str, state: str | None = None, mnt: str | None = None, ar
     log = os.path.join(tmp, f"serve-{time.monotonic_ns()}.log")
     cmd = argv or [sys.executable, "-m", "deployfs", "serve", mnt, "--state", state, *extra]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    m = Mount(mnt, state, proc, log)
-    deadline = time.monotonic() + 20
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=preexec_fn)
+    return Mount(mnt, state, proc, log)
+
+
+def wait_mounted(m: Mount, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
     # A dead mount left by a crash is still "a mount": wait for a live one.
-    while not (os.path.ismount(mnt) and os.path.exists(os.path.join(mnt, "ctl"))):
-        if proc.poll() is not None or time.monotonic() > deadline:
+    while not (os.path.ismount(m.path) and os.path.exists(os.path.join(m.path, "ctl"))):
+        if m.proc.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"deployfs did not mount:\n{m.server_log()}")
         time.sleep(0.02)
-    return m
 
 
 @contextlib.contextmanager
