@@ -15,6 +15,9 @@ the store's watch (:mod:`.cache`) decodes them with the functions below.
 ``meta/next-instance-id``              the next instance id: ids are never reused
 ``nodes/<name>``                       :class:`NodeRecord` (node/membership.py writes it in a
                                        cluster, the engine on one machine)
+``routes/<svc>``                       :class:`RouteRecord`: the routing table every node's
+                                       router follows (traffic/published.py, follower.py)
+``routed/<svc>/<node>``                :class:`RouteAck`: what that node's router has applied
 =====================================  ==========================================
 """
 
@@ -112,6 +115,29 @@ class NodeRecord:
     log_port: int = 0
 
 
+@dataclass
+class RouteRecord:
+    """A service's routing table as the controller publishes it: every node's follower
+    (traffic/follower.py) feeds it to that node's router, so a client may use any node."""
+    service: str
+    port: int | None = None
+    protocol: str = "tcp"  # tcp | http (docs/traffic.md)
+    # [address, port, node] of each backend: a follower drops those of a node it sees down at
+    # once, without waiting for the controller to write a new table.
+    backends: list[list[Any]] = field(default_factory=list)
+    weights: list[int] | None = None  # one per backend (None: even)
+
+
+@dataclass
+class RouteAck:
+    """A node's answer to ``routes/<svc>``: the table it applied, and what it still drains."""
+    node: str
+    revision: int = 0  # the mod_revision of the route record its router has
+    draining: list[list[Any]] = field(default_factory=list)  # [address, port]: removed, connections open here
+    error: str = ""  # why its router could not take the table (it could not listen), else ""
+    port_problem: str = ""  # the model.errors.Kind of that error, by name
+
+
 @dataclass(frozen=True)
 class Event:
     seq: int
@@ -145,6 +171,8 @@ NODES = "nodes/"  # the same keys as node/membership.py's
 # A cluster's (docs/cluster.md): the controller's key, held under its node's lease; ctl
 # writes on any node for it, its replies, and events said on any node for it to write.
 LEADER = "leader"
+ROUTES = "routes/"
+ROUTED = "routed/"
 COMMANDS = "commands/"
 REPLIES = "replies/"
 SAY = "say/"
@@ -170,6 +198,14 @@ def node_key(name: str) -> str:
     return NODES + name
 
 
+def route_key(service: str) -> str:
+    return ROUTES + service
+
+
+def routed_key(service: str, node: str) -> str:
+    return f"{ROUTED}{service}/{node}"
+
+
 def manifest_key(name: str) -> str:
     return MANIFESTS + name
 
@@ -185,7 +221,7 @@ def event_key(service: str, segment: int, seq: int) -> str:
 # -- values ---------------------------------------------------------------------------------
 
 
-def encode(rec: ServiceRecord | InstanceRecord | NodeRecord) -> bytes:
+def encode(rec: ServiceRecord | InstanceRecord | NodeRecord | RouteRecord | RouteAck) -> bytes:
     return json.dumps(asdict(rec)).encode()
 
 

@@ -43,10 +43,10 @@ from . import statedir
 from .cache import Cache
 from .kv import (Change, Compare, Conflict, Delete, KeyValue, KVStore, Lease, Op, Put, Read, StoreError, StoreFull,
                  prefix_end)
-from .records import (EVENTS, NEXT_INSTANCE_ID, NODES, VERSIONS, Event, InstanceRecord, ManifestFile, NodeRecord,
-                      ServiceRecord, decode, decode_event, decode_file, decode_node, encode, encode_event, encode_file,
-                      event_key, events_prefix, instance_key, instances_prefix, manifest_key, node_key, service_key,
-                      version_key)
+from .records import (EVENTS, NEXT_INSTANCE_ID, NODES, ROUTES, VERSIONS, Event, InstanceRecord, ManifestFile,
+                      NodeRecord, RouteRecord, ServiceRecord, decode, decode_event, decode_file, decode_node, encode, encode_event, encode_file,
+                      event_key, events_prefix, instance_key, instances_prefix, manifest_key, node_key, route_key,
+                      service_key, version_key)
 from .sqlitekv import SCHEMA as KV_SCHEMA
 from .sqlitekv import SqliteKV
 
@@ -92,6 +92,10 @@ class Store(Protocol):
     def list_nodes(self) -> list[NodeRecord]: ...
     def put_node(self, rec: NodeRecord) -> None: ...
     def delete_node(self, name: str) -> None: ...
+
+    def list_routes(self) -> list[RouteRecord]: ...
+    def put_route(self, rec: RouteRecord) -> None: ...
+    def delete_route(self, service: str) -> None: ...
 
     def append_event(self, service: str, segment: int, ts: float, text: str) -> Event: ...
     def events(self, service: str, segment: int) -> list[Event]: ...
@@ -283,6 +287,17 @@ class RecordStore:
 
     def delete_node(self, name: str) -> None:
         self._record_write(Delete(node_key(name)))
+
+    # -- routes: the table every node's router follows (traffic/published.py) ----------------
+
+    def list_routes(self) -> list[RouteRecord]:
+        return [decode(RouteRecord, v) for v in self._read(ROUTES).values()]
+
+    def put_route(self, rec: RouteRecord) -> None:
+        self._record_write(Put(route_key(rec.service), encode(rec)))
+
+    def delete_route(self, service: str) -> None:
+        self._record_write(Delete(route_key(service)))
 
     # -- events ------------------------------------------------------------------
 
