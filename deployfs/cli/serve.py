@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"with --cluster: serve this node's instances' output to the other nodes (logs/N) on "
                         f"--address and this port (default {DEFAULT_LOG_PORT}; 0: not at all); cluster members "
                         "only: firewall it like etcd's ports (docs/cluster.md)")
+    s.add_argument("--routing", choices=["every", "leader"], default=None,
+                   help="with --cluster: which routers the controller feeds: every node's, each following the "
+                        "routing table it publishes in the records (default), or only its own node's "
+                        "(docs/cluster.md, \"Routing\")")
     s.add_argument("--node-ttl", type=_node_ttl, metavar="SECONDS",
                    help="how long a silent node keeps its name and lease (whole seconds, >= 2; default 10)")
     s.add_argument("--default-user", metavar="NAME",
@@ -203,6 +207,10 @@ def check_cluster(a: argparse.Namespace) -> None:
         raise SetupError("--log-port only makes sense with --cluster (one machine reads its logs from its own disk)")
     if a.log_port is None:
         a.log_port = DEFAULT_LOG_PORT if a.cluster else 0
+    if not a.cluster and a.routing is not None:
+        raise SetupError("--routing only makes sense with --cluster (one machine has one router, fed directly)")
+    if a.routing is None:
+        a.routing = "every" if a.cluster else "leader"
     if a.node is None:
         a.node = socket.gethostname().split(".")[0]
         if not a.cluster and not valid_node_name(a.node):
@@ -413,7 +421,7 @@ async def _serve(a: argparse.Namespace, ports: tuple[int, int], group: int | Non
         assert member is not None
         # Every node its agent, view and router; the one holding the lead runs the controller too.
         here = ClusterNode(kv, member, runtime, probes, router=router, state_dir=a.state, users=a.users,
-                           segment_bytes=a.events_max_bytes)
+                           segment_bytes=a.events_max_bytes, published=a.routing == "every")
         events = here.events
         metrics = here.metrics()
         # Other nodes' instances' output is read from them (their log servers: node/logserver.py).

@@ -34,6 +34,8 @@ from ..state.events import SEGMENT_BYTES, EventFollower, EventLog
 from ..state.kv import Change, Compare, KVStore
 from ..state.logclient import RemoteLogs
 from ..state.records import EVENTS, INSTANCES, NODES, VERSIONS
+from ..traffic.follower import Follower
+from ..traffic.published import PublishedRouting
 from ..view.cached import CachedSource
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,9 @@ DRAIN_WAIT = 90.0
 class ClusterNode:
     def __init__(self, kv: KVStore, member: Membership, runtime: Runtime, prober: Prober | None = None, *,
                  router: Routing, state_dir: str | None = None, users: UserPolicy | None = None,
-                 segment_bytes: int = SEGMENT_BYTES, **engine_kw: Any) -> None:
+                 segment_bytes: int = SEGMENT_BYTES, published: bool = False, **engine_kw: Any) -> None:
+        """``published``: the controller publishes each service's routing table as a record and
+        every node's router follows it (traffic/published.py); else only the leader's router is fed."""
         self.kv, self.member, self.runtime, self.router = kv, member, runtime, router
         self.node, self.address = member.name, member.address
         self.users, self.segment_bytes, self.engine_kw = users, segment_bytes, engine_kw
@@ -59,6 +63,9 @@ class ClusterNode:
         self.agent = NodeAgent(kv, runtime, self.node, prober=prober, users=users, events=self.events,
                                state_dir=state_dir, cache=Cache(kv, INSTANCES))
         self.leadership = Leadership(kv, self.cache, self.node, lambda: member.lease)
+        # This node is alive to itself (its router serves while it runs); others while their alive/ key is.
+        self.follower = Follower(self.cache, kv, router, self.node, alive=lambda n: n == self.node or self.alive(n),
+                                 lease=lambda: member.lease or 0, refresh_on=(ALIVE,)) if published else None
         self.engine: Engine | None = None  # while this node leads
         self._controller: ClusterStore | None = None  # the engine's store, while this node leads
 
@@ -98,6 +105,8 @@ class ClusterNode:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.cache.run)
                 await nursery.start(self.events_cache.run)
+                if self.follower is not None:
+                    await nursery.start(self.follower.run)
                 nursery.start_soon(self.store.run)
                 nursery.start_soon(self.outbox.run)
                 await nursery.start(self.agent.run)
@@ -108,7 +117,11 @@ class ClusterNode:
         """This node leads: the controller runs here, from the records, until the lead is lost."""
         main = Cache(self.kv, "")
         store = ClusterStore(self.kv, main, fence=lambda: [fence])
-        engine = Engine(store, events=EventLog(store, segment_bytes=self.segment_bytes), router=self.router,
+        router: Routing = self.router
+        if self.follower is not None:  # a drain waits for every live node's router
+            router = PublishedRouting(store, self.cache, self.follower, self.router,
+                                      nodes=lambda: [kv.key[len(ALIVE):] for kv in self.cache.range(ALIVE)])
+        engine = Engine(store, events=EventLog(store, segment_bytes=self.segment_bytes), router=router,
                         users=self.users, limit_problem=self._limit_problem, node=self.node, address=self.address,
                         **self.engine_kw)
         engine.nodes.cluster = True

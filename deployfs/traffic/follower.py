@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import trio
 
@@ -30,7 +30,6 @@ from ..state.cache import Cache
 from ..state.kv import Change, KVStore, StoreError
 from ..state.records import ROUTES, RouteAck, RouteRecord, decode, encode, route_key, routed_key
 from .router import Backend
-from .router_client import TableFeeder
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +41,33 @@ RETRY = 1.0  # seconds between tries to write an answer while the store is out o
 Table = tuple[int | None, list[Backend], "list[int] | None", str]  # port, backends, weights, protocol
 
 
+class LocalRouter(Protocol):
+    """This node's router as the follower feeds it (traffic/router_client.py, haproxy.py): the
+    engine's ``Routing`` shape, which both routers have."""
+
+    def set_backends(self, service: str, port: int | None, backends: list[Backend],
+                     weights: list[int] | None = None, *, protocol: str = "tcp") -> None: ...
+    def routed(self) -> bool: ...
+    async def wait_routed(self) -> None: ...
+    async def drain(self, service: str, backend: Backend, timeout: float) -> int | None: ...
+    def failure(self, service: str) -> str | None: ...
+
+
 # -- the decisions (pure) ------------------------------------------------------------------------
 
 
 def effective(rec: RouteRecord | None, alive: Callable[[str], bool]) -> Table:
     """What this node's router gets of ``rec``: the backends of nodes seen alive (a backend of an
-    unknown node, ``""``, counts as alive), with their weights. No record: the port is closed."""
+    unknown node, ``""``, counts as alive), with their weights. No record: the port is closed.
+
+    Liveness never empties a table: when every backend's node looks down, this node is more
+    likely cut off from the store's view of the others (or every lease lapsed at once in an
+    etcd outage) than all of them dead, so the router keeps trying them all."""
     if rec is None or rec.port is None:
         return None, [], None, "tcp"
     keep = [i for i, b in enumerate(rec.backends) if not b[2:3] or not b[2] or alive(str(b[2]))]
+    if not keep:
+        keep = list(range(len(rec.backends)))
     backends = [(str(rec.backends[i][0]), int(rec.backends[i][1])) for i in keep]
     weights = None
     if rec.weights is not None and len(rec.weights) == len(rec.backends):
@@ -100,7 +117,7 @@ class Follower:
     and the prefixes in ``refresh_on``) to ``router``; answers under ``routed/`` through ``kv``
     (under ``lease()``, 0: none)."""
 
-    def __init__(self, cache: Cache, kv: KVStore, router: TableFeeder, node: str, *,
+    def __init__(self, cache: Cache, kv: KVStore, router: LocalRouter, node: str, *,
                  alive: Callable[[str], bool] = lambda node: True, lease: Callable[[], int] = lambda: 0,
                  refresh_on: Sequence[str] = (), drain_max: float = DRAIN_MAX) -> None:
         self.cache, self.kv, self.router, self.node = cache, kv, router, node

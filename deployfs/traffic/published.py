@@ -29,9 +29,8 @@ from ..state.cache import Cache
 from ..state.kv import Change
 from ..state.records import RouteAck, RouteRecord, encode, route_key, routed_key
 from ..state.store import Store
-from .follower import Follower, decode_route, read_ack
+from .follower import Follower, LocalRouter, decode_route, read_ack
 from .router import Backend
-from .router_client import TableFeeder
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,7 @@ class PublishedRouting:
     """``store``: the engine's.  ``cache``: this node's, the one ``follower`` follows.
     ``nodes()``: the nodes whose routers must answer before a drain ends (those alive)."""
 
-    def __init__(self, store: Store, cache: Cache, follower: Follower, router: TableFeeder, *,
+    def __init__(self, store: Store, cache: Cache, follower: Follower, router: LocalRouter, *,
                  nodes: Callable[[], Iterable[str]]) -> None:
         self.store, self.cache, self.follower, self.router = store, cache, follower, router
         self.nodes = nodes
@@ -52,7 +51,7 @@ class PublishedRouting:
 
     @property
     def last_stats(self) -> dict | None:  # the metrics read this node's router's counters
-        return self.router.last_stats
+        return getattr(self.router, "last_stats", None)
 
     def _heard(self, changes: list[Change]) -> None:
         self._kick()
@@ -149,4 +148,5 @@ class PublishedRouting:
     def port_problem(self, port: int) -> tuple[Kind, str] | None:
         """This node's: another node's router that cannot listen says so in its answer, which
         fails the rollout (:meth:`failure`); a port no node has tried yet cannot be known there."""
-        return self.router.port_problem(port)
+        check: Callable[[int], tuple[Kind, str] | None] | None = getattr(self.router, "port_problem", None)
+        return check(port) if check is not None else None

@@ -32,7 +32,7 @@ from tests.etcd import _die_with_parent, cluster as etcd_cluster
 # Whether every node's router follows the cluster's routing table (issue 13's routes piece).
 # Until then only the controller's node routes, and the scenarios send their requests through
 # that router alone; set True once it lands, and they go through every node's.
-EVERY_ROUTER = False
+EVERY_ROUTER = True
 
 # Instance ports: PORTS_BASE + PORTS_EACH * (i - 1) ... for node i (disjoint: one host holds them all).
 PORTS_BASE = 21340

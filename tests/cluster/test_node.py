@@ -33,6 +33,7 @@ NS = "/deployfs/"
     (["--cluster", "http://h:2379", "--address", "h1.example"], "is not an IP address"),
     (["--cluster", "http://h:2379", "--node-ttl", "1"], "at least 2 seconds"),
     (["--cluster", "http://h:2379", "--node-ttl", "2.5"], "wants whole seconds"),
+    (["--routing", "every"], "--routing only makes sense with --cluster"),
 ])
 def test_cluster_flags_are_checked_first(tmp_path, capsys, flags, says):
     (tmp_path / "mnt").mkdir()

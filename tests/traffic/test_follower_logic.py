@@ -16,6 +16,11 @@ def test_a_dead_nodes_backends_are_left_out_with_their_weights():
     assert effective(REC, lambda n: False) == (8080, [("10.0.0.3", 5002)], [45], "http")
 
 
+def test_liveness_alone_never_empties_a_table():
+    rec = RouteRecord("web", 80, "tcp", [["a", 1, "n1"], ["b", 2, "n2"]], None)
+    assert effective(rec, lambda n: False) == (80, [("a", 1), ("b", 2)], None, "tcp")
+
+
 def test_only_zero_weights_left_become_an_even_share():
     rec = RouteRecord("web", 80, "tcp", [["a", 1, "n1"], ["b", 2, "n2"]], [0, 100])
     assert effective(rec, lambda n: n == "n1") == (80, [("a", 1)], None, "tcp")
