@@ -8,7 +8,7 @@ STATE   ?= ./.deployfs
 # More options for `deployfs serve`: make run ARGS="--metrics 127.0.0.1:9464 --9p tcp!127.0.0.1!5640"
 ARGS    ?=
 
-.PHONY: run test fuzz bench demo sysdeps clean
+.PHONY: run test fuzz bench demo cluster sysdeps clean
 
 sysdeps:
 	@scripts/ensure-system-deps
@@ -36,6 +36,11 @@ test: $(STAMP)
 # `make test`, a fresh seed each run.  FUZZ_EXAMPLES=N to go further (default 2000).
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q --timeout 0 tests/control/test_properties.py tests/model/test_manifest.py
+
+# A local 3-node cluster on a 3-member etcd: mounts ./cluster/n1..n3/mnt (docs/cluster.md).
+cluster: $(STAMP)
+	@DEPLOYFS_CLUSTER_DEPS=1 scripts/ensure-system-deps
+	$(PY) scripts/cluster.py
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py

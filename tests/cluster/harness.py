@@ -29,9 +29,8 @@ from tests import mount as _mount
 from tests.etcd import Cluster as Etcd
 from tests.etcd import _die_with_parent, cluster as etcd_cluster
 
-# Whether every node's router follows the cluster's routing table (issue 13's routes piece).
-# Until then only the controller's node routes, and the scenarios send their requests through
-# that router alone; set True once it lands, and they go through every node's.
+# The scenarios send their requests through every node's router (each follows the cluster's
+# routing table); False sends them through the controller's node's only (--routing leader).
 EVERY_ROUTER = True
 
 # Instance ports: PORTS_BASE + PORTS_EACH * (i - 1) ... for node i (disjoint: one host holds them all).
@@ -57,7 +56,9 @@ class Node:
     endpoints: str
     ttl: int
     extra: tuple[str, ...] = ()
+    port_range: str | None = None  # the instances' ports (default: this node's share of the tests' range)
     m: _mount.Mount | None = None
+    frozen: bool = False  # a frozen server's mount must not be read: the reader would hang with it
 
     @property
     def address(self) -> str:
@@ -65,6 +66,8 @@ class Node:
 
     @property
     def ports(self) -> str:
+        if self.port_range:
+            return self.port_range
         low = PORTS_BASE + PORTS_EACH * (self.index - 1)
         return f"{low}-{low + PORTS_EACH - 1}"
 
@@ -98,7 +101,8 @@ class Node:
         self.wait_mounted()
 
     def running(self) -> bool:
-        return self.m is not None and self.m.proc.poll() is None
+        """Started, not dead, not frozen: its mount answers."""
+        return self.m is not None and self.m.proc.poll() is None and not self.frozen
 
     @property
     def pid(self) -> int:
@@ -120,6 +124,7 @@ class Node:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.m.proc.pid, signal.SIGKILL)
             self.m.proc.wait()
+        self.frozen = False
         killed = _mount.reap(self.state)
         if _mount.in_mount_table(self.mnt):
             subprocess.run(["fusermount3", "-u", "-z", self.mnt], check=False, capture_output=True)
@@ -129,9 +134,11 @@ class Node:
         """A hung machine, as far as the cluster sees it: the server stops answering and stops
         its keepalives (its instances and router go on, as on a machine whose deployfs hangs)."""
         os.kill(self.pid, signal.SIGSTOP)
+        self.frozen = True
 
     def thaw(self) -> None:
         os.kill(self.pid, signal.SIGCONT)
+        self.frozen = False
 
     def stop(self, timeout: float = 60) -> int | None:
         """SIGTERM, the real shutdown (the node drains itself first); no mount or process left."""
@@ -209,6 +216,9 @@ class Cluster:
 
     def start(self, names: list[str] | None = None) -> None:
         """(Re)start the nodes named (default: all that are not running), side by side."""
+        for n in self.nodes:
+            if n.frozen:
+                n.thaw()
         todo = [n for n in self.nodes if (names is None and not n.running()) or (names and n.name in names)]
         for n in todo:
             n.spawn()
@@ -219,9 +229,6 @@ class Cluster:
         for h in self.loads:
             h.stop()
         for n in self.nodes:
-            if n.m is not None and n.m.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(n.pid, signal.SIGCONT)  # a frozen server cannot die of SIGKILL before it runs
             n.kill()
 
 
