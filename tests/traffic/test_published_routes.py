@@ -34,9 +34,9 @@ ADDRESSES = {"n1": "127.0.2.1", "n2": "127.0.2.2"}
 URLS = [f"http://{a}:{PORT}/" for a in ADDRESSES.values()]
 
 
-def manifest(version: str) -> str:
+def manifest(version: str, port: int = PORT) -> str:
     return (f"image {sys.executable}\nargs {SERVICE} --port $PORT --bind $ADDRESS --version {version}-$ADDRESS\n"
-            f"replicas 2\nport {PORT}\nhealth http://$ADDRESS:$PORT/healthz\nhealth_interval 0.2\n"
+            f"replicas 2\nport {port}\nhealth http://$ADDRESS:$PORT/healthz\nhealth_interval 0.2\n"
             "health_timeout 0.5\nhealth_retries 2\nupdate_deadline 10\ndrain_timeout 1\nstop_timeout 5\n")
 
 
@@ -146,16 +146,16 @@ async def two_nodes(tmp_path) -> AsyncIterator[Two]:
         store.close()
 
 
-async def apply(two: Two, version: str) -> None:
-    two.store.put_file("web", manifest(version).encode())
+async def apply(two: Two, version: str, port: int = PORT) -> None:
+    two.store.put_file("web", manifest(version, port).encode())
     two.engine.command("web", "apply", None, "uid=0")
-    await until(lambda: two.done() and two.engine.services["web"].rec.version is not None, 30)
+    await until(lambda: two.engine.services["web"].outcome() is not None, 30)
 
 
 async def test_rolling_update_across_nodes_fails_no_request_through_either_router(tmp_path):
     async with two_nodes(tmp_path) as two:
         await apply(two, "v1")
-        assert two.placed() == {"n1": 1, "n2": 1}
+        assert two.done() and two.placed() == {"n1": 1, "n2": 1}
         await until(lambda: all(probe(u) for u in URLS), 10)
         # Both routers send to both nodes' instances.
         for url in URLS:
@@ -164,6 +164,7 @@ async def test_rolling_update_across_nodes_fails_no_request_through_either_route
         try:
             await trio.sleep(0.3)
             await apply(two, "v2")
+            assert two.done()
             svc = two.engine.services["web"]
             await until(lambda: all(i.rec.version == svc.rec.version for i in svc.instances.values()), 30)
             await trio.sleep(0.3)
@@ -192,7 +193,7 @@ async def test_rolling_update_across_nodes_fails_no_request_through_either_route
 async def test_a_node_down_leaves_every_router_at_once(tmp_path):
     async with two_nodes(tmp_path) as two:
         await apply(two, "v1")
-        assert two.placed() == {"n1": 1, "n2": 1}
+        assert two.done() and two.placed() == {"n1": 1, "n2": 1}
         await until(lambda: all(probe(u) for u in URLS), 10)
         n2_backend = next(i.backend for i in two.engine.services["web"].instances.values() if i.rec.node == "n2")
         assert all(n2_backend in f.tables["web"][1] for f in two.followers.values())
@@ -206,3 +207,21 @@ async def test_a_node_down_leaves_every_router_at_once(tmp_path):
         assert two.placed() == {"n1": 1, "n2": 1}
         for url in URLS:
             assert set(await trio.to_thread.run_sync(answers, url, 10)) == {"v1-127.0.2.1"}
+
+
+async def test_a_router_on_another_node_that_cannot_listen_fails_the_rollout(tmp_path):
+    import socket
+    held = socket.socket()
+    held.bind((ADDRESSES["n2"], PORT + 1))  # another program has the port on n2 (only there)
+    held.listen(1)
+    try:
+        async with two_nodes(tmp_path) as two:
+            await apply(two, "v1", PORT + 1)
+            outcome = two.engine.services["web"].outcome()
+            assert outcome.startswith("failed") and "router: on node n2: cannot listen on 127.0.2.2" in outcome
+            ack = decode(RouteAck, (await two.store.records.get(routed_key("web", "n2"))).kvs[0].value)
+            assert "Address already in use" in ack.error
+            assert (await two.store.records.get(routed_key("web", "n1"))).kvs[0].value and \
+                probe(f"http://{ADDRESSES['n1']}:{PORT + 1}/")  # n1's router serves all the same
+    finally:
+        held.close()
