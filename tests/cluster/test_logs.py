@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 import subprocess
 import sys
 import time
 
+import pytest
+
+from deployfs.cli.serve import main
+from tests.cli.test_serve import serve
 from tests.cluster.harness import instances, running_cluster
 from tests.serve.test_remote_logs import FIRST, TICKER
 
@@ -54,3 +59,28 @@ def test_every_node_reads_every_instances_log_follows_it_and_gets_eio_once_its_n
         r = n1.sh(f"cat active/tick/logs/{slot}")
         assert r.returncode == 1 and "Input/output error" in r.stderr, (r.returncode, r.stdout[-200:], r.stderr)
         assert "node n2 (127.0.1.2:7390) does not answer for its instances' logs" in n1.mount.server_log()
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--log-port", "7390"], "--log-port only makes sense with --cluster"),
+    (["--cluster", "http://h:2379", "--log-port", "x"], "wants a port, 0-65535"),
+    (["--cluster", "http://h:2379", "--log-port", "65536"], "wants a port, 0-65535"),
+])
+def test_the_log_port_is_checked_first(tmp_path, capsys, flags, says):
+    (tmp_path / "mnt").mkdir()
+    with pytest.raises(SystemExit) as e:
+        main(["serve", str(tmp_path / "mnt"), "--state", str(tmp_path / "state"), *flags])
+    assert e.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_log_port_in_use_is_refused_before_joining(tmp_path):
+    (tmp_path / "mnt").mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.3.6", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = serve(str(tmp_path / "mnt"), "--state", str(tmp_path / "s"), "--cluster", "http://127.0.0.1:20399",
+                  "--node", "n1", "--address", "127.0.3.6", "--log-port", str(port))
+    assert r.returncode == 2 and f"--log-port {port} on 127.0.3.6: Address already in use" in r.stderr, r.stderr
+    assert not os.path.ismount(tmp_path / "mnt")
