@@ -168,6 +168,8 @@ class RemoteLogs:
 
 
 def _serves_none(owner: Owner) -> str:
+    if not owner.address:
+        return f"node {owner.node} has no record (nodes/{owner.node}): where its logs are is not known"
     return f"node {owner.node} serves no logs to other nodes (it runs with --log-port 0)"
 
 

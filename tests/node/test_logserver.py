@@ -128,6 +128,8 @@ async def test_an_owner_gone_is_unreachable_with_the_reason_and_asked_again_late
             nursery.cancel_scope.cancel()
     with pytest.raises(Unreachable, match="serves no logs"):
         client.info(Owner("n3", ADDRESS, 0), "app", 3)
+    with pytest.raises(Unreachable, match="has no record"):
+        await client.read(Owner("n4", "", 0), "app", 3, 0, 10)
     await client.aclose()
 
 
