@@ -169,6 +169,8 @@ class ClusterNode:
                 await trio.sleep_forever()
         finally:
             self.engine = self._controller = None
+            if isinstance(router, PublishedRouting):
+                router.close()
 
     async def shutdown(self, *, keep_instances: bool = False) -> None:
         """Leave the cluster: (unless kept) its instances move to other nodes first, the way

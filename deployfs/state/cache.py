@@ -58,6 +58,11 @@ class Cache:
         """Call ``listener`` with the changes of each revision, once applied (a re-list: what it changed)."""
         self._listeners.append(listener)
 
+    def unsubscribe(self, listener: Listener) -> None:
+        """Stop calling ``listener`` (one that outlives its use would be called for ever)."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
     async def wait_for(self, revision: int) -> None:
         """Until the copy shows ``revision`` (one that wrote under this cache's prefix) or later."""
         while self.revision < revision:

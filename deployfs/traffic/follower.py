@@ -28,7 +28,7 @@ import trio
 
 from ..state.cache import Cache
 from ..state.kv import Change, KVStore, StoreError
-from ..state.records import ROUTES, RouteAck, RouteRecord, decode, encode, route_key, routed_key
+from ..state.records import ROUTED, ROUTES, RouteAck, RouteRecord, decode, encode, route_key, routed_key
 from .router import Backend
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,10 @@ class Follower:
         """``fn()`` after each table the router has taken, and each drain that ended."""
         self._listeners.append(fn)
 
+    def unsubscribe(self, fn: Callable[[], None]) -> None:
+        if fn in self._listeners:
+            self._listeners.remove(fn)
+
     def refresh(self) -> None:
         """Look at every service again (who is alive changed)."""
         self._dirty |= {kv.key[len(ROUTES):] for kv in self.cache.range(ROUTES)} | set(self.tables)
@@ -154,6 +158,13 @@ class Follower:
             if c.kv.key.startswith(ROUTES):
                 self._dirty.add(c.kv.key[len(ROUTES):])
                 self._wake.set()
+            elif c.kind == "delete" and c.kv.key.startswith(ROUTED) and c.kv.key.endswith("/" + self.node):
+                # Our answer went with our lease (it lapsed: a freeze, an etcd outage): answer again
+                # under the next one, or every drain would wait for us until its timeout.
+                service = c.kv.key[len(ROUTED):-len(self.node) - 1]
+                if service in self.tables:
+                    self._acked.pop(service, None)
+                    self._ack(service)
             elif self.refresh_on and c.kv.key.startswith(self.refresh_on):
                 self.refresh()
 

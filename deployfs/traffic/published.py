@@ -49,6 +49,11 @@ class PublishedRouting:
         cache.subscribe(self._heard)
         follower.subscribe(self._kick)
 
+    def close(self) -> None:
+        """This controller is done (it lost the lead): stop listening to the node's cache and follower."""
+        self.cache.unsubscribe(self._heard)
+        self.follower.unsubscribe(self._kick)
+
     @property
     def last_stats(self) -> dict | None:  # the metrics read this node's router's counters
         return getattr(self.router, "last_stats", None)

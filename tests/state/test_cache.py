@@ -144,3 +144,17 @@ async def test_an_overlay_shows_writes_kept_in_memory_until_the_watch_brings_the
         rev = await store.txn([], [Delete("m/a"), Put("m/c", b"3")])  # the same writes, committed later
         await cache.wait_for(rev)
         assert [(kv.key, kv.value) for kv in cache.range("")] == [("m/c", b"3")]
+
+
+async def test_an_unsubscribed_listener_hears_nothing_more(store):
+    heard: list[str] = []
+
+    def listener(changes):
+        heard.extend(c.kv.key for c in changes)
+    async with running(Cache(store)) as cache:
+        cache.subscribe(listener)
+        await cache.wait_for(await store.put("a", b""))
+        cache.unsubscribe(listener)
+        cache.unsubscribe(listener)  # twice: harmless
+        await cache.wait_for(await store.put("b", b""))
+        assert heard == ["a"]

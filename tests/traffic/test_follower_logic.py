@@ -54,3 +54,66 @@ def test_nodes_of_and_acks_round_trip():
     assert decode(RouteAck, encode(ack)) == ack
     assert decode_route("web", encode(REC)) == REC
     assert decode_route("web", b"not json") is None
+
+
+class FakeRouter:
+    """The follower's view of a router, in memory: what it was given."""
+
+    def __init__(self) -> None:
+        self.given: dict[str, tuple] = {}
+
+    def set_backends(self, service, port, backends, weights=None, *, protocol="tcp") -> None:
+        self.given[service] = (port, list(backends))
+
+    def routed(self) -> bool:
+        return True
+
+    async def wait_routed(self) -> None:
+        pass
+
+    async def drain(self, service, backend, timeout):
+        return 0
+
+    def failure(self, service):
+        return None
+
+
+async def test_an_answer_lost_with_its_lease_is_written_again_under_the_next(tmp_path):
+    import trio
+
+    from deployfs.state.records import routed_key
+    from deployfs.state.store import SqliteStore
+    from deployfs.traffic.follower import Follower
+
+    store = SqliteStore(str(tmp_path / "state"))
+    try:
+        cache, router = store.cache(), FakeRouter()
+        lease = [(await store.records.grant(60)).id]
+        follower = Follower(cache, store.records, router, "n1", lease=lambda: lease[0])
+
+        async def answer() -> RouteAck:
+            """Our answer, once the cache shows it under the lease the node holds now."""
+            with trio.fail_after(5):
+                while (kv := cache.get(routed_key("web", "n1"))) is None or kv.lease != lease[0]:
+                    await trio.sleep(0.01)
+            return decode(RouteAck, kv.value)
+
+        async with trio.open_nursery() as n:
+            await n.start(cache.run)
+            await n.start(follower.run)
+            store.put_route(REC)
+            first = await answer()
+            assert router.given["web"][0] == 8080 and first.revision > 0
+            old, lease[0] = lease[0], (await store.records.grant(60)).id  # the node rejoined under a new lease ...
+            await store.records.revoke(old)
+            again = await answer()  # ... and its answer is back, under that lease
+            assert again.revision == first.revision
+            store.delete_route("web")  # the service is gone: so are its router's table and our answer
+            with trio.fail_after(5):
+                while cache.get(routed_key("web", "n1")) is not None:
+                    await trio.sleep(0.01)
+            assert router.given["web"] == (None, [])
+            n.cancel_scope.cancel()
+    finally:
+        store.close()
+
