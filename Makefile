@@ -48,7 +48,7 @@ demo: $(STAMP)
 bench: export DEPLOYFS_TEST_DEPS=1
 bench: $(STAMP)
 	@DEPLOYFS_TEST_DEPS=1 scripts/ensure-system-deps
-	@for b in fs ninep supervise rollout router peers store; do echo; $(PY) bench/$$b.py || exit 1; done
+	@for b in fs ninep supervise rollout router peers store cluster; do echo; $(PY) bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .hypothesis

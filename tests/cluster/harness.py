@@ -294,13 +294,14 @@ class Hammer:
 
 
 def manifest(port: int, version: str = "v1", replicas: int = 3, **more: object) -> str:
-    """examples/web.py on $ADDRESS (the node's), health-checked fast; `more` adds directives."""
+    """examples/web.py on $ADDRESS (the node's), health-checked fast; `more` adds or overrides directives."""
     from tests.mount import SERVICE
-    lines = [f"image {sys.executable}", f"args {SERVICE} --port $PORT --bind $ADDRESS --version {version}",
-             f"replicas {replicas}", f"port {port}", "health http://$ADDRESS:$PORT/healthz", "health_interval 0.2",
-             "health_timeout 0.5", "health_retries 2", "update_deadline 20", "drain_timeout 1", "stop_timeout 5"]
-    lines += [f"{k} {v}" for k, v in more.items()]
-    return "\n".join(lines) + "\n"
+    directives: dict[str, object] = {
+        "image": sys.executable, "args": f"{SERVICE} --port $PORT --bind $ADDRESS --version {version}",
+        "replicas": replicas, "port": port, "health": "http://$ADDRESS:$PORT/healthz", "health_interval": 0.2,
+        "health_timeout": 0.5, "health_retries": 2, "update_deadline": 20, "drain_timeout": 1, "stop_timeout": 5}
+    directives.update(more)  # `more` may also override these
+    return "".join(f"{k} {v}\n" for k, v in directives.items())
 
 
 def instances(node: Node, service: str) -> list[dict[str, str]]:
