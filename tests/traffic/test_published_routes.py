@@ -160,6 +160,13 @@ async def test_rolling_update_across_nodes_fails_no_request_through_either_route
         # Both routers send to both nodes' instances.
         for url in URLS:
             assert set(await trio.to_thread.run_sync(answers, url, 8)) == {"v1-127.0.2.1", "v1-127.0.2.2"}
+        writes = {"routes/": 0, "routed/": 0}  # what routing adds to the store's writes per rollout
+
+        def count(changes):
+            for c in changes:
+                for prefix in writes:
+                    writes[prefix] += c.kv.key.startswith(prefix)
+        two.followers["n1"].cache.subscribe(count)
         loads = [Load(u, connections=4, threads=1) for u in URLS]
         try:
             await trio.sleep(0.3)
@@ -170,6 +177,7 @@ async def test_rolling_update_across_nodes_fails_no_request_through_either_route
             await trio.sleep(0.3)
         finally:
             results = [await trio.to_thread.run_sync(load.stop) for load in loads]
+        print(f"\nrouting writes in a 2-instance rollout over 2 nodes: {writes}")
         for url, result in zip(URLS, results):
             print(f"\nrolling update through {url}: {result}")
             assert result.requests > 100 and result.failed == 0, result.output
