@@ -65,3 +65,21 @@ def test_a_node_frozen_past_its_ttl_is_replaced_and_stops_its_instance_when_back
     assert r.returncode == 0, r.stdout + r.stderr
     cluster.until(lambda: placed(leader, "dn").get(victim.name) == 1, 20, f"a new instance on {victim.name}")
     assert os.path.exists(victim.mnt)
+
+
+def test_a_machine_killed_is_replaced_and_its_records_go_when_it_starts_again(cluster: Cluster):
+    deployed(cluster, "dk", manifest(PORT + 1, replicas=3), on="n2")
+    leader = cluster[cluster.leader()]
+    victim = cluster.other_than_leader()
+    victim.kill()  # the server, its router and its instances at once
+    took = cluster.until(lambda: placed(leader, "dk").get(victim.name) is None
+                         and len(leader.read("active/dk/endpoints").split()) == 3, victim.ttl + 15,
+                         f"{victim.name}'s instance replaced")
+    print(f"\n{victim.name} killed: its instance replaced and ready {took:.2f} s later (TTL {victim.ttl} s)")
+    down = leader.read(f"nodes/{victim.name}")
+    assert "state=down" in down and "instances=0" not in down, down  # its lost records wait for it
+    cluster.start([victim.name])  # the machine is back: deployfs starts on the same state dir
+    cluster.until(lambda: "state=ready instances=0" in leader.read(f"nodes/{victim.name}"), 20,
+                  f"{victim.name} back, its replaced instance's record gone")
+    assert "its node came back and stopped it; its record goes" in leader.read("active/dk/events")
+    assert sum(placed(leader, "dk").values()) == 3
