@@ -187,3 +187,32 @@ async def test_a_removed_nodes_lost_records_go_at_once(h, autojump_clock):
     assert not lost_records(h) and len(h.store.list_instances("web")) == 2
     assert "instance 1 of node n2 (replaced while it was down): node n2 is no longer known; its record goes" \
         in h.events()
+
+
+async def test_a_new_controller_carries_on_with_the_lost_records_of_the_one_before(tmp_path, autojump_clock):
+    h = Harness(tmp_path)
+    h.local(node=HERE, address="127.0.1.1")
+    async with trio.open_nursery() as n:
+        await n.start(h.node.run)
+        h.nursery = n
+        n2 = Node2(h)
+        await deploy_v1(h, replicas=2)
+        n2.die(machine=False)
+        await h.settle()
+        assert lost_records(h) == [(1, "n2", "stop")]
+        await h.node.shutdown(keep_instances=True)  # the controller moves (another node leads)
+        h.local(node=HERE, address="127.0.1.1")
+        h.engine.nodes.cluster = True
+        h.engine.nodes.alive = lambda name: name in n2.up
+        await n.start(h.node.run)
+        await trio.sleep(1)  # before liveness is known: the lost one is none of web's all the same
+        assert spread(h) == {"n1": [0, 1]} and list(h.svc.lost)
+        h.engine.liveness_changed()
+        await h.settle()
+        assert spread(h) == {"n1": [0, 1]} and list(h.svc.lost) and len(h.rt.running("web")) == 3
+        n2.back()
+        with trio.fail_after(10):
+            while lost_records(h):
+                await trio.sleep(0.05)
+        assert not h.svc.lost and len(h.rt.running("web")) == 2 and spread(h) == {"n1": [0, 1]}
+        n.cancel_scope.cancel()
