@@ -330,6 +330,9 @@ class Service:
                     await trio.sleep(0)
                     if self.commands != commands:
                         break
+            if self._replacing and (self.rec.stopped or (p.state.status == "none" and not any(
+                    isinstance(a, rollout.Start) for a in p.actions))):
+                self._replacing.clear()  # (stopped, or scaled below what was lost: no start will replace them)
             if self.commands != commands:
                 # A command landed between spawns: the rest of this plan (starts for the
                 # old target, its status) is stale, and what the command set stands.

@@ -216,3 +216,18 @@ async def test_a_new_controller_carries_on_with_the_lost_records_of_the_one_befo
                 await trio.sleep(0.05)
         assert not h.svc.lost and len(h.rt.running("web")) == 2 and spread(h) == {"n1": [0, 1]}
         n.cancel_scope.cancel()
+
+
+async def test_a_start_long_after_a_loss_is_no_replacement(h, autojump_clock):
+    n2 = Node2(h)
+    await deploy_v1(h, replicas=2)
+    h.engine.command(HERE, "cordon", None, "uid=0")
+    n2.die()  # slot 1 lost, and nowhere to replace it
+    await trio.sleep(2)
+    assert "cannot start instance 1: no ready node in the cluster (n1 cordoned, n2 down)" in h.events()
+    h.cmd("stop")
+    await h.settle()
+    h.engine.command(HERE, "uncordon", None, "uid=0")
+    assert h.cmd("apply").startswith("ok")  # started again: new instances, no replacements
+    await h.settle()
+    assert len(h.svc.instances) == 2 and not [e for e in h.events() if "replaces" in e]
