@@ -23,7 +23,7 @@ from typing import Awaitable, Callable
 import trio
 
 from ..state.cache import Cache
-from ..state.kv import Change, Compare, Conflict, Delete, KVStore, Put, StoreError
+from ..state.kv import Change, Compare, Conflict, Delete, KeyValue, KVStore, Put, StoreError
 from ..state.records import LEADER
 
 log = logging.getLogger(__name__)
@@ -73,11 +73,13 @@ class Leadership:
         while True:
             moved = self._moved
             lease = self.lease()
-            if lease and self.cache.get(LEADER) is None:
+            held = self.cache.get(LEADER)
+            if lease and (held is None or self._left_by_my_last_run(held, lease)):
                 value = json.dumps({"node": self.node, "host": socket.gethostname(), "pid": os.getpid(),
                                     "since": round(time.time(), 3)}).encode()
+                was = 0 if held is None else held.mod_revision
                 try:
-                    rev = await self.kv.txn([Compare(LEADER, 0)], [Put(LEADER, value, lease)])
+                    rev = await self.kv.txn([Compare(LEADER, was)], [Put(LEADER, value, lease)])
                     await self.cache.wait_for(rev)
                     return Compare(LEADER, rev)
                 except Conflict:
@@ -88,6 +90,19 @@ class Leadership:
                     continue
             with trio.move_on_after(1.0):  # (a lease renewed after a loss does not move the key)
                 await moved.wait()
+
+    def _left_by_my_last_run(self, held: KeyValue, lease: int) -> bool:
+        """The key is held under this node's lease by a server that ran here before: it crashed
+        and this one, restarted within the TTL, took its lease back (node/membership.py).  That
+        lease never lapses while this server keeps it alive, so the key would never go and no node
+        would ever lead again; the server before is gone (one server per state dir), so the key
+        is this server's to take over, fenced like any win (it compares the key's revision)."""
+        if held.lease != lease:
+            return False
+        try:
+            return int(json.loads(held.value)["pid"]) != os.getpid()
+        except (ValueError, KeyError, TypeError):
+            return True  # not a holder this code wrote; still under our lease: nobody else's
 
     async def _until_lost(self, fence: Compare, scope: trio.CancelScope) -> None:
         while True:

@@ -130,6 +130,13 @@ class Node:
             subprocess.run(["fusermount3", "-u", "-z", self.mnt], check=False, capture_output=True)
         return killed
 
+    def crash(self) -> None:
+        """The server alone SIGKILLed (a deployfs crash, not the machine's): its instances and
+        router run on, and the dead mount stays for the next start to clean up."""
+        assert self.m is not None
+        _mount.kill9(self.m)
+        self.frozen = False
+
     def freeze(self) -> None:
         """A hung machine, as far as the cluster sees it: the server stops answering and stops
         its keepalives (its instances and router go on, as on a machine whose deployfs hangs)."""

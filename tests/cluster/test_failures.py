@@ -51,6 +51,11 @@ def test_a_node_killed_with_its_instances_is_replaced_on_the_others(cluster: Clu
     deployed(cluster, "dead", manifest(DEAD, replicas=3), on=leader)
     victim = cluster.other_than_leader()
     assert placed(leader, "dead").get(victim.name) == 1
+    routers = [u for u in cluster.routers(DEAD) if victim.address not in u]
+    for url in routers:
+        cluster.until(lambda: get(url)[0], 10, f"{url} to answer")
+    load = Hammer(routers)
+    cluster.loads.append(load)
     t0 = time.monotonic()
     killed = victim.kill()  # the server, its router and its instance, as a machine dies
     assert killed
@@ -58,6 +63,10 @@ def test_a_node_killed_with_its_instances_is_replaced_on_the_others(cluster: Clu
     took = cluster.until(lambda: sorted(placed(leader, "dead")) == sorted(survivors)
                          and sum(placed(leader, "dead").values()) == 3, TTL + 10, "replacements on the others")
     assert time.monotonic() - t0 < TTL + 3, took  # the lease runs out, then replacements start at once
+    time.sleep(0.3)
+    load.stop()
+    # The surviving routers retry a request whose backend refuses the connection elsewhere: none fails.
+    assert not load.failed and min(load.ok.values()) > 0, str(load)
     events = leader.read("active/dead/events")
     assert f"node {victim.name} down" in events and f"(node {victim.name} down)" in events, events
     assert f"state=down" in leader.read(f"nodes/{victim.name}")
@@ -75,6 +84,9 @@ def test_the_leader_killed_mid_rollout_is_replaced_within_ttl_and_the_rollout_go
     writer = cluster.other_than_leader()
     deployed(cluster, "lead", manifest(LEAD, "v1", replicas=3, update_pause=1), on=writer)
     most = Sampler([n for n in cluster.nodes if n is not first], "lead")
+    routers = [u for u in cluster.routers(LEAD) if first.address not in u]
+    load = Hammer(routers)
+    cluster.loads.append(load)
     try:
         writer.write_manifest("lead", manifest(LEAD, "v2", replicas=3, update_pause=1))
         assert writer.ctl("apply lead").returncode == 0
@@ -89,7 +101,9 @@ def test_the_leader_killed_mid_rollout_is_replaced_within_ttl_and_the_rollout_go
         assert out.startswith("done"), (out, cluster.logs())
     finally:
         high = most.stop()
+        load.stop()
     assert high <= 3 + 1, f"{high} instances at once (replicas 3, update_batch 1)"
+    assert not load.failed and min(load.ok.values()) > 0, str(load)  # through the surviving routers
     version = writer.read("active/lead/version").strip()
     assert placed(writer, "lead", version) and sum(placed(writer, "lead", version).values()) == 3
     assert all(get(u)[1].startswith("v2") for u in cluster.routers(LEAD))
@@ -168,3 +182,19 @@ def test_etcd_quorum_lost_writes_fail_reads_and_traffic_go_on_then_resume(cluste
     for n in cluster.nodes:
         cluster.until(lambda: sum(placed(n, "quorum").values()) == 3, 5, f"{n.name} sees 3 instances")
         assert "quorum" in n.read("manifests/quorum") or True
+
+
+def test_the_leaders_server_crashed_and_restarted_within_its_ttl_leads_again(cluster: Cluster):
+    """Its restart takes its lease back (the name is its own), so the `leader` key under that
+    lease never lapses: the restarted server must take it over, or no node ever leads again."""
+    leader = cluster[cluster.leader()]
+    leader.crash()
+    leader.start()
+    assert "is back in the cluster" in leader.mount.server_log()
+    other = cluster.other_than_leader()
+    t0 = time.monotonic()
+    r = other.ctl(f"cordon {other.name}")  # carried out by the controller, wherever it runs
+    assert r.returncode == 0 and r.stdout.startswith("ok"), (r.stdout, r.stderr)
+    assert time.monotonic() - t0 < TTL + 1
+    assert other.ctl(f"uncordon {other.name}").stdout.startswith("ok")
+    assert cluster.leader() == leader.name

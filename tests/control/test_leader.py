@@ -60,3 +60,34 @@ async def test_one_leads_the_next_takes_over_when_its_lease_ends_and_the_fence_i
             while lost != ["n1", "n2"]:
                 await trio.sleep(0.01)
         n.cancel_scope.cancel()
+
+
+async def test_a_server_restarted_within_its_ttl_takes_the_lead_its_last_run_held(tmp_path):
+    """A crashed leader's restart adopts its node's lease (node/membership.py), so the key it
+    held never lapses: the new server takes it over (fenced on the key's revision) instead of
+    waiting for ever, while another node's key under another lease is still respected."""
+    async with open_sqlite(str(tmp_path / "kv.db")) as kv, trio.open_nursery() as n:
+        cache = Cache(kv, "")
+        await n.start(cache.run)
+        mine, theirs = (await kv.grant(30)).id, (await kv.grant(30)).id
+        await kv.put("leader", b'{"node": "n1", "pid": 1}', lease=mine)  # this node's last run (pid 1 is not us)
+        held = (await kv.get("leader")).kv.mod_revision
+        fences: list[int] = []
+
+        async def lead(fence) -> None:
+            fences.append(fence.mod_revision)
+            await trio.sleep_forever()
+
+        other = Leadership(kv, cache, "n2", lambda: theirs)
+        n.start_soon(other.run, lead)
+        await trio.sleep(0.2)
+        assert fences == [] and other.holder() == "n1"  # not n2's to take: n1's lease lives
+        restarted = Leadership(kv, cache, "n1", lambda: mine)
+        n.start_soon(restarted.run, lead)
+        with trio.fail_after(2):
+            while not fences:
+                await trio.sleep(0.01)
+        now = (await kv.get("leader")).kv
+        assert fences == [now.mod_revision] and now.mod_revision > held and now.lease == mine
+        assert restarted.holder() == "n1" and b'"pid": 1,' not in now.value
+        n.cancel_scope.cancel()
