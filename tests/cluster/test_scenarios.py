@@ -4,6 +4,8 @@ node's router.  One cluster for the module (tests/cluster/conftest.py); each tes
 
 from __future__ import annotations
 
+import subprocess
+import threading
 import time
 
 from tests.cluster.harness import Cluster, Hammer, get, manifest, placed
@@ -87,3 +89,25 @@ def test_drain_a_node_under_load_fails_no_request(cluster: Cluster):
     assert not load.failed and min(load.ok.values()) > 0, str(load)
     for n in cluster.nodes:
         assert drained not in placed(n, "drain") and sum(placed(n, "drain").values()) == 3
+
+
+def test_events_are_one_history_the_same_on_every_node_and_tail_f_follows_on_any(cluster: Cluster):
+    follower = cluster["n3"]
+    tail = subprocess.Popen(["tail", "-n", "0", "-f", follower.mount.p("events")], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.3)  # tail has opened the file and seeks to its end
+        r = cluster["n1"].ctl("cordon n3")
+        assert r.returncode == 0, r.stdout + r.stderr
+        got: list[str] = []
+        reader = threading.Thread(target=lambda: got.append(tail.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout=5)
+        assert got and "cordon" in got[0] and "n3" in got[0], got
+    finally:
+        tail.kill()
+        tail.wait()
+        cluster["n1"].ctl("uncordon n3")
+    cluster.until(lambda: len({n.read("events") for n in cluster.nodes}) == 1, 2, "the same events on every node")
+    for svc in cluster["n1"].sh("ls active", check=True).stdout.split():
+        cluster.until(lambda: len({n.read(f"active/{svc}/events") for n in cluster.nodes}) == 1, 2,
+                      f"the same {svc} events on every node")
