@@ -8,7 +8,8 @@ marker deployfs puts in their environment and by their cgroups), frozen (SIGSTOP
 stopped for real (SIGTERM: it drains itself) and started again on the same state dir.
 
 Everything started here dies with the test process (PR_SET_PDEATHSIG) and is gone after
-`close()`, also when a test fails: servers SIGKILLed, instances reaped, mounts lazily unmounted.
+`close()`, also when a test fails: servers SIGKILLed, instances reaped, mounts lazily unmounted;
+and if the test process itself is killed, tests/cluster/reaper.py does the same.
 `scripts/cluster.py` (`make cluster`) runs the same nodes for a newcomer to try.
 """
 
@@ -32,6 +33,8 @@ from tests.etcd import _die_with_parent, cluster as etcd_cluster
 # The scenarios send their requests through every node's router (each follows the cluster's
 # routing table); False sends them through the controller's node's only (--routing leader).
 EVERY_ROUTER = True
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Instance ports: PORTS_BASE + PORTS_EACH * (i - 1) ... for node i (disjoint: one host holds them all).
 PORTS_BASE = 21340
@@ -247,11 +250,17 @@ def running_cluster(root: str, size: int = 3, *, etcd_members: int = 3, ttl: int
     with etcd_cluster(etcd_members) as etcd:
         nodes = [Node(f"n{i}", i, os.path.join(root, f"n{i}"), etcd.endpoints, ttl, extra) for i in range(1, size + 1)]
         c = Cluster(etcd, nodes, root)
+        # Cleans up even if this process dies without its finally (tests/cluster/reaper.py).
+        reaper = subprocess.Popen([sys.executable, "-m", "tests.cluster.reaper", *(f"{n.state}:{n.mnt}" for n in nodes)],
+                                  stdin=subprocess.PIPE, start_new_session=True, cwd=REPO)
         try:
             c.start()
             yield c
         finally:
             c.close()
+            assert reaper.stdin is not None
+            reaper.stdin.close()
+            reaper.wait(timeout=20)
 
 
 def get(url: str, timeout: float = 2.0) -> tuple[bool, str]:
