@@ -26,7 +26,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 
 from tests import mount as _mount  # noqa: E402
-from tests.cluster.harness import Node  # noqa: E402
+from tests.cluster.harness import Node, start_reaper, stop_reaper  # noqa: E402
 from tests.etcd import Cluster as Etcd, Member  # noqa: E402
 from tests.mount import SERVICE  # noqa: E402
 
@@ -108,6 +108,7 @@ def main() -> None:
     etcd = Etcd(members, f"deployfs-local-{os.getpid()}", os.path.join(root, "etcd"))
     nodes = [Node(f"n{i}", i, os.path.join(root, f"n{i}"), etcd.endpoints, a.node_ttl,
                   port_range=f"{24000 + 1000 * (i - 1)}-{24999 + 1000 * (i - 1)}") for i in (1, 2, 3)]
+    reaper = start_reaper(nodes)  # if this script is killed, its instances and mounts go too
     try:
         etcd.start()
         etcd.wait_healthy()
@@ -126,6 +127,7 @@ def main() -> None:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave mounts behind
         stop(nodes, etcd)
+        stop_reaper(reaper)
         print("stopped: no node, instance, mount or etcd member left running")
 
 

@@ -242,6 +242,18 @@ class Cluster:
             n.kill()
 
 
+def start_reaper(nodes: list[Node]) -> subprocess.Popen:
+    """Cleans up after the nodes even if this process dies without its finally (tests/cluster/reaper.py)."""
+    return subprocess.Popen([sys.executable, "-m", "tests.cluster.reaper", *(f"{n.state}:{n.mnt}" for n in nodes)],
+                            stdin=subprocess.PIPE, start_new_session=True, cwd=REPO)
+
+
+def stop_reaper(reaper: subprocess.Popen) -> None:
+    assert reaper.stdin is not None
+    reaper.stdin.close()  # it reaps what is left (nothing, after a clean stop) and exits
+    reaper.wait(timeout=20)
+
+
 @contextlib.contextmanager
 def running_cluster(root: str, size: int = 3, *, etcd_members: int = 3, ttl: int = 2,
                     extra: tuple[str, ...] = ()) -> Iterator[Cluster]:
@@ -250,17 +262,13 @@ def running_cluster(root: str, size: int = 3, *, etcd_members: int = 3, ttl: int
     with etcd_cluster(etcd_members) as etcd:
         nodes = [Node(f"n{i}", i, os.path.join(root, f"n{i}"), etcd.endpoints, ttl, extra) for i in range(1, size + 1)]
         c = Cluster(etcd, nodes, root)
-        # Cleans up even if this process dies without its finally (tests/cluster/reaper.py).
-        reaper = subprocess.Popen([sys.executable, "-m", "tests.cluster.reaper", *(f"{n.state}:{n.mnt}" for n in nodes)],
-                                  stdin=subprocess.PIPE, start_new_session=True, cwd=REPO)
+        reaper = start_reaper(nodes)
         try:
             c.start()
             yield c
         finally:
             c.close()
-            assert reaper.stdin is not None
-            reaper.stdin.close()
-            reaper.wait(timeout=20)
+            stop_reaper(reaper)
 
 
 def get(url: str, timeout: float = 2.0) -> tuple[bool, str]:
