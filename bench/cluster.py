@@ -33,6 +33,7 @@ from common import machine  # noqa: F401  (also puts the repo on sys.path)
 from deployfs.node.runtime import marked_processes, marker_prefix
 from deployfs.state.statedir import DB_NAME
 from tests import mount as _mount
+from tests.cluster import harness
 from tests.cluster.harness import Node, instances, manifest, placed, running_cluster
 
 ROUNDS = int(os.environ.get("ROUNDS", 3))
@@ -42,12 +43,7 @@ FAST = {"health_interval": 0.1, "health_timeout": 0.5, "drain_timeout": 0, "upda
 
 
 def until(pred, timeout: float, what: str) -> float:
-    t0 = time.monotonic()
-    while not pred():
-        if time.monotonic() - t0 > timeout:
-            raise SystemExit(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.005)
-    return time.monotonic() - t0
+    return harness.until(pred, timeout, what, step=0.005)  # fine-grained: some figures are tens of ms
 
 
 def ctl(where, command: str) -> None:
@@ -110,26 +106,16 @@ def one_machine(root: str) -> dict[str, list[float]]:
             if before is not None and after is not None:
                 out["writes"].append(after - before)
         for i in range(ROUNDS):
-            victim = next(x for x in instances(_node_of(m), "roll") if x.get("state") == "running")
+            victim = next(x for x in instances(m, "roll") if x.get("state") == "running")
             os.kill(int(victim["pid"]), signal.SIGKILL)
             t0 = time.monotonic()
             until(lambda: any(x.get("slot") == victim["slot"] and x.get("pid") != victim["pid"]
-                              and x.get("health") == "healthy" for x in instances(_node_of(m), "roll")),
+                              and x.get("health") == "healthy" for x in instances(m, "roll")),
                   30, "the killed instance running again")
             out["restart"].append(time.monotonic() - t0)
     finally:
         _mount.stop(m)
     return out
-
-
-class _node_of:
-    """A one-machine mount seen through the harness's reading helpers."""
-
-    def __init__(self, m) -> None:
-        self.m = m
-
-    def sh(self, cmd: str, timeout: float = 15, check: bool = False):
-        return self.m.sh(cmd, timeout=timeout, check=check)
 
 
 def cluster(root: str) -> dict[str, list[float]]:

@@ -41,13 +41,14 @@ PORTS_BASE = 21340
 PORTS_EACH = 40
 
 
-def until(pred: Callable[[], object], timeout: float, what: str, log: Callable[[], str] = lambda: "") -> float:
-    """Poll `pred` until it holds; returns the seconds it took."""
+def until(pred: Callable[[], object], timeout: float, what: str, log: Callable[[], str] = lambda: "",
+          step: float = 0.05) -> float:
+    """Poll `pred` every `step` s until it holds; returns the seconds it took."""
     t0 = time.monotonic()
     while not pred():
         if time.monotonic() - t0 > timeout:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{log()}")
-        time.sleep(0.05)
+        time.sleep(step)
     return time.monotonic() - t0
 
 
@@ -328,13 +329,13 @@ def manifest(port: int, version: str = "v1", replicas: int = 3, **more: object) 
     return "".join(f"{k} {v}\n" for k, v in directives.items())
 
 
-def instances(node: Node, service: str) -> list[dict[str, str]]:
+def instances(node: Node | _mount.Mount, service: str) -> list[dict[str, str]]:
     """The service's instance files as `node` shows them, each as its key=value fields."""
     text = node.sh(f"cat active/{service}/instances/* 2>/dev/null").stdout
     return [dict(f.split("=", 1) for f in line.split() if "=" in f) for line in text.splitlines()]
 
 
-def placed(node: Node, service: str, version: str | None = None) -> dict[str, int]:
+def placed(node: Node | _mount.Mount, service: str, version: str | None = None) -> dict[str, int]:
     """How many running instances (of `version`, if given) each node runs, as `node` shows it."""
     out: dict[str, int] = {}
     for i in instances(node, service):
