@@ -145,7 +145,10 @@ class Mailbox:
         with store.transaction():
             store.delete_raw(key)
             if key.startswith(SAY):
-                self.engine.events.emit(str(d["service"]), str(d["text"]), float(d["ts"]))
+                # Written in the order heard, so never dated before the event above it: a line said on
+                # a node while no controller listened (a takeover) gets the time it could be written.
+                service = str(d["service"])
+                self.engine.events.emit(service, str(d["text"]), max(float(d["ts"]), self.engine.events.mtime(service)))
                 return
             try:
                 out: dict[str, Any] = {"ok": True, "text": self.engine.command(d["service"], d["verb"], d["arg"],

@@ -57,10 +57,12 @@ async def test_commands_wait_for_a_controller_and_are_carried_out_once_with_the_
         with pytest.raises(CommandError) as e:
             await outbox.command("nosuch", "apply", None, "uid=0")
         assert e.value.kind is Kind.NOT_FOUND
+        outbox.say("web", 2.0, "said long ago, heard now")  # (a node's clock behind, or a takeover between)
         with trio.fail_after(10):
             while view.range(COMMANDS) or view.range(REPLIES) or view.range(SAY):
                 await trio.sleep(0.01)  # each command, reply and event handed on is gone once done
         lines = engine.events.current("web").decode().splitlines()
+        assert lines == sorted(lines)  # dated in the order written, though said before the controller was there
         assert "said on n2 before any controller" in lines[0]
         assert sum("deployed" in line for line in lines) == 1  # once, though it waited
         n.cancel_scope.cancel()
