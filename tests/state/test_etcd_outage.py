@@ -23,14 +23,14 @@ def member_at(c: Cluster, url: str) -> Member:
     return next(m for m in c.members if m.url == url)
 
 
-async def collect(changes, until_key: str, timeout: float = 10.0) -> list[Change]:
-    """Every change the watch gives until one to ``until_key`` (whole revisions)."""
+async def collect(changes, until_key: str, timeout: float = 10.0, *, at: int = 0) -> list[Change]:
+    """Every change the watch gives until one to ``until_key`` (whole revisions), at revision ``at`` or later."""
     got: list[Change] = []
     with trio.fail_after(timeout):
         async for revision in changes:
             assert len({c.revision for c in revision}) == 1
             got += revision
-            if any(c.kv.key == until_key for c in revision):
+            if any(c.kv.key == until_key and c.revision >= at for c in revision):
                 return got
     raise AssertionError("the watch ended")
 
@@ -111,8 +111,9 @@ async def test_quorum_lost_is_unavailable_then_everything_resumes(etcd3: Cluster
                     etcd3.start(m)
                 after, took = await until_writable(s, "svc/after", b"2")
                 print(f"\nwrites again {took:.2f}s after the members' restart")
-                seen += await collect(changes, "svc/after")
-                late_seen = await collect(late, "svc/after")
+                # (an earlier try that timed out may have been applied too: collect up to this one)
+                seen += await collect(changes, "svc/after", at=after)
+                late_seen = await collect(late, "svc/after", at=after)
             # The writes that timed out may or may not have been applied (etcd queued them):
             # either way the watches show exactly what the store holds.
             await history_is_whole(s, seen, "svc/")
