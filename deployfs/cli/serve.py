@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="range of private instance ports (default 24000-31999, below the kernel's ephemeral range)")
     s.add_argument("--router", choices=["builtin", "haproxy"], default="builtin",
                    help="the traffic path: the built-in router (default) or an haproxy that deployfs owns")
-    s.add_argument("--bind", default="127.0.0.1", help="address the router listens on for service ports")
+    s.add_argument("--bind", default=None, help="address the router listens on for service ports (default "
+                   "127.0.0.1; with --cluster, --address: other machines reach the service there)")
     s.add_argument("--balance", choices=["roundrobin", "leastconn"], default="roundrobin",
                    help="how the router picks a healthy instance (default roundrobin)")
     s.add_argument("--max-conns", type=int, default=0, metavar="N",
@@ -229,6 +230,11 @@ def check_cluster(a: argparse.Namespace) -> None:
         ipaddress.ip_address(a.address)
     except ValueError:
         raise SetupError(f"--address {a.address!r} is not an IP address (where this node's instances are reached)") from None
+    if a.bind is None:
+        a.bind = a.address if a.cluster else "127.0.0.1"
+    if a.cluster and ipaddress.ip_address(a.address).is_loopback:
+        log.warning("--address %s is a loopback address: other machines cannot reach this node's instances or "
+                    "router; give --address the address they reach this machine at (one machine: fine)", a.address)
     if a.node_ttl is None:
         a.node_ttl = DEFAULT_NODE_TTL
 

@@ -37,14 +37,19 @@ class Leadership:
         self.kv, self.cache, self.node, self.lease = kv, cache, node, lease
         self._moved = trio.Event()
         self.terms = 0  # how often this node won
-        self.last_holder: str | None = None  # who held the key before (a node that died, if it lapsed)
+        self._holder: str | None = self.holder()  # who holds the key, as last seen
+        self.lapsed: str | None = None  # who held it when it went without a resign (its lease lapsed)
+        self._won_after: str | None = None  # ``lapsed`` when this node last won
         cache.subscribe(self._heard)
 
     def _heard(self, changes: list[Change]) -> None:
-        if any(c.kv.key == LEADER for c in changes):
-            holder = self.holder()
-            if holder is not None and holder != self.node:
-                self.last_holder = holder
+        for c in changes:
+            if c.kv.key != LEADER:
+                continue
+            if c.kind == "put":
+                self._holder, self.lapsed = self.holder(), None
+            else:
+                self.lapsed, self._holder = self._holder, None
             self._moved.set()
             self._moved = trio.Event()
 
@@ -78,8 +83,10 @@ class Leadership:
                 value = json.dumps({"node": self.node, "host": socket.gethostname(), "pid": os.getpid(),
                                     "since": round(time.time(), 3)}).encode()
                 was = 0 if held is None else held.mod_revision
+                lapsed = self.lapsed  # (our own win, heard below, forgets it)
                 try:
                     rev = await self.kv.txn([Compare(LEADER, was)], [Put(LEADER, value, lease)])
+                    self._won_after = lapsed
                     await self.cache.wait_for(rev)
                     return Compare(LEADER, rev)
                 except Conflict:
@@ -112,6 +119,11 @@ class Leadership:
                 scope.cancel()
                 return
             await moved.wait()
+
+    def take_lapsed(self) -> str | None:
+        """The node whose lapsed lease freed the key this node just won (None: a resign, or ours)."""
+        lapsed, self._won_after = self._won_after, None
+        return lapsed if lapsed != self.node else None
 
     async def resign(self, fence: Compare) -> None:
         """Hand the key on now (a node stopping): another node leads at once."""

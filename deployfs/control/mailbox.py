@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import trio
 
@@ -26,7 +26,7 @@ from ..model.errors import CommandError, Kind
 from ..state.cache import Cache
 from ..state.events import CLUSTER
 from ..state.etcd import Unavailable
-from ..state.kv import Change, KVStore, StoreError
+from ..state.kv import Change, Compare, KVStore, Put, StoreError
 from ..state.records import COMMANDS, REPLIES, SAY, service_key
 
 if TYPE_CHECKING:
@@ -43,9 +43,11 @@ REPLY_WAIT = 30.0
 class Outbox:
     """A node's side: commands sent and their replies awaited; events handed on."""
 
-    def __init__(self, kv: KVStore, cache: Cache, node: str, *, reply_wait: float = REPLY_WAIT) -> None:
-        """``cache``: of the whole store (it must hold ``replies/``)."""
-        self.kv, self.cache, self.node = kv, cache, node
+    def __init__(self, kv: KVStore, cache: Cache, node: str, *, reply_wait: float = REPLY_WAIT,
+                 health: Callable[[], str | None] = lambda: None) -> None:
+        """``cache``: of the whole store (it must hold ``replies/``); ``health``: why the store is known
+        to be out of reach now (the node's keepalives), or None."""
+        self.kv, self.cache, self.node, self.health = kv, cache, node, health
         self.reply_wait = reply_wait
         self._ids = itertools.count()
         self._said: deque[tuple[str, bytes]] = deque()
@@ -71,13 +73,19 @@ class Outbox:
                  f"command refused ({who}): {reason}")
 
     async def command(self, service: str, verb: str, arg: str | None, who: str) -> str:
+        if (why := self.health()) is not None:
+            raise CommandError(Kind.UNAVAILABLE, f"cluster store unreachable ({why}); nothing was changed")
         id = self._id()
-        try:
-            await self.kv.put(COMMANDS + id, json.dumps({"service": service, "verb": verb, "arg": arg,
-                                                         "who": who}).encode())
-        except Unavailable:
-            raise CommandError(Kind.UNAVAILABLE, "cluster store unreachable; nothing was changed") from None
         reply = REPLIES + id
+        try:
+            # A transaction, never sent twice by the client (a plain put is, after a timeout): a first
+            # try that etcd applied late, and the controller carried out and removed, is not made again.
+            await self.kv.txn([Compare(COMMANDS + id, 0), Compare(reply, 0)],
+                              [Put(COMMANDS + id, json.dumps({"service": service, "verb": verb, "arg": arg,
+                                                              "who": who}).encode())])
+        except Unavailable:
+            raise CommandError(Kind.UNAVAILABLE, "cluster store unreachable: no answer in time, so the command may "
+                               "or may not be carried out; look before sending it again") from None
         with trio.move_on_after(self.reply_wait):
             while (kv := self.cache.get(reply)) is None:
                 await self._replied.wait()

@@ -54,7 +54,7 @@ class ClusterNode:
         self.node, self.address = member.name, member.address
         self.users, self.segment_bytes, self.engine_kw = users, segment_bytes, engine_kw
         self.cache = Cache(kv, "", skip=(EVENTS, VERSIONS))  # what the view reads
-        self.outbox = Outbox(kv, self.cache, self.node)
+        self.outbox = Outbox(kv, self.cache, self.node, health=lambda: member.unreachable)
         self.events_cache = Cache(kv, EVENTS)
         self.events = EventFollower(ClusterStore(kv, self.events_cache), self.outbox.say, segment_bytes=segment_bytes)
         self.events_cache.subscribe(self.events.heard)
@@ -132,7 +132,7 @@ class ClusterNode:
         # The controller before this one is known dead (its lapsed lease is why this node leads):
         # its instances are replaced at once.
         grace_until = trio.current_time() + self.member.ttl / 2
-        dead = self.leadership.last_holder
+        dead = self.leadership.take_lapsed()
 
         def alive(name: str) -> bool:
             return main.get(ALIVE + name) is not None or (name != dead and trio.current_time() < grace_until)

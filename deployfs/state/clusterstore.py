@@ -290,7 +290,8 @@ class ClusterStore(RecordStore):
             if t.since is None:
                 t.since = now
             elif now - t.since > GIVE_UP:
-                t.error = e
+                t.error = Unavailable(f"{e.detail or 'no answer'}: the write may or may not have been kept "
+                                      "(etcd may apply it once it can); read it back before writing again")
                 t.done.set()
                 self._queue.remove(t)
         self._rebuild_pending()

@@ -55,6 +55,7 @@ async def test_one_leads_the_next_takes_over_when_its_lease_ends_and_the_fence_i
             while leading != ["n1", "n2"]:
                 await trio.sleep(0.01)
         assert lost == ["n1"] and cache.get("leader") is not None and second.holder() == "n2"
+        assert second.take_lapsed() == "n1" and second.take_lapsed() is None  # n1 is known dead, once
         await kv.put("leader", b'{"node": "n3"}')  # anyone else's key deposes n2 at once
         with trio.fail_after(1):
             while lost != ["n1", "n2"]:
