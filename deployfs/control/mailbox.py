@@ -25,8 +25,7 @@ import trio
 from ..model.errors import CommandError, Kind
 from ..state.cache import Cache
 from ..state.events import CLUSTER
-from ..state.etcd import Unavailable
-from ..state.kv import Change, Compare, KVStore, Put, StoreError
+from ..state.kv import Change, Compare, KVStore, Put, StoreError, Unavailable
 from ..state.records import COMMANDS, REPLIES, SAY, service_key
 
 if TYPE_CHECKING:

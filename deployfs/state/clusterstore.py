@@ -33,10 +33,9 @@ from typing import Callable, Iterable, Iterator, Sequence
 import trio
 
 from .cache import Cache
-from .etcd import Unavailable
-from .kv import Compare, Conflict, Delete, KVStore, Op, Put, StoreError
+from .kv import Compare, Conflict, Delete, KVStore, Op, Put, StoreError, Unavailable
 from .records import InstanceRecord, decode, decode_event, encode, events_prefix, instance_key
-from .store import Event, RecordStore
+from .store import Event, RecordStore, with_pending
 
 log = logging.getLogger(__name__)
 
@@ -185,18 +184,7 @@ class ClusterStore(RecordStore):
             out = {} if kv is None else {prefix: kv.value}
         else:
             out = {kv.key: kv.value for kv in self.main.range(prefix)}
-        if self._pending:
-            for op in self._pending.values():
-                if isinstance(op, Put):
-                    if op.key == prefix if exact else op.key.startswith(prefix):
-                        out[op.key] = op.value
-                elif op.prefix:
-                    for k in [k for k in out if k.startswith(op.key)]:
-                        del out[k]
-                else:
-                    out.pop(op.key, None)
-            out = dict(sorted(out.items()))
-        return out
+        return with_pending(out, self._pending.values(), prefix, exact=exact)
 
     def _events_past_kept(self, service: str) -> list[str]:
         keys = [kv.key for kv in self.main.range(events_prefix(service))]

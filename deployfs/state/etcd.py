@@ -40,8 +40,7 @@ from typing import Any, AsyncIterator, Literal, Sequence
 import httpx
 import trio
 
-from ..model.errors import Error, Kind
-from .kv import Compacted, LeaseNotFound, StoreError
+from .kv import Compacted, LeaseNotFound, StoreError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +68,6 @@ _REQUIRE_LEADER = {"Grpc-Metadata-hasleader": "true"}
 
 class EtcdError(StoreError):
     """etcd refused a request for a reason that retrying will not fix (a bug here, a bad argument)."""
-
-
-class Unavailable(StoreError, Error):
-    """No etcd member answered in time: the cluster store is unreachable (the front end's EIO)."""
-
-    def __init__(self, detail: str = "") -> None:
-        Error.__init__(self, Kind.UNAVAILABLE, "cluster store unreachable")
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return self.message + (f" ({self.detail})" if self.detail else "")
 
 
 # -- wire format -------------------------------------------------------------------------

@@ -54,6 +54,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import AsyncIterator, Literal, Protocol, Sequence
 
+from ..model.errors import Error, Kind
+
 # -- errors -------------------------------------------------------------------------
 
 
@@ -63,6 +65,17 @@ class StoreError(RuntimeError):
 
 class StoreFull(StoreError):
     """The state disk has no room: the write was refused and changed nothing (the view calls it no_space)."""
+
+
+class Unavailable(StoreError, Error):
+    """No etcd member answered in time: the cluster store is unreachable (the front end's EIO)."""
+
+    def __init__(self, detail: str = "") -> None:
+        Error.__init__(self, Kind.UNAVAILABLE, "cluster store unreachable")
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.message + (f" ({self.detail})" if self.detail else "")
 
 
 class Conflict(StoreError):

@@ -152,6 +152,22 @@ ROOM_NEEDED = 512 * 1024
 _FULL_CODES = {13, 4874}  # SQLITE_FULL, SQLITE_IOERR_SHMSIZE
 
 
+def with_pending(out: dict[str, bytes], pending: Iterable[Op], prefix: str, *, exact: bool) -> dict[str, bytes]:
+    """What a read of ``prefix`` (or of that one key) found, with the writes not yet kept on top, sorted."""
+    if not pending:
+        return out
+    for op in pending:
+        if isinstance(op, Put):
+            if op.key == prefix if exact else op.key.startswith(prefix):
+                out[op.key] = op.value
+        elif op.prefix:
+            for k in [k for k in out if k.startswith(op.key)]:
+                del out[k]
+        else:
+            out.pop(op.key, None)
+    return dict(sorted(out.items()))
+
+
 class RecordStore:
     """The records as the engine reads and writes them, on a few primitives a store provides:
     ``_read``/``_get`` (what the store has, with writes not yet kept on top), ``_write`` (a write
@@ -653,21 +669,7 @@ class SqliteStore(RecordStore):
             rows = self._db.execute("SELECT key, value FROM kv WHERE key >= ? AND key < ? ORDER BY key",
                                     (prefix, end)) if end else self._db.execute(
                 "SELECT key, value FROM kv WHERE key >= ? ORDER BY key", (prefix,))
-        out = {k: bytes(v) for k, v in rows}
-        if self._pending:
-            def mine(key: str) -> bool:
-                return key == prefix if exact else key.startswith(prefix)
-            for op in self._pending.values():
-                if isinstance(op, Put):
-                    if mine(op.key):
-                        out[op.key] = op.value
-                elif op.prefix:
-                    for k in [k for k in out if k.startswith(op.key)]:
-                        del out[k]
-                else:
-                    out.pop(op.key, None)
-            out = dict(sorted(out.items()))
-        return out
+        return with_pending({k: bytes(v) for k, v in rows}, self._pending.values(), prefix, exact=exact)
 
     def _events_past_kept(self, service: str) -> list[str]:
         prefix = events_prefix(service)
