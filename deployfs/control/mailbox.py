@@ -149,17 +149,20 @@ class Mailbox:
             self.store.delete_raw(key)
             return
         store = self.store
+        # One transaction: the effects, then the command's removal and its reply last, so that if etcd
+        # needs it cut in pieces (state/clusterstore.py _split) the command stays until all is written.
         with store.transaction():
-            store.delete_raw(key)
             if key.startswith(SAY):
                 # Written in the order heard, so never dated before the event above it: a line said on
                 # a node while no controller listened (a takeover) gets the time it could be written.
                 service = str(d["service"])
                 self.engine.events.emit(service, str(d["text"]), max(float(d["ts"]), self.engine.events.mtime(service)))
+                store.delete_raw(key)
                 return
             try:
                 out: dict[str, Any] = {"ok": True, "text": self.engine.command(d["service"], d["verb"], d["arg"],
                                                                                d["who"])}
             except CommandError as e:
                 out = {"ok": False, "kind": e.kind.value, "text": e.message}
+            store.delete_raw(key)
             store.put_raw(REPLIES + key[len(COMMANDS):], json.dumps(out).encode())
