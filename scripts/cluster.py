@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -71,7 +73,9 @@ def usage(root: str, etcd: Etcd, nodes: list[Node]) -> str:
               f"  curl http://127.0.1.1:{EXAMPLE_PORT}/                    # a node's router (docs/cluster.md)",
               f"  echo 'drain n2' > {rel}/n1/mnt/ctl; tail -f {rel}/n3/mnt/active/hello/events",
               "",
-              "Ctrl-C stops everything (instances, mounts, etcd). docs/cluster.md says what else to try."]
+              "A node killed or stopped leaves the others running; type 'start n3' (and Enter) here to",
+              "start it again. Ctrl-C (or SIGTERM) stops everything (instances, mounts, etcd).",
+              "docs/cluster.md says what else to try."]
     return "\n".join(lines)
 
 
@@ -94,7 +98,18 @@ def stop(nodes: list[Node], etcd: Etcd) -> None:
         m.stop()
 
 
+def _read_lines(typed: "queue.Queue[str]") -> None:
+    for line in sys.stdin:
+        typed.put(line)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM (and SIGINT in the background, where a shell ignores it) as Ctrl-C
+
+
 def main() -> None:
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", default="cluster", help="where the cluster lives (default ./cluster, wiped first)")
     p.add_argument("--node-ttl", type=int, default=2, help="the nodes' lease TTL (default 2 s: failures show fast)")
@@ -118,10 +133,28 @@ def main() -> None:
             n.wait_mounted()
         example(os.path.join(root, "hello.manifest"))
         print(usage(root, etcd, nodes), flush=True)
-        while all(n.running() for n in nodes):
-            time.sleep(0.5)
-        gone = [n.name for n in nodes if not n.running()]
-        print(f"node {', '.join(gone)} stopped: see its log; stopping the cluster", file=sys.stderr)
+        typed: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=_read_lines, args=(typed,), daemon=True).start()
+        said: set[str] = set()
+        while True:  # a node that stops (killed, frozen past its TTL, SIGTERM) leaves the others running
+            for n in nodes:
+                if not n.running() and n.name not in said:
+                    said.add(n.name)
+                    print(f"node {n.name} stopped (log {os.path.relpath(n.mount.log)}); the others carry on. "
+                          f"Type 'start {n.name}' and Enter here to start it again.", flush=True)
+            try:
+                line = typed.get(timeout=0.5).split()
+            except queue.Empty:
+                continue
+            byname = {n.name: n for n in nodes}
+            if len(line) == 2 and line[0] == "start" and line[1] in byname and not byname[line[1]].running():
+                n = byname[line[1]]
+                n.spawn()
+                n.wait_mounted()
+                said.discard(n.name)
+                print(f"node {n.name} started again on its state directory", flush=True)
+            elif line:
+                print("type 'start NODE' (a node that stopped), or Ctrl-C to stop everything", flush=True)
     except KeyboardInterrupt:
         print("\nstopping the cluster ...", flush=True)
     finally:

@@ -30,7 +30,9 @@ import pytest
 PORTS = range(20300, 20400)
 # Short raft timings: a leader is elected (and re-elected after a member dies) within
 # a fraction of a second, not the 1.5-2.6 s of the defaults; fine on loopback.
-FAST_RAFT = ["--heartbeat-interval", "25", "--election-timeout", "250"]
+FAST_RAFT = ["--heartbeat-interval", "25", "--election-timeout", "250",
+             # as docs/cluster.md recommends: a quiet watch hears progress, not silence, every 5 s
+             "--experimental-watch-progress-notify-interval", "5s"]
 START_TIMEOUT = 20.0
 
 _taken: set[int] = set()

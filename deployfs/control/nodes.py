@@ -92,15 +92,17 @@ class Nodes:
         return rec.address if rec is not None else self.address
 
     def _counts(self, service: str | None = None, *, leaving: bool = False) -> tuple[Counter[str], Counter[str]]:
-        """Instances per node: of every service, and of ``service``."""
+        """Instances per node: of every service, and of ``service`` in the version it is going to (the
+        instances a rollout replaces would otherwise make the new ones pile up on the first node by name)."""
         total: Counter[str] = Counter()
         mine: Counter[str] = Counter()
         for svc in self.engine.services.values():
+            target = (svc.rec.version, svc.rec.generation)
             for i in svc.instances.values():
                 if leaving or not i.leaving:
                     node = i.rec.node or self.name  # a record from before nodes were recorded: this machine's
                     total[node] += 1
-                    if svc.name == service:
+                    if svc.name == service and (i.rec.version, i.rec.generation) == target:
                         mine[node] += 1
         return total, mine
 

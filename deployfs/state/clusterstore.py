@@ -41,8 +41,9 @@ log = logging.getLogger(__name__)
 
 # A cluster keeps fewer events per service than one machine: every node's cache holds them.
 EVENTS_KEPT = 10_000
-# How long a write people asked for may wait for an unreachable store before it is given up.
-GIVE_UP = 5.0
+# How long a write people asked for may wait for an unreachable store before it is given up, past
+# the first try that found it so (the client's 3 s): the writer is waiting on close(), answered EIO.
+GIVE_UP = 0.0
 RETRY = 0.2
 # etcd refuses a transaction of more operations than this (--max-txn-ops).
 MAX_OPS = 128
@@ -277,7 +278,7 @@ class ClusterStore(RecordStore):
         for t in [t for t in self._queue if t.refusable and self.give_up]:  # answered EIO: nothing may change
             if t.since is None:
                 t.since = now
-            elif now - t.since > GIVE_UP:
+            if now - t.since >= GIVE_UP:
                 t.error = Unavailable(f"{e.detail or 'no answer'}: the write may or may not have been kept "
                                       "(etcd may apply it once it can); read it back before writing again")
                 t.done.set()

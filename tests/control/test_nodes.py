@@ -67,6 +67,18 @@ async def test_instances_spread_over_ready_nodes(h, autojump_clock):
     assert {i.rec.address for i in h.svc.instances.values() if i.rec.node == "n2"} == {"127.0.1.2"}
 
 
+async def test_a_rolling_update_keeps_the_spread(h, autojump_clock):
+    add_node(h, "n2", "127.0.1.2")
+    add_node(h, "n3", "127.0.1.3")
+    await deploy_v1(h, replicas=3, update_batch=1)
+    assert sorted(spread(h)) == ["n1", "n2", "n3"]
+    v2 = h.write(manifest(image="/bin/v2", replicas=3, update_batch=1))
+    assert h.cmd("apply").startswith("ok rolling")
+    assert await h.settle() == f"done {v2}"
+    # The old instances counted as well made the new ones pile up on the first nodes by name.
+    assert sorted(len(slots) for slots in spread(h).values()) == [1, 1, 1], spread(h)
+
+
 async def test_cordon_keeps_new_instances_off_and_a_start_waits_with_one_event(h, autojump_clock):
     await deploy_v1(h, replicas=2)
     assert node_cmd(h, "cordon", HERE) == "ok cordoned"
