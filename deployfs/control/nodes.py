@@ -227,14 +227,14 @@ class Nodes:
             return "ok drained (no instances there)"
         count = sum(len(slots) for slots in there.values())
         self.engine.events.emit(CLUSTER, f"node {name} draining by {who}: {count} instance{'s' if count != 1 else ''} "
-                                         f"of {', '.join(sorted(s.name for s in there))} move to other nodes")
+                                         f"of {', '.join(sorted(s.name for s in there))} {'move' if count != 1 else 'moves'} to other nodes")
         for svc, slots in there.items():
             if svc.rec.update_status == "none":  # a move is a rollout to the same version: `wait` follows it
                 svc.rec.update_status, svc.rec.rollout_started = "rolling", time.time()
                 svc.state = rollout.State("rolling", 0, float("-inf"))
                 svc.save()
             svc.event(f"node {name} draining (by {who}): instance{'s' if len(slots) != 1 else ''} "
-                      f"{', '.join(map(str, slots))} move to other nodes")
+                      f"{', '.join(map(str, slots))} {'move' if len(slots) != 1 else 'moves'} to other nodes")
             svc.poke()
         return f"ok draining {count} instance{'s' if count != 1 else ''}"
 
