@@ -155,19 +155,11 @@ class ClusterStore(RecordStore):
 
     def put_instance_fields(self, rec: InstanceRecord, names: Iterable[str]) -> None:
         """Only these fields, merged over the record as etcd has it when the write is sent."""
+        names = tuple(names)
         with self.transaction():
-            value = self._get(instance_key(rec.service, rec.id))
-            if value is None:
-                self.put_instance(rec)
-                return
-            now = decode(InstanceRecord, value)
-            names = tuple(names)
-            for name in names:
-                setattr(now, name, getattr(rec, name))
-            self.put_instance(now)
+            super().put_instance_fields(rec, names)  # read back at once, as merged over what is known now
             assert self._open is not None
-            key = instance_key(rec.service, rec.id)
-            self._open.patches[key] = (rec, names)
+            self._open.patches[instance_key(rec.service, rec.id)] = (rec, names)
 
     def _remember(self, op: Op) -> None:
         key = "\0" + op.key if isinstance(op, Delete) and op.prefix else op.key
