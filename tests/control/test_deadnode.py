@@ -6,6 +6,9 @@ told to the engine as serve tells it (``Engine.liveness_changed``).  Its death i
 cancelled (and, for a machine's death, its processes gone); its return is a new agent on
 the same runtime, as a restarted ``deployfs serve`` on that machine would be."""
 
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Callable
+
 import trio
 
 from deployfs.node.agent import NodeAgent
@@ -55,6 +58,28 @@ class Node2:
         self.start()
         self.up.add("n2")
         self.h.engine.liveness_changed()
+
+
+@asynccontextmanager
+async def serving_two_nodes(tmp_path) -> AsyncIterator[tuple[Harness, trio.Nursery, "Node2"]]:
+    """An engine on n1 and a second node's agent, a service of two instances over both."""
+    h = Harness(tmp_path)
+    h.local(node=HERE, address="127.0.1.1")
+    async with trio.open_nursery() as n:
+        await n.start(h.node.run)
+        h.nursery = n
+        n2 = Node2(h)
+        await deploy_v1(h, replicas=2)
+        yield h, n, n2
+
+
+async def new_controller(h: Harness, n: trio.Nursery, alive: Callable[[str], bool]) -> None:
+    """Another controller over the same records, as a cluster's next leader starts
+    (one machine's join would take a silent node's records as its own: cluster mode)."""
+    h.local(node=HERE, address="127.0.1.1")
+    h.engine.nodes.cluster = True
+    h.engine.nodes.alive = alive
+    await n.start(h.node.run)
 
 
 def cluster_events(h: Harness) -> list[str]:
@@ -152,20 +177,11 @@ async def test_every_node_down_at_once_replaces_nothing_and_says_so_once(h, auto
 
 
 async def test_liveness_is_not_acted_on_before_serve_says_it_is_known(tmp_path, autojump_clock):
-    h = Harness(tmp_path)
-    h.local(node=HERE, address="127.0.1.1")
-    async with trio.open_nursery() as n:
-        await n.start(h.node.run)
-        h.nursery = n
-        n2 = Node2(h)
-        await deploy_v1(h, replicas=2)
+    async with serving_two_nodes(tmp_path) as (h, n, n2):
         await h.node.shutdown(keep_instances=True)
         n2.scope.cancel()
         # A controller starting over the same records, while n2's key is not seen yet (the view not loaded).
-        h.local(node=HERE, address="127.0.1.1")
-        h.engine.nodes.alive = lambda name: name == HERE
-        h.engine.nodes.cluster = True  # (one machine's join takes a silent node's records as its own)
-        await n.start(h.node.run)
+        await new_controller(h, n, alive=lambda name: name == HERE)
         await trio.sleep(2)
         assert spread(h) == {"n1": [0], "n2": [1]} and not lost_records(h)
         h.engine.liveness_changed()  # loaded: n2 really is silent
@@ -190,21 +206,12 @@ async def test_a_removed_nodes_lost_records_go_at_once(h, autojump_clock):
 
 
 async def test_a_new_controller_carries_on_with_the_lost_records_of_the_one_before(tmp_path, autojump_clock):
-    h = Harness(tmp_path)
-    h.local(node=HERE, address="127.0.1.1")
-    async with trio.open_nursery() as n:
-        await n.start(h.node.run)
-        h.nursery = n
-        n2 = Node2(h)
-        await deploy_v1(h, replicas=2)
+    async with serving_two_nodes(tmp_path) as (h, n, n2):
         n2.die(machine=False)
         await h.settle()
         assert lost_records(h) == [(1, "n2", "stop")]
         await h.node.shutdown(keep_instances=True)  # the controller moves (another node leads)
-        h.local(node=HERE, address="127.0.1.1")
-        h.engine.nodes.cluster = True
-        h.engine.nodes.alive = lambda name: name in n2.up
-        await n.start(h.node.run)
+        await new_controller(h, n, alive=lambda name: name in n2.up)
         await trio.sleep(1)  # before liveness is known: the lost one is none of web's all the same
         assert spread(h) == {"n1": [0, 1]} and list(h.svc.lost)
         h.engine.liveness_changed()

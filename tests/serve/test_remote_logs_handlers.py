@@ -4,7 +4,6 @@ and the view finds them -- a running instance's by its record, a gone instance's
 (logs/failed-N) on whichever node has it -- and `ls -l` asks n2 once for all of them."""
 
 import errno
-import os
 
 import pyfuse3
 import pytest
@@ -16,7 +15,7 @@ from deployfs.serve.local import local_source
 from deployfs.state.logclient import RemoteLogs
 from deployfs.state.records import InstanceRecord, NodeRecord, ServiceRecord
 from tests.control.harness import Harness
-from tests.serve.test_handlers import ctx, lookup
+from tests.serve.test_handlers import cat, ctx, lookup
 
 ADDRESS = "127.0.3.4"
 
@@ -48,14 +47,6 @@ async def two(tmp_path, nursery):
     await nursery.start(cache.run)
     yield DeployFS(source, access=Access(uid=1000, gid=1000)), remote, n2
     await remote.aclose()
-
-
-async def cat(fs, *names):
-    fi = await fs.open(await lookup(fs, *names), os.O_RDONLY, ctx())
-    try:
-        return await fs.read(fi.fh, 0, 65536)
-    finally:
-        await fs.release(fi.fh)
 
 
 async def listing(fs, *names):
